@@ -1,0 +1,20 @@
+"""cbn: batch normalization for NumPy arrays on the CPU.
+
+OpenMP-parallel Cython kernels under a thin Python layer with PyTorch's semantics.
+"""
+
+from ._kernels import openmp_enabled
+from ._threads import get_num_threads, set_num_threads
+from .functional import batch_norm, batch_norm_backward, batch_norm_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "get_num_threads",
+    "openmp_enabled",
+    "set_num_threads",
+]

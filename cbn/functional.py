@@ -1,0 +1,333 @@
+"""The functional API: validation, the canonical (M, C, K) view, dispatch to the kernels.
+
+Every public function here validates all of its arguments before anything is written, so a
+bad call leaves running statistics and ``out`` untouched. The kernels in :mod:`cbn._kernels`
+never validate; this module never loops over data.
+
+The canonical view: whatever its ndim and channel axis, an input is walked in memory order,
+outermost axis first. The axes before the channel axis (in that order) multiply into M, the
+axes after it into K, so the data is a C-contiguous (M, C, K) array: NCHW is (N, C, H*W),
+channels-last (NHWC, or NCHW in PyTorch's channels_last format) is (N*H*W, C, 1). Inputs
+whose memory order is not a plain permutation of a contiguous block (sliced, negative or
+broadcast strides) are copied once; outputs are allocated in the input's memory order.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from . import _kernels
+from ._threads import resolve_num_threads
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_input(a, name: str) -> np.ndarray:
+    x = a if isinstance(a, np.ndarray) else np.asarray(a)
+    if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype == np.float16:
+            raise TypeError(f"{name}: float16 is not supported yet; "
+                            "convert to float32 (x.astype(numpy.float32))")
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    if not 2 <= x.ndim <= 5:
+        raise ValueError(f"expected 2D to 5D input (got {x.ndim}D input)")
+    return x
+
+
+def _channel_axis(axis, ndim: int) -> int:
+    """The channel axis as a non-negative int; AxisError (a ValueError) if out of range."""
+    if isinstance(axis, bool):
+        raise TypeError("axis must be an int, got bool")
+    try:
+        axis = np.lib.array_utils.normalize_axis_index(axis, ndim)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+    return axis
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not eps >= 0.0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite non-negative number, got {eps}")
+    return eps
+
+
+def _check_momentum(momentum) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
+    return float(momentum)
+
+
+def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
+    """A per-channel vector (weight, bias, saved stats): any array-like of C values."""
+    if a is None:
+        return None
+    v = np.asarray(a)
+    if v.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
+    if v.size != C:
+        raise ValueError(f"{name} should contain {C} elements not {v.size}")
+    return np.ascontiguousarray(v.reshape(C), dtype=dtype)
+
+
+def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
+    """A running statistic. Updated in place in training, so it must then be a writable
+    ndarray of the input's dtype; in eval it is only read and may be any array-like."""
+    if a is None:
+        return None
+    if not update:
+        return _param(a, name, C, dtype)
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} is updated in place, so it must be a numpy.ndarray of "
+                        f"dtype {dtype}, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} is updated in place, so its dtype must match the "
+                        f"input's ({dtype}), got {a.dtype}")
+    if a.size != C:
+        raise ValueError(f"{name} should contain {C} elements not {a.size}")
+    if not a.flags.writeable:
+        raise TypeError(f"{name} is updated in place, so it must be writable")
+    return a
+
+
+def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"out has shape {out.shape}, expected the input's shape {x.shape}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"out has dtype {out.dtype}, expected the input's dtype {x.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+    return out
+
+
+# ----------------------------------------------------------------------- canonical view
+
+
+def _memory_order(x: np.ndarray) -> Tuple[int, ...]:
+    """Axes of ``x`` from the largest stride to the smallest (ties keep axis order)."""
+    return tuple(sorted(range(x.ndim), key=lambda i: (-abs(x.strides[i]), i)))
+
+
+class _View:
+    """How an input maps onto the kernels' C-contiguous (M, C, K) view."""
+
+    __slots__ = ("perm", "shape", "M", "C", "K")
+
+    def __init__(self, x: np.ndarray, axis: int):
+        perm = _memory_order(x)
+        if x.flags.c_contiguous:
+            perm = tuple(range(x.ndim))          # the common case needs no sorting
+        self.perm = perm
+        self.shape = tuple(x.shape[i] for i in perm)
+        p = perm.index(axis)
+        self.M = math.prod(self.shape[:p])
+        self.C = x.shape[axis]
+        self.K = math.prod(self.shape[p + 1:])
+
+    def read(self, a: np.ndarray) -> np.ndarray:
+        """(M, C, K) view of ``a`` (same shape as the input), copying only if it must."""
+        t = a.transpose(self.perm)
+        if not t.flags.c_contiguous:
+            t = np.ascontiguousarray(t)
+        return t.reshape(self.M, self.C, self.K)
+
+    def direct(self, out: np.ndarray) -> Optional[np.ndarray]:
+        """(M, C, K) view of ``out`` if it can be written directly, else None."""
+        t = out.transpose(self.perm)
+        return t.reshape(self.M, self.C, self.K) if t.flags.c_contiguous else None
+
+    def new(self, dtype) -> Tuple[np.ndarray, np.ndarray]:
+        """A new array in the input's memory order: (array in input axes, its 3D view)."""
+        buf = np.empty(self.shape, dtype=dtype)
+        return buf.transpose(np.argsort(self.perm)), buf.reshape(self.M, self.C, self.K)
+
+
+def _output(view: _View, x: np.ndarray, x3: np.ndarray, out: Optional[np.ndarray]):
+    """Choose where the kernel writes: ``out`` itself when its layout allows (including
+    ``out is input``), else a new array. Returns (result, its 3D view, out to copy into)."""
+    if out is not None:
+        o3 = view.direct(out)
+        if o3 is not None and (not np.may_share_memory(out, x3) or
+                               (o3.ctypes.data == x3.ctypes.data and o3.strides == x3.strides)):
+            return out, o3, None
+    y, y3 = view.new(x.dtype)
+    return y, y3, out
+
+
+def _finish(y, copy_into):
+    if copy_into is None:
+        return y
+    np.copyto(copy_into, y)
+    return copy_into
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Optional[ArrayLike],
+                       running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray],
+                       training: bool, momentum: float, eps: float, *, axis: int = 1,
+                       out: Optional[np.ndarray] = None, n_threads: Optional[int] = None,
+                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch normalization returning what the backward needs, like ATen's ``native_batch_norm``.
+
+    Parameters
+    ----------
+    input : array, 2D to 5D, float32 or float64
+        ``(N, C, *)`` with ``axis=1``, ``(N, *, C)`` with ``axis=-1``.
+    weight, bias : array-like of C values or None
+        Affine parameters (gamma, beta); None means 1 and 0.
+    running_mean, running_var : arrays of C values or None
+        In training they are updated in place (when given):
+        ``rm = (1 - momentum) * rm + momentum * mean`` and
+        ``rv = (1 - momentum) * rv + momentum * var * n / (n - 1)``, n = values per channel.
+        In eval they normalize the input and are required.
+    training : bool
+        Use batch statistics (True) or the running ones (False).
+    momentum : float
+        Weight of the new batch in the running-statistics update.
+    eps : float
+        Added to the variance; 0 is allowed (a constant channel then gets invstd 0).
+    axis : int, keyword-only
+        The channel axis.
+    out : array, keyword-only
+        Where to write the output (may be ``input`` itself).
+    n_threads : int, keyword-only
+        Threads for this call (default: :func:`cbn.get_num_threads`).
+
+    Returns
+    -------
+    y : array like ``input``
+    save_mean : (C,) array
+        Batch mean in training, the running mean in eval.
+    save_invstd : (C,) array
+        ``1 / sqrt(var + eps)`` of the batch (biased var) in training, of the running var
+        in eval; 0 where ``var + eps == 0``.
+    """
+    x = _as_input(input, "input")
+    axis = _channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    training = bool(training)
+    eps = _check_eps(eps)
+    momentum = _check_momentum(momentum)
+    dtype = x.dtype
+    w = _param(weight, "weight", C, dtype)
+    b = _param(bias, "bias", C, dtype)
+    rm = _running(running_mean, "running_mean", C, dtype, update=training)
+    rv = _running(running_var, "running_var", C, dtype, update=training)
+    out = _check_out(out, x)
+    if training:
+        if x.size == C:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {x.shape}")
+    elif rm is None or rv is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    nt = resolve_num_threads(n_threads, x.size)
+
+    save_mean = np.empty(C, dtype=dtype)
+    save_invstd = np.empty(C, dtype=dtype)
+    if x.size == 0:
+        y = np.empty_like(x) if out is None else out
+        if training:
+            save_mean.fill(np.nan)
+            save_invstd.fill(np.nan)
+        else:
+            save_mean[:] = rm
+            _kernels.invstd(rv, eps, save_invstd)
+        return y, save_mean, save_invstd
+
+    view = _View(x, axis)
+    x3 = view.read(x)
+    y, y3, copy_into = _output(view, x, x3, out)
+    if training:
+        # Running stats may be strided views: the kernel updates contiguous copies.
+        rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
+        rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
+        _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
+                               momentum, eps, nt)
+        if rm is not None and not np.shares_memory(rm_k, rm):
+            rm.reshape(-1)[...] = rm_k
+        if rv is not None and not np.shares_memory(rv_k, rv):
+            rv.reshape(-1)[...] = rv_k
+    else:
+        _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt)
+    return _finish(y, copy_into), save_mean, save_invstd
+
+
+def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
+               running_var: Optional[np.ndarray], weight: Optional[ArrayLike] = None,
+               bias: Optional[ArrayLike] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
+               out: Optional[np.ndarray] = None, n_threads: Optional[int] = None) -> np.ndarray:
+    """Batch normalization with the arguments of ``torch.nn.functional.batch_norm``.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
+    statistics when ``training`` (updating the running ones in place when given) and the
+    running ones otherwise. See :func:`batch_norm_forward` for the parameters.
+    """
+    return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
+                              momentum, eps, axis=axis, out=out, n_threads=n_threads)[0]
+
+
+def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Optional[ArrayLike],
+                        save_mean: ArrayLike, save_invstd: ArrayLike, training: bool = True,
+                        *, axis: int = 1, n_threads: Optional[int] = None,
+                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
+
+    ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in
+    training, running ones in eval). In training the batch statistics depend on the input::
+
+        dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),  xhat = (x - mean) * invstd
+
+    and in eval ``dx = w * invstd * dy``. Returns ``(grad_input, grad_weight, grad_bias)``
+    with ``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` per channel (returned
+    even when ``weight`` is None, which means a weight of 1).
+    """
+    x = _as_input(input, "input")
+    dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
+    if dy.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"grad_output must be a float32 or float64 array, got dtype {dy.dtype}")
+    if dy.shape != x.shape:
+        raise ValueError(f"grad_output has shape {dy.shape}, expected the input's shape {x.shape}")
+    axis = _channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    dtype = x.dtype
+    w = _param(weight, "weight", C, dtype)
+    mean = _param(save_mean, "save_mean", C, dtype)
+    invstd = _param(save_invstd, "save_invstd", C, dtype)
+    if mean is None or invstd is None:
+        raise ValueError("save_mean and save_invstd are required")
+    training = bool(training)
+    nt = resolve_num_threads(n_threads, x.size)
+    if dy.dtype != dtype:
+        dy = dy.astype(dtype)
+
+    grad_weight = np.empty(C, dtype=dtype)
+    grad_bias = np.empty(C, dtype=dtype)
+    if x.size == 0:
+        grad_weight.fill(0)
+        grad_bias.fill(0)
+        return np.empty_like(x), grad_weight, grad_bias
+    view = _View(x, axis)
+    x3 = view.read(x)
+    dy3 = view.read(dy)
+    dx, dx3 = view.new(dtype)
+    _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt)
+    return dx, grad_weight, grad_bias

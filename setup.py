@@ -1,0 +1,99 @@
+"""Build cbn._kernels: Cython, -O3, OpenMP where the compiler has it.
+
+Environment variables:
+  CBN_DEBUG=1       bounds checking, wraparound and initialized checks on, -O1 -g
+  CBN_NO_OPENMP=1   build serial kernels even if the compiler supports OpenMP
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import warnings
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+DEBUG = os.environ.get("CBN_DEBUG", "") not in ("", "0")
+NO_OPENMP = os.environ.get("CBN_NO_OPENMP", "") not in ("", "0")
+
+OPENMP_PROBE = textwrap.dedent(
+    """
+    #include <omp.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def compiler_has_openmp(compiler, flag):
+    """Compile and link a small OpenMP program with ``flag``; True if that works."""
+    tmp = tempfile.mkdtemp(prefix="cbn-omp-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_PROBE)
+        objs = compiler.compile([src], output_dir=tmp, extra_postargs=[flag])
+        compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=[flag])
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExt(build_ext):
+    """Adds the optimisation and OpenMP flags the compiler accepts."""
+
+    def build_extensions(self):
+        ctype = self.compiler.compiler_type
+        if ctype == "msvc":
+            compile_args, omp_compile, omp_link = ["/O2", "/fp:precise"], ["/openmp"], []
+        else:
+            # -ffp-contract=off: no FMA contraction, so results do not depend on the
+            # instruction set; never -ffast-math (reductions keep their written order).
+            opt = ["-O1", "-g"] if DEBUG else ["-O3"]
+            compile_args = opt + ["-ffp-contract=off", "-fno-math-errno"]
+            omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
+        use_omp = not NO_OPENMP and compiler_has_openmp(self.compiler, omp_compile[0])
+        if not use_omp:
+            reason = "CBN_NO_OPENMP is set" if NO_OPENMP else "the compiler has no OpenMP"
+            warnings.warn(f"cbn: building serial kernels ({reason}); "
+                          "cbn.openmp_enabled() will return False")
+            omp_compile, omp_link = [], []
+        for ext in self.extensions:
+            ext.extra_compile_args = compile_args + omp_compile
+            ext.extra_link_args = omp_link
+        super().build_extensions()
+
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "nonecheck": False,
+    "embedsignature": True,
+}
+
+extensions = [
+    Extension(
+        "cbn._kernels",
+        ["cbn/_kernels.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+    )
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=directives),
+    cmdclass={"build_ext": BuildExt},
+)

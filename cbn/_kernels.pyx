@@ -43,8 +43,271 @@ cdef extern from *:
     int cbn_max_threads() noexcept nogil
 
 
+# Loops over one contiguous run of a channel (the planes kernels), with explicit lanes.
+#
+# GCC's SLP vectorizer does not vectorize loop-carried accumulators without -ffast-math,
+# so these few loops are written with vector-extension types (GCC, Clang): four
+# independent vectors of 32 bytes, i.e. 32 float or 16 double lanes, combined in a fixed
+# order at the end. Every operation is lane-wise IEEE arithmetic, so the result is the same
+# whatever instruction set the compiler maps the vectors to (SSE2, AVX, AVX-512). Other
+# compilers get the same lanes as plain arrays (same results, slower).
+cdef extern from *:
+    r"""
+    #include <string.h>
+    #if defined(__GNUC__) || defined(__clang__)
+    #define CBN_VEC(T, N) T __attribute__((vector_size(N * sizeof(T))))
+    #define CBN_VLOAD(v, p) memcpy(&(v), (p), sizeof(v))
+    #define CBN_VSTORE(p, v) memcpy((p), &(v), sizeof(v))
+    #define CBN_SPLAT(V, s) ((V){0} + (s))
+    #else
+    #error "cbn's kernels need GCC or Clang vector extensions"
+    #endif
+
+    #define CBN_DEFINE_RUNS(T, SUF, L)                                                  \
+    typedef CBN_VEC(T, L) cbn_v_##SUF;                                                 \
+                                                                                       \
+    /* Two-pass moments of n >= 1 values: shifted sum -> mean m (rounded to T), then   \
+       corrected sum of squares around m. */                                           \
+    static inline void cbn_run_moments_##SUF(const T* p, Py_ssize_t n, double* mean,   \
+                                             double* m2) {                             \
+        typedef cbn_v_##SUF V;                                                         \
+        const Py_ssize_t B = 4 * L;                                                    \
+        const T shift = p[0];                                                          \
+        const V vs = CBN_SPLAT(V, shift);                                              \
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0, b1, b2, b3, x0, x1, x2, x3;     \
+        Py_ssize_t i = 0, j, nv = n - n % B;                                           \
+        double s = 0.0, ss = 0.0;                                                      \
+        T m, d;                                                                        \
+        for (; i < nv; i += B) {                                                       \
+            CBN_VLOAD(x0, p + i); CBN_VLOAD(x1, p + i + L);                            \
+            CBN_VLOAD(x2, p + i + 2 * L); CBN_VLOAD(x3, p + i + 3 * L);                \
+            a0 += x0 - vs; a1 += x1 - vs; a2 += x2 - vs; a3 += x3 - vs;                \
+        }                                                                              \
+        a0 = (a0 + a1) + (a2 + a3);                                                    \
+        for (j = 0; j < L; j++) s += a0[j];                                            \
+        for (; i < n; i++) s += p[i] - shift;                                          \
+        m = (T)(shift + s / (double)n);                                                \
+        const V vm = CBN_SPLAT(V, m);                                                  \
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = (V){0};                                \
+        for (i = 0; i < nv; i += B) {                                                  \
+            CBN_VLOAD(x0, p + i); CBN_VLOAD(x1, p + i + L);                            \
+            CBN_VLOAD(x2, p + i + 2 * L); CBN_VLOAD(x3, p + i + 3 * L);                \
+            x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;                                    \
+            a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                    \
+            b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;                \
+        }                                                                              \
+        a0 = (a0 + a1) + (a2 + a3);                                                    \
+        b0 = (b0 + b1) + (b2 + b3);                                                    \
+        s = 0.0;                                                                       \
+        for (j = 0; j < L; j++) { s += a0[j]; ss += b0[j]; }                           \
+        for (; i < n; i++) { d = p[i] - m; s += d; ss += (double)d * d; }              \
+        *mean = m + s / (double)n;                                                     \
+        ss -= s * s / (double)n;                                                       \
+        *m2 = ss > 0.0 ? ss : 0.0;                                                     \
+    }                                                                                  \
+                                                                                       \
+    /* sum(g) and sum(g * (x - mean)); if dx, also dx = g * scale in the same pass. */ \
+    static inline void cbn_run_sums_##SUF(const T* g, const T* x, T* dx, Py_ssize_t n, \
+                                          T mean, T scale, double* sg, double* sgx) {  \
+        typedef cbn_v_##SUF V;                                                         \
+        const Py_ssize_t B = 2 * L;                                                    \
+        const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale);                     \
+        V a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, g0, g1, x0, x1;                      \
+        Py_ssize_t i = 0, j, nv = n - n % B;                                           \
+        double s = 0.0, sx = 0.0;                                                      \
+        for (; i < nv; i += B) {                                                       \
+            CBN_VLOAD(g0, g + i); CBN_VLOAD(g1, g + i + L);                            \
+            CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                            \
+            a0 += g0; a1 += g1;                                                        \
+            b0 += g0 * (x0 - vm); b1 += g1 * (x1 - vm);                                \
+            if (dx) {                                                                  \
+                x0 = g0 * vk; x1 = g1 * vk;                                            \
+                CBN_VSTORE(dx + i, x0); CBN_VSTORE(dx + i + L, x1);                    \
+            }                                                                          \
+        }                                                                              \
+        a0 += a1; b0 += b1;                                                            \
+        for (j = 0; j < L; j++) { s += a0[j]; sx += b0[j]; }                           \
+        for (; i < n; i++) {                                                           \
+            s += g[i]; sx += g[i] * (x[i] - mean);                                     \
+            if (dx) dx[i] = g[i] * scale;                                              \
+        }                                                                              \
+        *sg = s; *sgx = sx;                                                            \
+    }                                                                                  \
+                                                                                       \
+    /* y = (x - a) * b + c. y may be x itself. */                                      \
+    static inline void cbn_run_affine_##SUF(const T* x, T* y, Py_ssize_t n, T a, T b,  \
+                                            T c) {                                     \
+        typedef cbn_v_##SUF V;                                                         \
+        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);      \
+        V x0, x1;                                                                      \
+        Py_ssize_t i = 0, nv = n - n % (2 * L);                                        \
+        for (; i < nv; i += 2 * L) {                                                   \
+            CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                            \
+            x0 = (x0 - va) * vb + vc; x1 = (x1 - va) * vb + vc;                        \
+            CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + L, x1);                          \
+        }                                                                              \
+        for (; i < n; i++) y[i] = (x[i] - a) * b + c;                                  \
+    }                                                                                  \
+                                                                                       \
+    /* y = (g - c - (x - a) * d) * b: the training backward's dx. */                   \
+    static inline void cbn_run_bwd_##SUF(const T* x, const T* g, T* y, Py_ssize_t n,   \
+                                         T a, T b, T c, T d) {                         \
+        typedef cbn_v_##SUF V;                                                         \
+        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);      \
+        const V vd = CBN_SPLAT(V, d);                                                  \
+        V x0, g0;                                                                      \
+        Py_ssize_t i = 0, nv = n - n % L;                                              \
+        for (; i < nv; i += L) {                                                       \
+            CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);                                \
+            x0 = (g0 - vc - (x0 - va) * vd) * vb;                                      \
+            CBN_VSTORE(y + i, x0);                                                     \
+        }                                                                              \
+        for (; i < n; i++) y[i] = (g[i] - c - (x[i] - a) * d) * b;                     \
+    }
+
+    /* Column loops over a block of R rows of w values (row r at p + r*w), for the rows   \
+       kernels: strips of 4 vectors walk down the rows with register accumulators; the  \
+       last w % (4L) columns go one at a time. Each column is summed in row order. */    \
+    #define CBN_DEFINE_COLS(T, SUF, L)                                                  \
+    /* out[t] = sum_r (p[r*w + t] - sh[t]), row by row (streams from memory; the      \
+       accumulators stay in L1). */                                                     \
+    static inline void cbn_cols_shifted_sum_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,\
+                                                  const T* sh, T* out) {                \
+        typedef cbn_v_##SUF V;                                                          \
+        Py_ssize_t t, r, ws = w - w % L;                                                \
+        V a, x, s;                                                                      \
+        for (t = 0; t < w; t++) out[t] = 0;                                             \
+        for (r = 0; r < R; r++, p += w) {                                               \
+            for (t = 0; t < ws; t += L) {                                               \
+                CBN_VLOAD(a, out + t); CBN_VLOAD(x, p + t); CBN_VLOAD(s, sh + t);       \
+                a += x - s;                                                             \
+                CBN_VSTORE(out + t, a);                                                 \
+            }                                                                           \
+            for (; t < w; t++) out[t] += p[t] - sh[t];                                  \
+        }                                                                               \
+    }                                                                                   \
+                                                                                        \
+    /* d = p[r*w + t] - m[t]: s1[t] = sum_r d, s2[t] = sum_r d*d */                     \
+    static inline void cbn_cols_dev_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,       \
+                                          const T* m, T* s1, T* s2) {                   \
+        typedef cbn_v_##SUF V;                                                          \
+        Py_ssize_t t = 0, r, ws = w - w % (4 * L);                                      \
+        for (; t < ws; t += 4 * L) {                                                    \
+            V m0, m1, m2, m3, x0, x1, x2, x3;                                           \
+            V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};\
+            CBN_VLOAD(m0, m + t); CBN_VLOAD(m1, m + t + L);                             \
+            CBN_VLOAD(m2, m + t + 2 * L); CBN_VLOAD(m3, m + t + 3 * L);                 \
+            for (r = 0; r < R; r++) {                                                   \
+                const T* q = p + r * w + t;                                             \
+                CBN_VLOAD(x0, q); CBN_VLOAD(x1, q + L);                                 \
+                CBN_VLOAD(x2, q + 2 * L); CBN_VLOAD(x3, q + 3 * L);                     \
+                x0 -= m0; x1 -= m1; x2 -= m2; x3 -= m3;                                 \
+                a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                 \
+                b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;             \
+            }                                                                           \
+            CBN_VSTORE(s1 + t, a0); CBN_VSTORE(s1 + t + L, a1);                         \
+            CBN_VSTORE(s1 + t + 2 * L, a2); CBN_VSTORE(s1 + t + 3 * L, a3);             \
+            CBN_VSTORE(s2 + t, b0); CBN_VSTORE(s2 + t + L, b1);                         \
+            CBN_VSTORE(s2 + t + 2 * L, b2); CBN_VSTORE(s2 + t + 3 * L, b3);             \
+        }                                                                               \
+        for (; t < w; t++) {                                                            \
+            T a = 0, b = 0, d;                                                          \
+            for (r = 0; r < R; r++) { d = p[r * w + t] - m[t]; a += d; b += d * d; }    \
+            s1[t] = a; s2[t] = b;                                                       \
+        }                                                                               \
+    }                                                                                   \
+                                                                                        \
+    /* sg[t] = sum_r g, sgx[t] = sum_r g * (x - m[t]); if dx: dx = g * k[t]. Row by   \
+       row (streams from memory; the accumulators stay in L1). */                       \
+    static inline void cbn_cols_sums_##SUF(const T* g, const T* x, T* dx, Py_ssize_t R, \
+                                           Py_ssize_t w, const T* m, const T* k,        \
+                                           T* sg, T* sgx) {                             \
+        typedef cbn_v_##SUF V;                                                          \
+        Py_ssize_t t, r, ws = w - w % L;                                                \
+        V a, b, vg, vx, vm, vk;                                                         \
+        for (t = 0; t < w; t++) { sg[t] = 0; sgx[t] = 0; }                              \
+        for (r = 0; r < R; r++, g += w, x += w, dx += dx ? w : 0) {                     \
+            for (t = 0; t < ws; t += L) {                                               \
+                CBN_VLOAD(vg, g + t); CBN_VLOAD(vx, x + t); CBN_VLOAD(vm, m + t);       \
+                CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);                            \
+                a += vg; b += vg * (vx - vm);                                           \
+                CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);                          \
+                if (dx) { CBN_VLOAD(vk, k + t); vx = vg * vk; CBN_VSTORE(dx + t, vx); } \
+            }                                                                           \
+            for (; t < w; t++) {                                                        \
+                sg[t] += g[t]; sgx[t] += g[t] * (x[t] - m[t]);                          \
+                if (dx) dx[t] = g[t] * k[t];                                            \
+            }                                                                           \
+        }                                                                               \
+    }                                                                                   \
+                                                                                        \
+    /* Element-wise over R rows with lane parameters: op 0: y = (x - a) * b + c;        \
+       op 1: y = (g - c - (x - a) * d) * b. Row by row (a streaming pass); y may be x. */                       \
+    static inline void cbn_cols_apply_##SUF(int op, const T* x, const T* g, T* y,       \
+                                            Py_ssize_t R, Py_ssize_t w, const T* a,     \
+                                            const T* b, const T* c, const T* d) {       \
+        typedef cbn_v_##SUF V;                                                          \
+        Py_ssize_t t, r, ws = w - w % L;                                                \
+        V va, vb, vc, vd, vx, vg;                                                       \
+        for (r = 0; r < R; r++, x += w, y += w, g += op ? w : 0) {                      \
+            for (t = 0; t < ws; t += L) {                                               \
+                CBN_VLOAD(vx, x + t); CBN_VLOAD(va, a + t);                             \
+                CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);                             \
+                if (op) {                                                               \
+                    CBN_VLOAD(vg, g + t); CBN_VLOAD(vd, d + t);                         \
+                    vx = (vg - vc - (vx - va) * vd) * vb;                               \
+                } else {                                                                \
+                    vx = (vx - va) * vb + vc;                                           \
+                }                                                                       \
+                CBN_VSTORE(y + t, vx);                                                  \
+            }                                                                           \
+            for (; t < w; t++)                                                          \
+                y[t] = op ? (g[t] - c[t] - (x[t] - a[t]) * d[t]) * b[t]                 \
+                          : (x[t] - a[t]) * b[t] + c[t];                                \
+        }                                                                               \
+    }
+
+    CBN_DEFINE_RUNS(float, f, 8)
+    CBN_DEFINE_RUNS(double, d, 4)
+    CBN_DEFINE_COLS(float, f, 8)
+    CBN_DEFINE_COLS(double, d, 4)
+    """
+    void cbn_run_moments_f(const float* p, Py_ssize_t n, double* mean, double* m2) noexcept nogil
+    void cbn_run_moments_d(const double* p, Py_ssize_t n, double* mean, double* m2) noexcept nogil
+    void cbn_run_sums_f(const float* g, const float* x, float* dx, Py_ssize_t n, float mean,
+                        float scale, double* sg, double* sgx) noexcept nogil
+    void cbn_run_sums_d(const double* g, const double* x, double* dx, Py_ssize_t n,
+                        double mean, double scale, double* sg, double* sgx) noexcept nogil
+    void cbn_run_affine_f(const float* x, float* y, Py_ssize_t n, float a, float b,
+                          float c) noexcept nogil
+    void cbn_run_affine_d(const double* x, double* y, Py_ssize_t n, double a, double b,
+                          double c) noexcept nogil
+    void cbn_run_bwd_f(const float* x, const float* g, float* y, Py_ssize_t n, float a,
+                       float b, float c, float d) noexcept nogil
+    void cbn_run_bwd_d(const double* x, const double* g, double* y, Py_ssize_t n, double a,
+                       double b, double c, double d) noexcept nogil
+    void cbn_cols_shifted_sum_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* sh,
+                                float* out) noexcept nogil
+    void cbn_cols_shifted_sum_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* sh,
+                                double* out) noexcept nogil
+    void cbn_cols_dev_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* m, float* s1,
+                        float* s2) noexcept nogil
+    void cbn_cols_dev_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* m,
+                        double* s1, double* s2) noexcept nogil
+    void cbn_cols_sums_f(const float* g, const float* x, float* dx, Py_ssize_t R, Py_ssize_t w,
+                         const float* m, const float* k, float* sg, float* sgx) noexcept nogil
+    void cbn_cols_sums_d(const double* g, const double* x, double* dx, Py_ssize_t R,
+                         Py_ssize_t w, const double* m, const double* k, double* sg,
+                         double* sgx) noexcept nogil
+    void cbn_cols_apply_f(int op, const float* x, const float* g, float* y, Py_ssize_t R,
+                          Py_ssize_t w, const float* a, const float* b, const float* c,
+                          const float* d) noexcept nogil
+    void cbn_cols_apply_d(int op, const double* x, const double* g, double* y, Py_ssize_t R,
+                          Py_ssize_t w, const double* a, const double* b, const double* c,
+                          const double* d) noexcept nogil
+
+
 cdef enum:
-    LANES = 16            # independent accumulators in contiguous reductions
     PLANE_MIN_K = 128     # K at or above this: planes kernels; below: rows kernels
     BLOCK = 4096          # values per two-pass block along a plane (L1-resident)
     ROW_BLOCK = 16384     # values per two-pass block of rows (L2-resident)
@@ -92,49 +355,13 @@ cdef inline double inv_sqrt(double v) noexcept nogil:
 
 
 cdef inline Moments run_moments(const floating* p, Py_ssize_t n) noexcept nogil:
-    """Moments of n >= 1 contiguous values, two-pass.
-
-    Pass 1 sums x - p[0] (the shift keeps the sum small when |mean| >> std), giving the
-    block mean m rounded to the data type. Pass 2 sums d = x - m and d*d; the true mean is
-    m + sum(d)/n and m2 = sum(d*d) - sum(d)^2/n (the corrected two-pass formula).
-    """
-    cdef floating acc[LANES]
-    cdef floating acc2[LANES]
-    cdef floating shift = p[0], m, d
-    cdef Py_ssize_t i, j, nv = n - n % LANES
-    cdef double s = 0.0, ss = 0.0
+    """Moments of n >= 1 contiguous values (two-pass; see cbn_run_moments above)."""
     cdef Moments r
-    for j in range(LANES):
-        acc[j] = 0
-    for i from 0 <= i < nv by LANES:
-        for j in range(LANES):
-            acc[j] = acc[j] + (p[i + j] - shift)
-    for j in range(LANES):
-        s += acc[j]
-    for i in range(nv, n):
-        s += p[i] - shift
-    m = <floating>(shift + s / n)
-    for j in range(LANES):
-        acc[j] = 0
-        acc2[j] = 0
-    for i from 0 <= i < nv by LANES:
-        for j in range(LANES):
-            d = p[i + j] - m
-            acc[j] = acc[j] + d
-            acc2[j] = acc2[j] + d * d
-    s = 0.0
-    for j in range(LANES):
-        s += acc[j]
-        ss += acc2[j]
-    for i in range(nv, n):
-        d = p[i] - m
-        s += d
-        ss += <double>d * d
     r.n = n
-    r.mean = m + s / n
-    r.m2 = ss - s * s / n
-    if r.m2 < 0.0:
-        r.m2 = 0.0
+    if floating is float:
+        cbn_run_moments_f(p, n, &r.mean, &r.m2)
+    else:
+        cbn_run_moments_d(p, n, &r.mean, &r.m2)
     return r
 
 
@@ -144,27 +371,21 @@ cdef struct Planes:
     Py_ssize_t M, C, K
     Py_ssize_t nblk      # blocks per plane
     Py_ssize_t blen      # values per block (the last may be shorter)
-    Py_ssize_t units     # blocks per channel: M * nblk
-    Py_ssize_t groups    # items per channel
-    Py_ssize_t items     # C * groups
+    Py_ssize_t units     # blocks in all, in memory order: M * C * nblk
+    Py_ssize_t items     # parallel items: contiguous ranges of units
 
 
 cdef Planes planes_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t block) noexcept nogil:
-    """Cut each channel's M*K values into blocks, and the blocks of a channel into groups,
-    so that there are about TARGET_ITEMS items in all; depends on the shape only."""
+    """Cut the planes into blocks of at most `block` values and the blocks, in memory
+    order, into at most TARGET_ITEMS items; depends on the shape only."""
     cdef Planes P
     P.M = M
     P.C = C
     P.K = K
     P.nblk = (K + block - 1) // block
     P.blen = (K + P.nblk - 1) // P.nblk
-    P.units = M * P.nblk
-    P.groups = (TARGET_ITEMS + C - 1) // C
-    if P.groups > P.units:
-        P.groups = P.units
-    if P.groups < 1:
-        P.groups = 1
-    P.items = C * P.groups
+    P.units = M * C * P.nblk
+    P.items = P.units if P.units < TARGET_ITEMS else TARGET_ITEMS
     return P
 
 
@@ -197,34 +418,39 @@ cdef Rows rows_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t bl
 
 # ----------------------------------------------------------------- statistics: planes
 
-cdef Moments planes_item_moments(const floating* x, Planes P, Py_ssize_t item) noexcept nogil:
-    """Moments of the blocks of one item: channel item // groups, a range of its blocks."""
-    cdef Py_ssize_t c = item // P.groups, g = item % P.groups
-    cdef Py_ssize_t u0 = g * P.units // P.groups, u1 = (g + 1) * P.units // P.groups
-    cdef Py_ssize_t u, m, start, n
-    cdef Moments acc
-    acc.n = 0
-    acc.mean = 0
-    acc.m2 = 0
+cdef inline void zero_moments(Moments* m, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        m[i].n = 0
+        m[i].mean = 0
+        m[i].m2 = 0
+
+
+cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
+                              Moments* acc) noexcept nogil:
+    """Merge the moments of one item's blocks into acc[0:C], per channel."""
+    cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
+    cdef Py_ssize_t u, plane, start, n
+    zero_moments(acc, P.C)
     for u in range(u0, u1):
-        m = u // P.nblk
+        plane = u // P.nblk
         start = (u % P.nblk) * P.blen
         n = P.K - start
         if n > P.blen:
             n = P.blen
-        merge(&acc, run_moments(x + (m * P.C + c) * P.K + start, n))
-    return acc
+        merge(&acc[plane % P.C], run_moments(x + plane * P.K + start, n))
 
 
 cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,
                          int nthreads) noexcept nogil:
-    cdef Py_ssize_t it, c, g
+    """part: items*C slots."""
+    cdef Py_ssize_t it, c
     for it in prange(P.items, num_threads=nthreads, schedule="static"):
-        part[it] = planes_item_moments(x, P, it)
-    for c in range(P.C):
-        out[c] = part[c * P.groups]
-        for g in range(1, P.groups):
-            merge(&out[c], part[c * P.groups + g])
+        planes_item_moments(x, P, it, part + it * P.C)
+    zero_moments(out, P.C)
+    for it in range(P.items):
+        for c in range(P.C):
+            merge(&out[c], part[it * P.C + c])
 
 
 # ------------------------------------------------------------------- statistics: rows
@@ -236,18 +462,15 @@ cdef void rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_s
 
     Scratch: acc, acc2, lane hold w values; s1, s2 hold C doubles.
     """
-    cdef Py_ssize_t r, t, c, q, kk, reps = w // (C * K)
-    cdef const floating* row
+    cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
     cdef floating d
     cdef double cnt = <double>R * reps * K, mean
     cdef Moments b
     # pass 1: shifted sums, the shift being the block's first row
-    for t in range(w):
-        acc[t] = 0
-    for r in range(1, R):
-        row = p + r * w
-        for t in range(w):
-            acc[t] = acc[t] + (row[t] - p[t])
+    if floating is float:
+        cbn_cols_shifted_sum_f(p, R, w, p, acc)
+    else:
+        cbn_cols_shifted_sum_d(p, R, w, p, acc)
     for c in range(C):
         s1[c] = 0.0
     t = 0
@@ -264,15 +487,10 @@ cdef void rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_s
             for kk in range(K):
                 lane[t] = d
                 t += 1
-    for t in range(w):
-        acc[t] = 0
-        acc2[t] = 0
-    for r in range(R):
-        row = p + r * w
-        for t in range(w):
-            d = row[t] - lane[t]
-            acc[t] = acc[t] + d
-            acc2[t] = acc2[t] + d * d
+    if floating is float:
+        cbn_cols_dev_f(p, R, w, lane, acc, acc2)
+    else:
+        cbn_cols_dev_d(p, R, w, lane, acc, acc2)
     for c in range(C):
         s1[c] = 0.0
         s2[c] = 0.0
@@ -308,10 +526,7 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
         sc = scratch + tid * 3 * P.W
         ds = dscratch + tid * 2 * C
         acc = part + it * C
-        for c in range(C):
-            acc[c].n = 0
-            acc[c].mean = 0
-            acc[c].m2 = 0
+        zero_moments(acc, C)
         b0 = it * P.nblocks // P.items
         b1 = (it + 1) * P.nblocks // P.items
         for blk in range(b0, b1):
@@ -321,10 +536,7 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
                 nr = P.R
             rows_block_moments(x + r0 * P.W, nr, P.W, C, K, sc, sc + P.W, sc + 2 * P.W,
                                ds, ds + C, acc)
-    for c in range(C):
-        out[c].n = 0
-        out[c].mean = 0
-        out[c].m2 = 0
+    zero_moments(out, C)
     for it in range(P.items):
         for c in range(C):
             merge(&out[c], part[it * C + c])
@@ -343,13 +555,16 @@ cdef enum:
 cdef inline void run_apply(int op, const floating* x, const floating* g, floating* y,
                            Py_ssize_t n, floating a, floating b, floating c,
                            floating d) noexcept nogil:
-    cdef Py_ssize_t i
     if op == OP_AFFINE:
-        for i in range(n):
-            y[i] = (x[i] - a) * b + c
+        if floating is float:
+            cbn_run_affine_f(x, y, n, a, b, c)
+        else:
+            cbn_run_affine_d(x, y, n, a, b, c)
     else:
-        for i in range(n):
-            y[i] = (g[i] - c - (x[i] - a) * d) * b
+        if floating is float:
+            cbn_run_bwd_f(x, g, y, n, a, b, c, d)
+        else:
+            cbn_run_bwd_d(x, g, y, n, a, b, c, d)
 
 
 cdef void planes_apply(int op, const floating* x, const floating* g, floating* y,
@@ -384,15 +599,13 @@ cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize
 
 
 cdef inline void row_apply(int op, const floating* x, const floating* g, floating* y,
-                           Py_ssize_t w, const floating* la, const floating* lb,
-                           const floating* lc, const floating* ld) noexcept nogil:
-    cdef Py_ssize_t t
-    if op == OP_AFFINE:
-        for t in range(w):
-            y[t] = (x[t] - la[t]) * lb[t] + lc[t]
+                           Py_ssize_t R, Py_ssize_t w, const floating* la,
+                           const floating* lb, const floating* lc,
+                           const floating* ld) noexcept nogil:
+    if floating is float:
+        cbn_cols_apply_f(op, x, g, y, R, w, la, lb, lc, ld)
     else:
-        for t in range(w):
-            y[t] = (g[t] - lc[t] - (x[t] - la[t]) * ld[t]) * lb[t]
+        cbn_cols_apply_d(op, x, g, y, R, w, la, lb, lc, ld)
 
 
 cdef void rows_apply(int op, const floating* x, const floating* g, floating* y,
@@ -401,21 +614,23 @@ cdef void rows_apply(int op, const floating* x, const floating* g, floating* y,
     """Element-wise pass over the rows partition; lanes holds the 4 (or 3) parameter
     vectors expanded to W lanes each, back to back."""
     cdef Rows P = rows_partition(M, C, K, CHUNK, M)
-    cdef Py_ssize_t W = P.W, blk, r, r1
+    cdef Py_ssize_t W = P.W, blk, r0, nr, off
     cdef const floating* la = lanes
     cdef const floating* lb = lanes + W
     cdef const floating* lc = lanes + 2 * W
     cdef const floating* ld = lanes + 3 * W
     for blk in prange(P.nblocks, num_threads=nthreads, schedule="static"):
-        r1 = (blk + 1) * P.R
-        if r1 > P.nrows:
-            r1 = P.nrows
-        for r in range(blk * P.R, r1):
-            row_apply(op, x + r * W, g + r * W if g != NULL else NULL, y + r * W, W,
-                      la, lb, lc, ld)
+        r0 = blk * P.R
+        nr = P.nrows - r0
+        if nr > P.R:
+            nr = P.R
+        off = r0 * W
+        row_apply(op, x + off, g + off if g != NULL else NULL, y + off, nr, W,
+                  la, lb, lc, ld)
     if P.tail:
-        r = P.nrows * W
-        row_apply(op, x + r, g + r if g != NULL else NULL, y + r, P.tail, la, lb, lc, ld)
+        off = P.nrows * W
+        row_apply(op, x + off, g + off if g != NULL else NULL, y + off, 1, P.tail,
+                  la, lb, lc, ld)
 
 
 # ------------------------------------------------------------------- entry points
@@ -456,7 +671,7 @@ cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     cdef Rows PR
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
-        return PP.items * sizeof(Moments)
+        return PP.items * C * sizeof(Moments)
     PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
     return (PR.items * C * sizeof(Moments) + nthreads * 3 * PR.W * itemsize
             + nthreads * 2 * C * sizeof(double))
@@ -566,74 +781,55 @@ cdef struct Sums:
 cdef inline Sums run_sums(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
                           floating mean, floating scale) noexcept nogil:
     """Sums over n contiguous values; if dx is not NULL also writes dx = g * scale."""
-    cdef floating ag[LANES]
-    cdef floating agx[LANES]
-    cdef floating gv
-    cdef Py_ssize_t i, j, nv = n - n % LANES
     cdef Sums s
-    for j in range(LANES):
-        ag[j] = 0
-        agx[j] = 0
-    if dx == NULL:
-        for i from 0 <= i < nv by LANES:
-            for j in range(LANES):
-                ag[j] = ag[j] + g[i + j]
-                agx[j] = agx[j] + g[i + j] * (x[i + j] - mean)
+    if floating is float:
+        cbn_run_sums_f(g, x, dx, n, mean, scale, &s.g, &s.gx)
     else:
-        for i from 0 <= i < nv by LANES:
-            for j in range(LANES):
-                gv = g[i + j]
-                ag[j] = ag[j] + gv
-                agx[j] = agx[j] + gv * (x[i + j] - mean)
-                dx[i + j] = gv * scale
-    s.g = 0.0
-    s.gx = 0.0
-    for j in range(LANES):
-        s.g += ag[j]
-        s.gx += agx[j]
-    for i in range(nv, n):
-        gv = g[i]
-        s.g += gv
-        s.gx += gv * (x[i] - mean)
-        if dx != NULL:
-            dx[i] = gv * scale
+        cbn_run_sums_d(g, x, dx, n, mean, scale, &s.g, &s.gx)
     return s
 
 
-cdef Sums planes_item_sums(const floating* g, const floating* x, floating* dx, Planes P,
-                           Py_ssize_t item, const floating* mean,
-                           const floating* scale) noexcept nogil:
-    cdef Py_ssize_t c = item // P.groups, gi = item % P.groups
-    cdef Py_ssize_t u0 = gi * P.units // P.groups, u1 = (gi + 1) * P.units // P.groups
-    cdef Py_ssize_t u, start, n, off
-    cdef Sums acc, s
-    acc.g = 0.0
-    acc.gx = 0.0
+cdef inline void zero_sums(Sums* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        s[i].g = 0.0
+        s[i].gx = 0.0
+
+
+cdef void planes_item_sums(const floating* g, const floating* x, floating* dx, Planes P,
+                           Py_ssize_t item, const floating* mean, const floating* scale,
+                           Sums* acc) noexcept nogil:
+    """Per-channel sums of one item's blocks into acc[0:C] (and dx = g*scale if dx)."""
+    cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
+    cdef Py_ssize_t u, plane, c, start, n, off
+    cdef Sums s
+    zero_sums(acc, P.C)
     for u in range(u0, u1):
+        plane = u // P.nblk
+        c = plane % P.C
         start = (u % P.nblk) * P.blen
         n = P.K - start
         if n > P.blen:
             n = P.blen
-        off = ((u // P.nblk) * P.C + c) * P.K + start
+        off = plane * P.K + start
         s = run_sums(g + off, x + off, dx + off if dx != NULL else NULL, n, mean[c],
-                     scale[c] if scale != NULL else 0)
-        acc.g += s.g
-        acc.gx += s.gx
-    return acc
+                     scale[c])
+        acc[c].g += s.g
+        acc[c].gx += s.gx
 
 
 cdef void planes_sums(const floating* g, const floating* x, floating* dx, Planes P,
                       const floating* mean, const floating* scale, Sums* part, Sums* out,
                       int nthreads) noexcept nogil:
-    cdef Py_ssize_t it, c, gi
+    """part: items*C slots."""
+    cdef Py_ssize_t it, c
     for it in prange(P.items, num_threads=nthreads, schedule="static"):
-        part[it] = planes_item_sums(g, x, dx, P, it, mean, scale)
-    for c in range(P.C):
-        out[c].g = 0.0
-        out[c].gx = 0.0
-        for gi in range(P.groups):
-            out[c].g += part[c * P.groups + gi].g
-            out[c].gx += part[c * P.groups + gi].gx
+        planes_item_sums(g, x, dx, P, it, mean, scale, part + it * P.C)
+    zero_sums(out, P.C)
+    for it in range(P.items):
+        for c in range(P.C):
+            out[c].g += part[it * P.C + c].g
+            out[c].gx += part[it * P.C + c].gx
 
 
 cdef void rows_block_sums(const floating* g, const floating* x, floating* dx, Py_ssize_t R,
@@ -641,23 +837,11 @@ cdef void rows_block_sums(const floating* g, const floating* x, floating* dx, Py
                           const floating* lscale, floating* ag, floating* agx,
                           Sums* out) noexcept nogil:
     """Add the per-channel sums of R rows of w values to out[0:C]; dx = g*scale if dx."""
-    cdef Py_ssize_t r, t, c, q, kk, reps = w // (C * K)
-    cdef const floating* gr
-    cdef const floating* xr
-    cdef floating* dr
-    for t in range(w):
-        ag[t] = 0
-        agx[t] = 0
-    for r in range(R):
-        gr = g + r * w
-        xr = x + r * w
-        for t in range(w):
-            ag[t] = ag[t] + gr[t]
-            agx[t] = agx[t] + gr[t] * (xr[t] - lmean[t])
-        if dx != NULL:
-            dr = dx + r * w
-            for t in range(w):
-                dr[t] = gr[t] * lscale[t]
+    cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
+    if floating is float:
+        cbn_cols_sums_f(g, x, dx, R, w, lmean, lscale, ag, agx)
+    else:
+        cbn_cols_sums_d(g, x, dx, R, w, lmean, lscale, ag, agx)
     t = 0
     for q in range(reps):
         for c in range(C):
@@ -678,9 +862,7 @@ cdef void rows_sums(const floating* g, const floating* x, floating* dx, Py_ssize
         tid = threadid()
         sc = scratch + tid * 2 * P.W
         acc = part + it * C
-        for c in range(C):
-            acc[c].g = 0.0
-            acc[c].gx = 0.0
+        zero_sums(acc, C)
         b0 = it * P.nblocks // P.items
         b1 = (it + 1) * P.nblocks // P.items
         for blk in range(b0, b1):
@@ -691,9 +873,7 @@ cdef void rows_sums(const floating* g, const floating* x, floating* dx, Py_ssize
             off = r0 * P.W
             rows_block_sums(g + off, x + off, dx + off if dx != NULL else NULL, nr, P.W,
                             C, K, lmean, lscale, sc, sc + P.W, acc)
-    for c in range(C):
-        out[c].g = 0.0
-        out[c].gx = 0.0
+    zero_sums(out, C)
     for it in range(P.items):
         for c in range(C):
             out[c].g += part[it * C + c].g
@@ -721,7 +901,7 @@ def backward(floating[:, :, ::1] grad_output, floating[:, :, ::1] x,
     cdef double n = <double>M * K, inv
     if planes:
         PP = planes_partition(M, C, K, BLOCK)
-        part_bytes = PP.items * sizeof(Sums)
+        part_bytes = PP.items * C * sizeof(Sums)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
         W = PR.W

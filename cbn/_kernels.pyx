@@ -23,10 +23,13 @@ memory is allocated (and checked) with the GIL held, before any parallel region.
 """
 
 cimport cython
+cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
+
+cnp.import_array()
 
 cdef extern from *:
     """
@@ -635,19 +638,6 @@ cdef void rows_apply(int op, const floating* x, const floating* g, floating* y,
 
 # ------------------------------------------------------------------- entry points
 
-cdef class _Scratch:
-    """Memory for one kernel call, allocated with the GIL held and freed on exit."""
-    cdef void* ptr
-
-    def __cinit__(self, Py_ssize_t nbytes):
-        self.ptr = malloc(nbytes if nbytes > 0 else 1)
-        if self.ptr == NULL:
-            raise MemoryError(f"cbn: could not allocate {nbytes} bytes of scratch memory")
-
-    def __dealloc__(self):
-        free(self.ptr)
-
-
 cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
                           void* mem, Moments* out, int nthreads) noexcept nogil:
     cdef Planes PP
@@ -702,66 +692,118 @@ cdef void apply(int op, const floating* x, const floating* g, floating* y, Py_ss
     rows_apply(op, x, g, y, M, C, K, lanes, nthreads)
 
 
-def forward_train(floating[:, :, ::1] x, floating[:, :, ::1] y, floating[::1] weight,
-                  floating[::1] bias, floating[::1] running_mean, floating[::1] running_var,
-                  floating[::1] save_mean, floating[::1] save_invstd, double momentum,
-                  double eps, int nthreads):
-    """Training forward: batch statistics, running-statistics update, normalize."""
-    cdef Py_ssize_t M = x.shape[0], C = x.shape[1], K = x.shape[2], c
-    cdef Py_ssize_t isz = sizeof(floating)
-    cdef _Scratch mem = _Scratch(moments_scratch_bytes(M, C, K, isz, nthreads)
-                                 + apply_scratch_bytes(M, C, K, isz))
-    cdef _Scratch vecs = _Scratch(C * (sizeof(Moments) + 3 * isz))
-    cdef Moments* mom = <Moments*>vecs.ptr
+cdef void* alloc(Py_ssize_t nbytes) except NULL:
+    """malloc that raises MemoryError (called with the GIL, before any parallel region)."""
+    cdef void* p = malloc(nbytes if nbytes > 0 else 1)
+    if p == NULL:
+        raise MemoryError(f"cbn: could not allocate {nbytes} bytes of scratch memory")
+    return p
+
+
+cdef inline void* data(object a):
+    """Data pointer of an ndarray (the caller guarantees contiguity and dtype), or NULL."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline bint is_float32(cnp.ndarray a):
+    return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+
+
+cdef int forward_train_impl(const floating* x, floating* y, const floating* weight,
+                            const floating* bias, floating* running_mean,
+                            floating* running_var, floating* save_mean,
+                            floating* save_invstd, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                            double momentum, double eps, int nthreads) except -1:
+    cdef Py_ssize_t isz = sizeof(floating), c
+    cdef Py_ssize_t mbytes = moments_scratch_bytes(M, C, K, isz, nthreads)
+    cdef char* mem = <char*>alloc(mbytes + apply_scratch_bytes(M, C, K, isz)
+                                  + C * (sizeof(Moments) + 3 * isz))
+    cdef floating* lanes = <floating*>(mem + mbytes)
+    cdef Moments* mom = <Moments*>(mem + mbytes + apply_scratch_bytes(M, C, K, isz))
     cdef floating* mu = <floating*>(mom + C)
     cdef floating* scale = mu + C
     cdef floating* shift = scale + C
-    cdef char* lanes = <char*>mem.ptr + moments_scratch_bytes(M, C, K, isz, nthreads)
-    cdef double n = <double>M * K, inv, var
-    cdef bint has_w = weight is not None, has_b = bias is not None
-    cdef bint has_rm = running_mean is not None, has_rv = running_var is not None
+    cdef double n = <double>M * K, inv
     with nogil:
-        channel_moments(&x[0, 0, 0], M, C, K, mem.ptr, mom, nthreads)
+        channel_moments(x, M, C, K, mem, mom, nthreads)
         for c in range(C):
-            var = mom[c].m2 / n
-            inv = inv_sqrt(var + eps)
+            inv = inv_sqrt(mom[c].m2 / n + eps)
             save_mean[c] = <floating>mom[c].mean
             save_invstd[c] = <floating>inv
             mu[c] = <floating>mom[c].mean
-            scale[c] = <floating>((weight[c] if has_w else 1.0) * inv)
-            shift[c] = bias[c] if has_b else 0
-            if has_rm:
+            scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
+            shift[c] = bias[c] if bias != NULL else 0
+            if running_mean != NULL:
                 running_mean[c] = <floating>(momentum * mom[c].mean
                                              + (1.0 - momentum) * running_mean[c])
-            if has_rv:
+            if running_var != NULL:
                 running_var[c] = <floating>(momentum * (mom[c].m2 / (n - 1.0))
                                             + (1.0 - momentum) * running_var[c])
-        apply(OP_AFFINE, &x[0, 0, 0], NULL, &y[0, 0, 0], M, C, K, mu, scale, shift, NULL,
-              <floating*>lanes, nthreads)
+        apply(OP_AFFINE, x, NULL, y, M, C, K, mu, scale, shift, NULL, lanes, nthreads)
+    free(mem)
+    return 0
 
 
-def forward_eval(floating[:, :, ::1] x, floating[:, :, ::1] y, floating[::1] weight,
-                 floating[::1] bias, floating[::1] running_mean, floating[::1] running_var,
-                 floating[::1] save_mean, floating[::1] save_invstd, double eps,
-                 int nthreads):
-    """Eval forward: normalize with the running statistics (one pass)."""
-    cdef Py_ssize_t M = x.shape[0], C = x.shape[1], K = x.shape[2], c
-    cdef Py_ssize_t isz = sizeof(floating)
-    cdef _Scratch mem = _Scratch(apply_scratch_bytes(M, C, K, isz))
-    cdef _Scratch vecs = _Scratch(C * 2 * isz)
-    cdef floating* scale = <floating*>vecs.ptr
+cdef int forward_eval_impl(const floating* x, floating* y, const floating* weight,
+                           const floating* bias, const floating* running_mean,
+                           const floating* running_var, floating* save_mean,
+                           floating* save_invstd, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                           double eps, int nthreads) except -1:
+    cdef Py_ssize_t isz = sizeof(floating), c
+    cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, isz)
+    cdef char* mem = <char*>alloc(abytes + 2 * C * isz)
+    cdef floating* scale = <floating*>(mem + abytes)
     cdef floating* shift = scale + C
     cdef double inv
-    cdef bint has_w = weight is not None, has_b = bias is not None
     with nogil:
         for c in range(C):
             inv = inv_sqrt(<double>running_var[c] + eps)
             save_mean[c] = running_mean[c]
             save_invstd[c] = <floating>inv
-            scale[c] = <floating>((weight[c] if has_w else 1.0) * inv)
-            shift[c] = bias[c] if has_b else 0
-        apply(OP_AFFINE, &x[0, 0, 0], NULL, &y[0, 0, 0], M, C, K, &running_mean[0], scale,
-              shift, NULL, <floating*>mem.ptr, nthreads)
+            scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
+            shift[c] = bias[c] if bias != NULL else 0
+        apply(OP_AFFINE, x, NULL, y, M, C, K, running_mean, scale, shift, NULL,
+              <floating*>mem, nthreads)
+    free(mem)
+    return 0
+
+
+def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, running_var,
+                  cnp.ndarray save_mean, cnp.ndarray save_invstd, double momentum,
+                  double eps, int nthreads):
+    """Training forward on (M, C, K) arrays: batch statistics, running-statistics update
+    (arrays that are None are skipped), normalize into y. All arrays C-contiguous, of x's
+    dtype (checked by the caller)."""
+    cdef Py_ssize_t M = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
+    cdef Py_ssize_t K = cnp.PyArray_DIM(x, 2)
+    if is_float32(x):
+        forward_train_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
+                           <float*>data(bias), <float*>data(running_mean),
+                           <float*>data(running_var), <float*>data(save_mean),
+                           <float*>data(save_invstd), M, C, K, momentum, eps, nthreads)
+    else:
+        forward_train_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
+                           <double*>data(bias), <double*>data(running_mean),
+                           <double*>data(running_var), <double*>data(save_mean),
+                           <double*>data(save_invstd), M, C, K, momentum, eps, nthreads)
+
+
+def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running_mean,
+                 cnp.ndarray running_var, cnp.ndarray save_mean, cnp.ndarray save_invstd,
+                 double eps, int nthreads):
+    """Eval forward on (M, C, K) arrays: normalize with the running statistics."""
+    cdef Py_ssize_t M = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
+    cdef Py_ssize_t K = cnp.PyArray_DIM(x, 2)
+    if is_float32(x):
+        forward_eval_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
+                          <float*>data(bias), <float*>data(running_mean),
+                          <float*>data(running_var), <float*>data(save_mean),
+                          <float*>data(save_invstd), M, C, K, eps, nthreads)
+    else:
+        forward_eval_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
+                          <double*>data(bias), <double*>data(running_mean),
+                          <double*>data(running_var), <double*>data(save_mean),
+                          <double*>data(save_invstd), M, C, K, eps, nthreads)
 
 
 def invstd(floating[::1] var, double eps, floating[::1] out):
@@ -884,20 +926,14 @@ cdef void rows_sums(const floating* g, const floating* x, floating* dx, Py_ssize
                         lmean, lscale, scratch, scratch + P.W, out)
 
 
-def backward(floating[:, :, ::1] grad_output, floating[:, :, ::1] x,
-             floating[:, :, ::1] grad_input, floating[::1] weight, floating[::1] mean,
-             floating[::1] invstd, floating[::1] grad_weight, floating[::1] grad_bias,
-             bint training, int nthreads):
-    """Backward of batch normalization.
-
-    Training: one pass of per-channel sums, then dx = (dy - k1 - (x - mean) * k2) * scale.
-    Eval: one pass that both sums (for grad_weight, grad_bias) and writes dx = dy * scale.
-    """
-    cdef Py_ssize_t M = x.shape[0], C = x.shape[1], K = x.shape[2], c
-    cdef Py_ssize_t isz = sizeof(floating), part_bytes, W = 0
+cdef int backward_impl(const floating* g, const floating* x, floating* gx,
+                       const floating* weight, const floating* mean, const floating* invstd,
+                       floating* grad_weight, floating* grad_bias, Py_ssize_t M,
+                       Py_ssize_t C, Py_ssize_t K, bint training, int nthreads) except -1:
+    cdef Py_ssize_t isz = sizeof(floating), c, part_bytes, W = 0
     cdef Planes PP
     cdef Rows PR
-    cdef bint planes = K >= PLANE_MIN_K, has_w = weight is not None
+    cdef bint planes = K >= PLANE_MIN_K
     cdef double n = <double>M * K, inv
     if planes:
         PP = planes_partition(M, C, K, BLOCK)
@@ -906,28 +942,26 @@ def backward(floating[:, :, ::1] grad_output, floating[:, :, ::1] x,
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
         W = PR.W
         part_bytes = PR.items * C * sizeof(Sums) + (nthreads * 2 + 2) * W * isz
-    cdef _Scratch mem = _Scratch(part_bytes + apply_scratch_bytes(M, C, K, isz))
-    cdef _Scratch vecs = _Scratch(C * (sizeof(Sums) + 4 * isz))
-    cdef Sums* sums = <Sums*>vecs.ptr
+    cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, isz)
+    cdef char* mem = <char*>alloc(part_bytes + abytes + C * (sizeof(Sums) + 4 * isz))
+    cdef floating* lanes = <floating*>(mem + part_bytes)
+    cdef Sums* sums = <Sums*>(mem + part_bytes + abytes)
     cdef floating* scale = <floating*>(sums + C)
     cdef floating* k1 = scale + C
     cdef floating* k2 = k1 + C
-    cdef floating* lanes = <floating*>(<char*>mem.ptr + part_bytes)
     cdef floating* lmean
-    cdef floating* gx = &grad_input[0, 0, 0]
     cdef floating* dx_fused = NULL if training else gx
     with nogil:
         for c in range(C):
-            scale[c] = <floating>((weight[c] if has_w else 1.0) * invstd[c])
+            scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * invstd[c])
         if planes:
-            planes_sums(&grad_output[0, 0, 0], &x[0, 0, 0], dx_fused, PP, &mean[0], scale,
-                        <Sums*>mem.ptr, sums, nthreads)
+            planes_sums(g, x, dx_fused, PP, mean, scale, <Sums*>mem, sums, nthreads)
         else:
-            lmean = <floating*>(<char*>mem.ptr + PR.items * C * sizeof(Sums))
-            expand_lanes(&mean[0], lmean, W, C, K)
+            lmean = <floating*>(mem + PR.items * C * sizeof(Sums))
+            expand_lanes(mean, lmean, W, C, K)
             expand_lanes(scale, lmean + W, W, C, K)
-            rows_sums(&grad_output[0, 0, 0], &x[0, 0, 0], dx_fused, C, K, PR, lmean,
-                      lmean + W, <Sums*>mem.ptr, lmean + 2 * W, sums, nthreads)
+            rows_sums(g, x, dx_fused, C, K, PR, lmean, lmean + W, <Sums*>mem,
+                      lmean + 2 * W, sums, nthreads)
         for c in range(C):
             inv = invstd[c]
             grad_bias[c] = <floating>sums[c].g
@@ -935,5 +969,28 @@ def backward(floating[:, :, ::1] grad_output, floating[:, :, ::1] x,
             k1[c] = <floating>(sums[c].g / n)
             k2[c] = <floating>(sums[c].gx / n * inv * inv)
         if training:
-            apply(OP_BWD_TRAIN, &x[0, 0, 0], &grad_output[0, 0, 0], gx, M, C, K, &mean[0],
-                  scale, k1, k2, lanes, nthreads)
+            apply(OP_BWD_TRAIN, x, g, gx, M, C, K, mean, scale, k1, k2, lanes, nthreads)
+    free(mem)
+    return 0
+
+
+def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, weight,
+             cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray grad_weight,
+             cnp.ndarray grad_bias, bint training, int nthreads):
+    """Backward of batch normalization on (M, C, K) arrays.
+
+    Training: one pass of per-channel sums, then dx = (dy - k1 - (x - mean) * k2) * scale.
+    Eval: one pass that both sums (for grad_weight, grad_bias) and writes dx = dy * scale.
+    """
+    cdef Py_ssize_t M = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
+    cdef Py_ssize_t K = cnp.PyArray_DIM(x, 2)
+    if is_float32(x):
+        backward_impl(<float*>data(grad_output), <float*>data(x), <float*>data(grad_input),
+                      <float*>data(weight), <float*>data(mean), <float*>data(invstd),
+                      <float*>data(grad_weight), <float*>data(grad_bias), M, C, K,
+                      training, nthreads)
+    else:
+        backward_impl(<double*>data(grad_output), <double*>data(x),
+                      <double*>data(grad_input), <double*>data(weight), <double*>data(mean),
+                      <double*>data(invstd), <double*>data(grad_weight),
+                      <double*>data(grad_bias), M, C, K, training, nthreads)

@@ -46,6 +46,8 @@ def _as_input(a, name: str) -> np.ndarray:
 
 def _channel_axis(axis, ndim: int) -> int:
     """The channel axis as a non-negative int; AxisError (a ValueError) if out of range."""
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim
     if isinstance(axis, bool):
         raise TypeError("axis must be an int, got bool")
     try:
@@ -56,6 +58,8 @@ def _channel_axis(axis, ndim: int) -> int:
 
 
 def _check_eps(eps) -> float:
+    if type(eps) is float and 0.0 <= eps < math.inf:
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     eps = float(eps)
@@ -65,6 +69,8 @@ def _check_eps(eps) -> float:
 
 
 def _check_momentum(momentum) -> float:
+    if type(momentum) is float:
+        return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
     return float(momentum)
@@ -74,6 +80,8 @@ def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
     """A per-channel vector (weight, bias, saved stats): any array-like of C values."""
     if a is None:
         return None
+    if type(a) is np.ndarray and a.dtype == dtype and a.shape == (C,) and a.flags.c_contiguous:
+        return a
     v = np.asarray(a)
     if v.dtype.kind not in "fiub":
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
@@ -130,32 +138,39 @@ class _View:
     __slots__ = ("perm", "shape", "M", "C", "K")
 
     def __init__(self, x: np.ndarray, axis: int):
-        perm = _memory_order(x)
+        shape = x.shape
         if x.flags.c_contiguous:
-            perm = tuple(range(x.ndim))          # the common case needs no sorting
-        self.perm = perm
-        self.shape = tuple(x.shape[i] for i in perm)
-        p = perm.index(axis)
+            self.perm = None                     # the common case: no permutation
+            self.shape = shape
+            p = axis
+        else:
+            perm = _memory_order(x)
+            self.perm = perm
+            self.shape = tuple(shape[i] for i in perm)
+            p = perm.index(axis)
         self.M = math.prod(self.shape[:p])
-        self.C = x.shape[axis]
+        self.C = shape[axis]
         self.K = math.prod(self.shape[p + 1:])
 
     def read(self, a: np.ndarray) -> np.ndarray:
         """(M, C, K) view of ``a`` (same shape as the input), copying only if it must."""
-        t = a.transpose(self.perm)
+        t = a if self.perm is None else a.transpose(self.perm)
         if not t.flags.c_contiguous:
             t = np.ascontiguousarray(t)
         return t.reshape(self.M, self.C, self.K)
 
     def direct(self, out: np.ndarray) -> Optional[np.ndarray]:
         """(M, C, K) view of ``out`` if it can be written directly, else None."""
-        t = out.transpose(self.perm)
+        t = out if self.perm is None else out.transpose(self.perm)
         return t.reshape(self.M, self.C, self.K) if t.flags.c_contiguous else None
 
     def new(self, dtype) -> Tuple[np.ndarray, np.ndarray]:
         """A new array in the input's memory order: (array in input axes, its 3D view)."""
         buf = np.empty(self.shape, dtype=dtype)
-        return buf.transpose(np.argsort(self.perm)), buf.reshape(self.M, self.C, self.K)
+        y3 = buf.reshape(self.M, self.C, self.K)
+        if self.perm is None:
+            return buf, y3
+        return buf.transpose(np.argsort(self.perm)), y3
 
 
 def _output(view: _View, x: np.ndarray, x3: np.ndarray, out: Optional[np.ndarray]):
@@ -261,9 +276,9 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
         _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
                                momentum, eps, nt)
-        if rm is not None and not np.shares_memory(rm_k, rm):
+        if rm_k is not rm and rm_k.base is not rm:
             rm.reshape(-1)[...] = rm_k
-        if rv is not None and not np.shares_memory(rv_k, rv):
+        if rv_k is not rv and rv_k.base is not rv:
             rv.reshape(-1)[...] = rv_k
     else:
         _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt)

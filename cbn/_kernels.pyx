@@ -313,7 +313,8 @@ cdef extern from *:
 cdef enum:
     PLANE_MIN_K = 128     # K at or above this: planes kernels; below: rows kernels
     BLOCK = 4096          # values per two-pass block along a plane (L1-resident)
-    ROW_BLOCK = 16384     # values per two-pass block of rows (L2-resident)
+    ROW_BLOCK = 32768     # values per two-pass block of rows (L2-resident)
+    ROW_ALIGN = 32        # glued rows are a multiple of this many values when cheap
     ROW_MIN_WIDTH = 64    # rows kernels glue m-rows until a row has this many values
     TARGET_ITEMS = 128    # parallel work items per reduction (fixed: determinism)
     CHUNK = 16384         # values per parallel item in element-wise passes
@@ -406,8 +407,18 @@ cdef struct Rows:
 cdef Rows rows_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t block,
                          Py_ssize_t max_items) noexcept nogil:
     cdef Rows P
+    cdef Py_ssize_t a = C * K, b = ROW_ALIGN, r    # a, b: gcd(C*K, ROW_ALIGN)
     P.S = C * K
-    P.k = (ROW_MIN_WIDTH + P.S - 1) // P.S
+    # Glue k m-rows: a multiple of ROW_ALIGN values when that stays small (no scalar
+    # column tails), and at least ROW_MIN_WIDTH values.
+    while b:
+        r = a % b
+        a = b
+        b = r
+    P.k = ROW_ALIGN // a
+    if P.k * P.S > 16 * ROW_MIN_WIDTH:
+        P.k = 1
+    P.k = P.k * ((ROW_MIN_WIDTH + P.k * P.S - 1) // (P.k * P.S))
     P.W = P.k * P.S
     P.nrows = M // P.k
     P.tail = (M % P.k) * P.S
@@ -458,35 +469,56 @@ cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* ou
 
 # ------------------------------------------------------------------- statistics: rows
 
-cdef void rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
-                             Py_ssize_t K, floating* acc, floating* acc2, floating* lane,
-                             double* s1, double* s2, Moments* out) noexcept nogil:
-    """Merge the per-channel moments of R rows of w values (row 0 at p) into out[0:C].
+cdef void merge_channels(double* na, double* mean, double* m2, double nb,
+                         const double* bmean, const double* bm2, Py_ssize_t C) noexcept nogil:
+    """Chan's update for C channels that share their counts: (na, mean, m2) (+) (nb, ...).
+    The same arithmetic as merge(), with the count ratios computed once."""
+    cdef Py_ssize_t c
+    cdef double n, r, f, d
+    if nb == 0:
+        return
+    if na[0] == 0:
+        for c in range(C):
+            mean[c] = bmean[c]
+            m2[c] = bm2[c]
+        na[0] = nb
+        return
+    n = na[0] + nb
+    r = nb / n
+    f = na[0] * r
+    for c in range(C):
+        d = bmean[c] - mean[c]
+        mean[c] = mean[c] + d * r
+        m2[c] = m2[c] + bm2[c] + d * d * f
+    na[0] = n
 
-    Scratch: acc, acc2, lane hold w values; s1, s2 hold C doubles.
-    """
+
+cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
+                               Py_ssize_t K, floating* acc, floating* acc2, floating* lane,
+                               double* bmean, double* bm2) noexcept nogil:
+    """Per-channel moments of R rows of w values (row 0 at p) into bmean, bm2; returns the
+    count per channel. Scratch: acc, acc2, lane hold w values."""
     cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
     cdef floating d
-    cdef double cnt = <double>R * reps * K, mean
-    cdef Moments b
+    cdef double cnt = <double>R * reps * K, s
     # pass 1: shifted sums, the shift being the block's first row
     if floating is float:
         cbn_cols_shifted_sum_f(p, R, w, p, acc)
     else:
         cbn_cols_shifted_sum_d(p, R, w, p, acc)
     for c in range(C):
-        s1[c] = 0.0
+        bmean[c] = 0.0
     t = 0
     for q in range(reps):
         for c in range(C):
             for kk in range(K):
-                s1[c] += <double>acc[t] + <double>p[t] * R
+                bmean[c] += <double>acc[t] + <double>p[t] * R
                 t += 1
     # pass 2: deviations around the block mean, rounded to the data type
     t = 0
     for q in range(reps):
         for c in range(C):
-            d = <floating>(s1[c] / cnt)
+            d = <floating>(bmean[c] / cnt)
             for kk in range(K):
                 lane[t] = d
                 t += 1
@@ -495,41 +527,40 @@ cdef void rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_s
     else:
         cbn_cols_dev_d(p, R, w, lane, acc, acc2)
     for c in range(C):
-        s1[c] = 0.0
-        s2[c] = 0.0
+        bmean[c] = 0.0
+        bm2[c] = 0.0
     t = 0
     for q in range(reps):
         for c in range(C):
             for kk in range(K):
-                s1[c] += acc[t]
-                s2[c] += acc2[t]
+                bmean[c] += acc[t]
+                bm2[c] += acc2[t]
                 t += 1
-    t = 0
     for c in range(C):
-        mean = lane[c * K]
-        b.n = cnt
-        b.mean = mean + s1[c] / cnt
-        b.m2 = s2[c] - s1[c] * s1[c] / cnt
-        if b.m2 < 0.0:
-            b.m2 = 0.0
-        merge(&out[c], b)
+        s = bmean[c]
+        bmean[c] = lane[c * K] + s / cnt
+        bm2[c] = bm2[c] - s * s / cnt
+        if bm2[c] < 0.0:
+            bm2[c] = 0.0
+    return cnt
 
 
 cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
-                       Moments* part, floating* scratch, double* dscratch, Moments* out,
+                       double* part, floating* scratch, double* dscratch, Moments* out,
                        int nthreads) noexcept nogil:
-    """Per-channel moments over the rows partition. part: items*C slots; scratch:
-    3*W floating and dscratch: 2*C doubles per thread."""
-    cdef Py_ssize_t it, b0, b1, blk, r0, nr, c, tid
+    """Per-channel moments over the rows partition. part: items*(2C+1) doubles (count,
+    means, m2s of each item); scratch: 3*W floating and dscratch: 2*C doubles per thread."""
+    cdef Py_ssize_t it, b0, b1, blk, r0, nr, c, tid, stride = 2 * C + 1
     cdef floating* sc
     cdef double* ds
-    cdef Moments* acc
+    cdef double* acc
+    cdef double cnt, n
     for it in prange(P.items, num_threads=nthreads, schedule="static"):
         tid = threadid()
         sc = scratch + tid * 3 * P.W
         ds = dscratch + tid * 2 * C
-        acc = part + it * C
-        zero_moments(acc, C)
+        acc = part + it * stride
+        acc[0] = 0.0
         b0 = it * P.nblocks // P.items
         b1 = (it + 1) * P.nblocks // P.items
         for blk in range(b0, b1):
@@ -537,15 +568,25 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
             nr = P.nrows - r0
             if nr > P.R:
                 nr = P.R
-            rows_block_moments(x + r0 * P.W, nr, P.W, C, K, sc, sc + P.W, sc + 2 * P.W,
-                               ds, ds + C, acc)
-    zero_moments(out, C)
-    for it in range(P.items):
-        for c in range(C):
-            merge(&out[c], part[it * C + c])
+            cnt = rows_block_moments(x + r0 * P.W, nr, P.W, C, K, sc, sc + P.W,
+                                     sc + 2 * P.W, ds, ds + C)
+            merge_channels(acc, acc + 1, acc + 1 + C, cnt, ds, ds + C, C)
+    # merge the items in order into the first one's slot (sized for one even if no items)
+    acc = part
+    if P.items == 0:
+        acc[0] = 0.0
+    for it in range(1, P.items):
+        merge_channels(acc, acc + 1, acc + 1 + C, part[it * stride],
+                       part + it * stride + 1, part + it * stride + 1 + C, C)
     if P.tail:
-        rows_block_moments(x + P.nrows * P.W, 1, P.tail, C, K, scratch, scratch + P.W,
-                           scratch + 2 * P.W, dscratch, dscratch + C, out)
+        cnt = rows_block_moments(x + P.nrows * P.W, 1, P.tail, C, K, scratch, scratch + P.W,
+                                 scratch + 2 * P.W, dscratch, dscratch + C)
+        merge_channels(acc, acc + 1, acc + 1 + C, cnt, dscratch, dscratch + C, C)
+    n = acc[0]
+    for c in range(C):
+        out[c].n = n
+        out[c].mean = acc[1 + c]
+        out[c].m2 = acc[1 + C + c]
 
 
 # --------------------------------------------------------------- element-wise passes
@@ -647,9 +688,9 @@ cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssiz
         planes_moments(x, PP, <Moments*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
-        rows_moments(x, C, K, PR, <Moments*>mem,
-                     <floating*>(<char*>mem + PR.items * C * sizeof(Moments)),
-                     <double*>(<char*>mem + PR.items * C * sizeof(Moments)
+        rows_moments(x, C, K, PR, <double*>mem,
+                     <floating*>(<char*>mem + rows_part_bytes(PR, C)),
+                     <double*>(<char*>mem + rows_part_bytes(PR, C)
                                + nthreads * 3 * PR.W * sizeof(floating)),
                      out, nthreads)
 
@@ -663,8 +704,13 @@ cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
         PP = planes_partition(M, C, K, BLOCK)
         return PP.items * C * sizeof(Moments)
     PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
-    return (PR.items * C * sizeof(Moments) + nthreads * 3 * PR.W * itemsize
+    return (rows_part_bytes(PR, C) + nthreads * 3 * PR.W * itemsize
             + nthreads * 2 * C * sizeof(double))
+
+
+cdef inline Py_ssize_t rows_part_bytes(Rows P, Py_ssize_t C) noexcept nogil:
+    """Item partials of rows_moments: (count, C means, C m2s) per item, at least one."""
+    return (P.items if P.items > 0 else 1) * (2 * C + 1) * sizeof(double)
 
 
 cdef Py_ssize_t apply_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,

@@ -69,74 +69,94 @@ cdef extern from *:
     #define CBN_DEFINE_RUNS(T, SUF, L)                                                  \
     typedef CBN_VEC(T, L) cbn_v_##SUF;                                                 \
                                                                                        \
-    /* Two-pass moments of n >= 1 values: shifted sum -> mean m (rounded to T), then   \
-       corrected sum of squares around m. */                                           \
-    static inline void cbn_run_moments_##SUF(const T* p, Py_ssize_t n, double* mean,   \
-                                             double* m2) {                             \
-        typedef cbn_v_##SUF V;                                                         \
-        const Py_ssize_t B = 4 * L;                                                    \
-        const T shift = p[0];                                                          \
-        const V vs = CBN_SPLAT(V, shift);                                              \
-        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0, b1, b2, b3, x0, x1, x2, x3;     \
-        Py_ssize_t i = 0, j, nv = n - n % B;                                           \
-        double s = 0.0, ss = 0.0;                                                      \
-        T m, d;                                                                        \
-        for (; i < nv; i += B) {                                                       \
-            CBN_VLOAD(x0, p + i); CBN_VLOAD(x1, p + i + L);                            \
-            CBN_VLOAD(x2, p + i + 2 * L); CBN_VLOAD(x3, p + i + 3 * L);                \
-            a0 += x0 - vs; a1 += x1 - vs; a2 += x2 - vs; a3 += x3 - vs;                \
-        }                                                                              \
-        a0 = (a0 + a1) + (a2 + a3);                                                    \
-        for (j = 0; j < L; j++) s += a0[j];                                            \
-        for (; i < n; i++) s += p[i] - shift;                                          \
-        m = (T)(shift + s / (double)n);                                                \
-        const V vm = CBN_SPLAT(V, m);                                                  \
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = (V){0};                                \
-        for (i = 0; i < nv; i += B) {                                                  \
-            CBN_VLOAD(x0, p + i); CBN_VLOAD(x1, p + i + L);                            \
-            CBN_VLOAD(x2, p + i + 2 * L); CBN_VLOAD(x3, p + i + 3 * L);                \
-            x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;                                    \
-            a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                    \
-            b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;                \
-        }                                                                              \
-        a0 = (a0 + a1) + (a2 + a3);                                                    \
-        b0 = (b0 + b1) + (b2 + b3);                                                    \
-        s = 0.0;                                                                       \
-        for (j = 0; j < L; j++) { s += a0[j]; ss += b0[j]; }                           \
-        for (; i < n; i++) { d = p[i] - m; s += d; ss += (double)d * d; }              \
-        *mean = m + s / (double)n;                                                     \
-        ss -= s * s / (double)n;                                                       \
-        *m2 = ss > 0.0 ? ss : 0.0;                                                     \
-    }                                                                                  \
-                                                                                       \
-    /* sum(g) and sum(g * (x - mean)); if dx, also dx = g * scale in the same pass. */ \
-    static inline void cbn_run_sums_##SUF(const T* g, const T* x, T* dx, Py_ssize_t n, \
-                                          T mean, T scale, double* sg, double* sgx) {  \
-        typedef cbn_v_##SUF V;                                                         \
-        const Py_ssize_t B = 2 * L;                                                    \
-        const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale);                     \
-        V a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, g0, g1, x0, x1;                      \
-        Py_ssize_t i = 0, j, nv = n - n % B;                                           \
-        double s = 0.0, sx = 0.0;                                                      \
-        for (; i < nv; i += B) {                                                       \
-            CBN_VLOAD(g0, g + i); CBN_VLOAD(g1, g + i + L);                            \
-            CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                            \
-            a0 += g0; a1 += g1;                                                        \
-            b0 += g0 * (x0 - vm); b1 += g1 * (x1 - vm);                                \
-            if (dx) {                                                                  \
-                x0 = g0 * vk; x1 = g1 * vk;                                            \
-                CBN_VSTORE(dx + i, x0); CBN_VSTORE(dx + i + L, x1);                    \
-            }                                                                          \
-        }                                                                              \
-        a0 += a1; b0 += b1;                                                            \
-        for (j = 0; j < L; j++) { s += a0[j]; sx += b0[j]; }                           \
-        for (; i < n; i++) {                                                           \
-            s += g[i]; sx += g[i] * (x[i] - mean);                                     \
-            if (dx) dx[i] = g[i] * scale;                                              \
-        }                                                                              \
-        *sg = s; *sgx = sx;                                                            \
-    }                                                                                  \
-                                                                                       \
+    /* Two-pass moments of nruns >= 1 runs of n >= 1 values, run j at p + j*stride:      \
+       shifted sum -> mean m (rounded to T), then corrected sum of squares around m. */  \
+    static inline void cbn_runs_moments_##SUF(const T* p, Py_ssize_t nruns, Py_ssize_t n,\
+                                              Py_ssize_t stride, double* mean,          \
+                                              double* m2) {                             \
+        typedef cbn_v_##SUF V;                                                          \
+        const Py_ssize_t B = 4 * L, nv = n - n % B, n1 = n - n % L;                     \
+        const T shift = p[0];                                                           \
+        const V vs = CBN_SPLAT(V, shift);                                               \
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0, b1, b2, b3, x0, x1, x2, x3;      \
+        Py_ssize_t i, j, k;                                                             \
+        double s = 0.0, ss = 0.0, cnt = (double)nruns * n;                              \
+        T m, d;                                                                         \
+        const T* q;                                                                     \
+        for (k = 0, q = p; k < nruns; k++, q += stride) {                               \
+            for (i = 0; i < nv; i += B) {                                               \
+                CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + L);                         \
+                CBN_VLOAD(x2, q + i + 2 * L); CBN_VLOAD(x3, q + i + 3 * L);             \
+                a0 += x0 - vs; a1 += x1 - vs; a2 += x2 - vs; a3 += x3 - vs;             \
+            }                                                                           \
+            for (; i < n1; i += L) { CBN_VLOAD(x0, q + i); a0 += x0 - vs; }             \
+            for (; i < n; i++) s += q[i] - shift;                                       \
+        }                                                                               \
+        a0 = (a0 + a1) + (a2 + a3);                                                     \
+        for (j = 0; j < L; j++) s += a0[j];                                             \
+        m = (T)(shift + s / cnt);                                                       \
+        const V vm = CBN_SPLAT(V, m);                                                   \
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = (V){0};                                 \
+        s = 0.0;                                                                        \
+        for (k = 0, q = p; k < nruns; k++, q += stride) {                               \
+            for (i = 0; i < nv; i += B) {                                               \
+                CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + L);                         \
+                CBN_VLOAD(x2, q + i + 2 * L); CBN_VLOAD(x3, q + i + 3 * L);             \
+                x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;                                 \
+                a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                 \
+                b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;             \
+            }                                                                           \
+            for (; i < n1; i += L) {                                                    \
+                CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;                \
+            }                                                                           \
+            for (; i < n; i++) { d = q[i] - m; s += d; ss += (double)d * d; }           \
+        }                                                                               \
+        a0 = (a0 + a1) + (a2 + a3);                                                     \
+        b0 = (b0 + b1) + (b2 + b3);                                                     \
+        for (j = 0; j < L; j++) { s += a0[j]; ss += b0[j]; }                            \
+        *mean = m + s / cnt;                                                            \
+        ss -= s * s / cnt;                                                              \
+        *m2 = ss > 0.0 ? ss : 0.0;                                                      \
+    }                                                                                   \
+                                                                                        \
+    /* sum(g) and sum(g * (x - mean)) over nruns runs of n values (run j at offset       \
+       j*stride); if dx, also dx = g * scale in the same pass. */                       \
+    static inline void cbn_runs_sums_##SUF(const T* g, const T* x, T* dx,               \
+                                           Py_ssize_t nruns, Py_ssize_t n,              \
+                                           Py_ssize_t stride, T mean, T scale,          \
+                                           double* sg, double* sgx) {                   \
+        typedef cbn_v_##SUF V;                                                          \
+        const Py_ssize_t B = 2 * L, nv = n - n % B, n1 = n - n % L;                     \
+        const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale);                      \
+        V a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, g0, g1, x0, x1;                       \
+        Py_ssize_t i, j, k;                                                             \
+        double s = 0.0, sx = 0.0;                                                       \
+        for (k = 0; k < nruns; k++, g += stride, x += stride, dx += dx ? stride : 0) {  \
+            for (i = 0; i < nv; i += B) {                                               \
+                CBN_VLOAD(g0, g + i); CBN_VLOAD(g1, g + i + L);                         \
+                CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                         \
+                a0 += g0; a1 += g1;                                                     \
+                b0 += g0 * (x0 - vm); b1 += g1 * (x1 - vm);                             \
+                if (dx) {                                                               \
+                    x0 = g0 * vk; x1 = g1 * vk;                                         \
+                    CBN_VSTORE(dx + i, x0); CBN_VSTORE(dx + i + L, x1);                 \
+                }                                                                       \
+            }                                                                           \
+            for (; i < n1; i += L) {                                                    \
+                CBN_VLOAD(g0, g + i); CBN_VLOAD(x0, x + i);                             \
+                a0 += g0; b0 += g0 * (x0 - vm);                                         \
+                if (dx) { x0 = g0 * vk; CBN_VSTORE(dx + i, x0); }                       \
+            }                                                                           \
+            for (; i < n; i++) {                                                        \
+                s += g[i]; sx += g[i] * (x[i] - mean);                                  \
+                if (dx) dx[i] = g[i] * scale;                                           \
+            }                                                                           \
+        }                                                                               \
+        a0 += a1; b0 += b1;                                                             \
+        for (j = 0; j < L; j++) { s += a0[j]; sx += b0[j]; }                            \
+        *sg = s; *sgx = sx;                                                             \
+    }                                                                                   \
+                                                                                        \
     /* y = (x - a) * b + c. y may be x itself. */                                      \
     static inline void cbn_run_affine_##SUF(const T* x, T* y, Py_ssize_t n, T a, T b,  \
                                             T c) {                                     \
@@ -148,6 +168,9 @@ cdef extern from *:
             CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                            \
             x0 = (x0 - va) * vb + vc; x1 = (x1 - va) * vb + vc;                        \
             CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + L, x1);                          \
+        }                                                                              \
+        for (; i < n - n % L; i += L) {                                                \
+            CBN_VLOAD(x0, x + i); x0 = (x0 - va) * vb + vc; CBN_VSTORE(y + i, x0);     \
         }                                                                              \
         for (; i < n; i++) y[i] = (x[i] - a) * b + c;                                  \
     }                                                                                  \
@@ -275,12 +298,16 @@ cdef extern from *:
     CBN_DEFINE_COLS(float, f, 8)
     CBN_DEFINE_COLS(double, d, 4)
     """
-    void cbn_run_moments_f(const float* p, Py_ssize_t n, double* mean, double* m2) noexcept nogil
-    void cbn_run_moments_d(const double* p, Py_ssize_t n, double* mean, double* m2) noexcept nogil
-    void cbn_run_sums_f(const float* g, const float* x, float* dx, Py_ssize_t n, float mean,
-                        float scale, double* sg, double* sgx) noexcept nogil
-    void cbn_run_sums_d(const double* g, const double* x, double* dx, Py_ssize_t n,
-                        double mean, double scale, double* sg, double* sgx) noexcept nogil
+    void cbn_runs_moments_f(const float* p, Py_ssize_t nruns, Py_ssize_t n,
+                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
+    void cbn_runs_moments_d(const double* p, Py_ssize_t nruns, Py_ssize_t n,
+                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
+    void cbn_runs_sums_f(const float* g, const float* x, float* dx, Py_ssize_t nruns,
+                         Py_ssize_t n, Py_ssize_t stride, float mean, float scale, double* sg,
+                         double* sgx) noexcept nogil
+    void cbn_runs_sums_d(const double* g, const double* x, double* dx, Py_ssize_t nruns,
+                         Py_ssize_t n, Py_ssize_t stride, double mean, double scale,
+                         double* sg, double* sgx) noexcept nogil
     void cbn_run_affine_f(const float* x, float* y, Py_ssize_t n, float a, float b,
                           float c) noexcept nogil
     void cbn_run_affine_d(const double* x, double* y, Py_ssize_t n, double a, double b,
@@ -311,10 +338,11 @@ cdef extern from *:
 
 
 cdef enum:
-    PLANE_MIN_K = 128     # K at or above this: planes kernels; below: rows kernels
+    PLANE_MIN_K = 16      # K at or above this: planes kernels; below: rows kernels
     BLOCK = 4096          # values per two-pass block along a plane (L1-resident)
     ROW_BLOCK = 32768     # values per two-pass block of rows (L2-resident)
     ROW_ALIGN = 32        # glued rows are a multiple of this many values when cheap
+    ROW_MIN_ROWS = 8      # rows per block at least (very wide rows: larger blocks)
     ROW_MIN_WIDTH = 64    # rows kernels glue m-rows until a row has this many values
     TARGET_ITEMS = 128    # parallel work items per reduction (fixed: determinism)
     CHUNK = 16384         # values per parallel item in element-wise passes
@@ -358,14 +386,16 @@ cdef inline double inv_sqrt(double v) noexcept nogil:
     return 0.0 if v == 0.0 else 1.0 / sqrt(v)
 
 
-cdef inline Moments run_moments(const floating* p, Py_ssize_t n) noexcept nogil:
-    """Moments of n >= 1 contiguous values (two-pass; see cbn_run_moments above)."""
+cdef inline Moments runs_moments(const floating* p, Py_ssize_t nruns, Py_ssize_t n,
+                                Py_ssize_t stride) noexcept nogil:
+    """Moments of nruns runs of n contiguous values, stride apart (two-pass; see
+    cbn_runs_moments above)."""
     cdef Moments r
-    r.n = n
+    r.n = <double>nruns * n
     if floating is float:
-        cbn_run_moments_f(p, n, &r.mean, &r.m2)
+        cbn_runs_moments_f(p, nruns, n, stride, &r.mean, &r.m2)
     else:
-        cbn_run_moments_d(p, n, &r.mean, &r.m2)
+        cbn_runs_moments_d(p, nruns, n, stride, &r.mean, &r.m2)
     return r
 
 
@@ -373,24 +403,47 @@ cdef inline Moments run_moments(const floating* p, Py_ssize_t n) noexcept nogil:
 
 cdef struct Planes:
     Py_ssize_t M, C, K
-    Py_ssize_t nblk      # blocks per plane
+    Py_ssize_t mb        # planes of one channel per unit (when planes are short)
+    Py_ssize_t nmb       # m-blocks: ceil(M / mb)
+    Py_ssize_t nblk      # blocks per plane (when planes are long)
     Py_ssize_t blen      # values per block (the last may be shorter)
-    Py_ssize_t units     # blocks in all, in memory order: M * C * nblk
+    Py_ssize_t units     # nmb * C * nblk, in memory order (m-block, channel, block)
     Py_ssize_t items     # parallel items: contiguous ranges of units
 
 
 cdef Planes planes_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t block) noexcept nogil:
-    """Cut the planes into blocks of at most `block` values and the blocks, in memory
-    order, into at most TARGET_ITEMS items; depends on the shape only."""
+    """Units of about `block` values of one channel: a long plane is cut into blocks, short
+    planes of one channel are taken mb at a time (runs C*K apart, reduced as one block).
+    Units, in memory order, are cut into at most TARGET_ITEMS items. Depends on the shape
+    only, never on the thread count."""
     cdef Planes P
     P.M = M
     P.C = C
     P.K = K
     P.nblk = (K + block - 1) // block
     P.blen = (K + P.nblk - 1) // P.nblk
-    P.units = M * C * P.nblk
+    P.mb = block // K if K < block else 1
+    if P.mb > M:
+        P.mb = M
+    if P.mb < 1:
+        P.mb = 1
+    P.nmb = (M + P.mb - 1) // P.mb
+    P.units = P.nmb * C * P.nblk
     P.items = P.units if P.units < TARGET_ITEMS else TARGET_ITEMS
     return P
+
+
+cdef inline Py_ssize_t planes_unit(Planes P, Py_ssize_t u, Py_ssize_t* c, Py_ssize_t* nruns,
+                                   Py_ssize_t* n) noexcept nogil:
+    """Where unit u starts (offset into the (M, C, K) data); sets its channel, its number
+    of runs (planes) and the values per run."""
+    cdef Py_ssize_t b = u % P.nblk, mblk = u // (P.nblk * P.C), m0, start
+    c[0] = (u // P.nblk) % P.C
+    m0 = mblk * P.mb
+    nruns[0] = P.M - m0 if P.M - m0 < P.mb else P.mb
+    start = b * P.blen
+    n[0] = P.K - start if P.K - start < P.blen else P.blen
+    return (m0 * P.C + c[0]) * P.K + start
 
 
 cdef struct Rows:
@@ -423,8 +476,8 @@ cdef Rows rows_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t bl
     P.nrows = M // P.k
     P.tail = (M % P.k) * P.S
     P.R = block // P.W
-    if P.R < 1:
-        P.R = 1
+    if P.R < ROW_MIN_ROWS:
+        P.R = ROW_MIN_ROWS          # per-lane work per block must stay small per value
     P.nblocks = (P.nrows + P.R - 1) // P.R
     P.items = P.nblocks if P.nblocks < max_items else max_items
     return P
@@ -442,24 +495,20 @@ cdef inline void zero_moments(Moments* m, Py_ssize_t n) noexcept nogil:
 
 cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
                               Moments* acc) noexcept nogil:
-    """Merge the moments of one item's blocks into acc[0:C], per channel."""
+    """Merge the moments of one item's units into acc[0:C], per channel."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
-    cdef Py_ssize_t u, plane, start, n
+    cdef Py_ssize_t u, off, c, nruns, n
     zero_moments(acc, P.C)
     for u in range(u0, u1):
-        plane = u // P.nblk
-        start = (u % P.nblk) * P.blen
-        n = P.K - start
-        if n > P.blen:
-            n = P.blen
-        merge(&acc[plane % P.C], run_moments(x + plane * P.K + start, n))
+        off = planes_unit(P, u, &c, &nruns, &n)
+        merge(&acc[c], runs_moments(x + off, nruns, n, P.C * P.K))
 
 
 cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,
                          int nthreads) noexcept nogil:
     """part: items*C slots."""
     cdef Py_ssize_t it, c
-    for it in prange(P.items, num_threads=nthreads, schedule="static"):
+    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
         planes_item_moments(x, P, it, part + it * P.C)
     zero_moments(out, P.C)
     for it in range(P.items):
@@ -555,7 +604,7 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
     cdef double* ds
     cdef double* acc
     cdef double cnt, n
-    for it in prange(P.items, num_threads=nthreads, schedule="static"):
+    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
         tid = threadid()
         sc = scratch + tid * 3 * P.W
         ds = dscratch + tid * 2 * C
@@ -615,20 +664,28 @@ cdef void planes_apply(int op, const floating* x, const floating* g, floating* y
                        Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, const floating* pa,
                        const floating* pb, const floating* pc, const floating* pd,
                        int nthreads) noexcept nogil:
-    """Element-wise pass with per-channel parameters, over (plane, chunk) items."""
+    """Element-wise pass with per-channel parameters. Units are planes, or chunks of long
+    planes; items are runs of units holding about CHUNK values."""
     cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
     cdef Py_ssize_t clen = (K + nch - 1) // nch
-    cdef Py_ssize_t it, plane, ch, start, n, off
-    for it in prange(M * C * nch, num_threads=nthreads, schedule="static"):
-        plane = it // nch
-        ch = plane % C
-        start = (it % nch) * clen
-        n = K - start
-        if n > clen:
-            n = clen
-        off = plane * K + start
-        run_apply(op, x + off, g + off if g != NULL else NULL, y + off, n,
-                  pa[ch], pb[ch], pc[ch], pd[ch] if pd != NULL else 0)
+    cdef Py_ssize_t units = M * C * nch
+    cdef Py_ssize_t per_item = CHUNK // clen if clen < CHUNK else 1
+    cdef Py_ssize_t items = (units + per_item - 1) // per_item
+    cdef Py_ssize_t it, u, u1, plane, ch, start, n, off
+    for it in prange(items, num_threads=nthreads, schedule="dynamic"):
+        u1 = (it + 1) * per_item
+        if u1 > units:
+            u1 = units
+        for u in range(it * per_item, u1):
+            plane = u // nch
+            ch = plane % C
+            start = (u % nch) * clen
+            n = K - start
+            if n > clen:
+                n = clen
+            off = plane * K + start
+            run_apply(op, x + off, g + off if g != NULL else NULL, y + off, n,
+                      pa[ch], pb[ch], pc[ch], pd[ch] if pd != NULL else 0)
 
 
 cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
@@ -663,7 +720,7 @@ cdef void rows_apply(int op, const floating* x, const floating* g, floating* y,
     cdef const floating* lb = lanes + W
     cdef const floating* lc = lanes + 2 * W
     cdef const floating* ld = lanes + 3 * W
-    for blk in prange(P.nblocks, num_threads=nthreads, schedule="static"):
+    for blk in prange(P.nblocks, num_threads=nthreads, schedule="dynamic"):
         r0 = blk * P.R
         nr = P.nrows - r0
         if nr > P.R:
@@ -866,17 +923,6 @@ cdef struct Sums:
     double gx     # sum of grad_output * (x - mean)
 
 
-cdef inline Sums run_sums(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
-                          floating mean, floating scale) noexcept nogil:
-    """Sums over n contiguous values; if dx is not NULL also writes dx = g * scale."""
-    cdef Sums s
-    if floating is float:
-        cbn_run_sums_f(g, x, dx, n, mean, scale, &s.g, &s.gx)
-    else:
-        cbn_run_sums_d(g, x, dx, n, mean, scale, &s.g, &s.gx)
-    return s
-
-
 cdef inline void zero_sums(Sums* s, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
@@ -887,23 +933,21 @@ cdef inline void zero_sums(Sums* s, Py_ssize_t n) noexcept nogil:
 cdef void planes_item_sums(const floating* g, const floating* x, floating* dx, Planes P,
                            Py_ssize_t item, const floating* mean, const floating* scale,
                            Sums* acc) noexcept nogil:
-    """Per-channel sums of one item's blocks into acc[0:C] (and dx = g*scale if dx)."""
+    """Per-channel sums of one item's units into acc[0:C] (and dx = g*scale if dx)."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
-    cdef Py_ssize_t u, plane, c, start, n, off
-    cdef Sums s
+    cdef Py_ssize_t u, off, c, nruns, n
+    cdef double sg, sgx
     zero_sums(acc, P.C)
     for u in range(u0, u1):
-        plane = u // P.nblk
-        c = plane % P.C
-        start = (u % P.nblk) * P.blen
-        n = P.K - start
-        if n > P.blen:
-            n = P.blen
-        off = plane * P.K + start
-        s = run_sums(g + off, x + off, dx + off if dx != NULL else NULL, n, mean[c],
-                     scale[c])
-        acc[c].g += s.g
-        acc[c].gx += s.gx
+        off = planes_unit(P, u, &c, &nruns, &n)
+        if floating is float:
+            cbn_runs_sums_f(g + off, x + off, dx + off if dx != NULL else NULL, nruns, n,
+                            P.C * P.K, mean[c], scale[c], &sg, &sgx)
+        else:
+            cbn_runs_sums_d(g + off, x + off, dx + off if dx != NULL else NULL, nruns, n,
+                            P.C * P.K, mean[c], scale[c], &sg, &sgx)
+        acc[c].g += sg
+        acc[c].gx += sgx
 
 
 cdef void planes_sums(const floating* g, const floating* x, floating* dx, Planes P,
@@ -911,7 +955,7 @@ cdef void planes_sums(const floating* g, const floating* x, floating* dx, Planes
                       int nthreads) noexcept nogil:
     """part: items*C slots."""
     cdef Py_ssize_t it, c
-    for it in prange(P.items, num_threads=nthreads, schedule="static"):
+    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
         planes_item_sums(g, x, dx, P, it, mean, scale, part + it * P.C)
     zero_sums(out, P.C)
     for it in range(P.items):
@@ -946,7 +990,7 @@ cdef void rows_sums(const floating* g, const floating* x, floating* dx, Py_ssize
     cdef Py_ssize_t it, b0, b1, blk, r0, nr, c, tid, off
     cdef floating* sc
     cdef Sums* acc
-    for it in prange(P.items, num_threads=nthreads, schedule="static"):
+    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
         tid = threadid()
         sc = scratch + tid * 2 * P.W
         acc = part + it * C

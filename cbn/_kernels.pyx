@@ -340,9 +340,9 @@ cdef extern from *:
 cdef enum:
     PLANE_MIN_K = 16      # K at or above this: planes kernels; below: rows kernels
     BLOCK = 4096          # values per two-pass block along a plane (L1-resident)
-    ROW_BLOCK = 32768     # values per two-pass block of rows (L2-resident)
+    ROW_BLOCK = 65536     # values per two-pass block of rows (L2-resident)
     ROW_ALIGN = 32        # glued rows are a multiple of this many values when cheap
-    ROW_MIN_ROWS = 8      # rows per block at least (very wide rows: larger blocks)
+    ROW_MIN_ROWS = 32     # rows per block at least (very wide rows: larger blocks)
     ROW_MIN_WIDTH = 64    # rows kernels glue m-rows until a row has this many values
     TARGET_ITEMS = 128    # parallel work items per reduction (fixed: determinism)
     CHUNK = 16384         # values per parallel item in element-wise passes
@@ -542,55 +542,62 @@ cdef void merge_channels(double* na, double* mean, double* m2, double nb,
     na[0] = n
 
 
+cdef inline void fold_lanes(const floating* v, double* out, Py_ssize_t reps, Py_ssize_t C,
+                            Py_ssize_t K) noexcept nogil:
+    """out[c] += sum of v[t] over the lanes t of channel c ((t // K) % C == c)."""
+    cdef Py_ssize_t q, c, kk, t = 0
+    if K == 1:
+        for q in range(reps):
+            for c in range(C):
+                out[c] += v[t + c]
+            t += C
+        return
+    for q in range(reps):
+        for c in range(C):
+            for kk in range(K):
+                out[c] += v[t]
+                t += 1
+
+
+cdef inline void zero(double* v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        v[i] = 0.0
+
+
 cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
                                Py_ssize_t K, floating* acc, floating* acc2, floating* lane,
                                double* bmean, double* bm2) noexcept nogil:
     """Per-channel moments of R rows of w values (row 0 at p) into bmean, bm2; returns the
     count per channel. Scratch: acc, acc2, lane hold w values."""
-    cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
-    cdef floating d
-    cdef double cnt = <double>R * reps * K, s
+    cdef Py_ssize_t c, reps = w // (C * K)
+    cdef double cnt = <double>R * reps * K, inv = 1.0 / cnt, s, v
     # pass 1: shifted sums, the shift being the block's first row
     if floating is float:
         cbn_cols_shifted_sum_f(p, R, w, p, acc)
     else:
         cbn_cols_shifted_sum_d(p, R, w, p, acc)
+    zero(bmean, C)
+    zero(bm2, C)
+    fold_lanes(acc, bmean, reps, C, K)
+    fold_lanes(p, bm2, reps, C, K)
+    # pass 2: deviations around the block mean (bm2 holds the shifts' sums)
     for c in range(C):
-        bmean[c] = 0.0
-    t = 0
-    for q in range(reps):
-        for c in range(C):
-            for kk in range(K):
-                bmean[c] += <double>acc[t] + <double>p[t] * R
-                t += 1
-    # pass 2: deviations around the block mean, rounded to the data type
-    t = 0
-    for q in range(reps):
-        for c in range(C):
-            d = <floating>(bmean[c] / cnt)
-            for kk in range(K):
-                lane[t] = d
-                t += 1
+        bmean[c] = (bmean[c] + bm2[c] * R) * inv
+    expand_lanes_d(bmean, lane, w, C, K)
     if floating is float:
         cbn_cols_dev_f(p, R, w, lane, acc, acc2)
     else:
         cbn_cols_dev_d(p, R, w, lane, acc, acc2)
-    for c in range(C):
-        bmean[c] = 0.0
-        bm2[c] = 0.0
-    t = 0
-    for q in range(reps):
-        for c in range(C):
-            for kk in range(K):
-                bmean[c] += acc[t]
-                bm2[c] += acc2[t]
-                t += 1
+    zero(bmean, C)
+    zero(bm2, C)
+    fold_lanes(acc, bmean, reps, C, K)
+    fold_lanes(acc2, bm2, reps, C, K)
     for c in range(C):
         s = bmean[c]
-        bmean[c] = lane[c * K] + s / cnt
-        bm2[c] = bm2[c] - s * s / cnt
-        if bm2[c] < 0.0:
-            bm2[c] = 0.0
+        bmean[c] = lane[c * K] + s * inv
+        v = bm2[c] - s * s * inv
+        bm2[c] = v if v > 0.0 else 0.0
     return cnt
 
 
@@ -690,13 +697,24 @@ cdef void planes_apply(int op, const floating* x, const floating* g, floating* y
 
 cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
                        Py_ssize_t K) noexcept nogil:
-    """lane[t] = v[(t // K) % C] for t < W."""
+    """lane[t] = v[(t // K) % C] for t < W (W a multiple of C*K)."""
     cdef Py_ssize_t t = 0, c, kk
     while t < W:
         for c in range(C):
             for kk in range(K):
-                lane[t] = v[c]
-                t += 1
+                lane[t + kk] = v[c]
+            t += K
+
+
+cdef void expand_lanes_d(const double* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
+                         Py_ssize_t K) noexcept nogil:
+    """lane[t] = v[(t // K) % C] rounded to the data type, for t < W."""
+    cdef Py_ssize_t t, c, kk
+    for c in range(C):
+        for kk in range(K):
+            lane[c * K + kk] = <floating>v[c]
+    for t in range(C * K, W):
+        lane[t] = lane[t - C * K]
 
 
 cdef inline void row_apply(int op, const floating* x, const floating* g, floating* y,

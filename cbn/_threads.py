@@ -16,7 +16,7 @@ __all__ = ["get_num_threads", "set_num_threads", "resolve_num_threads"]
 
 #: Below this many values per array, kernels run on one thread: waking a team of threads
 #: costs a few microseconds, more than a second core saves on so little data.
-MIN_PARALLEL_SIZE = 1 << 15
+MIN_PARALLEL_SIZE = 1 << 16
 
 _override: int | None = None
 

@@ -57,17 +57,32 @@ cdef extern from *:
 cdef extern from *:
     r"""
     #include <string.h>
+    #include <stdint.h>
     #if defined(__GNUC__) || defined(__clang__)
     #define CBN_VEC(T, N) T __attribute__((vector_size(N * sizeof(T))))
     #define CBN_VLOAD(v, p) memcpy(&(v), (p), sizeof(v))
     #define CBN_VSTORE(p, v) memcpy((p), &(v), sizeof(v))
     #define CBN_SPLAT(V, s) ((V){0} + (s))
+    /* ReLU that keeps NaN (zero where x < 0), and ReLU's backward from the forward
+       output y (g where y > 0, else 0), as lane masks. */
+    #define CBN_RELU(IV, V, x) ((V)((IV)(x) & ~(IV)((x) < (V){0})))
+    #define CBN_MASK(IV, V, g, y) ((V)((IV)(g) & (IV)((y) > (V){0})))
+    /* One vector of the backward sums at offset i: mask, store gr, accumulate, dx. */
+    #define CBN_SUMS_STEP(i, A, B) do {                                                 \
+            V g_, x_, y_;                                                               \
+            CBN_VLOAD(g_, g + (i)); CBN_VLOAD(x_, x + (i));                             \
+            if (ym) { CBN_VLOAD(y_, ym + (i)); g_ = CBN_MASK(IV, V, g_, y_); }          \
+            if (gr) CBN_VSTORE(gr + (i), g_);                                           \
+            A += g_; B += g_ * (x_ - vm);                                               \
+            if (dx) { x_ = g_ * vk; CBN_VSTORE(dx + (i), x_); }                         \
+        } while (0)
     #else
     #error "cbn's kernels need GCC or Clang vector extensions"
     #endif
 
-    #define CBN_DEFINE_RUNS(T, SUF, L)                                                  \
+    #define CBN_DEFINE_RUNS(T, SUF, L, IT)                                                  \
     typedef CBN_VEC(T, L) cbn_v_##SUF;                                                 \
+    typedef CBN_VEC(IT, L) cbn_m_##SUF;                                                \
                                                                                        \
     /* Two-pass moments of nruns >= 1 runs of n >= 1 values, run j at p + j*stride:      \
        shifted sum -> mean m (rounded to T), then corrected sum of squares around m. */  \
@@ -120,36 +135,30 @@ cdef extern from *:
     }                                                                                   \
                                                                                         \
     /* sum(g) and sum(g * (x - mean)) over nruns runs of n values (run j at offset       \
-       j*stride); if dx, also dx = g * scale in the same pass. */                       \
-    static inline void cbn_runs_sums_##SUF(const T* g, const T* x, T* dx,               \
-                                           Py_ssize_t nruns, Py_ssize_t n,              \
+       j*stride). If ym: g is first masked by ReLU's backward (g where ym > 0). If gr:   \
+       the (masked) g is written there; if dx: dx = g * scale. All in one pass. */       \
+    static inline void cbn_runs_sums_##SUF(const T* g, const T* x, const T* ym, T* dx,  \
+                                           T* gr, Py_ssize_t nruns, Py_ssize_t n,       \
                                            Py_ssize_t stride, T mean, T scale,          \
                                            double* sg, double* sgx) {                   \
         typedef cbn_v_##SUF V;                                                          \
-        const Py_ssize_t B = 2 * L, nv = n - n % B, n1 = n - n % L;                     \
+        typedef cbn_m_##SUF IV;                                                         \
+        const Py_ssize_t n1 = n - n % L, n2 = n - n % (2 * L);                          \
         const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale);                      \
-        V a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, g0, g1, x0, x1;                       \
-        Py_ssize_t i, j, k;                                                             \
+        V a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                       \
+        Py_ssize_t i, j, k, o;                                                          \
         double s = 0.0, sx = 0.0;                                                       \
-        for (k = 0; k < nruns; k++, g += stride, x += stride, dx += dx ? stride : 0) {  \
-            for (i = 0; i < nv; i += B) {                                               \
-                CBN_VLOAD(g0, g + i); CBN_VLOAD(g1, g + i + L);                         \
-                CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                         \
-                a0 += g0; a1 += g1;                                                     \
-                b0 += g0 * (x0 - vm); b1 += g1 * (x1 - vm);                             \
-                if (dx) {                                                               \
-                    x0 = g0 * vk; x1 = g1 * vk;                                         \
-                    CBN_VSTORE(dx + i, x0); CBN_VSTORE(dx + i + L, x1);                 \
-                }                                                                       \
+        T gv;                                                                           \
+        for (k = 0, o = 0; k < nruns; k++, o += stride) {                               \
+            for (i = 0; i < n2; i += 2 * L) {                                           \
+                CBN_SUMS_STEP(o + i, a0, b0); CBN_SUMS_STEP(o + i + L, a1, b1);         \
             }                                                                           \
-            for (; i < n1; i += L) {                                                    \
-                CBN_VLOAD(g0, g + i); CBN_VLOAD(x0, x + i);                             \
-                a0 += g0; b0 += g0 * (x0 - vm);                                         \
-                if (dx) { x0 = g0 * vk; CBN_VSTORE(dx + i, x0); }                       \
-            }                                                                           \
+            for (; i < n1; i += L) CBN_SUMS_STEP(o + i, a0, b0);                        \
             for (; i < n; i++) {                                                        \
-                s += g[i]; sx += g[i] * (x[i] - mean);                                  \
-                if (dx) dx[i] = g[i] * scale;                                           \
+                gv = (ym && !(ym[o + i] > 0)) ? 0 : g[o + i];                           \
+                if (gr) gr[o + i] = gv;                                                 \
+                s += gv; sx += gv * (x[o + i] - mean);                                  \
+                if (dx) dx[o + i] = gv * scale;                                         \
             }                                                                           \
         }                                                                               \
         a0 += a1; b0 += b1;                                                             \
@@ -157,38 +166,58 @@ cdef extern from *:
         *sg = s; *sgx = sx;                                                             \
     }                                                                                   \
                                                                                         \
-    /* y = (x - a) * b + c. y may be x itself. */                                      \
-    static inline void cbn_run_affine_##SUF(const T* x, T* y, Py_ssize_t n, T a, T b,  \
-                                            T c) {                                     \
-        typedef cbn_v_##SUF V;                                                         \
-        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);      \
-        V x0, x1;                                                                      \
-        Py_ssize_t i = 0, nv = n - n % (2 * L);                                        \
-        for (; i < nv; i += 2 * L) {                                                   \
-            CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                            \
-            x0 = (x0 - va) * vb + vc; x1 = (x1 - va) * vb + vc;                        \
-            CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + L, x1);                          \
-        }                                                                              \
-        for (; i < n - n % L; i += L) {                                                \
-            CBN_VLOAD(x0, x + i); x0 = (x0 - va) * vb + vc; CBN_VSTORE(y + i, x0);     \
-        }                                                                              \
-        for (; i < n; i++) y[i] = (x[i] - a) * b + c;                                  \
-    }                                                                                  \
-                                                                                       \
-    /* y = (g - c - (x - a) * d) * b: the training backward's dx. */                   \
-    static inline void cbn_run_bwd_##SUF(const T* x, const T* g, T* y, Py_ssize_t n,   \
-                                         T a, T b, T c, T d) {                         \
-        typedef cbn_v_##SUF V;                                                         \
-        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);      \
-        const V vd = CBN_SPLAT(V, d);                                                  \
-        V x0, g0;                                                                      \
-        Py_ssize_t i = 0, nv = n - n % L;                                              \
-        for (; i < nv; i += L) {                                                       \
-            CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);                                \
-            x0 = (g0 - vc - (x0 - va) * vd) * vb;                                      \
-            CBN_VSTORE(y + i, x0);                                                     \
-        }                                                                              \
-        for (; i < n; i++) y[i] = (g[i] - c - (x[i] - a) * d) * b;                     \
+    /* y = (x - a) * b + c (+ r if r) (ReLU if relu). y may be x itself. */             \
+    static inline void cbn_run_affine_##SUF(const T* x, const T* r, T* y, Py_ssize_t n,  \
+                                            T a, T b, T c, int relu) {                   \
+        typedef cbn_v_##SUF V;                                                           \
+        typedef cbn_m_##SUF IV;                                                          \
+        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);        \
+        V x0, x1, r0, r1;                                                                \
+        Py_ssize_t i = 0, nv = n - n % (2 * L);                                          \
+        T v;                                                                             \
+        for (; i < nv; i += 2 * L) {                                                     \
+            CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                              \
+            x0 = (x0 - va) * vb + vc; x1 = (x1 - va) * vb + vc;                          \
+            if (r) {                                                                     \
+                CBN_VLOAD(r0, r + i); CBN_VLOAD(r1, r + i + L); x0 += r0; x1 += r1;      \
+            }                                                                            \
+            if (relu) { x0 = CBN_RELU(IV, V, x0); x1 = CBN_RELU(IV, V, x1); }            \
+            CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + L, x1);                            \
+        }                                                                                \
+        for (; i < n - n % L; i += L) {                                                  \
+            CBN_VLOAD(x0, x + i); x0 = (x0 - va) * vb + vc;                              \
+            if (r) { CBN_VLOAD(r0, r + i); x0 += r0; }                                   \
+            if (relu) x0 = CBN_RELU(IV, V, x0);                                          \
+            CBN_VSTORE(y + i, x0);                                                       \
+        }                                                                                \
+        for (; i < n; i++) {                                                             \
+            v = (x[i] - a) * b + c;                                                      \
+            if (r) v += r[i];                                                            \
+            y[i] = (relu && v < 0) ? 0 : v;                                              \
+        }                                                                                \
+    }                                                                                    \
+                                                                                         \
+    /* y = (g - c - (x - a) * d) * b: the training backward's dx; g masked by ReLU's     \
+       backward first if ym (the forward output). */                                     \
+    static inline void cbn_run_bwd_##SUF(const T* x, const T* g, const T* ym, T* y,      \
+                                         Py_ssize_t n, T a, T b, T c, T d) {             \
+        typedef cbn_v_##SUF V;                                                           \
+        typedef cbn_m_##SUF IV;                                                          \
+        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);        \
+        const V vd = CBN_SPLAT(V, d);                                                    \
+        V x0, g0, y0;                                                                    \
+        Py_ssize_t i = 0, nv = n - n % L;                                                \
+        T gv;                                                                            \
+        for (; i < nv; i += L) {                                                         \
+            CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);                                  \
+            if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }             \
+            x0 = (g0 - vc - (x0 - va) * vd) * vb;                                        \
+            CBN_VSTORE(y + i, x0);                                                       \
+        }                                                                                \
+        for (; i < n; i++) {                                                             \
+            gv = (ym && !(ym[i] > 0)) ? 0 : g[i];                                        \
+            y[i] = (gv - c - (x[i] - a) * d) * b;                                        \
+        }                                                                                \
     }
 
     /* Column loops over a block of R rows of w values (row r at p + r*w), for the rows   \
@@ -243,98 +272,121 @@ cdef extern from *:
         }                                                                               \
     }                                                                                   \
                                                                                         \
-    /* sg[t] = sum_r g, sgx[t] = sum_r g * (x - m[t]); if dx: dx = g * k[t]. Row by   \
-       row (streams from memory; the accumulators stay in L1). */                       \
-    static inline void cbn_cols_sums_##SUF(const T* g, const T* x, T* dx, Py_ssize_t R, \
-                                           Py_ssize_t w, const T* m, const T* k,        \
-                                           T* sg, T* sgx) {                             \
+    /* sg[t] = sum_r g, sgx[t] = sum_r g * (x - m[t]), g masked by ReLU's backward if  \
+       ym; if gr: gr = (masked) g; if dx: dx = g * k[t]. Row by row (streams from       \
+       memory; the accumulators stay in L1). */                                         \
+    static inline void cbn_cols_sums_##SUF(const T* g, const T* x, const T* ym, T* dx,  \
+                                           T* gr, Py_ssize_t R, Py_ssize_t w,           \
+                                           const T* m, const T* k, T* sg, T* sgx) {     \
         typedef cbn_v_##SUF V;                                                          \
-        Py_ssize_t t, r, ws = w - w % L;                                                \
-        V a, b, vg, vx, vm, vk;                                                         \
+        typedef cbn_m_##SUF IV;                                                         \
+        Py_ssize_t t, r, o, ws = w - w % L;                                             \
+        V a, b, vg, vx, vm, vk, vy;                                                     \
+        T gv;                                                                           \
         for (t = 0; t < w; t++) { sg[t] = 0; sgx[t] = 0; }                              \
-        for (r = 0; r < R; r++, g += w, x += w, dx += dx ? w : 0) {                     \
+        for (r = 0, o = 0; r < R; r++, o += w) {                                        \
             for (t = 0; t < ws; t += L) {                                               \
-                CBN_VLOAD(vg, g + t); CBN_VLOAD(vx, x + t); CBN_VLOAD(vm, m + t);       \
-                CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);                            \
+                CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);                     \
+                if (ym) { CBN_VLOAD(vy, ym + o + t); vg = CBN_MASK(IV, V, vg, vy); }    \
+                if (gr) CBN_VSTORE(gr + o + t, vg);                                     \
+                CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);      \
                 a += vg; b += vg * (vx - vm);                                           \
                 CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);                          \
-                if (dx) { CBN_VLOAD(vk, k + t); vx = vg * vk; CBN_VSTORE(dx + t, vx); } \
+                if (dx) { CBN_VLOAD(vk, k + t); vx = vg * vk; CBN_VSTORE(dx + o + t, vx); }\
             }                                                                           \
             for (; t < w; t++) {                                                        \
-                sg[t] += g[t]; sgx[t] += g[t] * (x[t] - m[t]);                          \
-                if (dx) dx[t] = g[t] * k[t];                                            \
+                gv = (ym && !(ym[o + t] > 0)) ? 0 : g[o + t];                           \
+                if (gr) gr[o + t] = gv;                                                 \
+                sg[t] += gv; sgx[t] += gv * (x[o + t] - m[t]);                          \
+                if (dx) dx[o + t] = gv * k[t];                                          \
             }                                                                           \
         }                                                                               \
     }                                                                                   \
                                                                                         \
-    /* Element-wise over R rows with lane parameters: op 0: y = (x - a) * b + c;        \
-       op 1: y = (g - c - (x - a) * d) * b. Row by row (a streaming pass); y may be x. */                       \
-    static inline void cbn_cols_apply_##SUF(int op, const T* x, const T* g, T* y,       \
-                                            Py_ssize_t R, Py_ssize_t w, const T* a,     \
-                                            const T* b, const T* c, const T* d) {       \
+    /* Element-wise over R rows with lane parameters, row by row (a streaming pass).    \
+       op 0: y = (x - a) * b + c (+ q: a residual) (ReLU if relu); y may be x.         \
+       op 1: y = (g - c - (x - a) * d) * b, g masked by ReLU's backward if q (the      \
+       forward output). */                                                              \
+    static inline void cbn_cols_apply_##SUF(int op, const T* x, const T* g, const T* q, \
+                                            T* y, Py_ssize_t R, Py_ssize_t w,           \
+                                            const T* a, const T* b, const T* c,         \
+                                            const T* d, int relu) {                     \
         typedef cbn_v_##SUF V;                                                          \
-        Py_ssize_t t, r, ws = w - w % L;                                                \
-        V va, vb, vc, vd, vx, vg;                                                       \
-        for (r = 0; r < R; r++, x += w, y += w, g += op ? w : 0) {                      \
+        typedef cbn_m_##SUF IV;                                                         \
+        Py_ssize_t t, r, o, ws = w - w % L;                                             \
+        V va, vb, vc, vd, vx, vg, vq;                                                   \
+        T v;                                                                            \
+        for (r = 0, o = 0; r < R; r++, o += w) {                                        \
             for (t = 0; t < ws; t += L) {                                               \
-                CBN_VLOAD(vx, x + t); CBN_VLOAD(va, a + t);                             \
+                CBN_VLOAD(vx, x + o + t); CBN_VLOAD(va, a + t);                         \
                 CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);                             \
                 if (op) {                                                               \
-                    CBN_VLOAD(vg, g + t); CBN_VLOAD(vd, d + t);                         \
+                    CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vd, d + t);                     \
+                    if (q) { CBN_VLOAD(vq, q + o + t); vg = CBN_MASK(IV, V, vg, vq); }  \
                     vx = (vg - vc - (vx - va) * vd) * vb;                               \
                 } else {                                                                \
                     vx = (vx - va) * vb + vc;                                           \
+                    if (q) { CBN_VLOAD(vq, q + o + t); vx += vq; }                      \
+                    if (relu) vx = CBN_RELU(IV, V, vx);                                 \
                 }                                                                       \
-                CBN_VSTORE(y + t, vx);                                                  \
+                CBN_VSTORE(y + o + t, vx);                                              \
             }                                                                           \
-            for (; t < w; t++)                                                          \
-                y[t] = op ? (g[t] - c[t] - (x[t] - a[t]) * d[t]) * b[t]                 \
-                          : (x[t] - a[t]) * b[t] + c[t];                                \
+            for (; t < w; t++) {                                                        \
+                if (op) {                                                               \
+                    v = (q && !(q[o + t] > 0)) ? 0 : g[o + t];                          \
+                    y[o + t] = (v - c[t] - (x[o + t] - a[t]) * d[t]) * b[t];            \
+                } else {                                                                \
+                    v = (x[o + t] - a[t]) * b[t] + c[t];                                \
+                    if (q) v += q[o + t];                                               \
+                    y[o + t] = (relu && v < 0) ? 0 : v;                                 \
+                }                                                                       \
+            }                                                                           \
         }                                                                               \
     }
 
-    CBN_DEFINE_RUNS(float, f, 8)
-    CBN_DEFINE_RUNS(double, d, 4)
+    CBN_DEFINE_RUNS(float, f, 8, int32_t)
+    CBN_DEFINE_RUNS(double, d, 4, int64_t)
     CBN_DEFINE_COLS(float, f, 8)
     CBN_DEFINE_COLS(double, d, 4)
     """
-    void cbn_runs_moments_f(const float* p, Py_ssize_t nruns, Py_ssize_t n,
-                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
-    void cbn_runs_moments_d(const double* p, Py_ssize_t nruns, Py_ssize_t n,
-                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
-    void cbn_runs_sums_f(const float* g, const float* x, float* dx, Py_ssize_t nruns,
-                         Py_ssize_t n, Py_ssize_t stride, float mean, float scale, double* sg,
-                         double* sgx) noexcept nogil
-    void cbn_runs_sums_d(const double* g, const double* x, double* dx, Py_ssize_t nruns,
-                         Py_ssize_t n, Py_ssize_t stride, double mean, double scale,
+    void cbn_runs_moments_f(const float* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
+                            double* mean, double* m2) noexcept nogil
+    void cbn_runs_sums_f(const float* g, const float* x, const float* ym, float* dx, float* gr,
+                         Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, float mean, float scale,
                          double* sg, double* sgx) noexcept nogil
-    void cbn_run_affine_f(const float* x, float* y, Py_ssize_t n, float a, float b,
-                          float c) noexcept nogil
-    void cbn_run_affine_d(const double* x, double* y, Py_ssize_t n, double a, double b,
-                          double c) noexcept nogil
-    void cbn_run_bwd_f(const float* x, const float* g, float* y, Py_ssize_t n, float a,
+    void cbn_run_affine_f(const float* x, const float* r, float* y, Py_ssize_t n, float a, float b, float c,
+                          int relu) noexcept nogil
+    void cbn_run_bwd_f(const float* x, const float* g, const float* ym, float* y, Py_ssize_t n, float a,
                        float b, float c, float d) noexcept nogil
-    void cbn_run_bwd_d(const double* x, const double* g, double* y, Py_ssize_t n, double a,
-                       double b, double c, double d) noexcept nogil
     void cbn_cols_shifted_sum_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* sh,
                                 float* out) noexcept nogil
-    void cbn_cols_shifted_sum_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* sh,
-                                double* out) noexcept nogil
     void cbn_cols_dev_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* m, float* s1,
                         float* s2) noexcept nogil
-    void cbn_cols_dev_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* m,
-                        double* s1, double* s2) noexcept nogil
-    void cbn_cols_sums_f(const float* g, const float* x, float* dx, Py_ssize_t R, Py_ssize_t w,
-                         const float* m, const float* k, float* sg, float* sgx) noexcept nogil
-    void cbn_cols_sums_d(const double* g, const double* x, double* dx, Py_ssize_t R,
-                         Py_ssize_t w, const double* m, const double* k, double* sg,
+    void cbn_cols_sums_f(const float* g, const float* x, const float* ym, float* dx, float* gr,
+                         Py_ssize_t R, Py_ssize_t w, const float* m, const float* k, float* sg,
+                         float* sgx) noexcept nogil
+    void cbn_cols_apply_f(int op, const float* x, const float* g, const float* q, float* y,
+                          Py_ssize_t R, Py_ssize_t w, const float* a, const float* b,
+                          const float* c, const float* d, int relu) noexcept nogil
+    void cbn_runs_moments_d(const double* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
+                            double* mean, double* m2) noexcept nogil
+    void cbn_runs_sums_d(const double* g, const double* x, const double* ym, double* dx, double* gr,
+                         Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean, double scale,
+                         double* sg, double* sgx) noexcept nogil
+    void cbn_run_affine_d(const double* x, const double* r, double* y, Py_ssize_t n, double a, double b, double c,
+                          int relu) noexcept nogil
+    void cbn_run_bwd_d(const double* x, const double* g, const double* ym, double* y, Py_ssize_t n, double a,
+                       double b, double c, double d) noexcept nogil
+    void cbn_cols_shifted_sum_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* sh,
+                                double* out) noexcept nogil
+    void cbn_cols_dev_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* m, double* s1,
+                        double* s2) noexcept nogil
+    void cbn_cols_sums_d(const double* g, const double* x, const double* ym, double* dx, double* gr,
+                         Py_ssize_t R, Py_ssize_t w, const double* m, const double* k, double* sg,
                          double* sgx) noexcept nogil
-    void cbn_cols_apply_f(int op, const float* x, const float* g, float* y, Py_ssize_t R,
-                          Py_ssize_t w, const float* a, const float* b, const float* c,
-                          const float* d) noexcept nogil
-    void cbn_cols_apply_d(int op, const double* x, const double* g, double* y, Py_ssize_t R,
-                          Py_ssize_t w, const double* a, const double* b, const double* c,
-                          const double* d) noexcept nogil
+    void cbn_cols_apply_d(int op, const double* x, const double* g, const double* q, double* y,
+                          Py_ssize_t R, Py_ssize_t w, const double* a, const double* b,
+                          const double* c, const double* d, int relu) noexcept nogil
 
 
 cdef enum:
@@ -648,29 +700,30 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
 # --------------------------------------------------------------- element-wise passes
 
 cdef enum:
-    OP_AFFINE = 0     # y = (x - a) * b + c
-    OP_BWD_TRAIN = 1  # y = (g - c - (x - a) * d) * b     (g = grad_output)
+    OP_AFFINE = 0     # y = (x - a) * b + c  (+ q, a residual) (ReLU if relu)
+    OP_BWD_TRAIN = 1  # y = (g - c - (x - a) * d) * b, g = grad_output masked by ReLU's
+                      # backward where q (the forward output) is given
 
 
-cdef inline void run_apply(int op, const floating* x, const floating* g, floating* y,
-                           Py_ssize_t n, floating a, floating b, floating c,
-                           floating d) noexcept nogil:
+cdef inline void run_apply(int op, const floating* x, const floating* g, const floating* q,
+                           floating* y, Py_ssize_t n, floating a, floating b, floating c,
+                           floating d, bint relu) noexcept nogil:
     if op == OP_AFFINE:
         if floating is float:
-            cbn_run_affine_f(x, y, n, a, b, c)
+            cbn_run_affine_f(x, q, y, n, a, b, c, relu)
         else:
-            cbn_run_affine_d(x, y, n, a, b, c)
+            cbn_run_affine_d(x, q, y, n, a, b, c, relu)
     else:
         if floating is float:
-            cbn_run_bwd_f(x, g, y, n, a, b, c, d)
+            cbn_run_bwd_f(x, g, q, y, n, a, b, c, d)
         else:
-            cbn_run_bwd_d(x, g, y, n, a, b, c, d)
+            cbn_run_bwd_d(x, g, q, y, n, a, b, c, d)
 
 
-cdef void planes_apply(int op, const floating* x, const floating* g, floating* y,
-                       Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, const floating* pa,
-                       const floating* pb, const floating* pc, const floating* pd,
-                       int nthreads) noexcept nogil:
+cdef void planes_apply(int op, const floating* x, const floating* g, const floating* q,
+                       floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                       const floating* pa, const floating* pb, const floating* pc,
+                       const floating* pd, bint relu, int nthreads) noexcept nogil:
     """Element-wise pass with per-channel parameters. Units are planes, or chunks of long
     planes; items are runs of units holding about CHUNK values."""
     cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
@@ -691,8 +744,9 @@ cdef void planes_apply(int op, const floating* x, const floating* g, floating* y
             if n > clen:
                 n = clen
             off = plane * K + start
-            run_apply(op, x + off, g + off if g != NULL else NULL, y + off, n,
-                      pa[ch], pb[ch], pc[ch], pd[ch] if pd != NULL else 0)
+            run_apply(op, x + off, g + off if g != NULL else NULL,
+                      q + off if q != NULL else NULL, y + off, n,
+                      pa[ch], pb[ch], pc[ch], pd[ch] if pd != NULL else 0, relu)
 
 
 cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
@@ -717,19 +771,19 @@ cdef void expand_lanes_d(const double* v, floating* lane, Py_ssize_t W, Py_ssize
         lane[t] = lane[t - C * K]
 
 
-cdef inline void row_apply(int op, const floating* x, const floating* g, floating* y,
-                           Py_ssize_t R, Py_ssize_t w, const floating* la,
-                           const floating* lb, const floating* lc,
-                           const floating* ld) noexcept nogil:
+cdef inline void row_apply(int op, const floating* x, const floating* g, const floating* q,
+                           floating* y, Py_ssize_t R, Py_ssize_t w, const floating* la,
+                           const floating* lb, const floating* lc, const floating* ld,
+                           bint relu) noexcept nogil:
     if floating is float:
-        cbn_cols_apply_f(op, x, g, y, R, w, la, lb, lc, ld)
+        cbn_cols_apply_f(op, x, g, q, y, R, w, la, lb, lc, ld, relu)
     else:
-        cbn_cols_apply_d(op, x, g, y, R, w, la, lb, lc, ld)
+        cbn_cols_apply_d(op, x, g, q, y, R, w, la, lb, lc, ld, relu)
 
 
-cdef void rows_apply(int op, const floating* x, const floating* g, floating* y,
-                     Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, const floating* lanes,
-                     int nthreads) noexcept nogil:
+cdef void rows_apply(int op, const floating* x, const floating* g, const floating* q,
+                     floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                     const floating* lanes, bint relu, int nthreads) noexcept nogil:
     """Element-wise pass over the rows partition; lanes holds the 4 (or 3) parameter
     vectors expanded to W lanes each, back to back."""
     cdef Rows P = rows_partition(M, C, K, CHUNK, M)
@@ -744,12 +798,12 @@ cdef void rows_apply(int op, const floating* x, const floating* g, floating* y,
         if nr > P.R:
             nr = P.R
         off = r0 * W
-        row_apply(op, x + off, g + off if g != NULL else NULL, y + off, nr, W,
-                  la, lb, lc, ld)
+        row_apply(op, x + off, g + off if g != NULL else NULL,
+                  q + off if q != NULL else NULL, y + off, nr, W, la, lb, lc, ld, relu)
     if P.tail:
         off = P.nrows * W
-        row_apply(op, x + off, g + off if g != NULL else NULL, y + off, 1, P.tail,
-                  la, lb, lc, ld)
+        row_apply(op, x + off, g + off if g != NULL else NULL,
+                  q + off if q != NULL else NULL, y + off, 1, P.tail, la, lb, lc, ld, relu)
 
 
 # ------------------------------------------------------------------- entry points
@@ -795,14 +849,14 @@ cdef Py_ssize_t apply_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     return 4 * rows_partition(M, C, K, CHUNK, M).W * itemsize
 
 
-cdef void apply(int op, const floating* x, const floating* g, floating* y, Py_ssize_t M,
-                Py_ssize_t C, Py_ssize_t K, const floating* pa, const floating* pb,
-                const floating* pc, const floating* pd, floating* lanes,
-                int nthreads) noexcept nogil:
+cdef void apply(int op, const floating* x, const floating* g, const floating* q,
+                floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, const floating* pa,
+                const floating* pb, const floating* pc, const floating* pd, floating* lanes,
+                bint relu, int nthreads) noexcept nogil:
     """Dispatch an element-wise pass to the planes or rows kernel."""
     cdef Py_ssize_t W
     if K >= PLANE_MIN_K:
-        planes_apply(op, x, g, y, M, C, K, pa, pb, pc, pd, nthreads)
+        planes_apply(op, x, g, q, y, M, C, K, pa, pb, pc, pd, relu, nthreads)
         return
     W = rows_partition(M, C, K, CHUNK, M).W
     expand_lanes(pa, lanes, W, C, K)
@@ -810,7 +864,7 @@ cdef void apply(int op, const floating* x, const floating* g, floating* y, Py_ss
     expand_lanes(pc, lanes + 2 * W, W, C, K)
     if pd != NULL:
         expand_lanes(pd, lanes + 3 * W, W, C, K)
-    rows_apply(op, x, g, y, M, C, K, lanes, nthreads)
+    rows_apply(op, x, g, q, y, M, C, K, lanes, relu, nthreads)
 
 
 cdef void* alloc(Py_ssize_t nbytes) except NULL:
@@ -833,14 +887,15 @@ cdef inline bint is_float32(cnp.ndarray a):
 cdef int forward_train_impl(const floating* x, floating* y, const floating* weight,
                             const floating* bias, floating* running_mean,
                             floating* running_var, floating* save_mean,
-                            floating* save_invstd, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                            double momentum, double eps, int nthreads) except -1:
+                            floating* save_invstd, const floating* residual, bint relu,
+                            Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, double momentum,
+                            double eps, int nthreads) except -1:
     cdef Py_ssize_t isz = sizeof(floating), c
     cdef Py_ssize_t mbytes = moments_scratch_bytes(M, C, K, isz, nthreads)
-    cdef char* mem = <char*>alloc(mbytes + apply_scratch_bytes(M, C, K, isz)
-                                  + C * (sizeof(Moments) + 3 * isz))
+    cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, isz)
+    cdef char* mem = <char*>alloc(mbytes + abytes + C * (sizeof(Moments) + 3 * isz))
     cdef floating* lanes = <floating*>(mem + mbytes)
-    cdef Moments* mom = <Moments*>(mem + mbytes + apply_scratch_bytes(M, C, K, isz))
+    cdef Moments* mom = <Moments*>(mem + mbytes + abytes)
     cdef floating* mu = <floating*>(mom + C)
     cdef floating* scale = mu + C
     cdef floating* shift = scale + C
@@ -860,71 +915,87 @@ cdef int forward_train_impl(const floating* x, floating* y, const floating* weig
             if running_var != NULL:
                 running_var[c] = <floating>(momentum * (mom[c].m2 / (n - 1.0))
                                             + (1.0 - momentum) * running_var[c])
-        apply(OP_AFFINE, x, NULL, y, M, C, K, mu, scale, shift, NULL, lanes, nthreads)
+        apply(OP_AFFINE, x, NULL, residual, y, M, C, K, mu, scale, shift, NULL, lanes, relu,
+              nthreads)
     free(mem)
     return 0
 
 
-cdef int forward_eval_impl(const floating* x, floating* y, const floating* weight,
-                           const floating* bias, const floating* running_mean,
-                           const floating* running_var, floating* save_mean,
-                           floating* save_invstd, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                           double eps, int nthreads) except -1:
-    cdef Py_ssize_t isz = sizeof(floating), c
-    cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, isz)
-    cdef char* mem = <char*>alloc(abytes + 2 * C * isz)
-    cdef floating* scale = <floating*>(mem + abytes)
-    cdef floating* shift = scale + C
-    cdef double inv
+cdef int affine_impl(const floating* x, floating* y, const floating* mean,
+                     const floating* scale, const floating* shift, const floating* residual,
+                     bint relu, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                     int nthreads) except -1:
+    cdef char* mem = <char*>alloc(apply_scratch_bytes(M, C, K, sizeof(floating)))
     with nogil:
-        for c in range(C):
-            inv = inv_sqrt(<double>running_var[c] + eps)
-            save_mean[c] = running_mean[c]
-            save_invstd[c] = <floating>inv
-            scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
-            shift[c] = bias[c] if bias != NULL else 0
-        apply(OP_AFFINE, x, NULL, y, M, C, K, running_mean, scale, shift, NULL,
-              <floating*>mem, nthreads)
+        apply(OP_AFFINE, x, NULL, residual, y, M, C, K, mean, scale, shift, NULL,
+              <floating*>mem, relu, nthreads)
     free(mem)
     return 0
 
 
 def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, running_var,
                   cnp.ndarray save_mean, cnp.ndarray save_invstd, double momentum,
-                  double eps, int nthreads):
+                  double eps, int nthreads, residual=None, bint relu=False):
     """Training forward on (M, C, K) arrays: batch statistics, running-statistics update
-    (arrays that are None are skipped), normalize into y. All arrays C-contiguous, of x's
-    dtype (checked by the caller)."""
+    (arrays that are None are skipped), y = act(normalize(x) + residual). All arrays
+    C-contiguous, of x's dtype (checked by the caller)."""
     cdef Py_ssize_t M = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
     cdef Py_ssize_t K = cnp.PyArray_DIM(x, 2)
     if is_float32(x):
         forward_train_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
                            <float*>data(bias), <float*>data(running_mean),
                            <float*>data(running_var), <float*>data(save_mean),
-                           <float*>data(save_invstd), M, C, K, momentum, eps, nthreads)
+                           <float*>data(save_invstd), <float*>data(residual), relu,
+                           M, C, K, momentum, eps, nthreads)
     else:
         forward_train_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
                            <double*>data(bias), <double*>data(running_mean),
                            <double*>data(running_var), <double*>data(save_mean),
-                           <double*>data(save_invstd), M, C, K, momentum, eps, nthreads)
+                           <double*>data(save_invstd), <double*>data(residual), relu,
+                           M, C, K, momentum, eps, nthreads)
 
 
-def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running_mean,
-                 cnp.ndarray running_var, cnp.ndarray save_mean, cnp.ndarray save_invstd,
-                 double eps, int nthreads):
-    """Eval forward on (M, C, K) arrays: normalize with the running statistics."""
+def affine(cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean, cnp.ndarray scale,
+           cnp.ndarray shift, residual, bint relu, int nthreads):
+    """y = act((x - mean) * scale + shift + residual) on (M, C, K) arrays: the eval
+    forward once scale = weight * invstd and shift = bias are known."""
     cdef Py_ssize_t M = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
     cdef Py_ssize_t K = cnp.PyArray_DIM(x, 2)
     if is_float32(x):
-        forward_eval_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
-                          <float*>data(bias), <float*>data(running_mean),
-                          <float*>data(running_var), <float*>data(save_mean),
-                          <float*>data(save_invstd), M, C, K, eps, nthreads)
+        affine_impl(<float*>data(x), <float*>data(y), <float*>data(mean), <float*>data(scale),
+                    <float*>data(shift), <float*>data(residual), relu, M, C, K, nthreads)
     else:
-        forward_eval_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
-                          <double*>data(bias), <double*>data(running_mean),
-                          <double*>data(running_var), <double*>data(save_mean),
-                          <double*>data(save_invstd), M, C, K, eps, nthreads)
+        affine_impl(<double*>data(x), <double*>data(y), <double*>data(mean),
+                    <double*>data(scale), <double*>data(shift), <double*>data(residual), relu,
+                    M, C, K, nthreads)
+
+
+cdef void eval_params_impl(const floating* weight, const floating* bias,
+                           const floating* running_var, double eps, floating* save_invstd,
+                           floating* scale, floating* shift, Py_ssize_t C) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef double inv
+    for c in range(C):
+        inv = inv_sqrt(<double>running_var[c] + eps)
+        save_invstd[c] = <floating>inv
+        scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
+        shift[c] = bias[c] if bias != NULL else 0
+
+
+def eval_params(weight, bias, cnp.ndarray running_var, double eps, cnp.ndarray save_invstd,
+                cnp.ndarray scale, cnp.ndarray shift):
+    """Per-channel parameters of the eval forward: invstd = 1/sqrt(rv + eps) (0 where
+    rv + eps == 0), scale = weight * invstd, shift = bias (weight/bias None: 1, 0).
+    Contiguous (C,) arrays of one dtype (checked by the caller)."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(running_var, 0)
+    if is_float32(running_var):
+        eval_params_impl(<float*>data(weight), <float*>data(bias), <float*>data(running_var),
+                         eps, <float*>data(save_invstd), <float*>data(scale),
+                         <float*>data(shift), C)
+    else:
+        eval_params_impl(<double*>data(weight), <double*>data(bias),
+                         <double*>data(running_var), eps, <double*>data(save_invstd),
+                         <double*>data(scale), <double*>data(shift), C)
 
 
 def invstd(floating[::1] var, double eps, floating[::1] out):
@@ -948,10 +1019,15 @@ cdef inline void zero_sums(Sums* s, Py_ssize_t n) noexcept nogil:
         s[i].gx = 0.0
 
 
-cdef void planes_item_sums(const floating* g, const floating* x, floating* dx, Planes P,
-                           Py_ssize_t item, const floating* mean, const floating* scale,
+cdef inline const floating* shifted(const floating* p, Py_ssize_t off) noexcept nogil:
+    return p + off if p != NULL else NULL
+
+
+cdef void planes_item_sums(const floating* g, const floating* x, const floating* ym,
+                           floating* dx, floating* gr, Planes P, Py_ssize_t item,
+                           const floating* mean, const floating* scale,
                            Sums* acc) noexcept nogil:
-    """Per-channel sums of one item's units into acc[0:C] (and dx = g*scale if dx)."""
+    """Per-channel sums of one item's units into acc[0:C] (see cbn_runs_sums)."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
     cdef Py_ssize_t u, off, c, nruns, n
     cdef double sg, sgx
@@ -959,22 +1035,24 @@ cdef void planes_item_sums(const floating* g, const floating* x, floating* dx, P
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
         if floating is float:
-            cbn_runs_sums_f(g + off, x + off, dx + off if dx != NULL else NULL, nruns, n,
-                            P.C * P.K, mean[c], scale[c], &sg, &sgx)
+            cbn_runs_sums_f(g + off, x + off, shifted(ym, off), <float*>shifted(dx, off),
+                            <float*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
+                            scale[c], &sg, &sgx)
         else:
-            cbn_runs_sums_d(g + off, x + off, dx + off if dx != NULL else NULL, nruns, n,
-                            P.C * P.K, mean[c], scale[c], &sg, &sgx)
+            cbn_runs_sums_d(g + off, x + off, shifted(ym, off), <double*>shifted(dx, off),
+                            <double*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
+                            scale[c], &sg, &sgx)
         acc[c].g += sg
         acc[c].gx += sgx
 
 
-cdef void planes_sums(const floating* g, const floating* x, floating* dx, Planes P,
-                      const floating* mean, const floating* scale, Sums* part, Sums* out,
-                      int nthreads) noexcept nogil:
+cdef void planes_sums(const floating* g, const floating* x, const floating* ym, floating* dx,
+                      floating* gr, Planes P, const floating* mean, const floating* scale,
+                      Sums* part, Sums* out, int nthreads) noexcept nogil:
     """part: items*C slots."""
     cdef Py_ssize_t it, c
     for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
-        planes_item_sums(g, x, dx, P, it, mean, scale, part + it * P.C)
+        planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
     zero_sums(out, P.C)
     for it in range(P.items):
         for c in range(P.C):
@@ -982,16 +1060,17 @@ cdef void planes_sums(const floating* g, const floating* x, floating* dx, Planes
             out[c].gx += part[it * P.C + c].gx
 
 
-cdef void rows_block_sums(const floating* g, const floating* x, floating* dx, Py_ssize_t R,
-                          Py_ssize_t w, Py_ssize_t C, Py_ssize_t K, const floating* lmean,
+cdef void rows_block_sums(const floating* g, const floating* x, const floating* ym,
+                          floating* dx, floating* gr, Py_ssize_t R, Py_ssize_t w,
+                          Py_ssize_t C, Py_ssize_t K, const floating* lmean,
                           const floating* lscale, floating* ag, floating* agx,
                           Sums* out) noexcept nogil:
-    """Add the per-channel sums of R rows of w values to out[0:C]; dx = g*scale if dx."""
+    """Add the per-channel sums of R rows of w values to out[0:C] (see cbn_cols_sums)."""
     cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
     if floating is float:
-        cbn_cols_sums_f(g, x, dx, R, w, lmean, lscale, ag, agx)
+        cbn_cols_sums_f(g, x, ym, dx, gr, R, w, lmean, lscale, ag, agx)
     else:
-        cbn_cols_sums_d(g, x, dx, R, w, lmean, lscale, ag, agx)
+        cbn_cols_sums_d(g, x, ym, dx, gr, R, w, lmean, lscale, ag, agx)
     t = 0
     for q in range(reps):
         for c in range(C):
@@ -1001,9 +1080,10 @@ cdef void rows_block_sums(const floating* g, const floating* x, floating* dx, Py
                 t += 1
 
 
-cdef void rows_sums(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
-                    Py_ssize_t K, Rows P, const floating* lmean, const floating* lscale,
-                    Sums* part, floating* scratch, Sums* out, int nthreads) noexcept nogil:
+cdef void rows_sums(const floating* g, const floating* x, const floating* ym, floating* dx,
+                    floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P, const floating* lmean,
+                    const floating* lscale, Sums* part, floating* scratch, Sums* out,
+                    int nthreads) noexcept nogil:
     """part: items*C slots; scratch: 2*W floating per thread."""
     cdef Py_ssize_t it, b0, b1, blk, r0, nr, c, tid, off
     cdef floating* sc
@@ -1021,8 +1101,9 @@ cdef void rows_sums(const floating* g, const floating* x, floating* dx, Py_ssize
             if nr > P.R:
                 nr = P.R
             off = r0 * P.W
-            rows_block_sums(g + off, x + off, dx + off if dx != NULL else NULL, nr, P.W,
-                            C, K, lmean, lscale, sc, sc + P.W, acc)
+            rows_block_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
+                            <floating*>shifted(gr, off), nr, P.W, C, K, lmean, lscale, sc,
+                            sc + P.W, acc)
     zero_sums(out, C)
     for it in range(P.items):
         for c in range(C):
@@ -1030,14 +1111,16 @@ cdef void rows_sums(const floating* g, const floating* x, floating* dx, Py_ssize
             out[c].gx += part[it * C + c].gx
     if P.tail:
         off = P.nrows * P.W
-        rows_block_sums(g + off, x + off, dx + off if dx != NULL else NULL, 1, P.tail, C, K,
-                        lmean, lscale, scratch, scratch + P.W, out)
+        rows_block_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
+                        <floating*>shifted(gr, off), 1, P.tail, C, K, lmean, lscale,
+                        scratch, scratch + P.W, out)
 
 
 cdef int backward_impl(const floating* g, const floating* x, floating* gx,
                        const floating* weight, const floating* mean, const floating* invstd,
-                       floating* grad_weight, floating* grad_bias, Py_ssize_t M,
-                       Py_ssize_t C, Py_ssize_t K, bint training, int nthreads) except -1:
+                       floating* grad_weight, floating* grad_bias, const floating* output,
+                       floating* grad_residual, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                       bint training, int nthreads) except -1:
     cdef Py_ssize_t isz = sizeof(floating), c, part_bytes, W = 0
     cdef Planes PP
     cdef Rows PR
@@ -1063,13 +1146,14 @@ cdef int backward_impl(const floating* g, const floating* x, floating* gx,
         for c in range(C):
             scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * invstd[c])
         if planes:
-            planes_sums(g, x, dx_fused, PP, mean, scale, <Sums*>mem, sums, nthreads)
+            planes_sums(g, x, output, dx_fused, grad_residual, PP, mean, scale,
+                        <Sums*>mem, sums, nthreads)
         else:
             lmean = <floating*>(mem + PR.items * C * sizeof(Sums))
             expand_lanes(mean, lmean, W, C, K)
             expand_lanes(scale, lmean + W, W, C, K)
-            rows_sums(g, x, dx_fused, C, K, PR, lmean, lmean + W, <Sums*>mem,
-                      lmean + 2 * W, sums, nthreads)
+            rows_sums(g, x, output, dx_fused, grad_residual, C, K, PR, lmean, lmean + W,
+                      <Sums*>mem, lmean + 2 * W, sums, nthreads)
         for c in range(C):
             inv = invstd[c]
             grad_bias[c] = <floating>sums[c].g
@@ -1077,28 +1161,34 @@ cdef int backward_impl(const floating* g, const floating* x, floating* gx,
             k1[c] = <floating>(sums[c].g / n)
             k2[c] = <floating>(sums[c].gx / n * inv * inv)
         if training:
-            apply(OP_BWD_TRAIN, x, g, gx, M, C, K, mean, scale, k1, k2, lanes, nthreads)
+            apply(OP_BWD_TRAIN, x, g, output, gx, M, C, K, mean, scale, k1, k2, lanes,
+                  False, nthreads)
     free(mem)
     return 0
 
 
 def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, weight,
              cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray grad_weight,
-             cnp.ndarray grad_bias, bint training, int nthreads):
+             cnp.ndarray grad_bias, bint training, int nthreads, output=None,
+             grad_residual=None):
     """Backward of batch normalization on (M, C, K) arrays.
 
     Training: one pass of per-channel sums, then dx = (dy - k1 - (x - mean) * k2) * scale.
     Eval: one pass that both sums (for grad_weight, grad_bias) and writes dx = dy * scale.
+    With `output` (the forward's ReLU output), dy is masked where output <= 0 inside those
+    passes; `grad_residual`, if given, receives the (masked) dy in the first pass.
     """
     cdef Py_ssize_t M = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
     cdef Py_ssize_t K = cnp.PyArray_DIM(x, 2)
     if is_float32(x):
         backward_impl(<float*>data(grad_output), <float*>data(x), <float*>data(grad_input),
                       <float*>data(weight), <float*>data(mean), <float*>data(invstd),
-                      <float*>data(grad_weight), <float*>data(grad_bias), M, C, K,
+                      <float*>data(grad_weight), <float*>data(grad_bias),
+                      <float*>data(output), <float*>data(grad_residual), M, C, K,
                       training, nthreads)
     else:
         backward_impl(<double*>data(grad_output), <double*>data(x),
                       <double*>data(grad_input), <double*>data(weight), <double*>data(mean),
                       <double*>data(invstd), <double*>data(grad_weight),
-                      <double*>data(grad_bias), M, C, K, training, nthreads)
+                      <double*>data(grad_bias), <double*>data(output),
+                      <double*>data(grad_residual), M, C, K, training, nthreads)

@@ -26,7 +26,24 @@ from ._threads import resolve_num_threads
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ACTIVATIONS = (None, "relu")
+
+
+_F32 = np.dtype(np.float32)
+#: dtype of the computation for each supported input dtype (half types are computed in
+#: float32); the bfloat16 of ml_dtypes is added when that package is importable.
+_COMPUTE = {_F32: _F32, np.dtype(np.float64): np.dtype(np.float64),
+            np.dtype(np.float16): _F32}
+try:
+    import ml_dtypes as _ml_dtypes
+    _COMPUTE[np.dtype(_ml_dtypes.bfloat16)] = _F32
+except ImportError:                                  # optional
+    pass
+
+
+def _is_half(dtype: np.dtype) -> bool:
+    """float16, or bfloat16 from ml_dtypes: stored in half precision, computed in float32."""
+    return dtype in _COMPUTE and _COMPUTE[dtype] != dtype
 
 
 # --------------------------------------------------------------------------- validation
@@ -34,11 +51,9 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _as_input(a, name: str) -> np.ndarray:
     x = a if isinstance(a, np.ndarray) else np.asarray(a)
-    if x.dtype not in _FLOAT_DTYPES:
-        if x.dtype == np.float16:
-            raise TypeError(f"{name}: float16 is not supported yet; "
-                            "convert to float32 (x.astype(numpy.float32))")
-        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    if x.dtype not in _COMPUTE:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, "
+                        f"got dtype {x.dtype}")
     if not 2 <= x.ndim <= 5:
         raise ValueError(f"expected 2D to 5D input (got {x.ndim}D input)")
     return x
@@ -108,6 +123,25 @@ def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     if not a.flags.writeable:
         raise TypeError(f"{name} is updated in place, so it must be writable")
     return a
+
+
+def _check_activation(activation) -> bool:
+    """True for ReLU, False for none."""
+    if activation is None:
+        return False
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def _same_shape(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
+    """An array that accompanies the input (residual, output): same shape, float."""
+    v = a if isinstance(a, np.ndarray) else np.asarray(a)
+    if v.dtype.kind != "f" and not _is_half(v.dtype):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {v.dtype}")
+    if v.shape != x.shape:
+        raise ValueError(f"{name} has shape {v.shape}, expected the input's shape {x.shape}")
+    return v if v.dtype == dtype else v.astype(dtype)
 
 
 def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
@@ -199,13 +233,17 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
                        running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray],
                        training: bool, momentum: float, eps: float, *, axis: int = 1,
                        out: Optional[np.ndarray] = None, n_threads: Optional[int] = None,
+                       activation: Optional[str] = None,
+                       residual: Optional[ArrayLike] = None,
                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization returning what the backward needs, like ATen's ``native_batch_norm``.
 
     Parameters
     ----------
-    input : array, 2D to 5D, float32 or float64
-        ``(N, C, *)`` with ``axis=1``, ``(N, *, C)`` with ``axis=-1``.
+    input : array, 2D to 5D, float16, bfloat16, float32 or float64
+        ``(N, C, *)`` with ``axis=1``, ``(N, *, C)`` with ``axis=-1``. Half-precision
+        inputs (float16; bfloat16 from ml_dtypes) are computed in float32, as PyTorch does
+        on the CPU: their statistics and parameters are float32, the output is half.
     weight, bias : array-like of C values or None
         Affine parameters (gamma, beta); None means 1 and 0.
     running_mean, running_var : arrays of C values or None
@@ -225,6 +263,10 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         Where to write the output (may be ``input`` itself).
     n_threads : int, keyword-only
         Threads for this call (default: :func:`cbn.get_num_threads`).
+    activation : None or "relu", keyword-only
+        Applied to the output in the same pass: ``y = relu(bn(x) + residual)``.
+    residual : array like ``input``, keyword-only
+        Added to the normalized output before the activation, in the same pass.
 
     Returns
     -------
@@ -241,11 +283,14 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     training = bool(training)
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
-    dtype = x.dtype
+    relu = _check_activation(activation)
+    dtype = _COMPUTE[x.dtype]
+    half = dtype != x.dtype
     w = _param(weight, "weight", C, dtype)
     b = _param(bias, "bias", C, dtype)
     rm = _running(running_mean, "running_mean", C, dtype, update=training)
     rv = _running(running_var, "running_var", C, dtype, update=training)
+    r = None if residual is None else _same_shape(residual, "residual", x, dtype)
     out = _check_out(out, x)
     if training:
         if x.size == C:
@@ -267,43 +312,59 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
             _kernels.invstd(rv, eps, save_invstd)
         return y, save_mean, save_invstd
 
+    if half:                        # compute in float32, store the result as half
+        x_half, out_half = x, out
+        x, out = x.astype(np.float32), None
     view = _View(x, axis)
     x3 = view.read(x)
+    r3 = None if r is None else view.read(r)
     y, y3, copy_into = _output(view, x, x3, out)
     if training:
         # Running stats may be strided views: the kernel updates contiguous copies.
         rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
         rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
         _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
-                               momentum, eps, nt)
+                               momentum, eps, nt, r3, relu)
         if rm_k is not rm and rm_k.base is not rm:
             rm.reshape(-1)[...] = rm_k
         if rv_k is not rv and rv_k.base is not rv:
             rv.reshape(-1)[...] = rv_k
     else:
-        _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt)
-    return _finish(y, copy_into), save_mean, save_invstd
+        scale = np.empty(C, dtype=dtype)
+        shift = np.empty(C, dtype=dtype)
+        _kernels.eval_params(w, b, rv, eps, save_invstd, scale, shift)
+        save_mean[:] = rm
+        _kernels.affine(x3, y3, rm, scale, shift, r3, relu, nt)
+    y = _finish(y, copy_into)
+    if half:
+        y = _finish(y.astype(x_half.dtype), out_half)
+    return y, save_mean, save_invstd
 
 
 def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
                running_var: Optional[np.ndarray], weight: Optional[ArrayLike] = None,
                bias: Optional[ArrayLike] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
-               out: Optional[np.ndarray] = None, n_threads: Optional[int] = None) -> np.ndarray:
+               out: Optional[np.ndarray] = None, n_threads: Optional[int] = None,
+               activation: Optional[str] = None,
+               residual: Optional[ArrayLike] = None) -> np.ndarray:
     """Batch normalization with the arguments of ``torch.nn.functional.batch_norm``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
     statistics when ``training`` (updating the running ones in place when given) and the
-    running ones otherwise. See :func:`batch_norm_forward` for the parameters.
+    running ones otherwise; then ``+ residual`` and the activation if given. See
+    :func:`batch_norm_forward` for the parameters.
     """
     return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
-                              momentum, eps, axis=axis, out=out, n_threads=n_threads)[0]
+                              momentum, eps, axis=axis, out=out, n_threads=n_threads,
+                              activation=activation, residual=residual)[0]
 
 
 def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Optional[ArrayLike],
                         save_mean: ArrayLike, save_invstd: ArrayLike, training: bool = True,
                         *, axis: int = 1, n_threads: Optional[int] = None,
-                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        activation: Optional[str] = None, output: Optional[ArrayLike] = None,
+                        residual: bool = False) -> tuple:
     """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
 
     ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in
@@ -314,35 +375,63 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     and in eval ``dx = w * invstd * dy``. Returns ``(grad_input, grad_weight, grad_bias)``
     with ``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` per channel (returned
     even when ``weight`` is None, which means a weight of 1).
+
+    For a forward with ``activation="relu"``, pass ``activation="relu"`` and ``output=`` the
+    forward's output: dy is masked where the output was clipped (``output <= 0``) inside
+    the same passes, with no extra pass over memory. For a forward with a ``residual``,
+    pass ``residual=True`` to also get the residual's gradient (the masked dy) as a fourth
+    result: ``(grad_input, grad_weight, grad_bias, grad_residual)``.
     """
     x = _as_input(input, "input")
     dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
-    if dy.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"grad_output must be a float32 or float64 array, got dtype {dy.dtype}")
+    if dy.dtype.kind != "f" and not _is_half(dy.dtype):
+        raise TypeError(f"grad_output must be a floating-point array, got dtype {dy.dtype}")
     if dy.shape != x.shape:
         raise ValueError(f"grad_output has shape {dy.shape}, expected the input's shape {x.shape}")
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
-    dtype = x.dtype
+    dtype = _COMPUTE[x.dtype]
+    half = dtype != x.dtype
     w = _param(weight, "weight", C, dtype)
     mean = _param(save_mean, "save_mean", C, dtype)
     invstd = _param(save_invstd, "save_invstd", C, dtype)
     if mean is None or invstd is None:
         raise ValueError("save_mean and save_invstd are required")
+    relu = _check_activation(activation)
+    if relu and output is None:
+        raise ValueError("activation='relu' needs output=, the forward's output")
+    if not relu and output is not None:
+        raise ValueError("output= is only used with activation='relu'")
+    ym = None if output is None else _same_shape(output, "output", x, dtype)
     training = bool(training)
+    residual = bool(residual)
     nt = resolve_num_threads(n_threads, x.size)
     if dy.dtype != dtype:
         dy = dy.astype(dtype)
+    if half:
+        x = x.astype(np.float32)
 
     grad_weight = np.empty(C, dtype=dtype)
     grad_bias = np.empty(C, dtype=dtype)
     if x.size == 0:
         grad_weight.fill(0)
         grad_bias.fill(0)
-        return np.empty_like(x), grad_weight, grad_bias
+        empty = np.empty(x.shape, dtype=_input_dtype(input))
+        return (empty, grad_weight, grad_bias) + ((empty.copy(),) if residual else ())
     view = _View(x, axis)
     x3 = view.read(x)
     dy3 = view.read(dy)
+    ym3 = None if ym is None else view.read(ym)
     dx, dx3 = view.new(dtype)
-    _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt)
-    return dx, grad_weight, grad_bias
+    gr, gr3 = view.new(dtype) if residual else (None, None)
+    _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt,
+                      ym3, gr3)
+    if half:
+        dx = dx.astype(_input_dtype(input))
+        gr = None if gr is None else gr.astype(dx.dtype)
+    return (dx, grad_weight, grad_bias) + ((gr,) if residual else ())
+
+
+def _input_dtype(input) -> np.dtype:
+    """dtype of an input as the public functions see it."""
+    return input.dtype if isinstance(input, np.ndarray) else np.asarray(input).dtype

@@ -1,0 +1,513 @@
+"""Batch-normalization modules with the state and behaviour of ``torch.nn.BatchNorm{1,2,3}d``.
+
+A module holds parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
+``num_batches_tracked``) and the ``training`` flag, and calls :mod:`cbn.functional` for all
+arithmetic; it never touches the kernels. The logic that picks batch or running statistics
+and the momentum is PyTorch's own (``torch.nn.modules.batchnorm._BatchNorm.forward``)::
+
+    factor = 0.0 if momentum is None else momentum
+    if training and track_running_stats:
+        num_batches_tracked += 1
+        factor = 1 / num_batches_tracked if momentum is None else momentum
+    bn_training = training or (running_mean is None and running_var is None)
+    running stats are passed only if (not training or track_running_stats)
+
+with one difference: ``num_batches_tracked`` is incremented only after the call succeeded,
+so a call that raises changes nothing.
+
+Unlike PyTorch there is no autograd: :meth:`BatchNorm.backward` takes the gradient of the
+output of the last :meth:`~BatchNorm.forward` and returns the gradient of its input,
+accumulating ``grad_weight`` and ``grad_bias`` the way ``.grad`` accumulates.
+
+Threads: in eval mode a module may be called from several Python threads at once; each call
+allocates its own output and shares no scratch state (the only write is one atomic attribute
+assignment recording what :meth:`~BatchNorm.backward` needs, so after concurrent calls
+``backward`` refers to whichever finished last). Training-mode calls update
+``running_mean``/``running_var`` in place and ``num_batches_tracked``; ``backward`` updates
+``grad_weight``/``grad_bias``: serialize those yourself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import operator
+import os
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+from .functional import batch_norm_backward, batch_norm_forward
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_FORMAT_VERSION = 1
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` returns (like PyTorch's ``_IncompatibleKeys``)."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite non-negative number, got {eps}")
+    return eps
+
+
+def _check_momentum(momentum: Any) -> Optional[float]:
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError("momentum must be a real number or None (cumulative moving average), "
+                        f"got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be finite, got {momentum}")
+    return momentum
+
+
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+    """A state-dict value as an ndarray: NumPy arrays, torch tensors or any array-like."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        if hasattr(value, "detach") and hasattr(value, "numpy"):    # torch.Tensor
+            return np.asarray(value.detach().cpu().numpy())
+        return np.asarray(value)
+    except Exception as e:  # noqa: BLE001 -- report any conversion failure with the key
+        raise TypeError(f"state_dict[{key!r}]: cannot convert {type(value).__name__} to a "
+                        f"NumPy array ({e})") from e
+
+
+class BatchNorm:
+    """Batch normalization over the channel axis of 2D to 5D inputs, with PyTorch's state.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
+    statistics in training (updating the running ones) and the running ones in eval.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (the size of the input along ``axis``).
+    eps : float
+        Added to the variance (0 allowed).
+    momentum : float or None
+        Weight of a new batch in the running statistics; None gives the cumulative moving
+        average (simple mean over ``num_batches_tracked`` batches).
+    affine : bool
+        Learnable ``weight`` (ones) and ``bias`` (zeros); without them both are None.
+    track_running_stats : bool
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``;
+        without them all three are None and eval mode also uses batch statistics.
+    dtype : float32 or float64, keyword-only
+        dtype of the parameters and buffers; inputs must have this dtype.
+    axis : int, keyword-only
+        The channel axis: 1 for ``(N, C, *)``, -1 for channels-last.
+
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,) or None
+    running_mean, running_var : ndarray of shape (C,) or None
+    num_batches_tracked : int or None
+        Training batches seen (``state_dict`` gives it as an int64 0-d array).
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        Gradients accumulated by :meth:`backward` (None until the first one, and after
+        :meth:`zero_grad`); always None when ``affine`` is False.
+    training : bool
+    """
+
+    #: input ndims this class accepts, and how its error message names them
+    _ndims: frozenset = frozenset((2, 3, 4, 5))
+    _ndims_text: str = "2D to 5D"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 dtype: DTypeLike = np.float32, axis: int = 1) -> None:
+        if isinstance(num_features, bool):
+            raise TypeError("num_features must be an int, got bool")
+        try:
+            num_features = operator.index(num_features)
+        except TypeError:
+            raise TypeError(f"num_features must be an int, got "
+                            f"{type(num_features).__name__}") from None
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if dt not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        if isinstance(axis, bool):
+            raise TypeError("axis must be an int, got bool")
+        try:
+            axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+        max_ndim = max(self._ndims)
+        if not -max_ndim <= axis < max_ndim:
+            raise np.exceptions.AxisError(axis, max_ndim)
+
+        self.num_features: int = num_features
+        self.eps: float = _check_eps(eps)
+        self.momentum: Optional[float] = _check_momentum(momentum)
+        self.affine: bool = bool(affine)
+        self.track_running_stats: bool = bool(track_running_stats)
+        self.axis: int = axis
+        self._dtype: np.dtype = dt
+        self.training: bool = True
+
+        C = num_features
+        self.weight: Optional[np.ndarray] = np.ones(C, dt) if self.affine else None
+        self.bias: Optional[np.ndarray] = np.zeros(C, dt) if self.affine else None
+        self.grad_weight: Optional[np.ndarray] = None
+        self.grad_bias: Optional[np.ndarray] = None
+        if self.track_running_stats:
+            self.running_mean: Optional[np.ndarray] = np.zeros(C, dt)
+            self.running_var: Optional[np.ndarray] = np.ones(C, dt)
+            self.num_batches_tracked: Optional[int] = 0
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+        # What backward needs from the last forward, replaced in one assignment:
+        # (input, save_mean, save_invstd, used batch statistics, axis), or None.
+        self._saved: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, bool, int]] = None
+
+    # ------------------------------------------------------------------ basic properties
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the parameters and buffers (and of the inputs this module accepts)."""
+        return self._dtype
+
+    def extra_repr(self) -> str:
+        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+             f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+        if self._dtype != np.float32:
+            s += f", dtype={self._dtype.name}"
+        if self.axis != 1:
+            s += f", axis={self.axis}"
+        return s
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    # ---------------------------------------------------------------------------- modes
+
+    def train(self, mode: bool = True) -> "BatchNorm":
+        """Set training mode (batch statistics, running ones updated); returns self."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError("training mode is expected to be boolean, got "
+                             f"{type(mode).__name__}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        """Set eval mode (running statistics, when tracked); returns self."""
+        return self.train(False)
+
+    def reset_running_stats(self) -> None:
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (when tracked)."""
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, and weight to ones and bias to zeros."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.fill(1)
+            self.bias.fill(0)
+
+    # -------------------------------------------------------------------------- compute
+
+    def _check_input(self, x: np.ndarray) -> None:
+        """Raise the error for an input of the wrong ndim, dtype or channel count."""
+        nd = x.ndim
+        if nd not in self._ndims:
+            raise ValueError(f"expected {self._ndims_text} input (got {nd}D input)")
+        if x.dtype != self._dtype:
+            if x.dtype in _FLOAT_DTYPES:
+                raise TypeError(
+                    f"{type(self).__name__} holds {self._dtype.name} parameters but got a "
+                    f"{x.dtype.name} input; convert the input (x.astype(numpy.{self._dtype.name}))"
+                    f" or create the module with dtype=numpy.{x.dtype.name}")
+            raise TypeError(f"expected a {self._dtype.name} input, got dtype {x.dtype}")
+        axis = self.axis
+        if not -nd <= axis < nd:
+            raise np.exceptions.AxisError(axis, nd)
+        if x.shape[axis] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels (num_features) along axis {axis}, "
+                f"got input of shape {x.shape}")
+
+    def forward(self, input: ArrayLike) -> np.ndarray:
+        """Normalize ``input`` and return a new array of its shape, dtype and memory order.
+
+        In training mode with ``track_running_stats``, this updates ``running_mean`` and
+        ``running_var`` in place and increments ``num_batches_tracked``. In every mode it
+        records (input reference, saved mean, saved invstd) for :meth:`backward`; the input is
+        not copied, so do not modify it in place before calling :meth:`backward`.
+        A call that raises changes nothing.
+        """
+        x = input if isinstance(input, np.ndarray) else np.asarray(input)
+        # Cheap checks first, so a bad call never reaches the running-stat update.
+        if x.ndim not in self._ndims or x.dtype != self._dtype:
+            self._check_input(x)
+        axis = self.axis
+        try:
+            C = x.shape[axis]
+        except IndexError:
+            C = None
+        if C != self.num_features:
+            self._check_input(x)
+
+        momentum = self.momentum
+        training = self.training
+        nbt = None
+        if training and self.track_running_stats and self.num_batches_tracked is not None:
+            nbt = self.num_batches_tracked + 1
+            factor = 1.0 / nbt if momentum is None else momentum
+        else:
+            factor = 0.0 if momentum is None else momentum
+        rm = self.running_mean
+        rv = self.running_var
+        bn_training = training or (rm is None and rv is None)
+        if training and not self.track_running_stats:
+            rm = rv = None
+        y, save_mean, save_invstd = batch_norm_forward(
+            x, self.weight, self.bias, rm, rv, bn_training, factor, self.eps, axis=axis)
+        if nbt is not None:
+            self.num_batches_tracked = nbt
+        self._saved = (x, save_mean, save_invstd, bn_training, axis)
+        return y
+
+    def __call__(self, input: ArrayLike) -> np.ndarray:
+        """Same as :meth:`forward`."""
+        return self.forward(input)
+
+    def backward(self, grad_output: ArrayLike) -> np.ndarray:
+        """Gradient of the input of the last :meth:`forward`, given that of its output.
+
+        Accumulates ``grad_weight`` and ``grad_bias`` (when ``affine``): the first call after
+        construction or :meth:`zero_grad` sets them, later ones add to them in place. Uses the
+        current ``weight``. May be called several times for the same forward (each call
+        accumulates again). Batch statistics (training mode, or no running statistics) give
+        the full gradient through the mean and variance; running ones give
+        ``weight * invstd * grad_output``.
+        """
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() first: "
+                               "there is no forward call to differentiate")
+        x, save_mean, save_invstd, bn_training, axis = saved
+        g = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
+        if g.shape != x.shape:
+            raise ValueError(f"grad_output has shape {g.shape}, expected {x.shape} "
+                             "(the shape of the last forward's input and output)")
+        if g.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"grad_output must be a float32 or float64 array, got dtype {g.dtype}")
+        grad_input, grad_weight, grad_bias = batch_norm_backward(
+            g, x, self.weight, save_mean, save_invstd, bn_training, axis=axis)
+        if self.affine:
+            if self.grad_weight is None:
+                self.grad_weight = grad_weight
+            else:
+                self.grad_weight += grad_weight
+            if self.grad_bias is None:
+                self.grad_bias = grad_bias
+            else:
+                self.grad_bias += grad_bias
+        return grad_input
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``grad_weight``/``grad_bias``: set them to None (default, like PyTorch) or
+        fill them with zeros in place."""
+        if set_to_none:
+            self.grad_weight = None
+            self.grad_bias = None
+        else:
+            for g in (self.grad_weight, self.grad_bias):
+                if g is not None:
+                    g.fill(0)
+
+    # ------------------------------------------------------------------------ state dict
+
+    def _state_keys(self) -> List[str]:
+        return [k for k in _STATE_KEYS if getattr(self, k) is not None]
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Parameters and buffers under PyTorch's keys, as NumPy arrays (copies).
+
+        Keys, in PyTorch's order: ``weight``, ``bias`` (when ``affine``), ``running_mean``,
+        ``running_var``, ``num_batches_tracked`` (an int64 0-d array; when
+        ``track_running_stats``).
+        """
+        d: Dict[str, np.ndarray] = {}
+        for k in self._state_keys():
+            v = getattr(self, k)
+            d[k] = np.array(v, dtype=np.int64) if k == "num_batches_tracked" else np.array(v)
+        return d
+
+    def _convert(self, key: str, value: Any) -> Union[np.ndarray, int]:
+        """A state-dict value checked and converted for this module (raises, changes nothing)."""
+        a = _to_numpy(value, key)
+        if key == "num_batches_tracked":
+            if a.shape != () and a.shape != (1,):
+                raise ValueError(f"size mismatch for num_batches_tracked: expected a scalar, "
+                                 f"got shape {a.shape}")
+            if a.dtype.kind not in "iu":
+                raise TypeError(f"num_batches_tracked must be an integer, got dtype {a.dtype}")
+            n = int(a.reshape(()))
+            if not 0 <= n <= np.iinfo(np.int64).max:
+                raise ValueError(f"num_batches_tracked must be a non-negative int64, got {n}")
+            return n
+        C = self.num_features
+        if a.shape != (C,):
+            raise ValueError(f"size mismatch for {key}: copying an array of shape {a.shape}, "
+                             f"the shape in this module is {(C,)}")
+        if a.dtype.kind not in "fiu":
+            raise TypeError(f"{key} must hold real numbers (float or int), got dtype {a.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = a.astype(self._dtype)          # always a new array
+        if a.dtype.kind == "f" and a.dtype.itemsize > out.dtype.itemsize:
+            overflow = np.isinf(out) & np.isfinite(a)
+            if overflow.any():
+                raise ValueError(f"{key} has values too large for {self._dtype.name}: "
+                                 f"{a[overflow][:3].tolist()}")
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True
+                        ) -> IncompatibleKeys:
+        """Copy parameters and buffers from ``state_dict`` into this module.
+
+        Values may be NumPy arrays, torch tensors or any array-like; they are converted to
+        this module's dtype (integers and floats only; float64 values that overflow float32
+        are refused). With ``strict``, the keys must be exactly those of :meth:`state_dict`.
+        Arrays are copied into the existing ``weight``/``bias``/running statistics, so
+        references to them stay valid. Nothing is changed when an error is raised.
+
+        Raises ValueError for missing/unexpected keys (all listed) and shape mismatches,
+        TypeError for values of the wrong kind. Returns ``(missing_keys, unexpected_keys)``.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        expected = self._state_keys()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append("missing key(s): " + ", ".join(map(repr, missing)))
+            if unexpected:
+                parts.append("unexpected key(s): " + ", ".join(map(repr, unexpected)))
+            raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                             + "; ".join(parts))
+        new = {k: self._convert(k, state_dict[k]) for k in expected if k in state_dict}
+        # Everything is checked: now write (nothing below can fail).
+        for k, v in new.items():
+            if k == "num_batches_tracked":
+                self.num_batches_tracked = v
+                continue
+            cur = getattr(self, k)
+            if (isinstance(cur, np.ndarray) and cur.shape == v.shape and cur.dtype == v.dtype
+                    and cur.flags.writeable):
+                cur[...] = v
+            else:
+                setattr(self, k, v)
+        return IncompatibleKeys(missing, unexpected)
+
+    # --------------------------------------------------------------------- save and load
+
+    def _config(self) -> Dict[str, Any]:
+        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
+                "affine": self.affine, "track_running_stats": self.track_running_stats,
+                "dtype": self._dtype.name, "axis": self.axis, "training": self.training}
+
+    def save(self, path: Union[str, os.PathLike]) -> str:
+        """Write this module to a ``.npz`` file (``.npz`` is appended when missing): the class
+        name, hyper-parameters, training flag and :meth:`state_dict`. Read it back with
+        :func:`cbn.load`. Returns the path written. No pickles are involved."""
+        name = next(c.__name__ for c in type(self).__mro__ if c.__name__ in _CLASSES
+                    and _CLASSES[c.__name__] is c)
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"
+        arrays = {"__cbn_format__": np.array(_FORMAT_VERSION),
+                  "__class__": np.array(name),
+                  "__config__": np.array(json.dumps(self._config()))}
+        arrays.update(self.state_dict())
+        np.savez(path, **arrays)
+        return path
+
+    # ------------------------------------------------------------------- pickle and copy
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The backward record (a reference to the last input) is not part of the module's
+        # state, like PyTorch's autograd graph: pickles and deep copies leave it out.
+        state = self.__dict__.copy()
+        state["_saved"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs, like ``torch.nn.BatchNorm1d``."""
+
+    _ndims = frozenset((2, 3))
+    _ndims_text = "2D or 3D"
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` for ``(N, C, H, W)`` inputs, like ``torch.nn.BatchNorm2d``."""
+
+    _ndims = frozenset((4,))
+    _ndims_text = "4D"
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` for ``(N, C, D, H, W)`` inputs, like ``torch.nn.BatchNorm3d``."""
+
+    _ndims = frozenset((5,))
+    _ndims_text = "5D"
+
+
+_CLASSES = {c.__name__: c for c in (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)}
+
+
+def load(path: Union[str, os.PathLike]) -> BatchNorm:
+    """Read a module written by :meth:`BatchNorm.save` (same class, hyper-parameters,
+    training flag, parameters and buffers). Raises ValueError for files cbn did not write."""
+    with np.load(path, allow_pickle=False) as f:
+        files = set(f.files)
+        if not {"__cbn_format__", "__class__", "__config__"} <= files:
+            raise ValueError(f"{os.fspath(path)!r} is not a module saved by cbn "
+                             "(BatchNorm.save writes __class__ and __config__ entries)")
+        version = int(f["__cbn_format__"])
+        if version > _FORMAT_VERSION:
+            raise ValueError(f"{os.fspath(path)!r} has format version {version}; this cbn "
+                             f"reads up to {_FORMAT_VERSION}")
+        name = str(f["__class__"])
+        config = json.loads(str(f["__config__"]))
+        state = {k: f[k] for k in f.files if not k.startswith("__")}
+    cls = _CLASSES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown module class {name!r} in {os.fspath(path)!r}")
+    training = bool(config.pop("training", True))
+    module = cls(**config)
+    module.load_state_dict(state, strict=True)
+    return module.train(training)

@@ -131,7 +131,7 @@ cdef extern from *:
         for (j = 0; j < L; j++) { s += a0[j]; ss += b0[j]; }                            \
         *mean = m + s / cnt;                                                            \
         ss -= s * s / cnt;                                                              \
-        *m2 = ss > 0.0 ? ss : 0.0;                                                      \
+        *m2 = ss < 0.0 ? 0.0 : ss;                                                      \
     }                                                                                   \
                                                                                         \
     /* sum(g) and sum(g * (x - mean)) over nruns runs of n values (run j at offset       \
@@ -649,7 +649,7 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
         s = bmean[c]
         bmean[c] = lane[c * K] + s * inv
         v = bm2[c] - s * s * inv
-        bm2[c] = v if v > 0.0 else 0.0
+        bm2[c] = 0.0 if v < 0.0 else v    # NaN stays NaN
     return cnt
 
 

@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike
 from . import _kernels
 from ._threads import resolve_num_threads
 
-__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "normalize"]
 
 _ACTIVATIONS = (None, "relu")
 
@@ -293,7 +293,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     r = None if residual is None else _same_shape(residual, "residual", x, dtype)
     out = _check_out(out, x)
     if training:
-        if x.size == C:
+        if x.size == C and math.prod(x.shape[:axis] + x.shape[axis + 1:]) == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {x.shape}")
     elif rm is None or rv is None:
@@ -312,6 +312,13 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
             _kernels.invstd(rv, eps, save_invstd)
         return y, save_mean, save_invstd
 
+    if not training:
+        scale = np.empty(C, dtype=dtype)
+        shift = np.empty(C, dtype=dtype)
+        _kernels.eval_params(w, b, rv, eps, save_invstd, scale, shift)
+        save_mean[:] = rm
+        return _affine(x, axis, rm, scale, shift, r, relu, out, nt), save_mean, save_invstd
+
     if half:                        # compute in float32, store the result as half
         x_half, out_half = x, out
         x, out = x.astype(np.float32), None
@@ -319,26 +326,64 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     x3 = view.read(x)
     r3 = None if r is None else view.read(r)
     y, y3, copy_into = _output(view, x, x3, out)
-    if training:
-        # Running stats may be strided views: the kernel updates contiguous copies.
-        rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
-        rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
-        _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
-                               momentum, eps, nt, r3, relu)
-        if rm_k is not rm and rm_k.base is not rm:
-            rm.reshape(-1)[...] = rm_k
-        if rv_k is not rv and rv_k.base is not rv:
-            rv.reshape(-1)[...] = rv_k
-    else:
-        scale = np.empty(C, dtype=dtype)
-        shift = np.empty(C, dtype=dtype)
-        _kernels.eval_params(w, b, rv, eps, save_invstd, scale, shift)
-        save_mean[:] = rm
-        _kernels.affine(x3, y3, rm, scale, shift, r3, relu, nt)
+    # Running stats may be strided views: the kernel updates contiguous copies.
+    rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
+    rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
+    _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
+                           momentum, eps, nt, r3, relu)
+    if rm_k is not rm and rm_k.base is not rm:
+        rm.reshape(-1)[...] = rm_k
+    if rv_k is not rv and rv_k.base is not rv:
+        rv.reshape(-1)[...] = rv_k
     y = _finish(y, copy_into)
     if half:
         y = _finish(y.astype(x_half.dtype), out_half)
     return y, save_mean, save_invstd
+
+
+def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt: int):
+    """y = act((x - mean) * scale + shift + r), per channel, in one pass (arguments
+    validated; vectors contiguous in the compute dtype; half inputs computed in float32)."""
+    half = _COMPUTE[x.dtype] != x.dtype
+    if half:
+        x_half, out_half = x, out
+        x, out = x.astype(np.float32), None
+    view = _View(x, axis)
+    x3 = view.read(x)
+    r3 = None if r is None else view.read(r)
+    y, y3, copy_into = _output(view, x, x3, out)
+    _kernels.affine(x3, y3, mean, scale, shift, r3, relu, nt)
+    y = _finish(y, copy_into)
+    if half:
+        y = _finish(y.astype(x_half.dtype), out_half)
+    return y
+
+
+def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayLike, *,
+              axis: int = 1, out: Optional[np.ndarray] = None,
+              n_threads: Optional[int] = None, activation: Optional[str] = None,
+              residual: Optional[ArrayLike] = None) -> np.ndarray:
+    """``y = act((x - mean) * scale + shift + residual)`` per channel, in one pass.
+
+    The eval forward once its per-channel vectors are known (``scale = weight * invstd``,
+    ``shift = bias``): what a frozen module calls, with no arithmetic on C-sized vectors
+    per call. Keeping ``x - mean`` (rather than ``x * scale + (shift - mean * scale)``)
+    gives exactly ``shift`` on a constant channel at its mean.
+    """
+    x = _as_input(input, "input")
+    axis = _channel_axis(axis, x.ndim)
+    C = x.shape[axis]
+    dtype = _COMPUTE[x.dtype]
+    relu = _check_activation(activation)
+    mean = _param(mean, "mean", C, dtype)
+    scale = _param(scale, "scale", C, dtype)
+    shift = _param(shift, "shift", C, dtype)
+    r = None if residual is None else _same_shape(residual, "residual", x, dtype)
+    out = _check_out(out, x)
+    if x.size == 0:
+        return np.empty_like(x) if out is None else out
+    return _affine(x, axis, mean, scale, shift, r, relu, out,
+                   resolve_num_threads(n_threads, x.size))
 
 
 def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],

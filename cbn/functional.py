@@ -24,7 +24,8 @@ from numpy.typing import ArrayLike
 from . import _kernels
 from ._threads import resolve_num_threads
 
-__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "normalize"]
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
+           "normalize"]
 
 _ACTIVATIONS = (None, "relu")
 
@@ -357,6 +358,23 @@ def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt
     if half:
         y = _finish(y.astype(x_half.dtype), out_half)
     return y
+
+
+def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
+                    running_var: ArrayLike, eps: float, dtype=np.float32,
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel vectors of the eval forward: ``(invstd, scale, shift)`` with
+    ``invstd = 1/sqrt(running_var + eps)`` (0 where that is 0), ``scale = weight * invstd``
+    and ``shift = bias``, in ``dtype``, computed exactly as the eval forward does."""
+    dtype = np.dtype(dtype)
+    rv = _param(running_var, "running_var", np.size(running_var), dtype)
+    C = rv.size
+    w = _param(weight, "weight", C, dtype)
+    b = _param(bias, "bias", C, dtype)
+    eps = _check_eps(eps)
+    invstd, scale, shift = (np.empty(C, dtype=dtype) for _ in range(3))
+    _kernels.eval_params(w, b, rv, eps, invstd, scale, shift)
+    return invstd, scale, shift
 
 
 def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayLike, *,

@@ -39,11 +39,14 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .functional import batch_norm_backward, batch_norm_forward
+from .functional import batch_norm_backward, batch_norm_forward, eval_parameters, normalize
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: input dtypes a float32 module also accepts: computed in float32, output in their dtype
+_HALF_DTYPES = tuple(np.dtype(t) for t in ("float16",) + (("bfloat16",) if "bfloat16" in
+                     np.sctypeDict else ()))
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FORMAT_VERSION = 1
 
@@ -113,6 +116,12 @@ class BatchNorm:
         dtype of the parameters and buffers; inputs must have this dtype.
     axis : int, keyword-only
         The channel axis: 1 for ``(N, C, *)``, -1 for channels-last.
+    activation : None or "relu", keyword-only
+        Applied to the output in the same pass (``relu(bn(x))``); :meth:`backward` masks
+        the gradient where the output was clipped.
+
+    A float32 module also takes float16 (and ml_dtypes' bfloat16) inputs: they are
+    computed in float32 and the output has the input's dtype, as in PyTorch on the CPU.
 
     Attributes
     ----------
@@ -132,7 +141,8 @@ class BatchNorm:
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 dtype: DTypeLike = np.float32, axis: int = 1) -> None:
+                 dtype: DTypeLike = np.float32, axis: int = 1,
+                 activation: Optional[str] = None) -> None:
         if isinstance(num_features, bool):
             raise TypeError("num_features must be an int, got bool")
         try:
@@ -158,6 +168,9 @@ class BatchNorm:
         if not -max_ndim <= axis < max_ndim:
             raise np.exceptions.AxisError(axis, max_ndim)
 
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        self.activation: Optional[str] = activation
         self.num_features: int = num_features
         self.eps: float = _check_eps(eps)
         self.momentum: Optional[float] = _check_momentum(momentum)
@@ -181,8 +194,10 @@ class BatchNorm:
             self.running_var = None
             self.num_batches_tracked = None
         # What backward needs from the last forward, replaced in one assignment:
-        # (input, save_mean, save_invstd, used batch statistics, axis), or None.
-        self._saved: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, bool, int]] = None
+        # (input, save_mean, save_invstd, used batch statistics, axis, output if ReLU).
+        self._saved: Optional[Tuple[Any, ...]] = None
+        # freeze(): (running_mean, scale, shift, invstd) copies for the one-pass eval
+        self._frozen: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
 
     # ------------------------------------------------------------------ basic properties
 
@@ -198,6 +213,8 @@ class BatchNorm:
             s += f", dtype={self._dtype.name}"
         if self.axis != 1:
             s += f", axis={self.axis}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
         return s
 
     def __repr__(self) -> str:
@@ -211,6 +228,8 @@ class BatchNorm:
             raise ValueError("training mode is expected to be boolean, got "
                              f"{type(mode).__name__}")
         self.training = bool(mode)
+        if self.training:
+            self._frozen = None
         return self
 
     def eval(self) -> "BatchNorm":
@@ -238,7 +257,7 @@ class BatchNorm:
         nd = x.ndim
         if nd not in self._ndims:
             raise ValueError(f"expected {self._ndims_text} input (got {nd}D input)")
-        if x.dtype != self._dtype:
+        if x.dtype != self._dtype and not (self._dtype == np.float32 and x.dtype in _HALF_DTYPES):
             if x.dtype in _FLOAT_DTYPES:
                 raise TypeError(
                     f"{type(self).__name__} holds {self._dtype.name} parameters but got a "
@@ -266,6 +285,15 @@ class BatchNorm:
         # Cheap checks first, so a bad call never reaches the running-stat update.
         if x.ndim not in self._ndims or x.dtype != self._dtype:
             self._check_input(x)
+        frozen = self._frozen
+        if frozen is not None and not self.training:
+            if x.shape[self.axis] != self.num_features:
+                self._check_input(x)
+            mean, scale, shift, invstd = frozen
+            y = normalize(x, mean, scale, shift, axis=self.axis, activation=self.activation)
+            self._saved = (x, mean, invstd, False, self.axis,
+                           y if self.activation is not None else None)
+            return y
         axis = self.axis
         try:
             C = x.shape[axis]
@@ -288,10 +316,12 @@ class BatchNorm:
         if training and not self.track_running_stats:
             rm = rv = None
         y, save_mean, save_invstd = batch_norm_forward(
-            x, self.weight, self.bias, rm, rv, bn_training, factor, self.eps, axis=axis)
+            x, self.weight, self.bias, rm, rv, bn_training, factor, self.eps, axis=axis,
+            activation=self.activation)
         if nbt is not None:
             self.num_batches_tracked = nbt
-        self._saved = (x, save_mean, save_invstd, bn_training, axis)
+        self._saved = (x, save_mean, save_invstd, bn_training, axis,
+                       y if self.activation is not None else None)
         return y
 
     def __call__(self, input: ArrayLike) -> np.ndarray:
@@ -312,15 +342,16 @@ class BatchNorm:
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() needs a forward() first: "
                                "there is no forward call to differentiate")
-        x, save_mean, save_invstd, bn_training, axis = saved
+        x, save_mean, save_invstd, bn_training, axis, output = saved
         g = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
         if g.shape != x.shape:
             raise ValueError(f"grad_output has shape {g.shape}, expected {x.shape} "
                              "(the shape of the last forward's input and output)")
-        if g.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"grad_output must be a float32 or float64 array, got dtype {g.dtype}")
+        if g.dtype not in _FLOAT_DTYPES and g.dtype not in _HALF_DTYPES:
+            raise TypeError(f"grad_output must be a floating-point array, got dtype {g.dtype}")
         grad_input, grad_weight, grad_bias = batch_norm_backward(
-            g, x, self.weight, save_mean, save_invstd, bn_training, axis=axis)
+            g, x, self.weight, save_mean, save_invstd, bn_training, axis=axis,
+            activation=self.activation, output=output)
         if self.affine:
             if self.grad_weight is None:
                 self.grad_weight = grad_weight
@@ -342,6 +373,44 @@ class BatchNorm:
             for g in (self.grad_weight, self.grad_bias):
                 if g is not None:
                     g.fill(0)
+
+    # ------------------------------------------------------------------------- inference
+
+    def freeze(self) -> "BatchNorm":
+        """Switch to eval mode with the per-channel vectors computed once.
+
+        ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias`` are computed now,
+        so each later eval call is one pass over the data and no arithmetic on C-sized
+        vectors (results identical to the unfrozen eval). Later in-place changes to
+        ``weight``, ``bias`` or the running statistics are not seen until :meth:`freeze`
+        is called again; :meth:`load_state_dict` refreezes, :meth:`train` and
+        :meth:`unfreeze` undo it. Needs running statistics. Returns self.
+        """
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError(f"{type(self).__name__}.freeze() needs running statistics "
+                             "(track_running_stats=True)")
+        invstd, scale, shift = eval_parameters(self.weight, self.bias, self.running_var,
+                                               self.eps, self._dtype)
+        self.eval()
+        self._frozen = (self.running_mean.copy(), scale, shift, invstd)
+        return self
+
+    def unfreeze(self) -> "BatchNorm":
+        """Drop the vectors :meth:`freeze` computed (the mode is unchanged); returns self."""
+        self._frozen = None
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """Whether :meth:`freeze` is in effect."""
+        return self._frozen is not None
+
+    def fold_into(self, weight: ArrayLike, bias: Optional[ArrayLike] = None, *,
+                  transpose: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """This module (eval statistics) folded into the preceding Linear/Conv layer's
+        ``weight`` and ``bias``: see :func:`cbn.fold`."""
+        from .fusion import fold
+        return fold(weight, bias, self, transpose=transpose)
 
     # ------------------------------------------------------------------------ state dict
 
@@ -427,6 +496,8 @@ class BatchNorm:
                 cur[...] = v
             else:
                 setattr(self, k, v)
+        if self._frozen is not None:
+            self.freeze()
         return IncompatibleKeys(missing, unexpected)
 
     # --------------------------------------------------------------------- save and load
@@ -434,7 +505,8 @@ class BatchNorm:
     def _config(self) -> Dict[str, Any]:
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
                 "affine": self.affine, "track_running_stats": self.track_running_stats,
-                "dtype": self._dtype.name, "axis": self.axis, "training": self.training}
+                "dtype": self._dtype.name, "axis": self.axis, "activation": self.activation,
+                "training": self.training}
 
     def save(self, path: Union[str, os.PathLike]) -> str:
         """Write this module to a ``.npz`` file (``.npz`` is appended when missing): the class

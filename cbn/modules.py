@@ -39,14 +39,13 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .functional import batch_norm_backward, batch_norm_forward, eval_parameters, normalize
+from .functional import _COMPUTE, batch_norm_backward, batch_norm_forward, eval_parameters, normalize
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: input dtypes a float32 module also accepts: computed in float32, output in their dtype
-_HALF_DTYPES = tuple(np.dtype(t) for t in ("float16",) + (("bfloat16",) if "bfloat16" in
-                     np.sctypeDict else ()))
+_HALF_DTYPES = tuple(d for d, compute in _COMPUTE.items() if d != compute)
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _FORMAT_VERSION = 1
 

@@ -224,21 +224,23 @@ cdef extern from *:
        kernels: strips of 4 vectors walk down the rows with register accumulators; the  \
        last w % (4L) columns go one at a time. Each column is summed in row order. */    \
     #define CBN_DEFINE_COLS(T, SUF, L)                                                  \
-    /* out[t] = sum_r (p[r*w + t] - sh[t]), row by row (streams from memory; the      \
-       accumulators stay in L1). */                                                     \
-    static inline void cbn_cols_shifted_sum_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,\
-                                                  const T* sh, T* out) {                \
+    /* d = p[r*w + t] - sh[t]: s1[t] = sum_r d, s2[t] = sum_r d*d, row by row (streams  \
+       from memory; the accumulators stay in L1). */                                    \
+    static inline void cbn_cols_shifted_sums_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,\
+                                                   const T* sh, T* s1, T* s2) {         \
         typedef cbn_v_##SUF V;                                                          \
         Py_ssize_t t, r, ws = w - w % L;                                                \
-        V a, x, s;                                                                      \
-        for (t = 0; t < w; t++) out[t] = 0;                                             \
+        V a, b, x, s;                                                                   \
+        T d;                                                                            \
+        for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }                               \
         for (r = 0; r < R; r++, p += w) {                                               \
             for (t = 0; t < ws; t += L) {                                               \
-                CBN_VLOAD(a, out + t); CBN_VLOAD(x, p + t); CBN_VLOAD(s, sh + t);       \
-                a += x - s;                                                             \
-                CBN_VSTORE(out + t, a);                                                 \
+                CBN_VLOAD(x, p + t); CBN_VLOAD(s, sh + t);                              \
+                CBN_VLOAD(a, s1 + t); CBN_VLOAD(b, s2 + t);                             \
+                x -= s; a += x; b += x * x;                                             \
+                CBN_VSTORE(s1 + t, a); CBN_VSTORE(s2 + t, b);                           \
             }                                                                           \
-            for (; t < w; t++) out[t] += p[t] - sh[t];                                  \
+            for (; t < w; t++) { d = p[t] - sh[t]; s1[t] += d; s2[t] += d * d; }        \
         }                                                                               \
     }                                                                                   \
                                                                                         \
@@ -358,8 +360,8 @@ cdef extern from *:
                           int relu) noexcept nogil
     void cbn_run_bwd_f(const float* x, const float* g, const float* ym, float* y, Py_ssize_t n, float a,
                        float b, float c, float d) noexcept nogil
-    void cbn_cols_shifted_sum_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* sh,
-                                float* out) noexcept nogil
+    void cbn_cols_shifted_sums_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* sh,
+                                 float* s1, float* s2) noexcept nogil
     void cbn_cols_dev_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* m, float* s1,
                         float* s2) noexcept nogil
     void cbn_cols_sums_f(const float* g, const float* x, const float* ym, float* dx, float* gr,
@@ -377,8 +379,8 @@ cdef extern from *:
                           int relu) noexcept nogil
     void cbn_run_bwd_d(const double* x, const double* g, const double* ym, double* y, Py_ssize_t n, double a,
                        double b, double c, double d) noexcept nogil
-    void cbn_cols_shifted_sum_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* sh,
-                                double* out) noexcept nogil
+    void cbn_cols_shifted_sums_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* sh,
+                                 double* s1, double* s2) noexcept nogil
     void cbn_cols_dev_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* m, double* s1,
                         double* s2) noexcept nogil
     void cbn_cols_sums_d(const double* g, const double* x, const double* ym, double* dx, double* gr,
@@ -395,6 +397,7 @@ cdef enum:
     ROW_BLOCK = 65536     # values per two-pass block of rows (L2-resident)
     ROW_ALIGN = 32        # glued rows are a multiple of this many values when cheap
     ROW_MIN_ROWS = 32     # rows per block at least (very wide rows: larger blocks)
+    SHIFT_ROWS = 32       # rows whose mean shifts an item's first block (rows kernels)
     ROW_MIN_WIDTH = 64    # rows kernels glue m-rows until a row has this many values
     TARGET_ITEMS = 128    # parallel work items per reduction (fixed: determinism)
     CHUNK = 16384         # values per parallel item in element-wise passes
@@ -618,24 +621,57 @@ cdef inline void zero(double* v, Py_ssize_t n) noexcept nogil:
 
 
 cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
-                               Py_ssize_t K, floating* acc, floating* acc2, floating* lane,
-                               double* bmean, double* bm2) noexcept nogil:
+                               Py_ssize_t K, const double* hint, floating* acc,
+                               floating* acc2, floating* lane, double* bmean,
+                               double* bm2) noexcept nogil:
     """Per-channel moments of R rows of w values (row 0 at p) into bmean, bm2; returns the
-    count per channel. Scratch: acc, acc2, lane hold w values."""
+    count per channel. Scratch: acc, acc2, lane hold w values.
+
+    Pass 1 streams the block once, summing d = x - shift and d*d: m2 = S2 - S1^2/n. The
+    shift is an estimate of each channel's mean: `hint` (the mean of the blocks before,
+    when there are some), else the mean of the block's first rows. That loses accuracy only when
+    the shift is far from the mean: S2 / m2 = 1 + n (mean - shift)^2 / m2. Where
+    S1^2/n > S2/2 for any channel (the factor could exceed 2), the block takes a second
+    pass from cache around its mean, the corrected two-pass formula. Either way the
+    result is within a factor 2 of a two-pass's rounding error.
+    """
     cdef Py_ssize_t c, reps = w // (C * K)
     cdef double cnt = <double>R * reps * K, inv = 1.0 / cnt, s, v
-    # pass 1: shifted sums, the shift being the block's first row
+    cdef bint second_pass = False
+    cdef Py_ssize_t r0 = R if R < SHIFT_ROWS else SHIFT_ROWS
+    if hint != NULL:
+        expand_lanes_d(hint, lane, w, C, K)
+    else:                       # mean of the first rows, around the first row
+        if floating is float:
+            cbn_cols_shifted_sums_f(p, r0, w, p, acc, acc2)
+        else:
+            cbn_cols_shifted_sums_d(p, r0, w, p, acc, acc2)
+        zero(bmean, C)
+        zero(bm2, C)
+        fold_lanes(acc, bmean, reps, C, K)
+        fold_lanes(p, bm2, reps, C, K)
+        for c in range(C):
+            bmean[c] = (bmean[c] + bm2[c] * r0) / (<double>r0 * reps * K)
+        expand_lanes_d(bmean, lane, w, C, K)
     if floating is float:
-        cbn_cols_shifted_sum_f(p, R, w, p, acc)
+        cbn_cols_shifted_sums_f(p, R, w, lane, acc, acc2)
     else:
-        cbn_cols_shifted_sum_d(p, R, w, p, acc)
+        cbn_cols_shifted_sums_d(p, R, w, lane, acc, acc2)
     zero(bmean, C)
     zero(bm2, C)
     fold_lanes(acc, bmean, reps, C, K)
-    fold_lanes(p, bm2, reps, C, K)
-    # pass 2: deviations around the block mean (bm2 holds the shifts' sums)
+    fold_lanes(acc2, bm2, reps, C, K)
     for c in range(C):
-        bmean[c] = (bmean[c] + bm2[c] * R) * inv
+        s = bmean[c]
+        v = s * s * inv
+        if v > 0.5 * bm2[c]:
+            second_pass = True
+        bmean[c] = lane[c * K] + s * inv
+        v = bm2[c] - v
+        bm2[c] = 0.0 if v < 0.0 else v    # NaN stays NaN
+    if not second_pass:
+        return cnt
+    # pass 2: deviations around the block mean (rounded to the data type), from cache
     expand_lanes_d(bmean, lane, w, C, K)
     if floating is float:
         cbn_cols_dev_f(p, R, w, lane, acc, acc2)
@@ -676,7 +712,8 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
             nr = P.nrows - r0
             if nr > P.R:
                 nr = P.R
-            cnt = rows_block_moments(x + r0 * P.W, nr, P.W, C, K, sc, sc + P.W,
+            cnt = rows_block_moments(x + r0 * P.W, nr, P.W, C, K,
+                                     acc + 1 if acc[0] > 0 else NULL, sc, sc + P.W,
                                      sc + 2 * P.W, ds, ds + C)
             merge_channels(acc, acc + 1, acc + 1 + C, cnt, ds, ds + C, C)
     # merge the items in order into the first one's slot (sized for one even if no items)
@@ -687,7 +724,8 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
         merge_channels(acc, acc + 1, acc + 1 + C, part[it * stride],
                        part + it * stride + 1, part + it * stride + 1 + C, C)
     if P.tail:
-        cnt = rows_block_moments(x + P.nrows * P.W, 1, P.tail, C, K, scratch, scratch + P.W,
+        cnt = rows_block_moments(x + P.nrows * P.W, 1, P.tail, C, K,
+                                 acc + 1 if acc[0] > 0 else NULL, scratch, scratch + P.W,
                                  scratch + 2 * P.W, dscratch, dscratch + C)
         merge_channels(acc, acc + 1, acc + 1 + C, cnt, dscratch, dscratch + C, C)
     n = acc[0]

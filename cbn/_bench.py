@@ -59,10 +59,12 @@ QUICK_CASES: List[tuple] = [(16, 256, 14, 14), (256, 1024), (2, 8, 4, 4)]
 
 DTYPES = ("float32", "float64")
 LAYOUTS = ("nchw", "nhwc")
-OPS = ("train", "eval", "backward")
+OPS = ("train", "eval", "backward", "train_fused", "eval_fused")
 IMPLS = ("copy", "cbn", "cbn_out", "torch", "ort", "numpy")
 OP_TITLES = {"train": "training forward", "eval": "eval forward",
-             "backward": "backward (training)"}
+             "backward": "backward (training)",
+             "train_fused": "training forward, relu(bn(x) + residual)",
+             "eval_fused": "eval forward, relu(bn(x) + residual)"}
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -279,7 +281,12 @@ def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
     rm0 = (0.1 * rng.standard_normal(C)).astype(dtype)
     rv0 = rng.uniform(0.5, 2.0, C).astype(dtype)
     buf = np.empty_like(x)
-    training = op != "eval"
+    training = op not in ("eval", "eval_fused")
+    # The fused ops add a residual and a ReLU: cbn does it in its one output pass; torch
+    # and NumPy, which have no such fusion on the CPU, do it as two more element-wise ops.
+    fused = op.endswith("_fused")
+    r = rng.standard_normal(ashape, dtype=dtype) if fused else None
+    extra = {"activation": "relu", "residual": r} if fused else {}
     fns: Dict[str, Callable] = {}
     notes = {}
 
@@ -310,21 +317,24 @@ def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
     if "cbn" in impls:
         rm, rv = rm0.copy(), rv0.copy()
         fns["cbn"] = lambda: cbn.batch_norm_forward(x, w, b, rm, rv, training, MOMENTUM, EPS,
-                                                    axis=axis, n_threads=threads)[0]
+                                                    axis=axis, n_threads=threads, **extra)[0]
     if "cbn_out" in impls:
         rm2, rv2, out = rm0.copy(), rv0.copy(), np.empty_like(x)
         fns["cbn_out"] = lambda: cbn.batch_norm_forward(x, w, b, rm2, rv2, training, MOMENTUM,
                                                         EPS, axis=axis, out=out,
-                                                        n_threads=threads)[0]
+                                                        n_threads=threads, **extra)[0]
     if "torch" in impls and torch is not None:
         tx = _to_torch_view(torch, x, layout)
         tw, tb = torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
         trm, trv = torch.from_numpy(rm0.copy()), torch.from_numpy(rv0.copy())
         nb = torch.ops.aten.native_batch_norm
-        fns["torch"] = _first_call_copies(
-            lambda: _from_torch_view(nb(tx, tw, tb, trm, trv, training, MOMENTUM, EPS)[0],
-                                     layout),
-            lambda: nb(tx, tw, tb, trm, trv, training, MOMENTUM, EPS))
+        if fused:
+            tr = _to_torch_view(torch, r, layout)
+            timed = lambda: torch.relu_(nb(tx, tw, tb, trm, trv, training, MOMENTUM, EPS)[0]
+                                        .add_(tr))
+        else:
+            timed = lambda: nb(tx, tw, tb, trm, trv, training, MOMENTUM, EPS)[0]
+        fns["torch"] = _first_call_copies(lambda: _from_torch_view(timed(), layout), timed)
     if "ort" in impls and ort is not None and op == "eval":
         if layout == "nhwc" and len(shape) > 2:
             notes["ort"] = "ONNX BatchNormalization is channels-first only"
@@ -335,8 +345,9 @@ def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
                 notes["ort"] = f"{type(e).__name__}: {e}"[:200]
     if "numpy" in impls:
         nrm, nrv = rm0.copy(), rv0.copy()
-        fns["numpy"] = lambda: _reference.batch_norm_forward(x, w, b, nrm, nrv, training,
-                                                             MOMENTUM, EPS, axis=axis)[0]
+        ref = lambda: _reference.batch_norm_forward(x, w, b, nrm, nrv, training, MOMENTUM,
+                                                    EPS, axis=axis)[0]
+        fns["numpy"] = (lambda: np.maximum(ref() + r, 0)) if fused else ref
     return fns, notes
 
 

@@ -563,8 +563,12 @@ cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* ou
                          int nthreads) noexcept nogil:
     """part: items*C slots."""
     cdef Py_ssize_t it, c
-    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
-        planes_item_moments(x, P, it, part + it * P.C)
+    if nthreads == 1:           # no OpenMP region at all: it costs more than tiny inputs
+        for it in range(P.items):
+            planes_item_moments(x, P, it, part + it * P.C)
+    else:
+        for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            planes_item_moments(x, P, it, part + it * P.C)
     zero_moments(out, P.C)
     for it in range(P.items):
         for c in range(P.C):
@@ -689,33 +693,40 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
     return cnt
 
 
+cdef void rows_item_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
+                            Py_ssize_t it, double* acc, floating* sc,
+                            double* ds) noexcept nogil:
+    """(count, C means, C m2s) of one item's blocks into acc; scratch sc: 3*W, ds: 2*C."""
+    cdef Py_ssize_t blk, r0, nr
+    cdef double cnt
+    acc[0] = 0.0
+    for blk in range(it * P.nblocks // P.items, (it + 1) * P.nblocks // P.items):
+        r0 = blk * P.R
+        nr = P.nrows - r0
+        if nr > P.R:
+            nr = P.R
+        cnt = rows_block_moments(x + r0 * P.W, nr, P.W, C, K,
+                                 acc + 1 if acc[0] > 0 else NULL, sc, sc + P.W,
+                                 sc + 2 * P.W, ds, ds + C)
+        merge_channels(acc, acc + 1, acc + 1 + C, cnt, ds, ds + C, C)
+
+
 cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
                        double* part, floating* scratch, double* dscratch, Moments* out,
                        int nthreads) noexcept nogil:
     """Per-channel moments over the rows partition. part: items*(2C+1) doubles (count,
     means, m2s of each item); scratch: 3*W floating and dscratch: 2*C doubles per thread."""
-    cdef Py_ssize_t it, b0, b1, blk, r0, nr, c, tid, stride = 2 * C + 1
-    cdef floating* sc
-    cdef double* ds
+    cdef Py_ssize_t it, c, tid, stride = 2 * C + 1
     cdef double* acc
     cdef double cnt, n
-    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
-        tid = threadid()
-        sc = scratch + tid * 3 * P.W
-        ds = dscratch + tid * 2 * C
-        acc = part + it * stride
-        acc[0] = 0.0
-        b0 = it * P.nblocks // P.items
-        b1 = (it + 1) * P.nblocks // P.items
-        for blk in range(b0, b1):
-            r0 = blk * P.R
-            nr = P.nrows - r0
-            if nr > P.R:
-                nr = P.R
-            cnt = rows_block_moments(x + r0 * P.W, nr, P.W, C, K,
-                                     acc + 1 if acc[0] > 0 else NULL, sc, sc + P.W,
-                                     sc + 2 * P.W, ds, ds + C)
-            merge_channels(acc, acc + 1, acc + 1 + C, cnt, ds, ds + C, C)
+    if nthreads == 1:
+        for it in range(P.items):
+            rows_item_moments(x, C, K, P, it, part + it * stride, scratch, dscratch)
+    else:
+        for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            tid = threadid()
+            rows_item_moments(x, C, K, P, it, part + it * stride,
+                              scratch + tid * 3 * P.W, dscratch + tid * 2 * C)
     # merge the items in order into the first one's slot (sized for one even if no items)
     acc = part
     if P.items == 0:
@@ -758,6 +769,26 @@ cdef inline void run_apply(int op, const floating* x, const floating* g, const f
             cbn_run_bwd_d(x, g, q, y, n, a, b, c, d)
 
 
+cdef void planes_apply_units(int op, const floating* x, const floating* g,
+                             const floating* q, floating* y, Py_ssize_t C, Py_ssize_t K,
+                             Py_ssize_t nch, Py_ssize_t clen, Py_ssize_t u0, Py_ssize_t u1,
+                             const floating* pa, const floating* pb, const floating* pc,
+                             const floating* pd, bint relu) noexcept nogil:
+    """Units u0..u1 of planes_apply: unit u is chunk u % nch of plane u // nch."""
+    cdef Py_ssize_t u, plane, ch, start, n, off
+    for u in range(u0, u1):
+        plane = u // nch
+        ch = plane % C
+        start = (u % nch) * clen
+        n = K - start
+        if n > clen:
+            n = clen
+        off = plane * K + start
+        run_apply(op, x + off, g + off if g != NULL else NULL,
+                  q + off if q != NULL else NULL, y + off, n,
+                  pa[ch], pb[ch], pc[ch], pd[ch] if pd != NULL else 0, relu)
+
+
 cdef void planes_apply(int op, const floating* x, const floating* g, const floating* q,
                        floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
                        const floating* pa, const floating* pb, const floating* pc,
@@ -769,22 +800,16 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
     cdef Py_ssize_t units = M * C * nch
     cdef Py_ssize_t per_item = CHUNK // clen if clen < CHUNK else 1
     cdef Py_ssize_t items = (units + per_item - 1) // per_item
-    cdef Py_ssize_t it, u, u1, plane, ch, start, n, off
+    cdef Py_ssize_t it, u0, u1
+    if nthreads == 1:
+        planes_apply_units(op, x, g, q, y, C, K, nch, clen, 0, units, pa, pb, pc, pd, relu)
+        return
     for it in prange(items, num_threads=nthreads, schedule="dynamic"):
-        u1 = (it + 1) * per_item
+        u0 = it * per_item
+        u1 = u0 + per_item
         if u1 > units:
             u1 = units
-        for u in range(it * per_item, u1):
-            plane = u // nch
-            ch = plane % C
-            start = (u % nch) * clen
-            n = K - start
-            if n > clen:
-                n = clen
-            off = plane * K + start
-            run_apply(op, x + off, g + off if g != NULL else NULL,
-                      q + off if q != NULL else NULL, y + off, n,
-                      pa[ch], pb[ch], pc[ch], pd[ch] if pd != NULL else 0, relu)
+        planes_apply_units(op, x, g, q, y, C, K, nch, clen, u0, u1, pa, pb, pc, pd, relu)
 
 
 cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
@@ -830,14 +855,17 @@ cdef void rows_apply(int op, const floating* x, const floating* g, const floatin
     cdef const floating* lb = lanes + W
     cdef const floating* lc = lanes + 2 * W
     cdef const floating* ld = lanes + 3 * W
-    for blk in prange(P.nblocks, num_threads=nthreads, schedule="dynamic"):
-        r0 = blk * P.R
-        nr = P.nrows - r0
-        if nr > P.R:
-            nr = P.R
-        off = r0 * W
-        row_apply(op, x + off, g + off if g != NULL else NULL,
-                  q + off if q != NULL else NULL, y + off, nr, W, la, lb, lc, ld, relu)
+    if nthreads == 1:
+        row_apply(op, x, g, q, y, P.nrows, W, la, lb, lc, ld, relu)
+    else:
+        for blk in prange(P.nblocks, num_threads=nthreads, schedule="dynamic"):
+            r0 = blk * P.R
+            nr = P.nrows - r0
+            if nr > P.R:
+                nr = P.R
+            off = r0 * W
+            row_apply(op, x + off, g + off if g != NULL else NULL,
+                      q + off if q != NULL else NULL, y + off, nr, W, la, lb, lc, ld, relu)
     if P.tail:
         off = P.nrows * W
         row_apply(op, x + off, g + off if g != NULL else NULL,
@@ -1036,6 +1064,47 @@ def eval_params(weight, bias, cnp.ndarray running_var, double eps, cnp.ndarray s
                          <double*>data(scale), <double*>data(shift), C)
 
 
+cdef int forward_eval_impl(const floating* x, floating* y, const floating* weight,
+                           const floating* bias, const floating* running_mean,
+                           const floating* running_var, floating* save_mean,
+                           floating* save_invstd, const floating* residual, bint relu,
+                           Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, double eps,
+                           int nthreads) except -1:
+    cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, sizeof(floating)), c
+    cdef char* mem = <char*>alloc(abytes + 2 * C * sizeof(floating))
+    cdef floating* scale = <floating*>(mem + abytes)
+    cdef floating* shift = scale + C
+    with nogil:
+        eval_params_impl(weight, bias, running_var, eps, save_invstd, scale, shift, C)
+        for c in range(C):
+            save_mean[c] = running_mean[c]
+        apply(OP_AFFINE, x, NULL, residual, y, M, C, K, running_mean, scale, shift, NULL,
+              <floating*>mem, relu, nthreads)
+    free(mem)
+    return 0
+
+
+def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running_mean,
+                 cnp.ndarray running_var, cnp.ndarray save_mean, cnp.ndarray save_invstd,
+                 double eps, int nthreads, residual=None, bint relu=False):
+    """Eval forward on (M, C, K) arrays: eval_params, then y = act((x - running_mean) *
+    scale + shift + residual) in one pass; save_mean = running_mean."""
+    cdef Py_ssize_t M = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
+    cdef Py_ssize_t K = cnp.PyArray_DIM(x, 2)
+    if is_float32(x):
+        forward_eval_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
+                          <float*>data(bias), <float*>data(running_mean),
+                          <float*>data(running_var), <float*>data(save_mean),
+                          <float*>data(save_invstd), <float*>data(residual), relu, M, C, K,
+                          eps, nthreads)
+    else:
+        forward_eval_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
+                          <double*>data(bias), <double*>data(running_mean),
+                          <double*>data(running_var), <double*>data(save_mean),
+                          <double*>data(save_invstd), <double*>data(residual), relu, M, C, K,
+                          eps, nthreads)
+
+
 def invstd(floating[::1] var, double eps, floating[::1] out):
     """out = 1/sqrt(var + eps), 0 where var + eps == 0."""
     cdef Py_ssize_t c
@@ -1089,8 +1158,12 @@ cdef void planes_sums(const floating* g, const floating* x, const floating* ym, 
                       Sums* part, Sums* out, int nthreads) noexcept nogil:
     """part: items*C slots."""
     cdef Py_ssize_t it, c
-    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
-        planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
+    if nthreads == 1:
+        for it in range(P.items):
+            planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
+    else:
+        for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
     zero_sums(out, P.C)
     for it in range(P.items):
         for c in range(P.C):
@@ -1118,30 +1191,39 @@ cdef void rows_block_sums(const floating* g, const floating* x, const floating* 
                 t += 1
 
 
+cdef void rows_item_sums(const floating* g, const floating* x, const floating* ym,
+                         floating* dx, floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P,
+                         Py_ssize_t it, const floating* lmean, const floating* lscale,
+                         Sums* acc, floating* sc) noexcept nogil:
+    """Sums of one item's blocks into acc[0:C]; scratch sc: 2*W."""
+    cdef Py_ssize_t blk, r0, nr, off
+    zero_sums(acc, C)
+    for blk in range(it * P.nblocks // P.items, (it + 1) * P.nblocks // P.items):
+        r0 = blk * P.R
+        nr = P.nrows - r0
+        if nr > P.R:
+            nr = P.R
+        off = r0 * P.W
+        rows_block_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
+                        <floating*>shifted(gr, off), nr, P.W, C, K, lmean, lscale, sc,
+                        sc + P.W, acc)
+
+
 cdef void rows_sums(const floating* g, const floating* x, const floating* ym, floating* dx,
                     floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P, const floating* lmean,
                     const floating* lscale, Sums* part, floating* scratch, Sums* out,
                     int nthreads) noexcept nogil:
     """part: items*C slots; scratch: 2*W floating per thread."""
-    cdef Py_ssize_t it, b0, b1, blk, r0, nr, c, tid, off
-    cdef floating* sc
-    cdef Sums* acc
-    for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
-        tid = threadid()
-        sc = scratch + tid * 2 * P.W
-        acc = part + it * C
-        zero_sums(acc, C)
-        b0 = it * P.nblocks // P.items
-        b1 = (it + 1) * P.nblocks // P.items
-        for blk in range(b0, b1):
-            r0 = blk * P.R
-            nr = P.nrows - r0
-            if nr > P.R:
-                nr = P.R
-            off = r0 * P.W
-            rows_block_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
-                            <floating*>shifted(gr, off), nr, P.W, C, K, lmean, lscale, sc,
-                            sc + P.W, acc)
+    cdef Py_ssize_t it, c, tid, off
+    if nthreads == 1:
+        for it in range(P.items):
+            rows_item_sums(g, x, ym, dx, gr, C, K, P, it, lmean, lscale, part + it * C,
+                           scratch)
+    else:
+        for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            tid = threadid()
+            rows_item_sums(g, x, ym, dx, gr, C, K, P, it, lmean, lscale, part + it * C,
+                           scratch + tid * 2 * P.W)
     zero_sums(out, C)
     for it in range(P.items):
         for c in range(C):

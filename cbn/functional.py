@@ -286,7 +286,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     momentum = _check_momentum(momentum)
     relu = _check_activation(activation)
     dtype = _COMPUTE[x.dtype]
-    half = dtype != x.dtype
+    half = dtype is not x.dtype and dtype != x.dtype
     w = _param(weight, "weight", C, dtype)
     b = _param(bias, "bias", C, dtype)
     rm = _running(running_mean, "running_mean", C, dtype, update=training)
@@ -313,13 +313,6 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
             _kernels.invstd(rv, eps, save_invstd)
         return y, save_mean, save_invstd
 
-    if not training:
-        scale = np.empty(C, dtype=dtype)
-        shift = np.empty(C, dtype=dtype)
-        _kernels.eval_params(w, b, rv, eps, save_invstd, scale, shift)
-        save_mean[:] = rm
-        return _affine(x, axis, rm, scale, shift, r, relu, out, nt), save_mean, save_invstd
-
     if half:                        # compute in float32, store the result as half
         x_half, out_half = x, out
         x, out = x.astype(np.float32), None
@@ -327,15 +320,19 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     x3 = view.read(x)
     r3 = None if r is None else view.read(r)
     y, y3, copy_into = _output(view, x, x3, out)
-    # Running stats may be strided views: the kernel updates contiguous copies.
-    rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
-    rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
-    _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
-                           momentum, eps, nt, r3, relu)
-    if rm_k is not rm and rm_k.base is not rm:
-        rm.reshape(-1)[...] = rm_k
-    if rv_k is not rv and rv_k.base is not rv:
-        rv.reshape(-1)[...] = rv_k
+    if training:
+        # Running stats may be strided views: the kernel updates contiguous copies.
+        rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
+        rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
+        _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
+                               momentum, eps, nt, r3, relu)
+        if rm_k is not rm and rm_k.base is not rm:
+            rm.reshape(-1)[...] = rm_k
+        if rv_k is not rv and rv_k.base is not rv:
+            rv.reshape(-1)[...] = rv_k
+    else:
+        _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt, r3,
+                              relu)
     y = _finish(y, copy_into)
     if half:
         y = _finish(y.astype(x_half.dtype), out_half)
@@ -345,7 +342,8 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
 def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt: int):
     """y = act((x - mean) * scale + shift + r), per channel, in one pass (arguments
     validated; vectors contiguous in the compute dtype; half inputs computed in float32)."""
-    half = _COMPUTE[x.dtype] != x.dtype
+    dtype = _COMPUTE[x.dtype]
+    half = dtype is not x.dtype and dtype != x.dtype
     if half:
         x_half, out_half = x, out
         x, out = x.astype(np.float32), None

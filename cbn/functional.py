@@ -227,6 +227,26 @@ def _finish(y, copy_into):
     return copy_into
 
 
+def _prepare(x: np.ndarray, axis: int, r: Optional[np.ndarray], out: Optional[np.ndarray]):
+    """The kernel's views for one forward: ``(x3, r3, y3, finish)``, where ``finish()``
+    returns the result (``out`` when given). Half-precision inputs are computed in float32
+    and the result is stored back in their dtype."""
+    half = _is_half(x.dtype)
+    x_in, out_in = x, out
+    if half:
+        x, out = x.astype(np.float32), None
+    view = _View(x, axis)
+    x3 = view.read(x)
+    r3 = None if r is None else view.read(r)
+    y, y3, copy_into = _output(view, x, x3, out)
+
+    def finish():
+        res = _finish(y, copy_into)
+        return _finish(res.astype(x_in.dtype), out_in) if half else res
+
+    return x3, r3, y3, finish
+
+
 # ---------------------------------------------------------------------------- public API
 
 
@@ -286,7 +306,6 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     momentum = _check_momentum(momentum)
     relu = _check_activation(activation)
     dtype = _COMPUTE[x.dtype]
-    half = dtype is not x.dtype and dtype != x.dtype
     w = _param(weight, "weight", C, dtype)
     b = _param(bias, "bias", C, dtype)
     rm = _running(running_mean, "running_mean", C, dtype, update=training)
@@ -313,13 +332,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
             _kernels.invstd(rv, eps, save_invstd)
         return y, save_mean, save_invstd
 
-    if half:                        # compute in float32, store the result as half
-        x_half, out_half = x, out
-        x, out = x.astype(np.float32), None
-    view = _View(x, axis)
-    x3 = view.read(x)
-    r3 = None if r is None else view.read(r)
-    y, y3, copy_into = _output(view, x, x3, out)
+    x3, r3, y3, finish = _prepare(x, axis, r, out)
     if training:
         # Running stats may be strided views: the kernel updates contiguous copies.
         rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
@@ -333,29 +346,15 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     else:
         _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt, r3,
                               relu)
-    y = _finish(y, copy_into)
-    if half:
-        y = _finish(y.astype(x_half.dtype), out_half)
-    return y, save_mean, save_invstd
+    return finish(), save_mean, save_invstd
 
 
 def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt: int):
     """y = act((x - mean) * scale + shift + r), per channel, in one pass (arguments
     validated; vectors contiguous in the compute dtype; half inputs computed in float32)."""
-    dtype = _COMPUTE[x.dtype]
-    half = dtype is not x.dtype and dtype != x.dtype
-    if half:
-        x_half, out_half = x, out
-        x, out = x.astype(np.float32), None
-    view = _View(x, axis)
-    x3 = view.read(x)
-    r3 = None if r is None else view.read(r)
-    y, y3, copy_into = _output(view, x, x3, out)
+    x3, r3, y3, finish = _prepare(x, axis, r, out)
     _kernels.affine(x3, y3, mean, scale, shift, r3, relu, nt)
-    y = _finish(y, copy_into)
-    if half:
-        y = _finish(y.astype(x_half.dtype), out_half)
-    return y
+    return finish()
 
 
 def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],

@@ -265,3 +265,27 @@ def test_float16_matches_reference_and_backward_dtypes():
                                                 None, m, s, True)
     np.testing.assert_allclose(dx.astype(np.float64), dx_ref, rtol=1e-2, atol=2e-3)
     np.testing.assert_allclose(gw, gw_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bfloat16_through_ml_dtypes(training):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((4, 3, 6, 6)) * 2 + 1).astype(bf16)
+    w, b = rng.standard_normal(3).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rm_ref, rv_ref = rm.astype(np.float64), rv.astype(np.float64)
+    y = cbn.batch_norm(x, rm, rv, w, b, training=training)
+    y_ref = ref.batch_norm(x.astype(np.float64), rm_ref, rv_ref, w, b, training=training)
+    assert y.dtype == bf16
+    # computed in float32, rounded once to bfloat16 (8 bits of mantissa)
+    np.testing.assert_allclose(y.astype(np.float64), y_ref, rtol=2 ** -7, atol=2 ** -7)
+    np.testing.assert_allclose(rm, rm_ref, rtol=1e-5, atol=1e-6)
+    torch = pytest.importorskip("torch")
+    xt = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+    yt = torch.nn.functional.batch_norm(xt, torch.zeros(3), torch.ones(3),
+                                        torch.from_numpy(w), torch.from_numpy(b),
+                                        training=training)
+    np.testing.assert_allclose(y.astype(np.float32), yt.float().numpy(), rtol=2 ** -7,
+                               atol=2 ** -7)

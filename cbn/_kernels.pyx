@@ -351,41 +351,41 @@ cdef extern from *:
     CBN_DEFINE_COLS(float, f, 8)
     CBN_DEFINE_COLS(double, d, 4)
     """
-    void cbn_runs_moments_f(const float* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
-                            double* mean, double* m2) noexcept nogil
-    void cbn_runs_sums_f(const float* g, const float* x, const float* ym, float* dx, float* gr,
-                         Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, float mean, float scale,
-                         double* sg, double* sgx) noexcept nogil
-    void cbn_run_affine_f(const float* x, const float* r, float* y, Py_ssize_t n, float a, float b, float c,
-                          int relu) noexcept nogil
-    void cbn_run_bwd_f(const float* x, const float* g, const float* ym, float* y, Py_ssize_t n, float a,
-                       float b, float c, float d) noexcept nogil
-    void cbn_cols_shifted_sums_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* sh,
-                                 float* s1, float* s2) noexcept nogil
-    void cbn_cols_dev_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* m, float* s1,
-                        float* s2) noexcept nogil
-    void cbn_cols_sums_f(const float* g, const float* x, const float* ym, float* dx, float* gr,
-                         Py_ssize_t R, Py_ssize_t w, const float* m, const float* k, float* sg,
-                         float* sgx) noexcept nogil
+    void cbn_runs_moments_f(const float* p, Py_ssize_t nruns, Py_ssize_t n,
+                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
+    void cbn_runs_sums_f(const float* g, const float* x, const float* ym, float* dx,
+                         float* gr, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
+                         float mean, float scale, double* sg, double* sgx) noexcept nogil
+    void cbn_run_affine_f(const float* x, const float* r, float* y, Py_ssize_t n, float a,
+                          float b, float c, int relu) noexcept nogil
+    void cbn_run_bwd_f(const float* x, const float* g, const float* ym, float* y,
+                       Py_ssize_t n, float a, float b, float c, float d) noexcept nogil
+    void cbn_cols_shifted_sums_f(const float* p, Py_ssize_t R, Py_ssize_t w,
+                                 const float* sh, float* s1, float* s2) noexcept nogil
+    void cbn_cols_dev_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* m,
+                        float* s1, float* s2) noexcept nogil
+    void cbn_cols_sums_f(const float* g, const float* x, const float* ym, float* dx,
+                         float* gr, Py_ssize_t R, Py_ssize_t w, const float* m,
+                         const float* k, float* sg, float* sgx) noexcept nogil
     void cbn_cols_apply_f(int op, const float* x, const float* g, const float* q, float* y,
                           Py_ssize_t R, Py_ssize_t w, const float* a, const float* b,
                           const float* c, const float* d, int relu) noexcept nogil
-    void cbn_runs_moments_d(const double* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
-                            double* mean, double* m2) noexcept nogil
-    void cbn_runs_sums_d(const double* g, const double* x, const double* ym, double* dx, double* gr,
-                         Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean, double scale,
-                         double* sg, double* sgx) noexcept nogil
-    void cbn_run_affine_d(const double* x, const double* r, double* y, Py_ssize_t n, double a, double b, double c,
-                          int relu) noexcept nogil
-    void cbn_run_bwd_d(const double* x, const double* g, const double* ym, double* y, Py_ssize_t n, double a,
-                       double b, double c, double d) noexcept nogil
-    void cbn_cols_shifted_sums_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* sh,
-                                 double* s1, double* s2) noexcept nogil
-    void cbn_cols_dev_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* m, double* s1,
-                        double* s2) noexcept nogil
-    void cbn_cols_sums_d(const double* g, const double* x, const double* ym, double* dx, double* gr,
-                         Py_ssize_t R, Py_ssize_t w, const double* m, const double* k, double* sg,
-                         double* sgx) noexcept nogil
+    void cbn_runs_moments_d(const double* p, Py_ssize_t nruns, Py_ssize_t n,
+                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
+    void cbn_runs_sums_d(const double* g, const double* x, const double* ym, double* dx,
+                         double* gr, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
+                         double mean, double scale, double* sg, double* sgx) noexcept nogil
+    void cbn_run_affine_d(const double* x, const double* r, double* y, Py_ssize_t n, double a,
+                          double b, double c, int relu) noexcept nogil
+    void cbn_run_bwd_d(const double* x, const double* g, const double* ym, double* y,
+                       Py_ssize_t n, double a, double b, double c, double d) noexcept nogil
+    void cbn_cols_shifted_sums_d(const double* p, Py_ssize_t R, Py_ssize_t w,
+                                 const double* sh, double* s1, double* s2) noexcept nogil
+    void cbn_cols_dev_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* m,
+                        double* s1, double* s2) noexcept nogil
+    void cbn_cols_sums_d(const double* g, const double* x, const double* ym, double* dx,
+                         double* gr, Py_ssize_t R, Py_ssize_t w, const double* m,
+                         const double* k, double* sg, double* sgx) noexcept nogil
     void cbn_cols_apply_d(int op, const double* x, const double* g, const double* q, double* y,
                           Py_ssize_t R, Py_ssize_t w, const double* a, const double* b,
                           const double* c, const double* d, int relu) noexcept nogil
@@ -466,7 +466,8 @@ cdef struct Planes:
     Py_ssize_t items     # parallel items: contiguous ranges of units
 
 
-cdef Planes planes_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t block) noexcept nogil:
+cdef Planes planes_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                             Py_ssize_t block) noexcept nogil:
     """Units of about `block` values of one channel: a long plane is cut into blocks, short
     planes of one channel are taken mb at a time (runs C*K apart, reduced as one block).
     Units, in memory order, are cut into at most TARGET_ITEMS items. Depends on the shape

@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .functional import _COMPUTE, batch_norm_backward, batch_norm_forward, eval_parameters, normalize
+from .functional import (_COMPUTE, batch_norm_backward, batch_norm_forward, eval_parameters,
+                         normalize)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
 

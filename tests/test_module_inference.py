@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import cbn
-from cbn import _reference as ref
 
 
 def _trained(cls=cbn.BatchNorm2d, shape=(6, 4, 5, 5), seed=0, **kwargs):

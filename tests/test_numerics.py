@@ -75,7 +75,6 @@ def test_large_offset_float32_statistics(name, shape, axis, lay, eps):
 def test_large_offset_backward(name, shape, axis, lay, dtype):
     # training backward on the same hard data against the float64 reference
     x = lay(_offset_data(shape, axis)).astype(dtype)
-    C = x.shape[axis]
     dy = lay(np.random.default_rng(1).standard_normal(shape).astype(dtype))
     _, sm, si = cbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, axis=axis)
     gx, gw, gb = cbn.batch_norm_backward(dy, x, None, sm, si, True, axis=axis)

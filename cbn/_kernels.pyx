@@ -4,19 +4,27 @@
 Every input, whatever its ndim and channel axis, reaches these kernels as an (M, C, K) array
 (see cbn.functional). Two kernel shapes cover all of them:
 
-* planes (K >= PLANE_MIN_K): each (m, c) plane is K contiguous values of one channel; loops
-  run along K with LANES independent accumulators.
+* planes (K >= PLANE_MIN_K): each (m, c) plane is K contiguous values of one channel; a
+  unit is a block of a long plane or several short planes of one channel (runs C*K apart);
+  loops run along the planes with four independent vector accumulators.
 * rows (K small, e.g. channels-last where K == 1): the data is a stream of "rows" of
   W = k*C*K values (k original m-rows glued so that a row has at least ROW_MIN_WIDTH
   values); loops run along the row with one accumulator per lane, lane t belonging to
   channel (t // K) % C.
 
-Statistics: each block of values small enough to stay in L1/L2 is reduced with a two-pass
-algorithm (a shifted sum gives the block mean, then the corrected sum of squared deviations
-around it), and blocks are merged with Chan et al.'s pairwise formula in double. Work is cut
-into a fixed number of items that depends on the shape only, never on the thread count; each
-item's partial result goes to its own slot and the slots are merged in item order, so the
-results are bit-identical for any number of threads.
+Statistics: every block is reduced with a shift close to its mean, so nothing cancels
+(never E[x^2] - E[x]^2). Planes: two passes over the L1-resident block (a shifted sum gives
+the block mean, then the corrected sum of squared deviations around it). Rows: one
+streaming pass of d = x - shift and d*d around an estimate of the mean, and a second,
+corrected pass from cache for any block where that estimate is far enough off to cost
+accuracy (see rows_block_moments). Blocks are merged with Chan et al.'s pairwise formula in
+double. Work is cut into items that depend on the shape only, never on the thread count;
+each item's partial result goes to its own slot and the slots are merged in item order, so
+the results are bit-identical for any number of threads.
+
+The loops over contiguous data are written with GCC/Clang vector-extension lanes (see the
+C block below): lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA
+contraction, so results do not depend on the instruction set either.
 
 Nothing here validates its arguments: cbn.functional does that before calling in. Scratch
 memory is allocated (and checked) with the GIL held, before any parallel region.

@@ -39,8 +39,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .functional import (_COMPUTE, batch_norm_backward, batch_norm_forward, eval_parameters,
-                         normalize)
+from .functional import (_COMPUTE, _check_eps, batch_norm_backward, batch_norm_forward,
+                         eval_parameters, normalize)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
 
@@ -56,15 +56,6 @@ class IncompatibleKeys(NamedTuple):
 
     missing_keys: List[str]
     unexpected_keys: List[str]
-
-
-def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps}")
-    return eps
 
 
 def _check_momentum(momentum: Any) -> Optional[float]:

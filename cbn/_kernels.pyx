@@ -71,6 +71,16 @@ cdef extern from *:
     #define CBN_VLOAD(v, p) memcpy(&(v), (p), sizeof(v))
     #define CBN_VSTORE(p, v) memcpy((p), &(v), sizeof(v))
     #define CBN_SPLAT(V, s) ((V){0} + (s))
+    #define CBN_NOINLINE __attribute__((noinline))
+    #define CBN_UNROLL _Pragma("GCC unroll 8")
+    #define CBN_INLINE inline __attribute__((always_inline))
+    #if defined(__AVX512F__)
+    #define CBN_FX 1          /* 32 vector registers: fixed-width row loops pay off */
+    #else
+    #define CBN_FX 0
+    #endif
+    typedef float CBN_T_f;
+    typedef double CBN_T_d;
     /* ReLU that keeps NaN (zero where x < 0), and ReLU's backward from the forward
        output y (g where y > 0, else 0), as lane masks. */
     #define CBN_RELU(IV, V, x) ((V)((IV)(x) & ~(IV)((x) < (V){0})))
@@ -228,6 +238,147 @@ cdef extern from *:
         }                                                                                \
     }
 
+    /* Fixed-width rows (AVX-512 builds): when a row is NV <= 8 vectors of 64 bytes,      \
+       its lane parameters and accumulators stay in registers for the whole block and the  \
+       loop streams x and y only. Lane-wise the operations and their order are those of   \
+       the general column loops below, so results are identical either way. Each         \
+       cbn_fx_* returns 0 (and does nothing) when the width does not qualify. */          \
+    #define CBN_DEFINE_FIXED(T, SUF, IT)                                                    \
+    typedef CBN_VEC(T, 64 / sizeof(T)) cbn_w_##SUF;                                       \
+    typedef CBN_VEC(IT, 64 / sizeof(T)) cbn_wm_##SUF;                                     \
+    enum { CBN_WL_##SUF = 64 / sizeof(T) };                                               \
+                                                                                          \
+    /* y = (x - a) * b + c (+ q) (ReLU if RELU), rows of NV wide vectors */              \
+    static CBN_INLINE void cbn_fx_affine_nv_##SUF(int NV, int HASQ, int RELU, const T* x,    \
+                                              const T* q, T* y, Py_ssize_t R,          \
+                                              const T* a, const T* b, const T* c) {    \
+        typedef cbn_w_##SUF V;                                                            \
+        typedef cbn_wm_##SUF IV;                                                          \
+        const int L = CBN_WL_##SUF;                                                       \
+        V va[8], vb[8], vc[8], v, r0;                                                     \
+        Py_ssize_t i;                                                                     \
+        int j;                                                                            \
+        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
+            CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);                     \
+            CBN_VLOAD(vc[j], c + j * L);                                                  \
+        }                                                                                 \
+        for (i = 0; i < R; i++, x += NV * L, y += NV * L, q += HASQ ? NV * L : 0) {       \
+            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
+                CBN_VLOAD(v, x + j * L);                                                  \
+                v = (v - va[j]) * vb[j] + vc[j];                                          \
+                if (HASQ) { CBN_VLOAD(r0, q + j * L); v += r0; }                          \
+                if (RELU) v = CBN_RELU(IV, V, v);                                         \
+                CBN_VSTORE(y + j * L, v);                                                 \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    /* s1 = sum over rows of d = x - sh, s2 = sum of d*d (lane-wise, in row order) */     \
+    static CBN_INLINE void cbn_fx_shifted_sums_nv_##SUF(int NV, const T* p, Py_ssize_t R,    \
+                                                    const T* sh, T* s1, T* s2) {        \
+        typedef cbn_w_##SUF V;                                                            \
+        const int L = CBN_WL_##SUF;                                                       \
+        V vs[8], va[8], vb[8], v;                                                         \
+        Py_ssize_t i;                                                                     \
+        int j;                                                                            \
+        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
+            CBN_VLOAD(vs[j], sh + j * L); va[j] = (V){0}; vb[j] = (V){0};                 \
+        }                                                                                 \
+        for (i = 0; i < R; i++, p += NV * L) {                                            \
+            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
+                CBN_VLOAD(v, p + j * L); v -= vs[j]; va[j] += v; vb[j] += v * v;          \
+            }                                                                             \
+        }                                                                                 \
+        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
+            CBN_VSTORE(s1 + j * L, va[j]); CBN_VSTORE(s2 + j * L, vb[j]);                 \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    /* sg = sum over rows of g, sgx = sum of g * (x - m) (lane-wise, in row order) */     \
+    static CBN_INLINE void cbn_fx_sums_nv_##SUF(int NV, const T* g, const T* x, Py_ssize_t R,\
+                                            const T* m, T* sg, T* sgx) {                \
+        typedef cbn_w_##SUF V;                                                            \
+        const int L = CBN_WL_##SUF;                                                       \
+        V vm[8], va[8], vb[8], v, w;                                                      \
+        Py_ssize_t i;                                                                     \
+        int j;                                                                            \
+        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
+            CBN_VLOAD(vm[j], m + j * L); va[j] = (V){0}; vb[j] = (V){0};                  \
+        }                                                                                 \
+        for (i = 0; i < R; i++, g += NV * L, x += NV * L) {                               \
+            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
+                CBN_VLOAD(v, g + j * L); CBN_VLOAD(w, x + j * L);                         \
+                va[j] += v; vb[j] += v * (w - vm[j]);                                     \
+            }                                                                             \
+        }                                                                                 \
+        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
+            CBN_VSTORE(sg + j * L, va[j]); CBN_VSTORE(sgx + j * L, vb[j]);                \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    CBN_FX_INSTANCES(SUF, 1) CBN_FX_INSTANCES(SUF, 2) CBN_FX_INSTANCES(SUF, 3)            \
+    CBN_FX_INSTANCES(SUF, 4) CBN_FX_INSTANCES(SUF, 5) CBN_FX_INSTANCES(SUF, 6)            \
+    CBN_FX_INSTANCES(SUF, 7) CBN_FX_INSTANCES(SUF, 8)                                     \
+                                                                                          \
+    static inline int cbn_fx_nv_##SUF(Py_ssize_t w) {                                     \
+        return (CBN_FX && w % CBN_WL_##SUF == 0 && w <= 8 * CBN_WL_##SUF)                 \
+               ? (int)(w / CBN_WL_##SUF) : 0;                                             \
+    }                                                                                     \
+    static int cbn_fx_affine_##SUF(const T* x, const T* q, T* y, Py_ssize_t R,           \
+                                   Py_ssize_t w, const T* a, const T* b, const T* c,     \
+                                   int relu) {                                            \
+        switch (cbn_fx_nv_##SUF(w)) {                                                     \
+            CBN_FX_CASES(cbn_fx_affine_, SUF, (x, q, y, R, a, b, c, relu))                \
+            default: return 0;                                                            \
+        }                                                                                 \
+        return 1;                                                                         \
+    }                                                                                     \
+    static int cbn_fx_shifted_sums_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,         \
+                                         const T* sh, T* s1, T* s2) {                    \
+        switch (cbn_fx_nv_##SUF(w)) {                                                     \
+            CBN_FX_CASES(cbn_fx_shifted_sums_, SUF, (p, R, sh, s1, s2))                   \
+            default: return 0;                                                            \
+        }                                                                                 \
+        return 1;                                                                         \
+    }                                                                                     \
+    static int cbn_fx_sums_##SUF(const T* g, const T* x, Py_ssize_t R, Py_ssize_t w,     \
+                                 const T* m, T* sg, T* sgx) {                            \
+        switch (cbn_fx_nv_##SUF(w)) {                                                     \
+            CBN_FX_CASES(cbn_fx_sums_, SUF, (g, x, R, m, sg, sgx))                        \
+            default: return 0;                                                            \
+        }                                                                                 \
+        return 1;                                                                         \
+    }
+
+    /* One function per width NV (a constant inside it) and, for the affine loop, per    \
+       residual/ReLU case: separate functions keep every pointer in a register. */        \
+    #define CBN_FX_INSTANCES(SUF, NV)                                                     \
+    static CBN_NOINLINE void cbn_fx_affine_##SUF##NV(const CBN_T_##SUF* x,                \
+            const CBN_T_##SUF* q, CBN_T_##SUF* y, Py_ssize_t R, const CBN_T_##SUF* a,     \
+            const CBN_T_##SUF* b, const CBN_T_##SUF* c, int relu) {                       \
+        if (q) {                                                                          \
+            if (relu) cbn_fx_affine_nv_##SUF(NV, 1, 1, x, q, y, R, a, b, c);              \
+            else cbn_fx_affine_nv_##SUF(NV, 1, 0, x, q, y, R, a, b, c);                   \
+        } else {                                                                          \
+            if (relu) cbn_fx_affine_nv_##SUF(NV, 0, 1, x, NULL, y, R, a, b, c);           \
+            else cbn_fx_affine_nv_##SUF(NV, 0, 0, x, NULL, y, R, a, b, c);                \
+        }                                                                                 \
+    }                                                                                     \
+    static CBN_NOINLINE void cbn_fx_shifted_sums_##SUF##NV(const CBN_T_##SUF* p,          \
+            Py_ssize_t R, const CBN_T_##SUF* sh, CBN_T_##SUF* s1, CBN_T_##SUF* s2) {      \
+        cbn_fx_shifted_sums_nv_##SUF(NV, p, R, sh, s1, s2);                               \
+    }                                                                                     \
+    static CBN_NOINLINE void cbn_fx_sums_##SUF##NV(const CBN_T_##SUF* g,                  \
+            const CBN_T_##SUF* x, Py_ssize_t R, const CBN_T_##SUF* m, CBN_T_##SUF* sg,    \
+            CBN_T_##SUF* sgx) {                                                           \
+        cbn_fx_sums_nv_##SUF(NV, g, x, R, m, sg, sgx);                                    \
+    }
+    #define CBN_FX_CASES(F, SUF, ARGS)                                                    \
+        case 1: F##SUF##1 ARGS; break; case 2: F##SUF##2 ARGS; break;                     \
+        case 3: F##SUF##3 ARGS; break; case 4: F##SUF##4 ARGS; break;                     \
+        case 5: F##SUF##5 ARGS; break; case 6: F##SUF##6 ARGS; break;                     \
+        case 7: F##SUF##7 ARGS; break; case 8: F##SUF##8 ARGS; break;
+
     /* Column loops over a block of R rows of w values (row r at p + r*w), for the rows   \
        kernels: strips of 4 vectors walk down the rows with register accumulators; the  \
        last w % (4L) columns go one at a time. Each column is summed in row order. */    \
@@ -240,6 +391,7 @@ cdef extern from *:
         Py_ssize_t t, r, ws = w - w % L;                                                \
         V a, b, x, s;                                                                   \
         T d;                                                                            \
+        if (cbn_fx_shifted_sums_##SUF(p, R, w, sh, s1, s2)) return;                     \
         for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }                               \
         for (r = 0; r < R; r++, p += w) {                                               \
             for (t = 0; t < ws; t += L) {                                               \
@@ -293,6 +445,7 @@ cdef extern from *:
         Py_ssize_t t, r, o, ws = w - w % L;                                             \
         V a, b, vg, vx, vm, vk, vy;                                                     \
         T gv;                                                                           \
+        if (!ym && !dx && !gr && cbn_fx_sums_##SUF(g, x, R, w, m, sg, sgx)) return;     \
         for (t = 0; t < w; t++) { sg[t] = 0; sgx[t] = 0; }                              \
         for (r = 0, o = 0; r < R; r++, o += w) {                                        \
             for (t = 0; t < ws; t += L) {                                               \
@@ -317,10 +470,10 @@ cdef extern from *:
        op 0: y = (x - a) * b + c (+ q: a residual) (ReLU if relu); y may be x.         \
        op 1: y = (g - c - (x - a) * d) * b, g masked by ReLU's backward if q (the      \
        forward output). */                                                              \
-    static inline void cbn_cols_apply_##SUF(int op, const T* x, const T* g, const T* q, \
-                                            T* y, Py_ssize_t R, Py_ssize_t w,           \
-                                            const T* a, const T* b, const T* c,         \
-                                            const T* d, int relu) {                     \
+    static inline void cbn_cols_apply_body_##SUF(int op, const T* x, const T* g,         \
+                                                 const T* q, T* y, Py_ssize_t R,        \
+                                                 Py_ssize_t w, const T* a, const T* b,  \
+                                                 const T* c, const T* d, int relu) {    \
         typedef cbn_v_##SUF V;                                                          \
         typedef cbn_m_##SUF IV;                                                         \
         Py_ssize_t t, r, o, ws = w - w % L;                                             \
@@ -352,10 +505,31 @@ cdef extern from *:
                 }                                                                       \
             }                                                                           \
         }                                                                               \
+    }                                                                                   \
+                                                                                        \
+    /* cbn_cols_apply_body with op, q and relu made constants, one copy per case: a     \
+       separate function whose loop keeps every pointer in a register. */               \
+    static CBN_NOINLINE void cbn_cols_apply_##SUF(int op, const T* x, const T* g,      \
+                                                 const T* q, T* y, Py_ssize_t R,        \
+                                                 Py_ssize_t w, const T* a, const T* b,  \
+                                                 const T* c, const T* d, int relu) {    \
+        if (!op && cbn_fx_affine_##SUF(x, q, y, R, w, a, b, c, relu)) return;          \
+        if (op) {                                                                       \
+            if (q) cbn_cols_apply_body_##SUF(1, x, g, q, y, R, w, a, b, c, d, 0);       \
+            else cbn_cols_apply_body_##SUF(1, x, g, NULL, y, R, w, a, b, c, d, 0);      \
+        } else if (q) {                                                                 \
+            if (relu) cbn_cols_apply_body_##SUF(0, x, NULL, q, y, R, w, a, b, c, d, 1); \
+            else cbn_cols_apply_body_##SUF(0, x, NULL, q, y, R, w, a, b, c, d, 0);      \
+        } else {                                                                        \
+            if (relu) cbn_cols_apply_body_##SUF(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);\
+            else cbn_cols_apply_body_##SUF(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);   \
+        }                                                                               \
     }
 
     CBN_DEFINE_RUNS(float, f, 8, int32_t)
     CBN_DEFINE_RUNS(double, d, 4, int64_t)
+    CBN_DEFINE_FIXED(float, f, int32_t)
+    CBN_DEFINE_FIXED(double, d, int64_t)
     CBN_DEFINE_COLS(float, f, 8)
     CBN_DEFINE_COLS(double, d, 4)
     """
@@ -407,6 +581,7 @@ cdef enum:
     ROW_MIN_ROWS = 32     # rows per block at least (very wide rows: larger blocks)
     SHIFT_ROWS = 32       # rows whose mean shifts an item's first block (rows kernels)
     ROW_MIN_WIDTH = 64    # rows kernels glue m-rows until a row has this many values
+    ROW_FIXED_VECTORS = 8 # ... or, preferably, up to this many 64-byte vectors
     TARGET_ITEMS = 128    # parallel work items per reduction (fixed: determinism)
     CHUNK = 16384         # values per parallel item in element-wise passes
 
@@ -521,21 +696,33 @@ cdef struct Rows:
     Py_ssize_t items
 
 
-cdef Rows rows_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t block,
-                         Py_ssize_t max_items) noexcept nogil:
-    cdef Rows P
-    cdef Py_ssize_t a = C * K, b = ROW_ALIGN, r    # a, b: gcd(C*K, ROW_ALIGN)
-    P.S = C * K
-    # Glue k m-rows: a multiple of ROW_ALIGN values when that stays small (no scalar
-    # column tails), and at least ROW_MIN_WIDTH values.
+cdef inline Py_ssize_t gcd(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    cdef Py_ssize_t r
     while b:
         r = a % b
         a = b
         b = r
-    P.k = ROW_ALIGN // a
-    if P.k * P.S > 16 * ROW_MIN_WIDTH:
-        P.k = 1
-    P.k = P.k * ((ROW_MIN_WIDTH + P.k * P.S - 1) // (P.k * P.S))
+    return a
+
+
+cdef Rows rows_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t block,
+                         Py_ssize_t max_items, Py_ssize_t itemsize) noexcept nogil:
+    cdef Rows P
+    cdef Py_ssize_t wl = 64 // itemsize, g
+    P.S = C * K
+    # Glue k m-rows. Preferred: the widest row of at most ROW_FIXED_VECTORS vectors of 64
+    # bytes (the fixed-width loops keep such a row's parameters and accumulators in
+    # registers). Else a multiple of ROW_ALIGN values when that stays small (no scalar
+    # column tails), and at least ROW_MIN_WIDTH values. The choice depends on the shape
+    # and the itemsize only, never on the instruction set, so results do not either.
+    g = P.S // gcd(P.S, wl) * wl                  # lcm(S, wl)
+    if g <= ROW_FIXED_VECTORS * wl:
+        P.k = (ROW_FIXED_VECTORS * wl // g) * g // P.S
+    else:
+        P.k = ROW_ALIGN // gcd(P.S, ROW_ALIGN)
+        if P.k * P.S > 16 * ROW_MIN_WIDTH:
+            P.k = 1
+        P.k = P.k * ((ROW_MIN_WIDTH + P.k * P.S - 1) // (P.k * P.S))
     P.W = P.k * P.S
     P.nrows = M // P.k
     P.tail = (M % P.k) * P.S
@@ -858,7 +1045,7 @@ cdef void rows_apply(int op, const floating* x, const floating* g, const floatin
                      const floating* lanes, bint relu, int nthreads) noexcept nogil:
     """Element-wise pass over the rows partition; lanes holds the 4 (or 3) parameter
     vectors expanded to W lanes each, back to back."""
-    cdef Rows P = rows_partition(M, C, K, CHUNK, M)
+    cdef Rows P = rows_partition(M, C, K, CHUNK, M, sizeof(floating))
     cdef Py_ssize_t W = P.W, blk, r0, nr, off
     cdef const floating* la = lanes
     cdef const floating* lb = lanes + W
@@ -891,7 +1078,7 @@ cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssiz
         PP = planes_partition(M, C, K, BLOCK)
         planes_moments(x, PP, <Moments*>mem, out, nthreads)
     else:
-        PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
+        PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
         rows_moments(x, C, K, PR, <double*>mem,
                      <floating*>(<char*>mem + rows_part_bytes(PR, C)),
                      <double*>(<char*>mem + rows_part_bytes(PR, C)
@@ -907,7 +1094,7 @@ cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
         return PP.items * C * sizeof(Moments)
-    PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
+    PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
     return (rows_part_bytes(PR, C) + nthreads * 3 * PR.W * itemsize
             + nthreads * 2 * C * sizeof(double))
 
@@ -921,7 +1108,7 @@ cdef Py_ssize_t apply_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
                                     Py_ssize_t itemsize):
     if K >= PLANE_MIN_K:
         return 0
-    return 4 * rows_partition(M, C, K, CHUNK, M).W * itemsize
+    return 4 * rows_partition(M, C, K, CHUNK, M, itemsize).W * itemsize
 
 
 cdef void apply(int op, const floating* x, const floating* g, const floating* q,
@@ -933,7 +1120,7 @@ cdef void apply(int op, const floating* x, const floating* g, const floating* q,
     if K >= PLANE_MIN_K:
         planes_apply(op, x, g, q, y, M, C, K, pa, pb, pc, pd, relu, nthreads)
         return
-    W = rows_partition(M, C, K, CHUNK, M).W
+    W = rows_partition(M, C, K, CHUNK, M, sizeof(floating)).W
     expand_lanes(pa, lanes, W, C, K)
     expand_lanes(pb, lanes + W, W, C, K)
     expand_lanes(pc, lanes + 2 * W, W, C, K)
@@ -1259,7 +1446,7 @@ cdef int backward_impl(const floating* g, const floating* x, floating* gx,
         PP = planes_partition(M, C, K, BLOCK)
         part_bytes = PP.items * C * sizeof(Sums)
     else:
-        PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS)
+        PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
         W = PR.W
         part_bytes = PR.items * C * sizeof(Sums) + (nthreads * 2 + 2) * W * isz
     cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, isz)

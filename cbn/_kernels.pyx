@@ -273,6 +273,32 @@ cdef extern from *:
         }                                                                                 \
     }                                                                                     \
                                                                                           \
+    /* y = (g - c - (x - a) * d) * b, g masked by ReLU's backward from q if HASQ */       \
+    static CBN_INLINE void cbn_fx_bwd_nv_##SUF(int NV, int HASQ, const T* x, const T* g, \
+                                               const T* q, T* y, Py_ssize_t R,         \
+                                               const T* a, const T* b, const T* c,     \
+                                               const T* d) {                            \
+        typedef cbn_w_##SUF V;                                                            \
+        typedef cbn_wm_##SUF IV;                                                          \
+        const int L = CBN_WL_##SUF;                                                       \
+        V va[8], vb[8], vc[8], vd[8], v, u, r0;                                           \
+        Py_ssize_t i;                                                                     \
+        int j;                                                                            \
+        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
+            CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);                     \
+            CBN_VLOAD(vc[j], c + j * L); CBN_VLOAD(vd[j], d + j * L);                     \
+        }                                                                                 \
+        for (i = 0; i < R; i++, x += NV * L, g += NV * L, y += NV * L,                    \
+                               q += HASQ ? NV * L : 0) {                                  \
+            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
+                CBN_VLOAD(v, x + j * L); CBN_VLOAD(u, g + j * L);                         \
+                if (HASQ) { CBN_VLOAD(r0, q + j * L); u = CBN_MASK(IV, V, u, r0); }       \
+                v = (u - vc[j] - (v - va[j]) * vd[j]) * vb[j];                            \
+                CBN_VSTORE(y + j * L, v);                                                 \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
     /* s1 = sum over rows of d = x - sh, s2 = sum of d*d (lane-wise, in row order) */     \
     static CBN_INLINE void cbn_fx_shifted_sums_nv_##SUF(int NV, const T* p, Py_ssize_t R,    \
                                                     const T* sh, T* s1, T* s2) {        \
@@ -333,6 +359,15 @@ cdef extern from *:
         }                                                                                 \
         return 1;                                                                         \
     }                                                                                     \
+    static int cbn_fx_bwd_##SUF(const T* x, const T* g, const T* q, T* y, Py_ssize_t R,  \
+                                Py_ssize_t w, const T* a, const T* b, const T* c,        \
+                                const T* d) {                                            \
+        switch (cbn_fx_nv_##SUF(w)) {                                                     \
+            CBN_FX_CASES(cbn_fx_bwd_, SUF, (x, g, q, y, R, a, b, c, d))                   \
+            default: return 0;                                                            \
+        }                                                                                 \
+        return 1;                                                                         \
+    }                                                                                     \
     static int cbn_fx_shifted_sums_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,         \
                                          const T* sh, T* s1, T* s2) {                    \
         switch (cbn_fx_nv_##SUF(w)) {                                                     \
@@ -363,6 +398,13 @@ cdef extern from *:
             if (relu) cbn_fx_affine_nv_##SUF(NV, 0, 1, x, NULL, y, R, a, b, c);           \
             else cbn_fx_affine_nv_##SUF(NV, 0, 0, x, NULL, y, R, a, b, c);                \
         }                                                                                 \
+    }                                                                                     \
+    static CBN_NOINLINE void cbn_fx_bwd_##SUF##NV(const CBN_T_##SUF* x,                   \
+            const CBN_T_##SUF* g, const CBN_T_##SUF* q, CBN_T_##SUF* y, Py_ssize_t R,     \
+            const CBN_T_##SUF* a, const CBN_T_##SUF* b, const CBN_T_##SUF* c,             \
+            const CBN_T_##SUF* d) {                                                       \
+        if (q) cbn_fx_bwd_nv_##SUF(NV, 1, x, g, q, y, R, a, b, c, d);                     \
+        else cbn_fx_bwd_nv_##SUF(NV, 0, x, g, NULL, y, R, a, b, c, d);                    \
     }                                                                                     \
     static CBN_NOINLINE void cbn_fx_shifted_sums_##SUF##NV(const CBN_T_##SUF* p,          \
             Py_ssize_t R, const CBN_T_##SUF* sh, CBN_T_##SUF* s1, CBN_T_##SUF* s2) {      \
@@ -514,6 +556,7 @@ cdef extern from *:
                                                  Py_ssize_t w, const T* a, const T* b,  \
                                                  const T* c, const T* d, int relu) {    \
         if (!op && cbn_fx_affine_##SUF(x, q, y, R, w, a, b, c, relu)) return;          \
+        if (op && cbn_fx_bwd_##SUF(x, g, q, y, R, w, a, b, c, d)) return;               \
         if (op) {                                                                       \
             if (q) cbn_cols_apply_body_##SUF(1, x, g, q, y, R, w, a, b, c, d, 0);       \
             else cbn_cols_apply_body_##SUF(1, x, g, NULL, y, R, w, a, b, c, d, 0);      \

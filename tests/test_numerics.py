@@ -180,3 +180,44 @@ def test_tiny_and_huge_scales(dtype):
         x = (base * 2.0 ** k).astype(dtype)
         y = cbn.batch_norm(x, None, None, training=True, eps=0.0)
         assert_close(y, e, dtype, n, err_msg=f"scale 2^{k}")
+
+
+# Channels-last ("rows") statistics shift each block by the mean of its first rows and
+# take a second, corrected pass for the channels where that estimate was far off: a
+# channel sorted along the batch is the worst case (its first rows are its smallest
+# values). A few such channels take the per-channel pass, many take the whole-block pass.
+SORTED_CASES = [
+    ((4096, 256), 1, "few"),        # wide rows, 2 of 256 channels sorted
+    ((4096, 256), 1, "all"),
+    ((8192, 64), 1, "few"),         # fixed-width rows, two lanes per channel
+    ((8192, 64), 1, "all"),
+    ((4096, 5, 4), 1, "few"),       # K = 4: rows of C*K values
+    ((4096, 5, 4), 1, "all"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis, which", SORTED_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{w}" for s, _, w in SORTED_CASES])
+def test_rows_statistics_with_sorted_channels(shape, axis, which, dtype):
+    rng = np.random.default_rng(5)
+    x = (1e3 + rng.standard_normal(shape)).astype(dtype)
+    C = shape[axis]
+    sorted_channels = [1, C - 1] if which == "few" else list(range(C))
+    for c in sorted_channels:
+        xc = np.take(x, c, axis=axis)
+        flat = np.sort(xc.reshape(-1))     # the batch in increasing order
+        idx = [slice(None)] * x.ndim
+        idx[axis] = c
+        x[tuple(idx)] = flat.reshape(xc.shape)
+    x64 = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, C)
+    y, sm, si = cbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 0.0,
+                                       axis=axis)
+    var = 1.0 / si.astype(np.float64) ** 2
+    np.testing.assert_allclose(var, x64.var(axis=0), rtol=2e-4 if dtype == np.float32
+                               else 1e-10)
+    n = n_per_channel(shape, axis)
+    assert_close(sm, x64.mean(axis=0), dtype, n,
+                 scale=forward_scale(x, axis, np.ones(C)).ravel(), err_msg="mean")
+    e = ref.batch_norm(x, None, None, training=True, eps=0.0, axis=axis)
+    assert_close(y, e, dtype, n, scale=forward_scale(x, axis, si), err_msg="y")

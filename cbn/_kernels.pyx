@@ -13,12 +13,12 @@ Every input, whatever its ndim and channel axis, reaches these kernels as an (M,
   channel (t // K) % C.
 
 Statistics: every block is reduced with a shift close to its mean, so nothing cancels
-(never E[x^2] - E[x]^2). Planes: two passes over the L1-resident block (a shifted sum gives
-the block mean, then the corrected sum of squared deviations around it). Rows: one
-streaming pass of d = x - shift and d*d around an estimate of the mean, and a second,
-corrected pass from cache for any block where that estimate is far enough off to cost
-accuracy (see rows_block_moments). Blocks are merged with Chan et al.'s pairwise formula in
-double. Work is cut into items that depend on the shape only, never on the thread count;
+(never E[x^2] - E[x]^2): one streaming pass of d = x - shift and d*d around an estimate of
+the mean (planes: the mean of the unit's first vector of values; rows: of the block's
+first rows), and a second, corrected pass from cache wherever that estimate was far
+enough off to cost accuracy (see cbn_runs_moments and rows_block_moments), so every
+result is within a factor 2 of a two-pass's rounding error. Blocks are merged with Chan et
+al.'s pairwise formula in double. Work is cut into items that depend on the shape only, never on the thread count;
 each item's partial result goes to its own slot and the slots are merged in item order, so
 the results are bit-identical for any number of threads.
 
@@ -102,35 +102,54 @@ cdef extern from *:
     typedef CBN_VEC(T, L) cbn_v_##SUF;                                                 \
     typedef CBN_VEC(IT, L) cbn_m_##SUF;                                                \
                                                                                        \
-    /* Two-pass moments of nruns >= 1 runs of n >= 1 values, run j at p + j*stride:      \
-       shifted sum -> mean m (rounded to T), then corrected sum of squares around m. */  \
+    /* Moments of nruns >= 1 runs of n >= 1 values, run j at p + j*stride. One pass   \
+       sums d = x - shift and d*d, the shift being the mean of the first (up to) L       \
+       values rounded to T: m2 = S2 - S1^2/n. Where S1^2/n > S2/2 (the shift was off by  \
+       more than about a standard deviation, which costs accuracy) a second pass         \
+       around the mean found, the corrected two-pass formula, gives the result. */       \
     static inline void cbn_runs_moments_##SUF(const T* p, Py_ssize_t nruns, Py_ssize_t n,\
                                               Py_ssize_t stride, double* mean,          \
                                               double* m2) {                             \
         typedef cbn_v_##SUF V;                                                          \
         const Py_ssize_t B = 4 * L, nv = n - n % B, n1 = n - n % L;                     \
-        const T shift = p[0];                                                           \
-        const V vs = CBN_SPLAT(V, shift);                                               \
+        const Py_ssize_t np = n < L ? n : L;                                            \
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0, b1, b2, b3, x0, x1, x2, x3;      \
         Py_ssize_t i, j, k;                                                             \
         double s = 0.0, ss = 0.0, cnt = (double)nruns * n;                              \
         T m, d;                                                                         \
         const T* q;                                                                     \
+        for (i = 1; i < np; i++) s += p[i] - p[0];                                      \
+        m = (T)(p[0] + s / np);      /* p[0] exactly on a constant channel */           \
+        s = 0.0;                                                                        \
+        V vm = CBN_SPLAT(V, m);                                                         \
+        b0 = b1 = b2 = b3 = (V){0};                                                     \
         for (k = 0, q = p; k < nruns; k++, q += stride) {                               \
             for (i = 0; i < nv; i += B) {                                               \
                 CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + L);                         \
                 CBN_VLOAD(x2, q + i + 2 * L); CBN_VLOAD(x3, q + i + 3 * L);             \
-                a0 += x0 - vs; a1 += x1 - vs; a2 += x2 - vs; a3 += x3 - vs;             \
+                x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;                                 \
+                a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                 \
+                b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;             \
             }                                                                           \
-            for (; i < n1; i += L) { CBN_VLOAD(x0, q + i); a0 += x0 - vs; }             \
-            for (; i < n; i++) s += q[i] - shift;                                       \
+            for (; i < n1; i += L) {                                                    \
+                CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;                \
+            }                                                                           \
+            for (; i < n; i++) { d = q[i] - m; s += d; ss += (double)d * d; }           \
         }                                                                               \
         a0 = (a0 + a1) + (a2 + a3);                                                     \
-        for (j = 0; j < L; j++) s += a0[j];                                             \
-        m = (T)(shift + s / cnt);                                                       \
-        const V vm = CBN_SPLAT(V, m);                                                   \
+        b0 = (b0 + b1) + (b2 + b3);                                                     \
+        for (j = 0; j < L; j++) { s += a0[j]; ss += b0[j]; }                            \
+        if (!(s * s / cnt > 0.5 * ss)) {                                                \
+            *mean = m + s / cnt;                                                        \
+            ss -= s * s / cnt;                                                          \
+            *m2 = ss < 0.0 ? 0.0 : ss;                                                  \
+            return;                                                                     \
+        }                                                                               \
+        m = (T)(m + s / cnt);        /* second pass, around the mean */                 \
+        vm = CBN_SPLAT(V, m);                                                           \
         a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = (V){0};                                 \
         s = 0.0;                                                                        \
+        ss = 0.0;                                                                       \
         for (k = 0, q = p; k < nruns; k++, q += stride) {                               \
             for (i = 0; i < nv; i += B) {                                               \
                 CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + L);                         \
@@ -155,21 +174,24 @@ cdef extern from *:
     /* sum(g) and sum(g * (x - mean)) over nruns runs of n values (run j at offset       \
        j*stride). If ym: g is first masked by ReLU's backward (g where ym > 0). If gr:   \
        the (masked) g is written there; if dx: dx = g * scale. All in one pass. */       \
-    static inline void cbn_runs_sums_##SUF(const T* g, const T* x, const T* ym, T* dx,  \
-                                           T* gr, Py_ssize_t nruns, Py_ssize_t n,       \
-                                           Py_ssize_t stride, T mean, T scale,          \
-                                           double* sg, double* sgx) {                   \
+    static CBN_INLINE void cbn_runs_sums_body_##SUF(const T* g, const T* x, const T* ym, \
+                                                    T* dx, T* gr, Py_ssize_t nruns,     \
+                                                    Py_ssize_t n, Py_ssize_t stride,    \
+                                                    T mean, T scale, double* sg,        \
+                                                    double* sgx) {                      \
         typedef cbn_v_##SUF V;                                                          \
         typedef cbn_m_##SUF IV;                                                         \
-        const Py_ssize_t n1 = n - n % L, n2 = n - n % (2 * L);                          \
+        const Py_ssize_t n1 = n - n % L, n4 = n - n % (4 * L);                          \
         const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale);                      \
-        V a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                       \
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};\
         Py_ssize_t i, j, k, o;                                                          \
         double s = 0.0, sx = 0.0;                                                       \
         T gv;                                                                           \
         for (k = 0, o = 0; k < nruns; k++, o += stride) {                               \
-            for (i = 0; i < n2; i += 2 * L) {                                           \
+            for (i = 0; i < n4; i += 4 * L) {                                           \
                 CBN_SUMS_STEP(o + i, a0, b0); CBN_SUMS_STEP(o + i + L, a1, b1);         \
+                CBN_SUMS_STEP(o + i + 2 * L, a2, b2);                                   \
+                CBN_SUMS_STEP(o + i + 3 * L, a3, b3);                                   \
             }                                                                           \
             for (; i < n1; i += L) CBN_SUMS_STEP(o + i, a0, b0);                        \
             for (; i < n; i++) {                                                        \
@@ -179,9 +201,45 @@ cdef extern from *:
                 if (dx) dx[o + i] = gv * scale;                                         \
             }                                                                           \
         }                                                                               \
-        a0 += a1; b0 += b1;                                                             \
+        a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);                         \
         for (j = 0; j < L; j++) { s += a0[j]; sx += b0[j]; }                            \
         *sg = s; *sgx = sx;                                                             \
+    }                                                                                   \
+                                                                                        \
+    /* One loop per combination of the optional arrays: no tests inside the loop. */    \
+    static CBN_NOINLINE void cbn_runs_sums_##SUF(const T* g, const T* x, const T* ym,   \
+                                                 T* dx, T* gr, Py_ssize_t nruns,        \
+                                                 Py_ssize_t n, Py_ssize_t stride,       \
+                                                 T mean, T scale, double* sg,           \
+                                                 double* sgx) {                         \
+        _Pragma("GCC diagnostic push")                                                  \
+        _Pragma("GCC diagnostic ignored \"-Wnonnull\"")                                 \
+        if (ym) {                                                                       \
+            if (gr) {                                                                   \
+                if (dx) cbn_runs_sums_body_##SUF(g, x, ym, dx, gr, nruns, n, stride,    \
+                                                 mean, scale, sg, sgx);                 \
+                else cbn_runs_sums_body_##SUF(g, x, ym, NULL, gr, nruns, n, stride,     \
+                                              mean, scale, sg, sgx);                    \
+            } else {                                                                    \
+                if (dx) cbn_runs_sums_body_##SUF(g, x, ym, dx, NULL, nruns, n, stride,  \
+                                                 mean, scale, sg, sgx);                 \
+                else cbn_runs_sums_body_##SUF(g, x, ym, NULL, NULL, nruns, n, stride,   \
+                                              mean, scale, sg, sgx);                    \
+            }                                                                           \
+        } else {                                                                        \
+            if (gr) {                                                                   \
+                if (dx) cbn_runs_sums_body_##SUF(g, x, NULL, dx, gr, nruns, n, stride,  \
+                                                 mean, scale, sg, sgx);                 \
+                else cbn_runs_sums_body_##SUF(g, x, NULL, NULL, gr, nruns, n, stride,   \
+                                              mean, scale, sg, sgx);                    \
+            } else {                                                                    \
+                if (dx) cbn_runs_sums_body_##SUF(g, x, NULL, dx, NULL, nruns, n, stride,\
+                                                 mean, scale, sg, sgx);                 \
+                else cbn_runs_sums_body_##SUF(g, x, NULL, NULL, NULL, nruns, n, stride, \
+                                              mean, scale, sg, sgx);                    \
+            }                                                                           \
+        }                                                                               \
+        _Pragma("GCC diagnostic pop")                                                   \
     }                                                                                   \
                                                                                         \
     /* y = (x - a) * b + c (+ r if r) (ReLU if relu). y may be x itself. */             \
@@ -643,8 +701,8 @@ cdef extern from *:
 
 cdef enum:
     PLANE_MIN_K = 16      # K at or above this: planes kernels; below: rows kernels
-    BLOCK = 4096          # values per two-pass block along a plane (L1-resident)
-    ROW_BLOCK = 65536     # values per two-pass block of rows (L2-resident)
+    BLOCK = 4096          # values per statistics block along a plane (L1-resident)
+    ROW_BLOCK = 65536     # values per statistics block of rows (L2-resident)
     ROW_ALIGN = 32        # glued rows are a multiple of this many values when cheap
     ROW_MIN_ROWS = 128    # rows per block at least (very wide rows: larger blocks)
     SHIFT_ROWS = 32       # at most this many rows' mean shifts an item's first block
@@ -695,8 +753,8 @@ cdef inline double inv_sqrt(double v) noexcept nogil:
 
 cdef inline Moments runs_moments(const floating* p, Py_ssize_t nruns, Py_ssize_t n,
                                 Py_ssize_t stride) noexcept nogil:
-    """Moments of nruns runs of n contiguous values, stride apart (two-pass; see
-    cbn_runs_moments above)."""
+    """Moments of nruns runs of n contiguous values, stride apart (see cbn_runs_moments
+    above)."""
     cdef Moments r
     r.n = <double>nruns * n
     if floating is float:

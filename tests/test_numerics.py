@@ -182,10 +182,10 @@ def test_tiny_and_huge_scales(dtype):
         assert_close(y, e, dtype, n, err_msg=f"scale 2^{k}")
 
 
-# Channels-last ("rows") statistics shift each block by the mean of its first rows and
-# take a second, corrected pass for the channels where that estimate was far off: a
-# channel sorted along the batch is the worst case (its first rows are its smallest
-# values). A few such channels take the per-channel pass, many take the whole-block pass.
+# The statistics shift each block by the mean of its first values (rows kernels: of its
+# first rows) and take a second, corrected pass where that estimate was far off: a channel
+# sorted along the batch is the worst case (its first values are its smallest). In the
+# rows kernels a few such channels take the per-channel pass, many the whole-block pass.
 SORTED_CASES = [
     ((4096, 256), 1, "few"),        # wide rows, 2 of 256 channels sorted
     ((4096, 256), 1, "all"),
@@ -193,13 +193,14 @@ SORTED_CASES = [
     ((8192, 64), 1, "all"),
     ((4096, 5, 4), 1, "few"),       # K = 4: rows of C*K values
     ((4096, 5, 4), 1, "all"),
+    ((16, 4, 1024), 1, "few"),      # planes: the shift is the mean of a unit's first values
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, axis, which", SORTED_CASES,
                          ids=[f"{'x'.join(map(str, s))}-{w}" for s, _, w in SORTED_CASES])
-def test_rows_statistics_with_sorted_channels(shape, axis, which, dtype):
+def test_statistics_with_sorted_channels(shape, axis, which, dtype):
     rng = np.random.default_rng(5)
     x = (1e3 + rng.standard_normal(shape)).astype(dtype)
     C = shape[axis]

@@ -8,9 +8,10 @@ Every input, whatever its ndim and channel axis, reaches these kernels as an (M,
   unit is a block of a long plane or several short planes of one channel (runs C*K apart);
   loops run along the planes with four independent vector accumulators.
 * rows (K small, e.g. channels-last where K == 1): the data is a stream of "rows" of
-  W = k*C*K values (k original m-rows glued so that a row has at least ROW_MIN_WIDTH
-  values); loops run along the row with one accumulator per lane, lane t belonging to
-  channel (t // K) % C.
+  W = k*C*K values (k original m-rows glued into a row of up to 8 vectors of 64 bytes
+  when C*K allows, else of at least ROW_MIN_WIDTH values); loops run along the row with
+  one accumulator per lane, lane t belonging to channel (t // K) % C. On AVX-512 builds
+  rows of up to 8 vectors keep their lane parameters and accumulators in registers.
 
 Statistics: every block is reduced with a shift close to its mean, so nothing cancels
 (never E[x^2] - E[x]^2): one streaming pass of d = x - shift and d*d around an estimate of
@@ -18,9 +19,9 @@ the mean (planes: the mean of the unit's first vector of values; rows: of the bl
 first rows), and a second, corrected pass from cache wherever that estimate was far
 enough off to cost accuracy (see cbn_runs_moments and rows_block_moments), so every
 result is within a factor 2 of a two-pass's rounding error. Blocks are merged with Chan et
-al.'s pairwise formula in double. Work is cut into items that depend on the shape only, never on the thread count;
-each item's partial result goes to its own slot and the slots are merged in item order, so
-the results are bit-identical for any number of threads.
+al.'s pairwise formula in double. Work is cut into items that depend on the shape only,
+never on the thread count; each item's partial result goes to its own slot and the slots
+are merged in item order, so the results are bit-identical for any number of threads.
 
 The loops over contiguous data are written with GCC/Clang vector-extension lanes (see the
 C block below): lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA

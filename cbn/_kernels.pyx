@@ -561,12 +561,33 @@ cdef extern from *:
                                            const T* m, const T* k, T* sg, T* sgx) {     \
         typedef cbn_v_##SUF V;                                                          \
         typedef cbn_m_##SUF IV;                                                         \
-        Py_ssize_t t, r, o, ws = w - w % L;                                             \
+        Py_ssize_t t, r, o, i, ws = w - w % L;                                          \
         V a, b, vg, vx, vm, vk, vy;                                                     \
         T gv;                                                                           \
         if (!ym && !dx && !gr && cbn_fx_sums_##SUF(g, x, R, w, m, sg, sgx)) return;     \
         for (t = 0; t < w; t++) { sg[t] = 0; sgx[t] = 0; }                              \
-        for (r = 0, o = 0; r < R; r++, o += w) {                                        \
+        r = o = 0;                                                                      \
+        if (!ym && !dx && !gr) {        /* 4 rows per accumulator trip */               \
+            for (; r + 4 <= R; r += 4, o += 4 * w) {                                    \
+                for (t = 0; t < ws; t += L) {                                           \
+                    V g1, x1;                                                           \
+                    CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);  \
+                    CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);                 \
+                    CBN_VLOAD(g1, g + o + w + t); CBN_VLOAD(x1, x + o + w + t);         \
+                    a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);         \
+                    CBN_VLOAD(vg, g + o + 2 * w + t); CBN_VLOAD(vx, x + o + 2 * w + t); \
+                    CBN_VLOAD(g1, g + o + 3 * w + t); CBN_VLOAD(x1, x + o + 3 * w + t); \
+                    a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);         \
+                    CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);                      \
+                }                                                                       \
+                for (; t < w; t++) {                                                    \
+                    for (i = o + t; i < o + t + 4 * w; i += w) {                        \
+                        sg[t] += g[i]; sgx[t] += g[i] * (x[i] - m[t]);                  \
+                    }                                                                   \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        for (; r < R; r++, o += w) {                                                    \
             for (t = 0; t < ws; t += L) {                                               \
                 CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);                     \
                 if (ym) { CBN_VLOAD(vy, ym + o + t); vg = CBN_MASK(IV, V, vg, vy); }    \

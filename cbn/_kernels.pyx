@@ -297,11 +297,14 @@ cdef extern from *:
         }                                                                                \
     }
 
-    /* Fixed-width rows (AVX-512 builds): when a row is NV <= 8 vectors of 64 bytes,      \
-       its lane parameters and accumulators stay in registers for the whole block and the  \
-       loop streams x and y only. Lane-wise the operations and their order are those of   \
-       the general column loops below, so results are identical either way. Each         \
-       cbn_fx_* returns 0 (and does nothing) when the width does not qualify. */          \
+    /* Fixed-width rows (AVX-512 builds), rows whose width is a multiple of the 64-byte   \
+       vector. A row of NV <= 8 vectors keeps its lane parameters and accumulators in     \
+       registers for the whole block, and the loop streams x and y only. A wider row is   \
+       walked in memory order, the lane parameters and accumulators read from L1 (strips \
+       of registers walked down the rows measured up to 2x slower: the streams are no    \
+       longer sequential). Lane-wise the operations and their order are those of the     \
+       general column loops below, so results are identical either way. Each cbn_fx_*    \
+       returns 0 (and does nothing) when the width does not qualify. */                  \
     #define CBN_DEFINE_FIXED(T, SUF, IT)                                                    \
     typedef CBN_VEC(T, 64 / sizeof(T)) cbn_w_##SUF;                                       \
     typedef CBN_VEC(IT, 64 / sizeof(T)) cbn_wm_##SUF;                                     \
@@ -330,6 +333,83 @@ cdef extern from *:
                 CBN_VSTORE(y + j * L, v);                                                 \
             }                                                                             \
         }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    /* The same over rows wider than 8 vectors, in memory order, the lane parameters    \
+       loaded from L1 with each vector */                                                 \
+    static CBN_NOINLINE void cbn_fx_affine_wide_##SUF(const T* x, const T* q, T* y,        \
+                                                      Py_ssize_t n, const T* a,          \
+                                                      const T* b, const T* c, int relu,  \
+                                                      Py_ssize_t w) {                    \
+        typedef cbn_w_##SUF V;                                                            \
+        typedef cbn_wm_##SUF IV;                                                          \
+        const int L = CBN_WL_##SUF;                                                       \
+        V v, va, vb, vc, r0;                                                              \
+        Py_ssize_t i, t;                                                                  \
+        for (i = 0; i < n; i += w) {                                                      \
+            for (t = 0; t < w; t += L) {                                                  \
+                CBN_VLOAD(v, x + i + t); CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t);      \
+                CBN_VLOAD(vc, c + t);                                                     \
+                v = (v - va) * vb + vc;                                                   \
+                if (q) { CBN_VLOAD(r0, q + i + t); v += r0; }                             \
+                if (relu) v = CBN_RELU(IV, V, v);                                         \
+                CBN_VSTORE(y + i + t, v);                                                 \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    /* y = (g - c - (x - a) * d) * b over rows wider than 8 vectors, in memory order */  \
+    static CBN_NOINLINE void cbn_fx_bwd_wide_##SUF(const T* x, const T* g, const T* q,     \
+                                                   T* y, Py_ssize_t n, const T* a,       \
+                                                   const T* b, const T* c, const T* d,   \
+                                                   Py_ssize_t w) {                       \
+        typedef cbn_w_##SUF V;                                                            \
+        typedef cbn_wm_##SUF IV;                                                          \
+        const int L = CBN_WL_##SUF;                                                       \
+        V v, u, r0, va, vb, vc, vd;                                                       \
+        Py_ssize_t i, t;                                                                  \
+        for (i = 0; i < n; i += w) {                                                      \
+            for (t = 0; t < w; t += L) {                                                  \
+                CBN_VLOAD(v, x + i + t); CBN_VLOAD(u, g + i + t);                         \
+                if (q) { CBN_VLOAD(r0, q + i + t); u = CBN_MASK(IV, V, u, r0); }          \
+                CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);         \
+                CBN_VLOAD(vd, d + t);                                                     \
+                v = (u - vc - (v - va) * vd) * vb;                                        \
+                CBN_VSTORE(y + i + t, v);                                                 \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    /* Sums over rows wider than 8 vectors, in memory order, the accumulators in L1:     \
+       s1 = sum of d = x - sh, s2 = sum of d*d; or (SUMS) s1 = sum of g = p, s2 = sum    \
+       of g * (x - sh). Each lane is summed in row order, as in the strip loops. */      \
+    static CBN_INLINE void cbn_fx_wide_red_##SUF(int SUMS, const T* p, const T* x,       \
+                                                 Py_ssize_t R, Py_ssize_t w,             \
+                                                 const T* sh, T* s1, T* s2) {            \
+        typedef cbn_w_##SUF V;                                                            \
+        const int L = CBN_WL_##SUF;                                                       \
+        V v, u, vs, va, vb;                                                               \
+        Py_ssize_t r, t, o;                                                               \
+        for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }                                 \
+        for (r = 0, o = 0; r < R; r++, o += w) {                                          \
+            for (t = 0; t < w; t += L) {                                                  \
+                CBN_VLOAD(v, p + o + t); CBN_VLOAD(vs, sh + t);                           \
+                CBN_VLOAD(va, s1 + t); CBN_VLOAD(vb, s2 + t);                             \
+                if (SUMS) { CBN_VLOAD(u, x + o + t); va += v; vb += v * (u - vs); }       \
+                else { v -= vs; va += v; vb += v * v; }                                   \
+                CBN_VSTORE(s1 + t, va); CBN_VSTORE(s2 + t, vb);                           \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+    static CBN_NOINLINE void cbn_fx_shifted_sums_wide_##SUF(const T* p, Py_ssize_t R,     \
+                                                            Py_ssize_t w, const T* sh,   \
+                                                            T* s1, T* s2) {              \
+        cbn_fx_wide_red_##SUF(0, p, NULL, R, w, sh, s1, s2);                              \
+    }                                                                                     \
+    static CBN_NOINLINE void cbn_fx_sums_wide_##SUF(const T* g, const T* x, Py_ssize_t R, \
+                                                    Py_ssize_t w, const T* m, T* sg,     \
+                                                    T* sgx) {                            \
+        cbn_fx_wide_red_##SUF(1, g, x, R, w, m, sg, sgx);                                 \
     }                                                                                     \
                                                                                           \
     /* y = (g - c - (x - a) * d) * b, g masked by ReLU's backward from q if HASQ */       \
@@ -409,9 +489,16 @@ cdef extern from *:
         return (CBN_FX && w % CBN_WL_##SUF == 0 && w <= 8 * CBN_WL_##SUF)                 \
                ? (int)(w / CBN_WL_##SUF) : 0;                                             \
     }                                                                                     \
+    static inline int cbn_fx_wide_##SUF(Py_ssize_t w) {                                   \
+        return CBN_FX && w % CBN_WL_##SUF == 0 && w > 8 * CBN_WL_##SUF;                   \
+    }                                                                                     \
     static int cbn_fx_affine_##SUF(const T* x, const T* q, T* y, Py_ssize_t R,           \
                                    Py_ssize_t w, const T* a, const T* b, const T* c,     \
                                    int relu) {                                            \
+        if (cbn_fx_wide_##SUF(w)) {                                                       \
+            cbn_fx_affine_wide_##SUF(x, q, y, R * w, a, b, c, relu, w);                   \
+            return 1;                                                                     \
+        }                                                                                 \
         switch (cbn_fx_nv_##SUF(w)) {                                                     \
             CBN_FX_CASES(cbn_fx_affine_, SUF, (x, q, y, R, a, b, c, relu))                \
             default: return 0;                                                            \
@@ -421,6 +508,10 @@ cdef extern from *:
     static int cbn_fx_bwd_##SUF(const T* x, const T* g, const T* q, T* y, Py_ssize_t R,  \
                                 Py_ssize_t w, const T* a, const T* b, const T* c,        \
                                 const T* d) {                                            \
+        if (cbn_fx_wide_##SUF(w)) {                                                       \
+            cbn_fx_bwd_wide_##SUF(x, g, q, y, R * w, a, b, c, d, w);                      \
+            return 1;                                                                     \
+        }                                                                                 \
         switch (cbn_fx_nv_##SUF(w)) {                                                     \
             CBN_FX_CASES(cbn_fx_bwd_, SUF, (x, g, q, y, R, a, b, c, d))                   \
             default: return 0;                                                            \
@@ -429,6 +520,10 @@ cdef extern from *:
     }                                                                                     \
     static int cbn_fx_shifted_sums_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,         \
                                          const T* sh, T* s1, T* s2) {                    \
+        if (cbn_fx_wide_##SUF(w)) {                                                       \
+            cbn_fx_shifted_sums_wide_##SUF(p, R, w, sh, s1, s2);                          \
+            return 1;                                                                     \
+        }                                                                                 \
         switch (cbn_fx_nv_##SUF(w)) {                                                     \
             CBN_FX_CASES(cbn_fx_shifted_sums_, SUF, (p, R, sh, s1, s2))                   \
             default: return 0;                                                            \
@@ -437,6 +532,10 @@ cdef extern from *:
     }                                                                                     \
     static int cbn_fx_sums_##SUF(const T* g, const T* x, Py_ssize_t R, Py_ssize_t w,     \
                                  const T* m, T* sg, T* sgx) {                            \
+        if (cbn_fx_wide_##SUF(w)) {                                                       \
+            cbn_fx_sums_wide_##SUF(g, x, R, w, m, sg, sgx);                               \
+            return 1;                                                                     \
+        }                                                                                 \
         switch (cbn_fx_nv_##SUF(w)) {                                                     \
             CBN_FX_CASES(cbn_fx_sums_, SUF, (g, x, R, m, sg, sgx))                        \
             default: return 0;                                                            \

@@ -27,7 +27,10 @@ The loops over contiguous data are written with GCC/Clang vector-extension lanes
 C block below): lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA
 contraction, so results do not depend on the instruction set either.
 
-Nothing here validates its arguments: cbn.functional does that before calling in. Scratch
+Nothing here validates its arguments: cbn.functional does that before calling in. The one
+exception is the plain-call fast path at the end (plain_forward, plain_backward): it only
+recognises calls whose arrays are already what the kernels need, and declines (returns
+None, having written nothing) everything else, which cbn.functional then validates. Scratch
 memory is allocated (and checked) with the GIL held, before any parallel region.
 """
 
@@ -1798,3 +1801,168 @@ def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, wei
                       <double*>data(invstd), <double*>data(grad_weight),
                       <double*>data(grad_bias), <double*>data(output),
                       <double*>data(grad_residual), M, C, K, training, nthreads)
+
+
+# ------------------------------------------------------------------- plain-call fast path
+#
+# Small inputs spend most of a call in Python: checking arguments, building views,
+# allocating. The common call (a C-contiguous float32/float64 ndarray in native byte order,
+# per-channel vectors that are already C-contiguous (C,) arrays of its dtype, no out,
+# residual or activation) is recognised here with a few C tests and run directly.
+# Recognising is not validating: anything else, invalid calls included, returns None and
+# cbn.functional takes its general path, which validates and raises its usual errors.
+
+cdef inline bint plain_array(object a, int typenum):
+    """A C-contiguous ndarray (not a subclass) of typenum in native byte order."""
+    return (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
+
+
+cdef inline bint plain_vec(object a, Py_ssize_t C, int typenum, bint writeable):
+    """None, or a plain (C,) array (writeable if asked)."""
+    if a is None:
+        return True
+    return (plain_array(a, typenum) and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>a, 0) == C
+            and (not writeable or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a)))
+
+
+cdef int plain_dims(object x, object axis, Py_ssize_t* M, Py_ssize_t* C,
+                    Py_ssize_t* K) except -2:
+    """Type number of a plain, non-empty 2D-5D float input with an int axis in range,
+    setting (M, C, K); -1 if the input is not plain."""
+    cdef int typ, nd, ax, i
+    cdef cnp.npy_intp* shape
+    if not cnp.PyArray_CheckExact(x) or type(axis) is not int:
+        return -1
+    typ = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
+        return -1
+    if not plain_array(x, typ) or cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
+        return -1
+    nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if nd < 2 or nd > 5 or not -nd <= axis < nd:
+        return -1
+    ax = axis
+    if ax < 0:
+        ax += nd
+    shape = cnp.PyArray_DIMS(<cnp.ndarray>x)
+    M[0] = 1
+    K[0] = 1
+    for i in range(ax):
+        M[0] *= shape[i]
+    C[0] = shape[ax]
+    for i in range(ax + 1, nd):
+        K[0] *= shape[i]
+    return typ
+
+
+cdef int plain_threads(object n_threads, Py_ssize_t size, Py_ssize_t min_parallel) except -2:
+    """Threads for a call (n_threads None: omp_get_max_threads()); -1 if n_threads is not
+    a positive int."""
+    cdef long n
+    if n_threads is None:
+        n = cbn_max_threads()
+    elif type(n_threads) is int and n_threads >= 1:
+        n = n_threads if n_threads < 4096 else 4096
+    else:
+        return -1
+    return 1 if size < min_parallel else <int>n
+
+
+def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  axis, n_threads, Py_ssize_t min_parallel):
+    """batch_norm_forward's plain call: (y, save_mean, save_invstd), or None when the call
+    is not plain (then nothing was computed or written). n_threads None means
+    omp_get_max_threads(); inputs under min_parallel values run on one thread."""
+    cdef Py_ssize_t M, C, K
+    cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
+    cdef double e, mom = 0.0
+    if typ < 0 or type(eps) is not float:
+        return None
+    e = eps
+    if not (0.0 <= e < float("inf")):
+        return None
+    if not plain_vec(weight, C, typ, False) or not plain_vec(bias, C, typ, False):
+        return None
+    if training is True:
+        if type(momentum) is not float or M * K == 1:
+            return None
+        if (not plain_vec(running_mean, C, typ, True)
+                or not plain_vec(running_var, C, typ, True)):
+            return None
+        mom = momentum
+    elif training is False:
+        if (running_mean is None or running_var is None
+                or not plain_vec(running_mean, C, typ, False)
+                or not plain_vec(running_var, C, typ, False)):
+            return None
+    else:
+        return None
+    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    if nt < 0:
+        return None
+    cdef cnp.npy_intp nc = C
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                           cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    if training:
+        if typ == cnp.NPY_FLOAT32:
+            forward_train_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
+                               <float*>data(bias), <float*>data(running_mean),
+                               <float*>data(running_var), <float*>data(sm),
+                               <float*>data(si), NULL, False, M, C, K, mom, e, nt)
+        else:
+            forward_train_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
+                               <double*>data(bias), <double*>data(running_mean),
+                               <double*>data(running_var), <double*>data(sm),
+                               <double*>data(si), NULL, False, M, C, K, mom, e, nt)
+    elif typ == cnp.NPY_FLOAT32:
+        forward_eval_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
+                          <float*>data(bias), <float*>data(running_mean),
+                          <float*>data(running_var), <float*>data(sm), <float*>data(si),
+                          NULL, False, M, C, K, e, nt)
+    else:
+        forward_eval_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
+                          <double*>data(bias), <double*>data(running_mean),
+                          <double*>data(running_var), <double*>data(sm), <double*>data(si),
+                          NULL, False, M, C, K, e, nt)
+    return y, sm, si
+
+
+def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axis,
+                   n_threads, Py_ssize_t min_parallel):
+    """batch_norm_backward's plain call (no activation, output or residual):
+    (grad_input, grad_weight, grad_bias), or None when the call is not plain."""
+    cdef Py_ssize_t M, C, K
+    cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
+    if typ < 0 or (training is not True and training is not False):
+        return None
+    if (not plain_array(grad_output, typ)
+            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>grad_output, <cnp.ndarray>x)):
+        return None
+    if (save_mean is None or save_invstd is None or not plain_vec(weight, C, typ, False)
+            or not plain_vec(save_mean, C, typ, False)
+            or not plain_vec(save_invstd, C, typ, False)):
+        return None
+    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    if nt < 0:
+        return None
+    cdef cnp.npy_intp nc = C
+    cdef cnp.ndarray gx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                            cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef cnp.ndarray gb = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    if typ == cnp.NPY_FLOAT32:
+        backward_impl(<float*>data(grad_output), <float*>data(x), <float*>data(gx),
+                      <float*>data(weight), <float*>data(save_mean), <float*>data(save_invstd),
+                      <float*>data(gw), <float*>data(gb), NULL, NULL, M, C, K,
+                      training is True, nt)
+    else:
+        backward_impl(<double*>data(grad_output), <double*>data(x), <double*>data(gx),
+                      <double*>data(weight), <double*>data(save_mean),
+                      <double*>data(save_invstd), <double*>data(gw), <double*>data(gb),
+                      NULL, NULL, M, C, K, training is True, nt)
+    return gx, gw, gb

@@ -4,6 +4,12 @@ Every public function here validates all of its arguments before anything is wri
 bad call leaves running statistics and ``out`` untouched. The kernels in :mod:`cbn._kernels`
 never validate; this module never loops over data.
 
+A plain call (C-contiguous float32/float64 ndarrays in native byte order, per-channel
+vectors that are contiguous (C,) arrays of the input's dtype, no ``out``, residual or
+activation) goes straight to ``_kernels.plain_forward`` / ``plain_backward``, which
+recognise it in C and cut the per-call overhead on small inputs from about 5 us to 1-1.6
+us; they decline anything else, and the general path below then validates it.
+
 The canonical view: whatever its ndim and channel axis, an input is walked in memory order,
 outermost axis first. The axes before the channel axis (in that order) multiply into M, the
 axes after it into K, so the data is a C-contiguous (M, C, K) array: NCHW is (N, C, H*W),
@@ -22,6 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _kernels
+from . import _threads
 from ._threads import resolve_num_threads
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
@@ -298,6 +305,14 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         ``1 / sqrt(var + eps)`` of the batch (biased var) in training, of the running var
         in eval; 0 where ``var + eps == 0``.
     """
+    if out is None and residual is None and activation is None:
+        # The plain call (see _kernels.plain_forward) skips the general path below.
+        r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
+                                   momentum, eps, axis,
+                                   _threads._override if n_threads is None else n_threads,
+                                   _threads.MIN_PARALLEL_SIZE)
+        if r is not None:
+            return r
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -442,6 +457,13 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     pass ``residual=True`` to also get the residual's gradient (the masked dy) as a fourth
     result: ``(grad_input, grad_weight, grad_bias, grad_residual)``.
     """
+    if output is None and activation is None and not residual:
+        r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
+                                    training, axis,
+                                    _threads._override if n_threads is None else n_threads,
+                                    _threads.MIN_PARALLEL_SIZE)
+        if r is not None:
+            return r
     x = _as_input(input, "input")
     dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
     if dy.dtype.kind != "f" and not _is_half(dy.dtype):

@@ -1,0 +1,149 @@
+"""The plain-call fast path (cbn._kernels.plain_forward / plain_backward).
+
+A call whose arrays are already what the kernels need skips the general Python path. The
+two paths must give bit-identical results, and the fast path must decline (return None,
+writing nothing) every call that is not plain, so that the general path validates it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import _kernels
+from cbn._threads import MIN_PARALLEL_SIZE
+
+from conftest import DTYPES, make_input, make_params
+
+CASES = [((6, 5), 1), ((4, 6, 3, 3), 1), ((4, 3, 3, 6), -1), ((3, 4, 5), 2)]
+CASE_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a in CASES]
+
+
+class _Sub(np.ndarray):
+    """An ndarray subclass: never plain."""
+
+
+def _forward(x, w, b, rm, rv, training, axis, **kw):
+    rm, rv = rm.copy(), rv.copy()
+    y, sm, si = cbn.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5, axis=axis, **kw)
+    return y, sm, si, rm, rv
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", CASES, ids=CASE_IDS)
+def test_plain_and_general_paths_agree(shape, axis, dtype, training):
+    x = make_input(shape, axis, dtype)
+    C = shape[axis]
+    w, b, rm, rv = make_params(C, dtype)
+    assert _kernels.plain_forward(x, w, b, rm.copy(), rv.copy(), training, 0.1, 1e-5, axis,
+                                  1, MIN_PARALLEL_SIZE) is not None
+    plain = _forward(x, w, b, rm, rv, training, axis)
+    general = {
+        "list weight": _forward(x, list(w), b, rm, rv, training, axis),
+        "numpy bool training": _forward(x, w, b, rm, rv, np.bool_(training), axis),
+        "numpy int threads": _forward(x, w, b, rm, rv, training, axis,
+                                      n_threads=np.int64(1)),
+        "subclass input": _forward(x.view(_Sub), w, b, rm, rv, training, axis),
+        "out=": _forward(x, w, b, rm, rv, training, axis, out=np.empty_like(x)),
+    }
+    for name, got in general.items():
+        for a, e in zip(got, plain):
+            np.testing.assert_array_equal(np.asarray(a), e, err_msg=name)
+
+    g = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    _, sm, si, _, _ = plain
+    pb = cbn.batch_norm_backward(g, x, w, sm, si, training, axis=axis)
+    assert _kernels.plain_backward(g, x, w, sm, si, training, axis, 1,
+                                   MIN_PARALLEL_SIZE) is not None
+    for name, got in {
+        "list weight": cbn.batch_norm_backward(g, x, list(w), sm, si, training, axis=axis),
+        "subclass grad": cbn.batch_norm_backward(g.view(_Sub), x, w, sm, si, training,
+                                                 axis=axis),
+        "residual=False": cbn.batch_norm_backward(g, x, w, sm, si, training, axis=axis,
+                                                  residual=False),
+    }.items():
+        for a, e in zip(got, pb):
+            np.testing.assert_array_equal(np.asarray(a), e, err_msg=name)
+
+
+def _declined_forward():
+    """(name, args) of forward calls that are not plain; args as plain_forward takes them."""
+    x = make_input((6, 4), 1, np.float32)
+    w, b, rm, rv = make_params(4, np.float32)
+    ro = rm.copy()
+    ro.flags.writeable = False
+    base = dict(x=x, weight=w, bias=b, running_mean=rm, running_var=rv, training=True,
+                momentum=0.1, eps=1e-5, axis=1, n_threads=1)
+    variants = {
+        "list input": dict(x=x.tolist()),
+        "float16 input": dict(x=x.astype(np.float16)),
+        "byte-swapped input": dict(x=x.astype(">f4")),
+        "1D input": dict(x=x[0]),
+        "empty input": dict(x=x[:0]),
+        "strided input": dict(x=x[::2]),
+        "axis out of range": dict(axis=2),
+        "bool axis": dict(axis=True),
+        "float64 weight": dict(weight=w.astype(np.float64)),
+        "weight of 3 values": dict(weight=w[:3]),
+        "2D running_mean": dict(running_mean=rm.reshape(4, 1)),
+        "read-only running_mean": dict(running_mean=ro),
+        "eval without running_var": dict(training=False, running_var=None),
+        "int training": dict(training=1),
+        "int eps": dict(eps=0),
+        "NaN eps": dict(eps=float("nan")),
+        "negative eps": dict(eps=-1.0),
+        "int momentum": dict(momentum=1),
+        "zero threads": dict(n_threads=0),
+        "float threads": dict(n_threads=1.0),
+        "one value per channel": dict(x=x[:1]),
+    }
+    for name, change in variants.items():
+        yield name, {**base, **change}
+
+
+@pytest.mark.parametrize("name, args", list(_declined_forward()),
+                         ids=[n for n, _ in _declined_forward()])
+def test_plain_forward_declines_and_writes_nothing(name, args):
+    rm, rv = args["running_mean"], args["running_var"]
+    before = [None if a is None else a.copy() for a in (rm, rv)]
+    assert _kernels.plain_forward(*args.values(), MIN_PARALLEL_SIZE) is None
+    for a, b in zip((rm, rv), before):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_plain_backward_declines():
+    x = make_input((6, 4), 1, np.float64)
+    w, _, m, v = make_params(4, np.float64)
+    g = np.ones_like(x)
+    plain = (g, x, w, m, v, True, 1, 1)
+    assert _kernels.plain_backward(*plain, MIN_PARALLEL_SIZE) is not None
+    for i, bad in [(0, g.astype(np.float32)), (0, g[:3]), (0, g.T.copy().T),
+                   (2, w.astype(np.float32)), (3, None), (4, None), (5, 1), (7, -1)]:
+        args = list(plain)
+        args[i] = bad
+        assert _kernels.plain_backward(*args, MIN_PARALLEL_SIZE) is None, (i, bad)
+
+
+def test_plain_path_follows_set_num_threads(monkeypatch):
+    # Large enough to run in parallel: set_num_threads reaches the fast path, and the
+    # result does not depend on the count.
+    x = make_input((64, 8, 128), 1, np.float32)
+    assert x.size >= MIN_PARALLEL_SIZE
+    w, b, rm, rv = make_params(8, np.float32)
+    seen = []
+    real = _kernels.plain_forward
+
+    def spy(*args):
+        seen.append(args[9])
+        return real(*args)
+
+    monkeypatch.setattr(_kernels, "plain_forward", spy)
+    cbn.set_num_threads(2)
+    y2 = cbn.batch_norm(x, None, None, w, b, training=True)
+    cbn.set_num_threads(1)
+    y1 = cbn.batch_norm(x, None, None, w, b, training=True)
+    assert seen == [2, 1]
+    np.testing.assert_array_equal(y1, y2)

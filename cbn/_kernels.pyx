@@ -1807,8 +1807,9 @@ def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, wei
 #
 # Small inputs spend most of a call in Python: checking arguments, building views,
 # allocating. The common call (a C-contiguous float32/float64 ndarray in native byte order,
-# per-channel vectors that are already C-contiguous (C,) arrays of its dtype, no out,
-# residual or activation) is recognised here with a few C tests and run directly.
+# per-channel vectors that are already C-contiguous (C,) arrays of its dtype, no out;
+# a residual or ReLU output of the same kind) is recognised here with a few C tests and
+# run directly.
 # Recognising is not validating: anything else, invalid calls included, returns None and
 # cbn.functional takes its general path, which validates and raises its usual errors.
 
@@ -1872,10 +1873,11 @@ cdef int plain_threads(object n_threads, Py_ssize_t size, Py_ssize_t min_paralle
 
 
 def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  axis, n_threads, Py_ssize_t min_parallel):
+                  axis, n_threads, Py_ssize_t min_parallel, residual=None, bint relu=False):
     """batch_norm_forward's plain call: (y, save_mean, save_invstd), or None when the call
     is not plain (then nothing was computed or written). n_threads None means
-    omp_get_max_threads(); inputs under min_parallel values run on one thread."""
+    omp_get_max_threads(); inputs under min_parallel values run on one thread. A residual
+    must be a plain array of the input's shape and dtype."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     cdef double e, mom = 0.0
@@ -1885,6 +1887,10 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     if not (0.0 <= e < float("inf")):
         return None
     if not plain_vec(weight, C, typ, False) or not plain_vec(bias, C, typ, False):
+        return None
+    if residual is not None and not (
+            plain_array(residual, typ)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>residual, <cnp.ndarray>x)):
         return None
     if training is True:
         if type(momentum) is not float or M * K == 1:
@@ -1913,35 +1919,42 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
             forward_train_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
                                <float*>data(bias), <float*>data(running_mean),
                                <float*>data(running_var), <float*>data(sm),
-                               <float*>data(si), NULL, False, M, C, K, mom, e, nt)
+                               <float*>data(si), <float*>data(residual), relu, M, C, K,
+                               mom, e, nt)
         else:
             forward_train_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
                                <double*>data(bias), <double*>data(running_mean),
                                <double*>data(running_var), <double*>data(sm),
-                               <double*>data(si), NULL, False, M, C, K, mom, e, nt)
+                               <double*>data(si), <double*>data(residual), relu, M, C, K,
+                               mom, e, nt)
     elif typ == cnp.NPY_FLOAT32:
         forward_eval_impl(<float*>data(x), <float*>data(y), <float*>data(weight),
                           <float*>data(bias), <float*>data(running_mean),
                           <float*>data(running_var), <float*>data(sm), <float*>data(si),
-                          NULL, False, M, C, K, e, nt)
+                          <float*>data(residual), relu, M, C, K, e, nt)
     else:
         forward_eval_impl(<double*>data(x), <double*>data(y), <double*>data(weight),
                           <double*>data(bias), <double*>data(running_mean),
                           <double*>data(running_var), <double*>data(sm), <double*>data(si),
-                          NULL, False, M, C, K, e, nt)
+                          <double*>data(residual), relu, M, C, K, e, nt)
     return y, sm, si
 
 
 def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axis,
-                   n_threads, Py_ssize_t min_parallel):
-    """batch_norm_backward's plain call (no activation, output or residual):
-    (grad_input, grad_weight, grad_bias), or None when the call is not plain."""
+                   n_threads, Py_ssize_t min_parallel, output=None, bint residual=False):
+    """batch_norm_backward's plain call: (grad_input, grad_weight, grad_bias), plus
+    grad_residual if residual, or None when the call is not plain. output (the forward's
+    ReLU output, masking grad_output) must be a plain array of the input's shape."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or (training is not True and training is not False):
         return None
     if (not plain_array(grad_output, typ)
             or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>grad_output, <cnp.ndarray>x)):
+        return None
+    if output is not None and not (
+            plain_array(output, typ)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>output, <cnp.ndarray>x)):
         return None
     if (save_mean is None or save_invstd is None or not plain_vec(weight, C, typ, False)
             or not plain_vec(save_mean, C, typ, False)
@@ -1955,14 +1968,49 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
                                             cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
     cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef cnp.ndarray gb = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef object gr = None
+    if residual:
+        gr = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                               cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
     if typ == cnp.NPY_FLOAT32:
         backward_impl(<float*>data(grad_output), <float*>data(x), <float*>data(gx),
                       <float*>data(weight), <float*>data(save_mean), <float*>data(save_invstd),
-                      <float*>data(gw), <float*>data(gb), NULL, NULL, M, C, K,
-                      training is True, nt)
+                      <float*>data(gw), <float*>data(gb), <float*>data(output),
+                      <float*>data(gr), M, C, K, training is True, nt)
     else:
         backward_impl(<double*>data(grad_output), <double*>data(x), <double*>data(gx),
                       <double*>data(weight), <double*>data(save_mean),
                       <double*>data(save_invstd), <double*>data(gw), <double*>data(gb),
-                      NULL, NULL, M, C, K, training is True, nt)
-    return gx, gw, gb
+                      <double*>data(output), <double*>data(gr), M, C, K, training is True,
+                      nt)
+    return (gx, gw, gb, gr) if residual else (gx, gw, gb)
+
+
+def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel,
+                 residual=None, bint relu=False):
+    """normalize's plain call: y = act((x - mean) * scale + shift + residual), or None
+    when the call is not plain."""
+    cdef Py_ssize_t M, C, K
+    cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
+    if typ < 0 or mean is None or scale is None or shift is None:
+        return None
+    if (not plain_vec(mean, C, typ, False) or not plain_vec(scale, C, typ, False)
+            or not plain_vec(shift, C, typ, False)):
+        return None
+    if residual is not None and not (
+            plain_array(residual, typ)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>residual, <cnp.ndarray>x)):
+        return None
+    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    if nt < 0:
+        return None
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                           cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    if typ == cnp.NPY_FLOAT32:
+        affine_impl(<float*>data(x), <float*>data(y), <float*>data(mean), <float*>data(scale),
+                    <float*>data(shift), <float*>data(residual), relu, M, C, K, nt)
+    else:
+        affine_impl(<double*>data(x), <double*>data(y), <double*>data(mean),
+                    <double*>data(scale), <double*>data(shift), <double*>data(residual), relu,
+                    M, C, K, nt)
+    return y

@@ -5,10 +5,10 @@ bad call leaves running statistics and ``out`` untouched. The kernels in :mod:`c
 never validate; this module never loops over data.
 
 A plain call (C-contiguous float32/float64 ndarrays in native byte order, per-channel
-vectors that are contiguous (C,) arrays of the input's dtype, no ``out``, residual or
-activation) goes straight to ``_kernels.plain_forward`` / ``plain_backward``, which
-recognise it in C and cut the per-call overhead on small inputs from about 5 us to 1-1.6
-us; they decline anything else, and the general path below then validates it.
+vectors that are contiguous (C,) arrays of the input's dtype, no ``out``) goes straight to
+``_kernels.plain_forward``, ``plain_backward`` or ``plain_affine``, which recognise it in
+C and cut the per-call overhead on small inputs from about 5 us to 1-1.6 us; they decline
+anything else, and the general path below then validates it.
 
 The canonical view: whatever its ndim and channel axis, an input is walked in memory order,
 outermost axis first. The axes before the channel axis (in that order) multiply into M, the
@@ -305,12 +305,13 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         ``1 / sqrt(var + eps)`` of the batch (biased var) in training, of the running var
         in eval; 0 where ``var + eps == 0``.
     """
-    if out is None and residual is None and activation is None:
+    if out is None and (activation is None or activation == "relu"):
         # The plain call (see _kernels.plain_forward) skips the general path below.
         r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
                                    momentum, eps, axis,
                                    _threads._override if n_threads is None else n_threads,
-                                   _threads.MIN_PARALLEL_SIZE)
+                                   _threads.MIN_PARALLEL_SIZE, residual,
+                                   activation is not None)
         if r is not None:
             return r
     x = _as_input(input, "input")
@@ -400,6 +401,12 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     per call. Keeping ``x - mean`` (rather than ``x * scale + (shift - mean * scale)``)
     gives exactly ``shift`` on a constant channel at its mean.
     """
+    if out is None and (activation is None or activation == "relu"):
+        y = _kernels.plain_affine(input, mean, scale, shift, axis,
+                                  _threads._override if n_threads is None else n_threads,
+                                  _threads.MIN_PARALLEL_SIZE, residual, activation is not None)
+        if y is not None:
+            return y
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -457,11 +464,13 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     pass ``residual=True`` to also get the residual's gradient (the masked dy) as a fourth
     result: ``(grad_input, grad_weight, grad_bias, grad_residual)``.
     """
-    if output is None and activation is None and not residual:
+    if (residual is False or residual is True) and (
+            (activation is None and output is None)
+            or (activation == "relu" and output is not None)):
         r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
                                     training, axis,
                                     _threads._override if n_threads is None else n_threads,
-                                    _threads.MIN_PARALLEL_SIZE)
+                                    _threads.MIN_PARALLEL_SIZE, output, residual)
         if r is not None:
             return r
     x = _as_input(input, "input")

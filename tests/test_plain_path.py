@@ -12,6 +12,7 @@ import pytest
 
 import cbn
 from cbn import _kernels
+from cbn import functional as F
 from cbn._threads import MIN_PARALLEL_SIZE
 
 from conftest import DTYPES, make_input, make_params
@@ -147,3 +148,67 @@ def test_plain_path_follows_set_num_threads(monkeypatch):
     y1 = cbn.batch_norm(x, None, None, w, b, training=True)
     assert seen == [2, 1]
     np.testing.assert_array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_plain_and_general_paths_agree(dtype, training):
+    shape, axis = (4, 3, 3, 6), -1
+    x = make_input(shape, axis, dtype)
+    w, b, rm, rv = make_params(6, dtype)
+    r = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    g = np.random.default_rng(6).standard_normal(shape).astype(dtype)
+    kw = dict(axis=axis, activation="relu")
+    plain = _forward(x, w, b, rm, rv, training, residual=r, **kw)
+    general = _forward(x, w, b, rm, rv, training, residual=r.view(_Sub), **kw)
+    for a, e in zip(general, plain):
+        np.testing.assert_array_equal(np.asarray(a), e)
+    y, sm, si = plain[:3]
+    assert _kernels.plain_backward(g, x, w, sm, si, training, axis, 1, MIN_PARALLEL_SIZE,
+                                   y, True) is not None
+    pb = cbn.batch_norm_backward(g, x, w, sm, si, training, output=y, residual=True, **kw)
+    gb = cbn.batch_norm_backward(g, x, w, sm, si, training, output=y.view(_Sub),
+                                 residual=True, **kw)
+    assert len(pb) == len(gb) == 4
+    for a, e in zip(gb, pb):
+        np.testing.assert_array_equal(np.asarray(a), e)
+    # residual=1 (truthy, not True) takes the general path and still returns four arrays
+    assert len(cbn.batch_norm_backward(g, x, w, sm, si, training, output=y, residual=1,
+                                       **kw)) == 4
+
+
+def test_fused_plain_path_declines():
+    x = make_input((6, 4), 1, np.float32)
+    w, b, rm, rv = make_params(4, np.float32)
+    args = (x, w, b, rm, rv, True, 0.1, 1e-5, 1, 1, MIN_PARALLEL_SIZE)
+    assert _kernels.plain_forward(*args, x, True) is not None
+    for bad in (x[:3], x.astype(np.float64), x.tolist(), np.asfortranarray(x.T).T[::1, ::2]):
+        assert _kernels.plain_forward(*args, bad, True) is None
+    bw = (x, x, w, rm, rv, True, 1, 1, MIN_PARALLEL_SIZE)
+    for bad in (x[:3], x.astype(np.float64), x.tolist()):
+        assert _kernels.plain_backward(*bw, bad, False) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_plain_and_general_paths_agree(dtype):
+    shape, axis = (4, 6, 3, 3), 1
+    x = make_input(shape, axis, dtype)
+    m, s, t, _ = make_params(6, dtype)
+    r = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    assert _kernels.plain_affine(x, m, s, t, axis, 1, MIN_PARALLEL_SIZE, r, True) is not None
+    for kw in ({}, dict(activation="relu", residual=r)):
+        plain = F.normalize(x, m, s, t, axis=axis, **kw)
+        general = F.normalize(x, list(m), s, t, axis=axis, **kw)
+        np.testing.assert_array_equal(general, plain)
+        ref = (x.astype(np.float64) - m.reshape(6, 1, 1)) * s.reshape(6, 1, 1) + t.reshape(
+            6, 1, 1)
+        if kw:
+            ref = np.maximum(ref + r, 0)
+        np.testing.assert_allclose(plain, ref, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-5 if dtype == np.float32 else 1e-12)
+    for bad in (dict(mean=None), dict(scale=s[:3]), dict(shift=t.astype(np.float16)),
+                dict(x=x.tolist()), dict(residual=r[:2])):
+        a = dict(x=x, mean=m, scale=s, shift=t, residual=None)
+        a.update(bad)
+        assert _kernels.plain_affine(a["x"], a["mean"], a["scale"], a["shift"], axis, 1,
+                                     MIN_PARALLEL_SIZE, a["residual"], False) is None

@@ -120,7 +120,7 @@ cdef extern from *:
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0, b1, b2, b3, x0, x1, x2, x3;      \
         Py_ssize_t i, j, k;                                                             \
         double s = 0.0, ss = 0.0, cnt = (double)nruns * n;                              \
-        T m, d;                                                                         \
+        T m, pad[L];                                                                    \
         const T* q;                                                                     \
         for (i = 1; i < np; i++) s += p[i] - p[0];                                      \
         m = (T)(p[0] + s / np);      /* p[0] exactly on a constant channel */           \
@@ -138,7 +138,10 @@ cdef extern from *:
             for (; i < n1; i += L) {                                                    \
                 CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;                \
             }                                                                           \
-            for (; i < n; i++) { d = q[i] - m; s += d; ss += (double)d * d; }           \
+            if (i < n) {            /* the last values, padded with the shift */        \
+                for (j = 0; j < L; j++) pad[j] = i + j < n ? q[i + j] : m;              \
+                CBN_VLOAD(x1, pad); x1 -= vm; a1 += x1; b1 += x1 * x1;                  \
+            }                                                                           \
         }                                                                               \
         a0 = (a0 + a1) + (a2 + a3);                                                     \
         b0 = (b0 + b1) + (b2 + b3);                                                     \
@@ -165,7 +168,10 @@ cdef extern from *:
             for (; i < n1; i += L) {                                                    \
                 CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;                \
             }                                                                           \
-            for (; i < n; i++) { d = q[i] - m; s += d; ss += (double)d * d; }           \
+            if (i < n) {            /* the last values, padded with the shift */        \
+                for (j = 0; j < L; j++) pad[j] = i + j < n ? q[i + j] : m;              \
+                CBN_VLOAD(x1, pad); x1 -= vm; a1 += x1; b1 += x1 * x1;                  \
+            }                                                                           \
         }                                                                               \
         a0 = (a0 + a1) + (a2 + a3);                                                     \
         b0 = (b0 + b1) + (b2 + b3);                                                     \
@@ -190,7 +196,8 @@ cdef extern from *:
         V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};\
         Py_ssize_t i, j, k, o;                                                          \
         double s = 0.0, sx = 0.0;                                                       \
-        T gv;                                                                           \
+        T gv, pg[L], px[L];                                                             \
+        V tg, tx;                                                                       \
         for (k = 0, o = 0; k < nruns; k++, o += stride) {                               \
             for (i = 0; i < n4; i += 4 * L) {                                           \
                 CBN_SUMS_STEP(o + i, a0, b0); CBN_SUMS_STEP(o + i + L, a1, b1);         \
@@ -198,11 +205,18 @@ cdef extern from *:
                 CBN_SUMS_STEP(o + i + 3 * L, a3, b3);                                   \
             }                                                                           \
             for (; i < n1; i += L) CBN_SUMS_STEP(o + i, a0, b0);                        \
-            for (; i < n; i++) {                                                        \
-                gv = (ym && !(ym[o + i] > 0)) ? 0 : g[o + i];                           \
-                if (gr) gr[o + i] = gv;                                                 \
-                s += gv; sx += gv * (x[o + i] - mean);                                  \
-                if (dx) dx[o + i] = gv * scale;                                         \
+            if (i < n) {            /* the last values, padded with g = 0 */            \
+                for (j = 0; j < L; j++) {                                               \
+                    if (i + j < n) {                                                    \
+                        gv = (ym && !(ym[o + i + j] > 0)) ? 0 : g[o + i + j];           \
+                        if (gr) gr[o + i + j] = gv;                                     \
+                        if (dx) dx[o + i + j] = gv * scale;                             \
+                        pg[j] = gv; px[j] = x[o + i + j];                               \
+                    } else {                                                            \
+                        pg[j] = 0; px[j] = mean;                                        \
+                    }                                                                   \
+                }                                                                       \
+                CBN_VLOAD(tg, pg); CBN_VLOAD(tx, px); a1 += tg; b1 += tg * (tx - vm);   \
             }                                                                           \
         }                                                                               \
         a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);                         \

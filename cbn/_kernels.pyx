@@ -1821,8 +1821,8 @@ def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, wei
 #
 # Small inputs spend most of a call in Python: checking arguments, building views,
 # allocating. The common call (a C-contiguous float32/float64 ndarray in native byte order,
-# per-channel vectors that are already C-contiguous (C,) arrays of its dtype, no out;
-# a residual or ReLU output of the same kind) is recognised here with a few C tests and
+# per-channel vectors that are already C-contiguous (C,) arrays of its dtype; out, a
+# residual or a ReLU output of the same kind) is recognised here with a few C tests and
 # run directly.
 # Recognising is not validating: anything else, invalid calls included, returns None and
 # cbn.functional takes its general path, which validates and raises its usual errors.
@@ -1873,6 +1873,26 @@ cdef int plain_dims(object x, object axis, Py_ssize_t* M, Py_ssize_t* C,
     return typ
 
 
+cdef object plain_out(object out, object x, int typ):
+    """A new array like x if out is None; out itself if it is a plain, writeable array of
+    x's shape that is x or does not overlap it; else None (not plain)."""
+    cdef char* a
+    cdef char* b
+    cdef Py_ssize_t n
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                 cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    if not (plain_array(out, typ) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, <cnp.ndarray>x)):
+        return None
+    a = <char*>cnp.PyArray_DATA(<cnp.ndarray>out)
+    b = <char*>cnp.PyArray_DATA(<cnp.ndarray>x)
+    n = cnp.PyArray_NBYTES(<cnp.ndarray>x)
+    if a == b or a + n <= b or b + n <= a:
+        return out
+    return None
+
+
 cdef int plain_threads(object n_threads, Py_ssize_t size, Py_ssize_t min_parallel) except -2:
     """Threads for a call (n_threads None: omp_get_max_threads()); -1 if n_threads is not
     a positive int."""
@@ -1887,11 +1907,13 @@ cdef int plain_threads(object n_threads, Py_ssize_t size, Py_ssize_t min_paralle
 
 
 def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  axis, n_threads, Py_ssize_t min_parallel, residual=None, bint relu=False):
+                  axis, n_threads, Py_ssize_t min_parallel, residual=None, bint relu=False,
+                  out=None):
     """batch_norm_forward's plain call: (y, save_mean, save_invstd), or None when the call
     is not plain (then nothing was computed or written). n_threads None means
     omp_get_max_threads(); inputs under min_parallel values run on one thread. A residual
-    must be a plain array of the input's shape and dtype."""
+    must be a plain array of the input's shape and dtype; so must out, which may be x
+    itself but must not otherwise overlap it."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     cdef double e, mom = 0.0
@@ -1923,9 +1945,10 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     nt = plain_threads(n_threads, M * C * K, min_parallel)
     if nt < 0:
         return None
+    y = plain_out(out, x, typ)
+    if y is None:
+        return None
     cdef cnp.npy_intp nc = C
-    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                                           cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
     cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     if training:
@@ -2001,9 +2024,9 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
 
 
 def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel,
-                 residual=None, bint relu=False):
+                 residual=None, bint relu=False, out=None):
     """normalize's plain call: y = act((x - mean) * scale + shift + residual), or None
-    when the call is not plain."""
+    when the call is not plain (out as in plain_forward)."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or mean is None or scale is None or shift is None:
@@ -2018,8 +2041,9 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
     nt = plain_threads(n_threads, M * C * K, min_parallel)
     if nt < 0:
         return None
-    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                                           cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    y = plain_out(out, x, typ)
+    if y is None:
+        return None
     if typ == cnp.NPY_FLOAT32:
         affine_impl(<float*>data(x), <float*>data(y), <float*>data(mean), <float*>data(scale),
                     <float*>data(shift), <float*>data(residual), relu, M, C, K, nt)

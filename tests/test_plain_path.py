@@ -212,3 +212,42 @@ def test_normalize_plain_and_general_paths_agree(dtype):
         a.update(bad)
         assert _kernels.plain_affine(a["x"], a["mean"], a["scale"], a["shift"], axis, 1,
                                      MIN_PARALLEL_SIZE, a["residual"], False) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_plain_and_general_paths_agree(dtype):
+    shape, axis = (4, 3, 3, 6), -1
+    x = make_input(shape, axis, dtype)
+    w, b, rm, rv = make_params(6, dtype)
+    for training in (True, False):
+        e = _forward(x, w, b, rm, rv, training, axis)
+        out = np.empty_like(x)
+        got = _forward(x, w, b, rm, rv, training, axis, out=out)
+        assert got[0] is out
+        sub = np.empty_like(x).view(_Sub)                 # not plain: the general path
+        gen = _forward(x, w, b, rm, rv, training, axis, out=sub)
+        xi = x.copy()                                     # in place
+        inp = _forward(xi, w, b, rm, rv, training, axis, out=xi)
+        assert inp[0] is xi
+        for a, b_, c, d in zip(got, gen, inp, e):
+            np.testing.assert_array_equal(a, d)
+            np.testing.assert_array_equal(np.asarray(b_), d)
+            np.testing.assert_array_equal(c, d)
+
+
+def test_out_overlapping_the_input_is_declined():
+    x = make_input((8, 4), 1, np.float32)
+    w, b, rm, rv = make_params(4, np.float32)
+    base = np.concatenate([x, x])
+    args = (w, b, rm, rv, False, 0.1, 1e-5, 1, 1, MIN_PARALLEL_SIZE, None, False)
+    assert _kernels.plain_forward(base[:8], *args, base[1:9]) is None     # overlaps
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    assert _kernels.plain_forward(x, *args, ro) is None
+    assert _kernels.plain_forward(x, *args, np.empty((4, 8), np.float32)) is None
+    assert _kernels.plain_forward(x, *args, np.empty_like(x, dtype=np.float64)) is None
+    # the general path gets the overlapping case right: as if computed out of place
+    expected = cbn.batch_norm(base[:8].copy(), rm, rv, w, b)
+    y = cbn.batch_norm(base[:8], rm, rv, w, b, out=base[1:9])
+    assert y.base is base
+    np.testing.assert_array_equal(y, expected)

@@ -1009,12 +1009,26 @@ cdef inline void zero_moments(Moments* m, Py_ssize_t n) noexcept nogil:
         m[i].m2 = 0
 
 
+cdef inline void planes_item_span(Planes P, Py_ssize_t item, Py_ssize_t* c0,
+                                  Py_ssize_t* nc) noexcept nogil:
+    """The channels that item's units belong to: c0, c0 + 1, ... (mod C), nc of them.
+    Only their slots of the item's partials are written and merged (with many channels,
+    zeroing and merging all C slots of every item cost a tenth of the pass)."""
+    cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
+    c0[0] = (u0 // P.nblk) % P.C
+    nc[0] = 0 if u1 <= u0 else (u1 - 1) // P.nblk - u0 // P.nblk + 1
+    if nc[0] > P.C:
+        nc[0] = P.C
+
+
 cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
                               Moments* acc) noexcept nogil:
-    """Merge the moments of one item's units into acc[0:C], per channel."""
+    """Merge the moments of one item's units into its slots of acc[0:C], per channel."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
-    cdef Py_ssize_t u, off, c, nruns, n
-    zero_moments(acc, P.C)
+    cdef Py_ssize_t u, off, c, nruns, n, c0, nc, j
+    planes_item_span(P, item, &c0, &nc)
+    for j in range(nc):
+        zero_moments(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
         merge(&acc[c], runs_moments(x + off, nruns, n, P.C * P.K))
@@ -1022,8 +1036,8 @@ cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
 
 cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,
                          int nthreads) noexcept nogil:
-    """part: items*C slots."""
-    cdef Py_ssize_t it, c
+    """part: items*C slots (each item writes those of its channels only)."""
+    cdef Py_ssize_t it, c, c0, nc, j
     if nthreads == 1:           # no OpenMP region at all: it costs more than tiny inputs
         for it in range(P.items):
             planes_item_moments(x, P, it, part + it * P.C)
@@ -1032,7 +1046,9 @@ cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* ou
             planes_item_moments(x, P, it, part + it * P.C)
     zero_moments(out, P.C)
     for it in range(P.items):
-        for c in range(P.C):
+        planes_item_span(P, it, &c0, &nc)
+        for j in range(nc):
+            c = (c0 + j) % P.C
             merge(&out[c], part[it * P.C + c])
 
 
@@ -1637,11 +1653,14 @@ cdef void planes_item_sums(const floating* g, const floating* x, const floating*
                            floating* dx, floating* gr, Planes P, Py_ssize_t item,
                            const floating* mean, const floating* scale,
                            Sums* acc) noexcept nogil:
-    """Per-channel sums of one item's units into acc[0:C] (see cbn_runs_sums)."""
+    """Per-channel sums of one item's units into its slots of acc[0:C] (see
+    cbn_runs_sums)."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
-    cdef Py_ssize_t u, off, c, nruns, n
+    cdef Py_ssize_t u, off, c, nruns, n, c0, nc, j
     cdef double sg, sgx
-    zero_sums(acc, P.C)
+    planes_item_span(P, item, &c0, &nc)
+    for j in range(nc):
+        zero_sums(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
         if floating is float:
@@ -1659,8 +1678,8 @@ cdef void planes_item_sums(const floating* g, const floating* x, const floating*
 cdef void planes_sums(const floating* g, const floating* x, const floating* ym, floating* dx,
                       floating* gr, Planes P, const floating* mean, const floating* scale,
                       Sums* part, Sums* out, int nthreads) noexcept nogil:
-    """part: items*C slots."""
-    cdef Py_ssize_t it, c
+    """part: items*C slots (each item writes those of its channels only)."""
+    cdef Py_ssize_t it, c, c0, nc, j
     if nthreads == 1:
         for it in range(P.items):
             planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
@@ -1669,7 +1688,9 @@ cdef void planes_sums(const floating* g, const floating* x, const floating* ym, 
             planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
     zero_sums(out, P.C)
     for it in range(P.items):
-        for c in range(P.C):
+        planes_item_span(P, it, &c0, &nc)
+        for j in range(nc):
+            c = (c0 + j) % P.C
             out[c].g += part[it * P.C + c].g
             out[c].gx += part[it * P.C + c].gx
 

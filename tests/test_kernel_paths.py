@@ -32,6 +32,7 @@ PATHS = [
     ((6, 5, 17), 1, "planes: K = 17, one value past the vectors"),
     ((4, 6, 14, 14), 1, "planes: K = 196, vector tails"),
     ((2, 3, 4100), 1, "planes: a plane longer than a statistics block"),
+    ((3, 7, 30000), 1, "planes: work items straddle channels and batch entries"),
 ]
 PATH_IDS = [f"{'x'.join(map(str, s))}-ax{a}" for s, a, _ in PATHS]
 

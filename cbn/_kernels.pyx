@@ -11,7 +11,11 @@ Every input, whatever its ndim and channel axis, reaches these kernels as an (M,
   W = k*C*K values (k original m-rows glued into a row of up to 8 vectors of 64 bytes
   when C*K allows, else of at least ROW_MIN_WIDTH values); loops run along the row with
   one accumulator per lane, lane t belonging to channel (t // K) % C. On AVX-512 builds
-  rows of up to 8 vectors keep their lane parameters and accumulators in registers.
+  rows of up to 8 vectors keep their lane parameters and accumulators in registers, and
+  wider rows (a multiple of the vector) are walked in memory order with them in L1.
+
+In the planes reductions, a run whose length is no multiple of the vector ends with one
+vector padded with values that add exactly zero, not with a scalar loop (a latency chain).
 
 Statistics: every block is reduced with a shift close to its mean, so nothing cancels
 (never E[x^2] - E[x]^2): one streaming pass of d = x - shift and d*d around an estimate of
@@ -28,10 +32,11 @@ C block below): lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no F
 contraction, so results do not depend on the instruction set either.
 
 Nothing here validates its arguments: cbn.functional does that before calling in. The one
-exception is the plain-call fast path at the end (plain_forward, plain_backward): it only
-recognises calls whose arrays are already what the kernels need, and declines (returns
-None, having written nothing) everything else, which cbn.functional then validates. Scratch
-memory is allocated (and checked) with the GIL held, before any parallel region.
+exception is the plain-call fast path at the end (plain_forward, plain_backward,
+plain_affine): it only recognises calls whose arrays are already what the kernels need,
+and declines (returns None, having written nothing) everything else, which cbn.functional
+then validates. Scratch memory is allocated (and checked) with the GIL held, before any
+parallel region.
 """
 
 cimport cython

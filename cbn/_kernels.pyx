@@ -1890,6 +1890,12 @@ cdef inline bint plain_vec(object a, Py_ssize_t C, int typenum, bint writeable):
             and (not writeable or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a)))
 
 
+cdef inline bint plain_like(object a, object x, int typenum):
+    """None, or a plain array of x's shape (a residual, a ReLU output)."""
+    return a is None or (plain_array(a, typenum)
+                         and cnp.PyArray_SAMESHAPE(<cnp.ndarray>a, <cnp.ndarray>x))
+
+
 cdef int plain_dims(object x, object axis, Py_ssize_t* M, Py_ssize_t* C,
                     Py_ssize_t* K) except -2:
     """Type number of a plain, non-empty 2D-5D float input with an int axis in range,
@@ -1971,9 +1977,7 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
         return None
     if not plain_vec(weight, C, typ, False) or not plain_vec(bias, C, typ, False):
         return None
-    if residual is not None and not (
-            plain_array(residual, typ)
-            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>residual, <cnp.ndarray>x)):
+    if not plain_like(residual, x, typ):
         return None
     if training is True:
         if type(momentum) is not float or M * K == 1:
@@ -1990,9 +1994,7 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     else:
         return None
     nt = plain_threads(n_threads, M * C * K, min_parallel)
-    if nt < 0:
-        return None
-    y = plain_out(out, x, typ)
+    y = None if nt < 0 else plain_out(out, x, typ)
     if y is None:
         return None
     cdef cnp.npy_intp nc = C
@@ -2033,12 +2035,9 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or (training is not True and training is not False):
         return None
-    if (not plain_array(grad_output, typ)
-            or not cnp.PyArray_SAMESHAPE(<cnp.ndarray>grad_output, <cnp.ndarray>x)):
+    if grad_output is None or not plain_like(grad_output, x, typ):
         return None
-    if output is not None and not (
-            plain_array(output, typ)
-            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>output, <cnp.ndarray>x)):
+    if not plain_like(output, x, typ):
         return None
     if (save_mean is None or save_invstd is None or not plain_vec(weight, C, typ, False)
             or not plain_vec(save_mean, C, typ, False)
@@ -2081,14 +2080,10 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
     if (not plain_vec(mean, C, typ, False) or not plain_vec(scale, C, typ, False)
             or not plain_vec(shift, C, typ, False)):
         return None
-    if residual is not None and not (
-            plain_array(residual, typ)
-            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>residual, <cnp.ndarray>x)):
+    if not plain_like(residual, x, typ):
         return None
     nt = plain_threads(n_threads, M * C * K, min_parallel)
-    if nt < 0:
-        return None
-    y = plain_out(out, x, typ)
+    y = None if nt < 0 else plain_out(out, x, typ)
     if y is None:
         return None
     if typ == cnp.NPY_FLOAT32:

@@ -89,10 +89,12 @@ cdef extern from *:
        statistics pass on short planes such as K = 196). */
     #if defined(__AVX512VL__)
     #include <immintrin.h>
-    #define CBN_PART_f(v, fill, p, cnt, buf) ((v) = (cbn_v_f)_mm256_mask_loadu_ps(    \
-            (__m256)(fill), (__mmask8)((1u << (cnt)) - 1), (p)))
-    #define CBN_PART_d(v, fill, p, cnt, buf) ((v) = (cbn_v_d)_mm256_mask_loadu_pd(    \
-            (__m256d)(fill), (__mmask8)((1u << (cnt)) - 1), (p)))
+    #define CBN_PART_f(v, fill, p, cnt, buf) ((void)(buf),                          \
+            (v) = (cbn_v_f)_mm256_mask_loadu_ps((__m256)(fill),                       \
+                                                (__mmask8)((1u << (cnt)) - 1), (p)))
+    #define CBN_PART_d(v, fill, p, cnt, buf) ((void)(buf),                          \
+            (v) = (cbn_v_d)_mm256_mask_loadu_pd((__m256d)(fill),                      \
+                                                (__mmask8)((1u << (cnt)) - 1), (p)))
     #else
     #define CBN_PART_GENERIC(v, fill, p, cnt, buf) do {                                 \
             CBN_VSTORE(buf, fill); memcpy(buf, (p), (cnt) * sizeof((buf)[0]));           \

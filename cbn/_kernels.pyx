@@ -427,7 +427,7 @@ cdef extern from *:
                                                                                           \
     /* Sums over rows wider than 8 vectors, in memory order, the accumulators in L1:     \
        s1 = sum of d = x - sh, s2 = sum of d*d; or (SUMS) s1 = sum of g = p, s2 = sum    \
-       of g * (x - sh). Each lane is summed in row order, as in the strip loops. */      \
+       of g * (x - sh). Each lane is summed in row order, as in the loops below. */      \
     static CBN_INLINE void cbn_fx_wide_red_##SUF(int SUMS, const T* p, const T* x,       \
                                                  Py_ssize_t R, Py_ssize_t w,             \
                                                  const T* sh, T* s1, T* s2) {            \

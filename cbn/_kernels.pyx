@@ -1949,16 +1949,17 @@ cdef object plain_out(object out, object x, int typ):
 
 
 cdef int plain_threads(object n_threads, Py_ssize_t size, Py_ssize_t min_parallel) except -2:
-    """Threads for a call (n_threads None: omp_get_max_threads()); -1 if n_threads is not
-    a positive int."""
-    cdef long n
+    """Threads for a call (n_threads None: omp_get_max_threads()); -1 (not plain) unless
+    n_threads is an int from 1 to 4096, so that an odd count reaches the general path
+    exactly as before rather than being clipped here."""
+    cdef int n
     if n_threads is None:
         n = cbn_max_threads()
-    elif type(n_threads) is int and n_threads >= 1:
-        n = n_threads if n_threads < 4096 else 4096
+    elif type(n_threads) is int and 1 <= n_threads <= 4096:
+        n = n_threads
     else:
         return -1
-    return 1 if size < min_parallel else <int>n
+    return 1 if size < min_parallel else n
 
 
 def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,

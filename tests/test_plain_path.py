@@ -98,6 +98,7 @@ def _declined_forward():
         "int momentum": dict(momentum=1),
         "zero threads": dict(n_threads=0),
         "float threads": dict(n_threads=1.0),
+        "implausible thread count": dict(n_threads=10 ** 6),
         "one value per channel": dict(x=x[:1]),
     }
     for name, change in variants.items():

@@ -48,821 +48,14 @@ from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #include <omp.h>
-    static int cbn_openmp_enabled(void) { return 1; }
-    static int cbn_max_threads(void) { return omp_get_max_threads(); }
-    #else
-    static int cbn_openmp_enabled(void) { return 0; }
-    static int cbn_max_threads(void) { return 1; }
-    #endif
-    """
-    int cbn_openmp_enabled() noexcept nogil
-    int cbn_max_threads() noexcept nogil
 
 
-# Loops over one contiguous run of a channel (the planes kernels), with explicit lanes.
-#
-# GCC's SLP vectorizer does not vectorize loop-carried accumulators without -ffast-math,
-# so these few loops are written with vector-extension types (GCC, Clang): four
-# independent vectors of 32 bytes, i.e. 32 float or 16 double lanes, combined in a fixed
-# order at the end. Every operation is lane-wise IEEE arithmetic, so the result is the same
-# whatever instruction set the compiler maps the vectors to (SSE2, AVX, AVX-512). Other
-# compilers get the same lanes as plain arrays (same results, slower).
-cdef extern from *:
-    r"""
-    #include <string.h>
-    #include <stdint.h>
-    #if defined(__GNUC__) || defined(__clang__)
-    #define CBN_VEC(T, N) T __attribute__((vector_size(N * sizeof(T))))
-    #define CBN_VLOAD(v, p) memcpy(&(v), (p), sizeof(v))
-    #define CBN_VSTORE(p, v) memcpy((p), &(v), sizeof(v))
-    #define CBN_SPLAT(V, s) ((V){0} + (s))
-    #define CBN_NOINLINE __attribute__((noinline))
-    #define CBN_UNROLL _Pragma("GCC unroll 8")
-    #define CBN_INLINE inline __attribute__((always_inline))
-    /* v = the first cnt (< L) values at p, the other lanes those of fill: the same
-       vector either way. AVX-512VL builds use a masked load; elsewhere the vector is
-       assembled in buf (a store-to-load forwarding stall, which cost a quarter of the
-       statistics pass on short planes such as K = 196). */
-    #if defined(__AVX512VL__)
-    #include <immintrin.h>
-    #define CBN_PART_f(v, fill, p, cnt, buf) ((void)(buf),                          \
-            (v) = (cbn_v_f)_mm256_mask_loadu_ps((__m256)(fill),                       \
-                                                (__mmask8)((1u << (cnt)) - 1), (p)))
-    #define CBN_PART_d(v, fill, p, cnt, buf) ((void)(buf),                          \
-            (v) = (cbn_v_d)_mm256_mask_loadu_pd((__m256d)(fill),                      \
-                                                (__mmask8)((1u << (cnt)) - 1), (p)))
-    #else
-    #define CBN_PART_GENERIC(v, fill, p, cnt, buf) do {                                 \
-            CBN_VSTORE(buf, fill); memcpy(buf, (p), (cnt) * sizeof((buf)[0]));           \
-            CBN_VLOAD(v, buf);                                                          \
-        } while (0)
-    #define CBN_PART_f CBN_PART_GENERIC
-    #define CBN_PART_d CBN_PART_GENERIC
-    #endif
-    #if defined(__AVX512F__)
-    #define CBN_FX 1          /* 32 vector registers: fixed-width row loops pay off */
-    #else
-    #define CBN_FX 0
-    #endif
-    typedef float CBN_T_f;
-    typedef double CBN_T_d;
-    /* ReLU that keeps NaN (zero where x < 0), and ReLU's backward from the forward
-       output y (g where y > 0, else 0), as lane masks. */
-    #define CBN_RELU(IV, V, x) ((V)((IV)(x) & ~(IV)((x) < (V){0})))
-    #define CBN_MASK(IV, V, g, y) ((V)((IV)(g) & (IV)((y) > (V){0})))
-    /* One vector of the backward sums at offset i: mask, store gr, accumulate, dx. */
-    #define CBN_SUMS_STEP(i, A, B) do {                                                 \
-            V g_, x_, y_;                                                               \
-            CBN_VLOAD(g_, g + (i)); CBN_VLOAD(x_, x + (i));                             \
-            if (ym) { CBN_VLOAD(y_, ym + (i)); g_ = CBN_MASK(IV, V, g_, y_); }          \
-            if (gr) CBN_VSTORE(gr + (i), g_);                                           \
-            A += g_; B += g_ * (x_ - vm);                                               \
-            if (dx) { x_ = g_ * vk; CBN_VSTORE(dx + (i), x_); }                         \
-        } while (0)
-    #else
-    #error "cbn's kernels need GCC or Clang vector extensions"
-    #endif
-
-    #define CBN_DEFINE_RUNS(T, SUF, L, IT)                                                  \
-    typedef CBN_VEC(T, L) cbn_v_##SUF;                                                 \
-    typedef CBN_VEC(IT, L) cbn_m_##SUF;                                                \
-                                                                                       \
-    /* Moments of nruns >= 1 runs of n >= 1 values, run j at p + j*stride. One pass   \
-       sums d = x - shift and d*d, the shift being the mean of the first (up to) L       \
-       values rounded to T: m2 = S2 - S1^2/n. Where S1^2/n > S2/2 (the shift was off by  \
-       more than about a standard deviation, which costs accuracy) a second pass         \
-       around the mean found, the corrected two-pass formula, gives the result. */       \
-    static inline void cbn_runs_moments_##SUF(const T* p, Py_ssize_t nruns, Py_ssize_t n,\
-                                              Py_ssize_t stride, double* mean,          \
-                                              double* m2) {                             \
-        typedef cbn_v_##SUF V;                                                          \
-        const Py_ssize_t B = 4 * L, nv = n - n % B, n1 = n - n % L;                     \
-        const Py_ssize_t np = n < L ? n : L;                                            \
-        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0, b1, b2, b3, x0, x1, x2, x3;      \
-        Py_ssize_t i, j, k;                                                             \
-        double s = 0.0, ss = 0.0, cnt = (double)nruns * n;                              \
-        T m, pad[L];                                                                    \
-        const T* q;                                                                     \
-        for (i = 1; i < np; i++) s += p[i] - p[0];                                      \
-        m = (T)(p[0] + s / np);      /* p[0] exactly on a constant channel */           \
-        s = 0.0;                                                                        \
-        V vm = CBN_SPLAT(V, m);                                                         \
-        b0 = b1 = b2 = b3 = (V){0};                                                     \
-        for (k = 0, q = p; k < nruns; k++, q += stride) {                               \
-            for (i = 0; i < nv; i += B) {                                               \
-                CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + L);                         \
-                CBN_VLOAD(x2, q + i + 2 * L); CBN_VLOAD(x3, q + i + 3 * L);             \
-                x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;                                 \
-                a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                 \
-                b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;             \
-            }                                                                           \
-            for (; i < n1; i += L) {                                                    \
-                CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;                \
-            }                                                                           \
-            if (i < n) {            /* the last values, padded with the shift */        \
-                CBN_PART_##SUF(x1, vm, q + i, n - i, pad);                              \
-                x1 -= vm; a1 += x1; b1 += x1 * x1;                                      \
-            }                                                                           \
-        }                                                                               \
-        a0 = (a0 + a1) + (a2 + a3);                                                     \
-        b0 = (b0 + b1) + (b2 + b3);                                                     \
-        for (j = 0; j < L; j++) { s += a0[j]; ss += b0[j]; }                            \
-        if (!(s * s / cnt > 0.5 * ss)) {                                                \
-            *mean = m + s / cnt;                                                        \
-            ss -= s * s / cnt;                                                          \
-            *m2 = ss < 0.0 ? 0.0 : ss;                                                  \
-            return;                                                                     \
-        }                                                                               \
-        m = (T)(m + s / cnt);        /* second pass, around the mean */                 \
-        vm = CBN_SPLAT(V, m);                                                           \
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = (V){0};                                 \
-        s = 0.0;                                                                        \
-        ss = 0.0;                                                                       \
-        for (k = 0, q = p; k < nruns; k++, q += stride) {                               \
-            for (i = 0; i < nv; i += B) {                                               \
-                CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + L);                         \
-                CBN_VLOAD(x2, q + i + 2 * L); CBN_VLOAD(x3, q + i + 3 * L);             \
-                x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;                                 \
-                a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                 \
-                b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;             \
-            }                                                                           \
-            for (; i < n1; i += L) {                                                    \
-                CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;                \
-            }                                                                           \
-            if (i < n) {            /* the last values, padded with the shift */        \
-                CBN_PART_##SUF(x1, vm, q + i, n - i, pad);                              \
-                x1 -= vm; a1 += x1; b1 += x1 * x1;                                      \
-            }                                                                           \
-        }                                                                               \
-        a0 = (a0 + a1) + (a2 + a3);                                                     \
-        b0 = (b0 + b1) + (b2 + b3);                                                     \
-        for (j = 0; j < L; j++) { s += a0[j]; ss += b0[j]; }                            \
-        *mean = m + s / cnt;                                                            \
-        ss -= s * s / cnt;                                                              \
-        *m2 = ss < 0.0 ? 0.0 : ss;                                                      \
-    }                                                                                   \
-                                                                                        \
-    /* sum(g) and sum(g * (x - mean)) over nruns runs of n values (run j at offset       \
-       j*stride). If ym: g is first masked by ReLU's backward (g where ym > 0). If gr:   \
-       the (masked) g is written there; if dx: dx = g * scale. All in one pass. */       \
-    static CBN_INLINE void cbn_runs_sums_body_##SUF(const T* g, const T* x, const T* ym, \
-                                                    T* dx, T* gr, Py_ssize_t nruns,     \
-                                                    Py_ssize_t n, Py_ssize_t stride,    \
-                                                    T mean, T scale, double* sg,        \
-                                                    double* sgx) {                      \
-        typedef cbn_v_##SUF V;                                                          \
-        typedef cbn_m_##SUF IV;                                                         \
-        const Py_ssize_t n1 = n - n % L, n4 = n - n % (4 * L);                          \
-        const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale);                      \
-        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};\
-        Py_ssize_t i, j, k, o;                                                          \
-        double s = 0.0, sx = 0.0;                                                       \
-        T gv, pg[L], px[L];                                                             \
-        V tg, tx;                                                                       \
-        for (k = 0, o = 0; k < nruns; k++, o += stride) {                               \
-            for (i = 0; i < n4; i += 4 * L) {                                           \
-                CBN_SUMS_STEP(o + i, a0, b0); CBN_SUMS_STEP(o + i + L, a1, b1);         \
-                CBN_SUMS_STEP(o + i + 2 * L, a2, b2);                                   \
-                CBN_SUMS_STEP(o + i + 3 * L, a3, b3);                                   \
-            }                                                                           \
-            for (; i < n1; i += L) CBN_SUMS_STEP(o + i, a0, b0);                        \
-            if (i < n) {            /* the last values, padded with g = 0 */            \
-                if (ym || gr || dx) {                                                   \
-                    for (j = i; j < n; j++) {                                           \
-                        gv = (ym && !(ym[o + j] > 0)) ? 0 : g[o + j];                   \
-                        if (gr) gr[o + j] = gv;                                         \
-                        if (dx) dx[o + j] = gv * scale;                                 \
-                        pg[j - i] = gv;                                                 \
-                    }                                                                   \
-                    for (j = n - i; j < L; j++) pg[j] = 0;                              \
-                    CBN_VLOAD(tg, pg);                                                  \
-                } else {                                                                \
-                    CBN_PART_##SUF(tg, (V){0}, g + o + i, n - i, pg);                   \
-                }                                                                       \
-                CBN_PART_##SUF(tx, vm, x + o + i, n - i, px);                           \
-                a1 += tg; b1 += tg * (tx - vm);                                         \
-            }                                                                           \
-        }                                                                               \
-        a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);                         \
-        for (j = 0; j < L; j++) { s += a0[j]; sx += b0[j]; }                            \
-        *sg = s; *sgx = sx;                                                             \
-    }                                                                                   \
-                                                                                        \
-    /* One loop per combination of the optional arrays: no tests inside the loop. */    \
-    static CBN_NOINLINE void cbn_runs_sums_##SUF(const T* g, const T* x, const T* ym,   \
-                                                 T* dx, T* gr, Py_ssize_t nruns,        \
-                                                 Py_ssize_t n, Py_ssize_t stride,       \
-                                                 T mean, T scale, double* sg,           \
-                                                 double* sgx) {                         \
-        _Pragma("GCC diagnostic push")                                                  \
-        _Pragma("GCC diagnostic ignored \"-Wnonnull\"")                                 \
-        if (ym) {                                                                       \
-            if (gr) {                                                                   \
-                if (dx) cbn_runs_sums_body_##SUF(g, x, ym, dx, gr, nruns, n, stride,    \
-                                                 mean, scale, sg, sgx);                 \
-                else cbn_runs_sums_body_##SUF(g, x, ym, NULL, gr, nruns, n, stride,     \
-                                              mean, scale, sg, sgx);                    \
-            } else {                                                                    \
-                if (dx) cbn_runs_sums_body_##SUF(g, x, ym, dx, NULL, nruns, n, stride,  \
-                                                 mean, scale, sg, sgx);                 \
-                else cbn_runs_sums_body_##SUF(g, x, ym, NULL, NULL, nruns, n, stride,   \
-                                              mean, scale, sg, sgx);                    \
-            }                                                                           \
-        } else {                                                                        \
-            if (gr) {                                                                   \
-                if (dx) cbn_runs_sums_body_##SUF(g, x, NULL, dx, gr, nruns, n, stride,  \
-                                                 mean, scale, sg, sgx);                 \
-                else cbn_runs_sums_body_##SUF(g, x, NULL, NULL, gr, nruns, n, stride,   \
-                                              mean, scale, sg, sgx);                    \
-            } else {                                                                    \
-                if (dx) cbn_runs_sums_body_##SUF(g, x, NULL, dx, NULL, nruns, n, stride,\
-                                                 mean, scale, sg, sgx);                 \
-                else cbn_runs_sums_body_##SUF(g, x, NULL, NULL, NULL, nruns, n, stride, \
-                                              mean, scale, sg, sgx);                    \
-            }                                                                           \
-        }                                                                               \
-        _Pragma("GCC diagnostic pop")                                                   \
-    }                                                                                   \
-                                                                                        \
-    /* y = (x - a) * b + c (+ r if r) (ReLU if relu). y may be x itself. */             \
-    static inline void cbn_run_affine_##SUF(const T* x, const T* r, T* y, Py_ssize_t n,  \
-                                            T a, T b, T c, int relu) {                   \
-        typedef cbn_v_##SUF V;                                                           \
-        typedef cbn_m_##SUF IV;                                                          \
-        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);        \
-        V x0, x1, r0, r1;                                                                \
-        Py_ssize_t i = 0, nv = n - n % (2 * L);                                          \
-        T v;                                                                             \
-        for (; i < nv; i += 2 * L) {                                                     \
-            CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + L);                              \
-            x0 = (x0 - va) * vb + vc; x1 = (x1 - va) * vb + vc;                          \
-            if (r) {                                                                     \
-                CBN_VLOAD(r0, r + i); CBN_VLOAD(r1, r + i + L); x0 += r0; x1 += r1;      \
-            }                                                                            \
-            if (relu) { x0 = CBN_RELU(IV, V, x0); x1 = CBN_RELU(IV, V, x1); }            \
-            CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + L, x1);                            \
-        }                                                                                \
-        for (; i < n - n % L; i += L) {                                                  \
-            CBN_VLOAD(x0, x + i); x0 = (x0 - va) * vb + vc;                              \
-            if (r) { CBN_VLOAD(r0, r + i); x0 += r0; }                                   \
-            if (relu) x0 = CBN_RELU(IV, V, x0);                                          \
-            CBN_VSTORE(y + i, x0);                                                       \
-        }                                                                                \
-        for (; i < n; i++) {                                                             \
-            v = (x[i] - a) * b + c;                                                      \
-            if (r) v += r[i];                                                            \
-            y[i] = (relu && v < 0) ? 0 : v;                                              \
-        }                                                                                \
-    }                                                                                    \
-                                                                                         \
-    /* y = (g - c - (x - a) * d) * b: the training backward's dx; g masked by ReLU's     \
-       backward first if ym (the forward output). */                                     \
-    static inline void cbn_run_bwd_##SUF(const T* x, const T* g, const T* ym, T* y,      \
-                                         Py_ssize_t n, T a, T b, T c, T d) {             \
-        typedef cbn_v_##SUF V;                                                           \
-        typedef cbn_m_##SUF IV;                                                          \
-        const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);        \
-        const V vd = CBN_SPLAT(V, d);                                                    \
-        V x0, g0, y0;                                                                    \
-        Py_ssize_t i = 0, nv = n - n % L;                                                \
-        T gv;                                                                            \
-        for (; i < nv; i += L) {                                                         \
-            CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);                                  \
-            if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }             \
-            x0 = (g0 - vc - (x0 - va) * vd) * vb;                                        \
-            CBN_VSTORE(y + i, x0);                                                       \
-        }                                                                                \
-        for (; i < n; i++) {                                                             \
-            gv = (ym && !(ym[i] > 0)) ? 0 : g[i];                                        \
-            y[i] = (gv - c - (x[i] - a) * d) * b;                                        \
-        }                                                                                \
-    }
-
-    /* Fixed-width rows (AVX-512 builds), rows whose width is a multiple of the 64-byte   \
-       vector. A row of NV <= 8 vectors keeps its lane parameters and accumulators in     \
-       registers for the whole block, and the loop streams x and y only. A wider row is   \
-       walked in memory order, the lane parameters and accumulators read from L1 (strips \
-       of registers walked down the rows measured up to 2x slower: the streams are no    \
-       longer sequential). Lane-wise the operations and their order are those of the     \
-       general column loops below, so results are identical either way. Each cbn_fx_*    \
-       returns 0 (and does nothing) when the width does not qualify. */                  \
-    #define CBN_DEFINE_FIXED(T, SUF, IT)                                                    \
-    typedef CBN_VEC(T, 64 / sizeof(T)) cbn_w_##SUF;                                       \
-    typedef CBN_VEC(IT, 64 / sizeof(T)) cbn_wm_##SUF;                                     \
-    enum { CBN_WL_##SUF = 64 / sizeof(T) };                                               \
-                                                                                          \
-    /* y = (x - a) * b + c (+ q) (ReLU if RELU), rows of NV wide vectors */              \
-    static CBN_INLINE void cbn_fx_affine_nv_##SUF(int NV, int HASQ, int RELU, const T* x,    \
-                                              const T* q, T* y, Py_ssize_t R,          \
-                                              const T* a, const T* b, const T* c) {    \
-        typedef cbn_w_##SUF V;                                                            \
-        typedef cbn_wm_##SUF IV;                                                          \
-        const int L = CBN_WL_##SUF;                                                       \
-        V va[8], vb[8], vc[8], v, r0;                                                     \
-        Py_ssize_t i;                                                                     \
-        int j;                                                                            \
-        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
-            CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);                     \
-            CBN_VLOAD(vc[j], c + j * L);                                                  \
-        }                                                                                 \
-        for (i = 0; i < R; i++, x += NV * L, y += NV * L, q += HASQ ? NV * L : 0) {       \
-            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
-                CBN_VLOAD(v, x + j * L);                                                  \
-                v = (v - va[j]) * vb[j] + vc[j];                                          \
-                if (HASQ) { CBN_VLOAD(r0, q + j * L); v += r0; }                          \
-                if (RELU) v = CBN_RELU(IV, V, v);                                         \
-                CBN_VSTORE(y + j * L, v);                                                 \
-            }                                                                             \
-        }                                                                                 \
-    }                                                                                     \
-                                                                                          \
-    /* The same over rows wider than 8 vectors, in memory order, the lane parameters    \
-       loaded from L1 with each vector */                                                 \
-    static CBN_NOINLINE void cbn_fx_affine_wide_##SUF(const T* x, const T* q, T* y,        \
-                                                      Py_ssize_t n, const T* a,          \
-                                                      const T* b, const T* c, int relu,  \
-                                                      Py_ssize_t w) {                    \
-        typedef cbn_w_##SUF V;                                                            \
-        typedef cbn_wm_##SUF IV;                                                          \
-        const int L = CBN_WL_##SUF;                                                       \
-        V v, va, vb, vc, r0;                                                              \
-        Py_ssize_t i, t;                                                                  \
-        for (i = 0; i < n; i += w) {                                                      \
-            for (t = 0; t < w; t += L) {                                                  \
-                CBN_VLOAD(v, x + i + t); CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t);      \
-                CBN_VLOAD(vc, c + t);                                                     \
-                v = (v - va) * vb + vc;                                                   \
-                if (q) { CBN_VLOAD(r0, q + i + t); v += r0; }                             \
-                if (relu) v = CBN_RELU(IV, V, v);                                         \
-                CBN_VSTORE(y + i + t, v);                                                 \
-            }                                                                             \
-        }                                                                                 \
-    }                                                                                     \
-                                                                                          \
-    /* y = (g - c - (x - a) * d) * b over rows wider than 8 vectors, in memory order */  \
-    static CBN_NOINLINE void cbn_fx_bwd_wide_##SUF(const T* x, const T* g, const T* q,     \
-                                                   T* y, Py_ssize_t n, const T* a,       \
-                                                   const T* b, const T* c, const T* d,   \
-                                                   Py_ssize_t w) {                       \
-        typedef cbn_w_##SUF V;                                                            \
-        typedef cbn_wm_##SUF IV;                                                          \
-        const int L = CBN_WL_##SUF;                                                       \
-        V v, u, r0, va, vb, vc, vd;                                                       \
-        Py_ssize_t i, t;                                                                  \
-        for (i = 0; i < n; i += w) {                                                      \
-            for (t = 0; t < w; t += L) {                                                  \
-                CBN_VLOAD(v, x + i + t); CBN_VLOAD(u, g + i + t);                         \
-                if (q) { CBN_VLOAD(r0, q + i + t); u = CBN_MASK(IV, V, u, r0); }          \
-                CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);         \
-                CBN_VLOAD(vd, d + t);                                                     \
-                v = (u - vc - (v - va) * vd) * vb;                                        \
-                CBN_VSTORE(y + i + t, v);                                                 \
-            }                                                                             \
-        }                                                                                 \
-    }                                                                                     \
-                                                                                          \
-    /* Sums over rows wider than 8 vectors, in memory order, the accumulators in L1:     \
-       s1 = sum of d = x - sh, s2 = sum of d*d; or (SUMS) s1 = sum of g = p, s2 = sum    \
-       of g * (x - sh). Each lane is summed in row order, as in the loops below. */      \
-    static CBN_INLINE void cbn_fx_wide_red_##SUF(int SUMS, const T* p, const T* x,       \
-                                                 Py_ssize_t R, Py_ssize_t w,             \
-                                                 const T* sh, T* s1, T* s2) {            \
-        typedef cbn_w_##SUF V;                                                            \
-        const int L = CBN_WL_##SUF;                                                       \
-        V v, u, vs, va, vb;                                                               \
-        Py_ssize_t r, t, o;                                                               \
-        for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }                                 \
-        for (r = 0, o = 0; r < R; r++, o += w) {                                          \
-            for (t = 0; t < w; t += L) {                                                  \
-                CBN_VLOAD(v, p + o + t); CBN_VLOAD(vs, sh + t);                           \
-                CBN_VLOAD(va, s1 + t); CBN_VLOAD(vb, s2 + t);                             \
-                if (SUMS) { CBN_VLOAD(u, x + o + t); va += v; vb += v * (u - vs); }       \
-                else { v -= vs; va += v; vb += v * v; }                                   \
-                CBN_VSTORE(s1 + t, va); CBN_VSTORE(s2 + t, vb);                           \
-            }                                                                             \
-        }                                                                                 \
-    }                                                                                     \
-    static CBN_NOINLINE void cbn_fx_shifted_sums_wide_##SUF(const T* p, Py_ssize_t R,     \
-                                                            Py_ssize_t w, const T* sh,   \
-                                                            T* s1, T* s2) {              \
-        cbn_fx_wide_red_##SUF(0, p, NULL, R, w, sh, s1, s2);                              \
-    }                                                                                     \
-    static CBN_NOINLINE void cbn_fx_sums_wide_##SUF(const T* g, const T* x, Py_ssize_t R, \
-                                                    Py_ssize_t w, const T* m, T* sg,     \
-                                                    T* sgx) {                            \
-        cbn_fx_wide_red_##SUF(1, g, x, R, w, m, sg, sgx);                                 \
-    }                                                                                     \
-                                                                                          \
-    /* y = (g - c - (x - a) * d) * b, g masked by ReLU's backward from q if HASQ */       \
-    static CBN_INLINE void cbn_fx_bwd_nv_##SUF(int NV, int HASQ, const T* x, const T* g, \
-                                               const T* q, T* y, Py_ssize_t R,         \
-                                               const T* a, const T* b, const T* c,     \
-                                               const T* d) {                            \
-        typedef cbn_w_##SUF V;                                                            \
-        typedef cbn_wm_##SUF IV;                                                          \
-        const int L = CBN_WL_##SUF;                                                       \
-        V va[8], vb[8], vc[8], vd[8], v, u, r0;                                           \
-        Py_ssize_t i;                                                                     \
-        int j;                                                                            \
-        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
-            CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);                     \
-            CBN_VLOAD(vc[j], c + j * L); CBN_VLOAD(vd[j], d + j * L);                     \
-        }                                                                                 \
-        for (i = 0; i < R; i++, x += NV * L, g += NV * L, y += NV * L,                    \
-                               q += HASQ ? NV * L : 0) {                                  \
-            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
-                CBN_VLOAD(v, x + j * L); CBN_VLOAD(u, g + j * L);                         \
-                if (HASQ) { CBN_VLOAD(r0, q + j * L); u = CBN_MASK(IV, V, u, r0); }       \
-                v = (u - vc[j] - (v - va[j]) * vd[j]) * vb[j];                            \
-                CBN_VSTORE(y + j * L, v);                                                 \
-            }                                                                             \
-        }                                                                                 \
-    }                                                                                     \
-                                                                                          \
-    /* s1 = sum over rows of d = x - sh, s2 = sum of d*d (lane-wise, in row order) */     \
-    static CBN_INLINE void cbn_fx_shifted_sums_nv_##SUF(int NV, const T* p, Py_ssize_t R,    \
-                                                    const T* sh, T* s1, T* s2) {        \
-        typedef cbn_w_##SUF V;                                                            \
-        const int L = CBN_WL_##SUF;                                                       \
-        V vs[8], va[8], vb[8], v;                                                         \
-        Py_ssize_t i;                                                                     \
-        int j;                                                                            \
-        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
-            CBN_VLOAD(vs[j], sh + j * L); va[j] = (V){0}; vb[j] = (V){0};                 \
-        }                                                                                 \
-        for (i = 0; i < R; i++, p += NV * L) {                                            \
-            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
-                CBN_VLOAD(v, p + j * L); v -= vs[j]; va[j] += v; vb[j] += v * v;          \
-            }                                                                             \
-        }                                                                                 \
-        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
-            CBN_VSTORE(s1 + j * L, va[j]); CBN_VSTORE(s2 + j * L, vb[j]);                 \
-        }                                                                                 \
-    }                                                                                     \
-                                                                                          \
-    /* sg = sum over rows of g, sgx = sum of g * (x - m) (lane-wise, in row order) */     \
-    static CBN_INLINE void cbn_fx_sums_nv_##SUF(int NV, const T* g, const T* x, Py_ssize_t R,\
-                                            const T* m, T* sg, T* sgx) {                \
-        typedef cbn_w_##SUF V;                                                            \
-        const int L = CBN_WL_##SUF;                                                       \
-        V vm[8], va[8], vb[8], v, w;                                                      \
-        Py_ssize_t i;                                                                     \
-        int j;                                                                            \
-        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
-            CBN_VLOAD(vm[j], m + j * L); va[j] = (V){0}; vb[j] = (V){0};                  \
-        }                                                                                 \
-        for (i = 0; i < R; i++, g += NV * L, x += NV * L) {                               \
-            CBN_UNROLL for (j = 0; j < NV; j++) {                                         \
-                CBN_VLOAD(v, g + j * L); CBN_VLOAD(w, x + j * L);                         \
-                va[j] += v; vb[j] += v * (w - vm[j]);                                     \
-            }                                                                             \
-        }                                                                                 \
-        CBN_UNROLL for (j = 0; j < NV; j++) {                                             \
-            CBN_VSTORE(sg + j * L, va[j]); CBN_VSTORE(sgx + j * L, vb[j]);                \
-        }                                                                                 \
-    }                                                                                     \
-                                                                                          \
-    CBN_FX_INSTANCES(SUF, 1) CBN_FX_INSTANCES(SUF, 2) CBN_FX_INSTANCES(SUF, 3)            \
-    CBN_FX_INSTANCES(SUF, 4) CBN_FX_INSTANCES(SUF, 5) CBN_FX_INSTANCES(SUF, 6)            \
-    CBN_FX_INSTANCES(SUF, 7) CBN_FX_INSTANCES(SUF, 8)                                     \
-                                                                                          \
-    static inline int cbn_fx_nv_##SUF(Py_ssize_t w) {                                     \
-        return (CBN_FX && w % CBN_WL_##SUF == 0 && w <= 8 * CBN_WL_##SUF)                 \
-               ? (int)(w / CBN_WL_##SUF) : 0;                                             \
-    }                                                                                     \
-    static inline int cbn_fx_wide_##SUF(Py_ssize_t w) {                                   \
-        return CBN_FX && w % CBN_WL_##SUF == 0 && w > 8 * CBN_WL_##SUF;                   \
-    }                                                                                     \
-    static int cbn_fx_affine_##SUF(const T* x, const T* q, T* y, Py_ssize_t R,           \
-                                   Py_ssize_t w, const T* a, const T* b, const T* c,     \
-                                   int relu) {                                            \
-        if (cbn_fx_wide_##SUF(w)) {                                                       \
-            cbn_fx_affine_wide_##SUF(x, q, y, R * w, a, b, c, relu, w);                   \
-            return 1;                                                                     \
-        }                                                                                 \
-        switch (cbn_fx_nv_##SUF(w)) {                                                     \
-            CBN_FX_CASES(cbn_fx_affine_, SUF, (x, q, y, R, a, b, c, relu))                \
-            default: return 0;                                                            \
-        }                                                                                 \
-        return 1;                                                                         \
-    }                                                                                     \
-    static int cbn_fx_bwd_##SUF(const T* x, const T* g, const T* q, T* y, Py_ssize_t R,  \
-                                Py_ssize_t w, const T* a, const T* b, const T* c,        \
-                                const T* d) {                                            \
-        if (cbn_fx_wide_##SUF(w)) {                                                       \
-            cbn_fx_bwd_wide_##SUF(x, g, q, y, R * w, a, b, c, d, w);                      \
-            return 1;                                                                     \
-        }                                                                                 \
-        switch (cbn_fx_nv_##SUF(w)) {                                                     \
-            CBN_FX_CASES(cbn_fx_bwd_, SUF, (x, g, q, y, R, a, b, c, d))                   \
-            default: return 0;                                                            \
-        }                                                                                 \
-        return 1;                                                                         \
-    }                                                                                     \
-    static int cbn_fx_shifted_sums_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,         \
-                                         const T* sh, T* s1, T* s2) {                    \
-        if (cbn_fx_wide_##SUF(w)) {                                                       \
-            cbn_fx_shifted_sums_wide_##SUF(p, R, w, sh, s1, s2);                          \
-            return 1;                                                                     \
-        }                                                                                 \
-        switch (cbn_fx_nv_##SUF(w)) {                                                     \
-            CBN_FX_CASES(cbn_fx_shifted_sums_, SUF, (p, R, sh, s1, s2))                   \
-            default: return 0;                                                            \
-        }                                                                                 \
-        return 1;                                                                         \
-    }                                                                                     \
-    static int cbn_fx_sums_##SUF(const T* g, const T* x, Py_ssize_t R, Py_ssize_t w,     \
-                                 const T* m, T* sg, T* sgx) {                            \
-        if (cbn_fx_wide_##SUF(w)) {                                                       \
-            cbn_fx_sums_wide_##SUF(g, x, R, w, m, sg, sgx);                               \
-            return 1;                                                                     \
-        }                                                                                 \
-        switch (cbn_fx_nv_##SUF(w)) {                                                     \
-            CBN_FX_CASES(cbn_fx_sums_, SUF, (g, x, R, m, sg, sgx))                        \
-            default: return 0;                                                            \
-        }                                                                                 \
-        return 1;                                                                         \
-    }
-
-    /* One function per width NV (a constant inside it) and, for the affine loop, per    \
-       residual/ReLU case: separate functions keep every pointer in a register. */        \
-    #define CBN_FX_INSTANCES(SUF, NV)                                                     \
-    static CBN_NOINLINE void cbn_fx_affine_##SUF##NV(const CBN_T_##SUF* x,                \
-            const CBN_T_##SUF* q, CBN_T_##SUF* y, Py_ssize_t R, const CBN_T_##SUF* a,     \
-            const CBN_T_##SUF* b, const CBN_T_##SUF* c, int relu) {                       \
-        if (q) {                                                                          \
-            if (relu) cbn_fx_affine_nv_##SUF(NV, 1, 1, x, q, y, R, a, b, c);              \
-            else cbn_fx_affine_nv_##SUF(NV, 1, 0, x, q, y, R, a, b, c);                   \
-        } else {                                                                          \
-            if (relu) cbn_fx_affine_nv_##SUF(NV, 0, 1, x, NULL, y, R, a, b, c);           \
-            else cbn_fx_affine_nv_##SUF(NV, 0, 0, x, NULL, y, R, a, b, c);                \
-        }                                                                                 \
-    }                                                                                     \
-    static CBN_NOINLINE void cbn_fx_bwd_##SUF##NV(const CBN_T_##SUF* x,                   \
-            const CBN_T_##SUF* g, const CBN_T_##SUF* q, CBN_T_##SUF* y, Py_ssize_t R,     \
-            const CBN_T_##SUF* a, const CBN_T_##SUF* b, const CBN_T_##SUF* c,             \
-            const CBN_T_##SUF* d) {                                                       \
-        if (q) cbn_fx_bwd_nv_##SUF(NV, 1, x, g, q, y, R, a, b, c, d);                     \
-        else cbn_fx_bwd_nv_##SUF(NV, 0, x, g, NULL, y, R, a, b, c, d);                    \
-    }                                                                                     \
-    static CBN_NOINLINE void cbn_fx_shifted_sums_##SUF##NV(const CBN_T_##SUF* p,          \
-            Py_ssize_t R, const CBN_T_##SUF* sh, CBN_T_##SUF* s1, CBN_T_##SUF* s2) {      \
-        cbn_fx_shifted_sums_nv_##SUF(NV, p, R, sh, s1, s2);                               \
-    }                                                                                     \
-    static CBN_NOINLINE void cbn_fx_sums_##SUF##NV(const CBN_T_##SUF* g,                  \
-            const CBN_T_##SUF* x, Py_ssize_t R, const CBN_T_##SUF* m, CBN_T_##SUF* sg,    \
-            CBN_T_##SUF* sgx) {                                                           \
-        cbn_fx_sums_nv_##SUF(NV, g, x, R, m, sg, sgx);                                    \
-    }
-    #define CBN_FX_CASES(F, SUF, ARGS)                                                    \
-        case 1: F##SUF##1 ARGS; break; case 2: F##SUF##2 ARGS; break;                     \
-        case 3: F##SUF##3 ARGS; break; case 4: F##SUF##4 ARGS; break;                     \
-        case 5: F##SUF##5 ARGS; break; case 6: F##SUF##6 ARGS; break;                     \
-        case 7: F##SUF##7 ARGS; break; case 8: F##SUF##8 ARGS; break;
-
-    /* Column loops over a block of R rows of w values (row r at p + r*w), for the rows   \
-       kernels: strips of 4 vectors walk down the rows with register accumulators; the  \
-       last w % (4L) columns go one at a time. Each column is summed in row order. */    \
-    #define CBN_DEFINE_COLS(T, SUF, L)                                                  \
-    /* d = p[r*w + t] - sh[t]: s1[t] = sum_r d, s2[t] = sum_r d*d, row by row (streams  \
-       from memory; the accumulators stay in L1). */                                    \
-    static inline void cbn_cols_shifted_sums_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,\
-                                                   const T* sh, T* s1, T* s2) {         \
-        typedef cbn_v_##SUF V;                                                          \
-        Py_ssize_t t, r, ws = w - w % L;                                                \
-        V a, b, x, s;                                                                   \
-        T d;                                                                            \
-        if (cbn_fx_shifted_sums_##SUF(p, R, w, sh, s1, s2)) return;                     \
-        for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }                               \
-        for (r = 0; r + 4 <= R; r += 4, p += 4 * w) {   /* 4 rows per accumulator trip */\
-            for (t = 0; t < ws; t += L) {                                               \
-                V x1, x2, x3;                                                           \
-                CBN_VLOAD(x, p + t); CBN_VLOAD(x1, p + w + t);                          \
-                CBN_VLOAD(x2, p + 2 * w + t); CBN_VLOAD(x3, p + 3 * w + t);             \
-                CBN_VLOAD(s, sh + t); CBN_VLOAD(a, s1 + t); CBN_VLOAD(b, s2 + t);       \
-                x -= s; x1 -= s; x2 -= s; x3 -= s;                                      \
-                a += x; b += x * x; a += x1; b += x1 * x1;                              \
-                a += x2; b += x2 * x2; a += x3; b += x3 * x3;                           \
-                CBN_VSTORE(s1 + t, a); CBN_VSTORE(s2 + t, b);                           \
-            }                                                                           \
-            for (; t < w; t++) {                                                        \
-                d = p[t] - sh[t]; s1[t] += d; s2[t] += d * d;                           \
-                d = p[w + t] - sh[t]; s1[t] += d; s2[t] += d * d;                       \
-                d = p[2 * w + t] - sh[t]; s1[t] += d; s2[t] += d * d;                   \
-                d = p[3 * w + t] - sh[t]; s1[t] += d; s2[t] += d * d;                   \
-            }                                                                           \
-        }                                                                               \
-        for (; r < R; r++, p += w) {                                                    \
-            for (t = 0; t < ws; t += L) {                                               \
-                CBN_VLOAD(x, p + t); CBN_VLOAD(s, sh + t);                              \
-                CBN_VLOAD(a, s1 + t); CBN_VLOAD(b, s2 + t);                             \
-                x -= s; a += x; b += x * x;                                             \
-                CBN_VSTORE(s1 + t, a); CBN_VSTORE(s2 + t, b);                           \
-            }                                                                           \
-            for (; t < w; t++) { d = p[t] - sh[t]; s1[t] += d; s2[t] += d * d; }        \
-        }                                                                               \
-    }                                                                                   \
-                                                                                        \
-    /* d = p[r*w + t] - m[t]: s1[t] = sum_r d, s2[t] = sum_r d*d */                     \
-    static inline void cbn_cols_dev_##SUF(const T* p, Py_ssize_t R, Py_ssize_t w,       \
-                                          const T* m, T* s1, T* s2) {                   \
-        typedef cbn_v_##SUF V;                                                          \
-        Py_ssize_t t = 0, r, ws = w - w % (4 * L);                                      \
-        for (; t < ws; t += 4 * L) {                                                    \
-            V m0, m1, m2, m3, x0, x1, x2, x3;                                           \
-            V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};\
-            CBN_VLOAD(m0, m + t); CBN_VLOAD(m1, m + t + L);                             \
-            CBN_VLOAD(m2, m + t + 2 * L); CBN_VLOAD(m3, m + t + 3 * L);                 \
-            for (r = 0; r < R; r++) {                                                   \
-                const T* q = p + r * w + t;                                             \
-                CBN_VLOAD(x0, q); CBN_VLOAD(x1, q + L);                                 \
-                CBN_VLOAD(x2, q + 2 * L); CBN_VLOAD(x3, q + 3 * L);                     \
-                x0 -= m0; x1 -= m1; x2 -= m2; x3 -= m3;                                 \
-                a0 += x0; a1 += x1; a2 += x2; a3 += x3;                                 \
-                b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;             \
-            }                                                                           \
-            CBN_VSTORE(s1 + t, a0); CBN_VSTORE(s1 + t + L, a1);                         \
-            CBN_VSTORE(s1 + t + 2 * L, a2); CBN_VSTORE(s1 + t + 3 * L, a3);             \
-            CBN_VSTORE(s2 + t, b0); CBN_VSTORE(s2 + t + L, b1);                         \
-            CBN_VSTORE(s2 + t + 2 * L, b2); CBN_VSTORE(s2 + t + 3 * L, b3);             \
-        }                                                                               \
-        for (; t < w; t++) {                                                            \
-            T a = 0, b = 0, d;                                                          \
-            for (r = 0; r < R; r++) { d = p[r * w + t] - m[t]; a += d; b += d * d; }    \
-            s1[t] = a; s2[t] = b;                                                       \
-        }                                                                               \
-    }                                                                                   \
-                                                                                        \
-    /* sg[t] = sum_r g, sgx[t] = sum_r g * (x - m[t]), g masked by ReLU's backward if  \
-       ym; if gr: gr = (masked) g; if dx: dx = g * k[t]. Row by row (streams from       \
-       memory; the accumulators stay in L1). */                                         \
-    static inline void cbn_cols_sums_##SUF(const T* g, const T* x, const T* ym, T* dx,  \
-                                           T* gr, Py_ssize_t R, Py_ssize_t w,           \
-                                           const T* m, const T* k, T* sg, T* sgx) {     \
-        typedef cbn_v_##SUF V;                                                          \
-        typedef cbn_m_##SUF IV;                                                         \
-        Py_ssize_t t, r, o, i, ws = w - w % L;                                          \
-        V a, b, vg, vx, vm, vk, vy;                                                     \
-        T gv;                                                                           \
-        if (!ym && !dx && !gr && cbn_fx_sums_##SUF(g, x, R, w, m, sg, sgx)) return;     \
-        for (t = 0; t < w; t++) { sg[t] = 0; sgx[t] = 0; }                              \
-        r = o = 0;                                                                      \
-        if (!ym && !dx && !gr) {        /* 4 rows per accumulator trip */               \
-            for (; r + 4 <= R; r += 4, o += 4 * w) {                                    \
-                for (t = 0; t < ws; t += L) {                                           \
-                    V g1, x1;                                                           \
-                    CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);  \
-                    CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);                 \
-                    CBN_VLOAD(g1, g + o + w + t); CBN_VLOAD(x1, x + o + w + t);         \
-                    a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);         \
-                    CBN_VLOAD(vg, g + o + 2 * w + t); CBN_VLOAD(vx, x + o + 2 * w + t); \
-                    CBN_VLOAD(g1, g + o + 3 * w + t); CBN_VLOAD(x1, x + o + 3 * w + t); \
-                    a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);         \
-                    CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);                      \
-                }                                                                       \
-                for (; t < w; t++) {                                                    \
-                    for (i = o + t; i < o + t + 4 * w; i += w) {                        \
-                        sg[t] += g[i]; sgx[t] += g[i] * (x[i] - m[t]);                  \
-                    }                                                                   \
-                }                                                                       \
-            }                                                                           \
-        }                                                                               \
-        for (; r < R; r++, o += w) {                                                    \
-            for (t = 0; t < ws; t += L) {                                               \
-                CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);                     \
-                if (ym) { CBN_VLOAD(vy, ym + o + t); vg = CBN_MASK(IV, V, vg, vy); }    \
-                if (gr) CBN_VSTORE(gr + o + t, vg);                                     \
-                CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);      \
-                a += vg; b += vg * (vx - vm);                                           \
-                CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);                          \
-                if (dx) { CBN_VLOAD(vk, k + t); vx = vg * vk; CBN_VSTORE(dx + o + t, vx); }\
-            }                                                                           \
-            for (; t < w; t++) {                                                        \
-                gv = (ym && !(ym[o + t] > 0)) ? 0 : g[o + t];                           \
-                if (gr) gr[o + t] = gv;                                                 \
-                sg[t] += gv; sgx[t] += gv * (x[o + t] - m[t]);                          \
-                if (dx) dx[o + t] = gv * k[t];                                          \
-            }                                                                           \
-        }                                                                               \
-    }                                                                                   \
-                                                                                        \
-    /* Element-wise over R rows with lane parameters, row by row (a streaming pass).    \
-       op 0: y = (x - a) * b + c (+ q: a residual) (ReLU if relu); y may be x.         \
-       op 1: y = (g - c - (x - a) * d) * b, g masked by ReLU's backward if q (the      \
-       forward output). */                                                              \
-    static inline void cbn_cols_apply_body_##SUF(int op, const T* x, const T* g,         \
-                                                 const T* q, T* y, Py_ssize_t R,        \
-                                                 Py_ssize_t w, const T* a, const T* b,  \
-                                                 const T* c, const T* d, int relu) {    \
-        typedef cbn_v_##SUF V;                                                          \
-        typedef cbn_m_##SUF IV;                                                         \
-        Py_ssize_t t, r, o, i, n, ws = w - w % L;                                       \
-        V va, vb, vc, vd, vx, vg, vq;                                                   \
-        T v;                                                                            \
-        /* up to 4 rows per load of the lane parameters */                              \
-        for (r = 0, o = 0; r < R; r += n, o += n * w) {                                 \
-            n = R - r < 4 ? R - r : 4;                                                  \
-            for (t = 0; t < ws; t += L) {                                               \
-                CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);       \
-                if (op) CBN_VLOAD(vd, d + t);                                           \
-                for (i = o + t; i < o + t + n * w; i += w) {                            \
-                    CBN_VLOAD(vx, x + i);                                               \
-                    if (op) {                                                           \
-                        CBN_VLOAD(vg, g + i);                                           \
-                        if (q) { CBN_VLOAD(vq, q + i); vg = CBN_MASK(IV, V, vg, vq); }  \
-                        vx = (vg - vc - (vx - va) * vd) * vb;                           \
-                    } else {                                                            \
-                        vx = (vx - va) * vb + vc;                                       \
-                        if (q) { CBN_VLOAD(vq, q + i); vx += vq; }                      \
-                        if (relu) vx = CBN_RELU(IV, V, vx);                             \
-                    }                                                                   \
-                    CBN_VSTORE(y + i, vx);                                              \
-                }                                                                       \
-            }                                                                           \
-            for (; t < w; t++) {                                                        \
-                for (i = o + t; i < o + t + n * w; i += w) {                            \
-                    if (op) {                                                           \
-                        v = (q && !(q[i] > 0)) ? 0 : g[i];                              \
-                        y[i] = (v - c[t] - (x[i] - a[t]) * d[t]) * b[t];                \
-                    } else {                                                            \
-                        v = (x[i] - a[t]) * b[t] + c[t];                                \
-                        if (q) v += q[i];                                               \
-                        y[i] = (relu && v < 0) ? 0 : v;                                 \
-                    }                                                                   \
-                }                                                                       \
-            }                                                                           \
-        }                                                                               \
-    }                                                                                   \
-                                                                                        \
-    /* cbn_cols_apply_body with op, q and relu made constants, one copy per case: a     \
-       separate function whose loop keeps every pointer in a register. */               \
-    static CBN_NOINLINE void cbn_cols_apply_##SUF(int op, const T* x, const T* g,      \
-                                                 const T* q, T* y, Py_ssize_t R,        \
-                                                 Py_ssize_t w, const T* a, const T* b,  \
-                                                 const T* c, const T* d, int relu) {    \
-        if (!op && cbn_fx_affine_##SUF(x, q, y, R, w, a, b, c, relu)) return;          \
-        if (op && cbn_fx_bwd_##SUF(x, g, q, y, R, w, a, b, c, d)) return;               \
-        if (op) {                                                                       \
-            if (q) cbn_cols_apply_body_##SUF(1, x, g, q, y, R, w, a, b, c, d, 0);       \
-            else cbn_cols_apply_body_##SUF(1, x, g, NULL, y, R, w, a, b, c, d, 0);      \
-        } else if (q) {                                                                 \
-            if (relu) cbn_cols_apply_body_##SUF(0, x, NULL, q, y, R, w, a, b, c, d, 1); \
-            else cbn_cols_apply_body_##SUF(0, x, NULL, q, y, R, w, a, b, c, d, 0);      \
-        } else {                                                                        \
-            if (relu) cbn_cols_apply_body_##SUF(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);\
-            else cbn_cols_apply_body_##SUF(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);   \
-        }                                                                               \
-    }
-
-    CBN_DEFINE_RUNS(float, f, 8, int32_t)
-    CBN_DEFINE_RUNS(double, d, 4, int64_t)
-    CBN_DEFINE_FIXED(float, f, int32_t)
-    CBN_DEFINE_FIXED(double, d, int64_t)
-    CBN_DEFINE_COLS(float, f, 8)
-    CBN_DEFINE_COLS(double, d, 4)
-    """
-    void cbn_runs_moments_f(const float* p, Py_ssize_t nruns, Py_ssize_t n,
-                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
-    void cbn_runs_sums_f(const float* g, const float* x, const float* ym, float* dx,
-                         float* gr, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
-                         float mean, float scale, double* sg, double* sgx) noexcept nogil
-    void cbn_run_affine_f(const float* x, const float* r, float* y, Py_ssize_t n, float a,
-                          float b, float c, int relu) noexcept nogil
-    void cbn_run_bwd_f(const float* x, const float* g, const float* ym, float* y,
-                       Py_ssize_t n, float a, float b, float c, float d) noexcept nogil
-    void cbn_cols_shifted_sums_f(const float* p, Py_ssize_t R, Py_ssize_t w,
-                                 const float* sh, float* s1, float* s2) noexcept nogil
-    void cbn_cols_dev_f(const float* p, Py_ssize_t R, Py_ssize_t w, const float* m,
-                        float* s1, float* s2) noexcept nogil
-    void cbn_cols_sums_f(const float* g, const float* x, const float* ym, float* dx,
-                         float* gr, Py_ssize_t R, Py_ssize_t w, const float* m,
-                         const float* k, float* sg, float* sgx) noexcept nogil
-    void cbn_cols_apply_f(int op, const float* x, const float* g, const float* q, float* y,
-                          Py_ssize_t R, Py_ssize_t w, const float* a, const float* b,
-                          const float* c, const float* d, int relu) noexcept nogil
-    void cbn_runs_moments_d(const double* p, Py_ssize_t nruns, Py_ssize_t n,
-                            Py_ssize_t stride, double* mean, double* m2) noexcept nogil
-    void cbn_runs_sums_d(const double* g, const double* x, const double* ym, double* dx,
-                         double* gr, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
-                         double mean, double scale, double* sg, double* sgx) noexcept nogil
-    void cbn_run_affine_d(const double* x, const double* r, double* y, Py_ssize_t n, double a,
-                          double b, double c, int relu) noexcept nogil
-    void cbn_run_bwd_d(const double* x, const double* g, const double* ym, double* y,
-                       Py_ssize_t n, double a, double b, double c, double d) noexcept nogil
-    void cbn_cols_shifted_sums_d(const double* p, Py_ssize_t R, Py_ssize_t w,
-                                 const double* sh, double* s1, double* s2) noexcept nogil
-    void cbn_cols_dev_d(const double* p, Py_ssize_t R, Py_ssize_t w, const double* m,
-                        double* s1, double* s2) noexcept nogil
-    void cbn_cols_sums_d(const double* g, const double* x, const double* ym, double* dx,
-                         double* gr, Py_ssize_t R, Py_ssize_t w, const double* m,
-                         const double* k, double* sg, double* sgx) noexcept nogil
-    void cbn_cols_apply_d(int op, const double* x, const double* g, const double* q, double* y,
-                          Py_ssize_t R, Py_ssize_t w, const double* a, const double* b,
-                          const double* c, const double* d, int relu) noexcept nogil
+cdef inline const cbn_ops* ops(const floating* tag) noexcept nogil:
+    """The active CPU target's table of C loops for floating's dtype (see cbn/src)."""
+    if floating is float:
+        return cbn_ops_f()
+    else:
+        return cbn_ops_d()
 
 
 cdef enum:
@@ -887,6 +80,50 @@ def openmp_enabled():
 def max_threads():
     """omp_get_max_threads(): follows OMP_NUM_THREADS and threadpoolctl's limits."""
     return cbn_max_threads()
+
+
+def cpu_targets():
+    """The CPU targets the C loops were compiled for, best first, as (name, supported)
+    pairs; supported tells whether this CPU can run that target."""
+    return [(cbn_target_at(i).decode(), bool(cbn_target_supported_at(i)))
+            for i in range(cbn_target_count())]
+
+
+def cpu_target():
+    """The name of the CPU target whose C loops run now ("avx512", "avx2" or "base")."""
+    return cbn_target_name().decode()
+
+
+def select_cpu_target(name=None):
+    """Run the C loops of target `name` from now on (None or "auto": the best one this
+    CPU supports). Results are bit-identical whatever the target; this exists to prove
+    it, and to rule a target out. Not thread-safe against calls running meanwhile."""
+    if name is None:
+        name = "auto"
+    if not isinstance(name, str):
+        raise TypeError(f"CPU target must be a str or None, got {type(name).__name__}")
+    cdef bytes b = name.encode()
+    cdef int r = cbn_select_target(b)
+    if r == -1:
+        known = ", ".join(n for n, _ in cpu_targets())
+        raise ValueError(f"unknown CPU target {name!r} (this build has: {known}, auto)")
+    if r == -2:
+        raise ValueError(f"this CPU cannot run the {name!r} target")
+    return cpu_target()
+
+
+def _select_initial_target():
+    import os
+    import warnings
+    name = os.environ.get("CBN_CPU_TARGET", "").strip()
+    try:
+        select_cpu_target(name or None)
+    except ValueError as e:
+        warnings.warn(f"CBN_CPU_TARGET ignored: {e}", RuntimeWarning, stacklevel=2)
+        select_cpu_target(None)
+
+
+_select_initial_target()
 
 
 # ------------------------------------------------------------------------------ moments
@@ -923,10 +160,7 @@ cdef inline Moments runs_moments(const floating* p, Py_ssize_t nruns, Py_ssize_t
     above)."""
     cdef Moments r
     r.n = <double>nruns * n
-    if floating is float:
-        cbn_runs_moments_f(p, nruns, n, stride, &r.mean, &r.m2)
-    else:
-        cbn_runs_moments_d(p, nruns, n, stride, &r.mean, &r.m2)
+    ops(p).runs_moments(p, nruns, n, stride, &r.mean, &r.m2)
     return r
 
 
@@ -1182,10 +416,7 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
     if hint != NULL:
         expand_lanes_d(hint, lane, w, C, K)
     else:                       # mean of the first rows, around the first row
-        if floating is float:
-            cbn_cols_shifted_sums_f(p, r0, w, p, acc, acc2)
-        else:
-            cbn_cols_shifted_sums_d(p, r0, w, p, acc, acc2)
+        ops(p).cols_shifted_sums(p, r0, w, p, acc, acc2)
         zero(bmean, C)
         zero(bm2, C)
         fold_lanes(acc, bmean, reps, C, K)
@@ -1193,10 +424,7 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
         for c in range(C):
             bmean[c] = (bmean[c] + bm2[c] * r0) / (<double>r0 * reps * K)
         expand_lanes_d(bmean, lane, w, C, K)
-    if floating is float:
-        cbn_cols_shifted_sums_f(p, R, w, lane, acc, acc2)
-    else:
-        cbn_cols_shifted_sums_d(p, R, w, lane, acc, acc2)
+    ops(p).cols_shifted_sums(p, R, w, lane, acc, acc2)
     zero(bmean, C)
     zero(bm2, C)
     fold_lanes(acc, bmean, reps, C, K)
@@ -1224,10 +452,7 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
     # pass 2 for the whole block: deviations around the block mean (rounded to the data
     # type), from cache
     expand_lanes_d(bmean, lane, w, C, K)
-    if floating is float:
-        cbn_cols_dev_f(p, R, w, lane, acc, acc2)
-    else:
-        cbn_cols_dev_d(p, R, w, lane, acc, acc2)
+    ops(p).cols_dev(p, R, w, lane, acc, acc2)
     zero(bmean, C)
     zero(bm2, C)
     fold_lanes(acc, bmean, reps, C, K)
@@ -1305,15 +530,9 @@ cdef inline void run_apply(int op, const floating* x, const floating* g, const f
                            floating* y, Py_ssize_t n, floating a, floating b, floating c,
                            floating d, bint relu) noexcept nogil:
     if op == OP_AFFINE:
-        if floating is float:
-            cbn_run_affine_f(x, q, y, n, a, b, c, relu)
-        else:
-            cbn_run_affine_d(x, q, y, n, a, b, c, relu)
+        ops(x).run_affine(x, q, y, n, a, b, c, relu)
     else:
-        if floating is float:
-            cbn_run_bwd_f(x, g, q, y, n, a, b, c, d)
-        else:
-            cbn_run_bwd_d(x, g, q, y, n, a, b, c, d)
+        ops(x).run_bwd(x, g, q, y, n, a, b, c, d)
 
 
 cdef void planes_apply_units(int op, const floating* x, const floating* g,
@@ -1385,10 +604,7 @@ cdef inline void row_apply(int op, const floating* x, const floating* g, const f
                            floating* y, Py_ssize_t R, Py_ssize_t w, const floating* la,
                            const floating* lb, const floating* lc, const floating* ld,
                            bint relu) noexcept nogil:
-    if floating is float:
-        cbn_cols_apply_f(op, x, g, q, y, R, w, la, lb, lc, ld, relu)
-    else:
-        cbn_cols_apply_d(op, x, g, q, y, R, w, la, lb, lc, ld, relu)
+    ops(x).cols_apply(op, x, g, q, y, R, w, la, lb, lc, ld, relu)
 
 
 cdef void rows_apply(int op, const floating* x, const floating* g, const floating* q,
@@ -1691,14 +907,9 @@ cdef void planes_item_sums(const floating* g, const floating* x, const floating*
         zero_sums(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
-        if floating is float:
-            cbn_runs_sums_f(g + off, x + off, shifted(ym, off), <float*>shifted(dx, off),
-                            <float*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
-                            scale[c], &sg, &sgx)
-        else:
-            cbn_runs_sums_d(g + off, x + off, shifted(ym, off), <double*>shifted(dx, off),
-                            <double*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
-                            scale[c], &sg, &sgx)
+        ops(g).runs_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
+                         <floating*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
+                         scale[c], &sg, &sgx)
         acc[c].g += sg
         acc[c].gx += sgx
 
@@ -1730,10 +941,7 @@ cdef void rows_block_sums(const floating* g, const floating* x, const floating* 
                           Sums* out) noexcept nogil:
     """Add the per-channel sums of R rows of w values to out[0:C] (see cbn_cols_sums)."""
     cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
-    if floating is float:
-        cbn_cols_sums_f(g, x, ym, dx, gr, R, w, lmean, lscale, ag, agx)
-    else:
-        cbn_cols_sums_d(g, x, ym, dx, gr, R, w, lmean, lscale, ag, agx)
+    ops(g).cols_sums(g, x, ym, dx, gr, R, w, lmean, lscale, ag, agx)
     t = 0
     for q in range(reps):
         for c in range(C):

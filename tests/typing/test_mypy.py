@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tokenize
 from pathlib import Path
 
@@ -27,9 +28,19 @@ HERE = Path(__file__).resolve().parent
 PACKAGE_ROOT = Path(cbn.__file__).resolve().parent.parent
 
 
+def _installed() -> bool:
+    """Whether the cbn under test is installed in site-packages (mypy finds it there through
+    ``--python-executable``, and refuses a site-packages directory in MYPYPATH)."""
+    site = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    return PACKAGE_ROOT in site
+
+
 def run_mypy(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("mypy")
-    env = dict(os.environ, MYPYPATH=str(PACKAGE_ROOT))
+    env = dict(os.environ)
+    env.pop("MYPYPATH", None)
+    if not _installed():                     # the source tree, or an editable install
+        env["MYPYPATH"] = str(PACKAGE_ROOT)
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
          "--no-color-output", "--no-error-summary", "--cache-dir", str(tmp_path / "cache"),

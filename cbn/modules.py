@@ -62,10 +62,10 @@ class IncompatibleKeys(NamedTuple):
     >>> import cbn
     >>> bn = cbn.BatchNorm1d(3)
     >>> state = bn.state_dict()
-    >>> del state["num_batches_tracked"]
+    >>> del state["bias"]
     >>> state["extra"] = [0]
     >>> bn.load_state_dict(state, strict=False)
-    IncompatibleKeys(missing_keys=['num_batches_tracked'], unexpected_keys=['extra'])
+    IncompatibleKeys(missing_keys=['bias'], unexpected_keys=['extra'])
     """
 
     missing_keys: List[str]

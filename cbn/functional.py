@@ -564,7 +564,8 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         A value out of range: an input that is not 2D to 5D, an ``axis`` out of range
         (:class:`numpy.exceptions.AxisError`), a negative or infinite ``eps``, a per-channel
         vector without C values, one value per channel in training, running statistics
-        missing in eval, an ``out`` of the wrong shape or dtype, an unknown ``activation``.
+        missing in eval, an ``out`` of the wrong shape or dtype or read-only, an unknown
+        ``activation``.
         Nothing is written (running statistics, ``out``) when an error is raised.
 
     See Also
@@ -583,8 +584,8 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         running_mean = (1 - momentum) * running_mean + momentum * mean
         running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
 
-    The statistics are computed in double precision over blocks merged in a fixed order, so
-    the result does not depend on the number of threads.
+    The statistics are reduced in a fixed order (per-block partial results merged in double
+    precision), so the result is bit-identical for any number of threads.
 
     Examples
     --------

@@ -89,19 +89,16 @@ class BuildExt(build_ext):
     """Adds the optimisation and OpenMP flags the compiler accepts."""
 
     def build_extensions(self):
-        ctype = self.compiler.compiler_type
-        if ctype == "msvc":
-            compile_args, omp_compile, omp_link = ["/O2", "/fp:precise"], ["/openmp"], []
-        else:
-            # -ffp-contract=off: no FMA contraction, so results do not depend on the
-            # instruction set; never -ffast-math (reductions keep their written order).
-            opt = ["-O1", "-g"] if DEBUG else ["-O3"]
-            compile_args = opt + ["-ffp-contract=off", "-fno-math-errno"]
-            if NATIVE and compiler_accepts(self.compiler, "-march=native"):
-                compile_args.append("-march=native")
-            elif multi_target_ok(self.compiler):
-                compile_args.append("-DCBN_MULTI_TARGET")
-            omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
+        # The kernels need GCC or Clang (vector extensions; see cbn/src/cbn_simd.h).
+        # -ffp-contract=off: no FMA contraction, so results do not depend on the
+        # instruction set; never -ffast-math (reductions keep their written order).
+        opt = ["-O1", "-g"] if DEBUG else ["-O3"]
+        compile_args = opt + ["-ffp-contract=off", "-fno-math-errno"]
+        if NATIVE and compiler_accepts(self.compiler, "-march=native"):
+            compile_args.append("-march=native")
+        elif multi_target_ok(self.compiler):
+            compile_args.append("-DCBN_MULTI_TARGET")
+        omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
         use_omp = not NO_OPENMP and compiler_accepts(self.compiler, omp_compile[0],
                                                      OPENMP_PROBE)
         if not use_omp:
@@ -109,9 +106,12 @@ class BuildExt(build_ext):
             warnings.warn(f"cbn: building serial kernels ({reason}); "
                           "cbn.openmp_enabled() will return False")
             omp_compile, omp_link = [], []
+        flags = " ".join(compile_args + omp_compile).replace('"', "")
         for ext in self.extensions:
             ext.extra_compile_args = compile_args + omp_compile
             ext.extra_link_args = omp_link
+            # what cbn.show_config() reports
+            ext.define_macros.append(("CBN_BUILD_FLAGS", f'"{flags}"'))
         super().build_extensions()
 
 

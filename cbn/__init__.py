@@ -6,7 +6,8 @@ Functions: :func:`batch_norm` (the arguments of ``torch.nn.functional.batch_norm
 :func:`batch_norm_forward` and :func:`batch_norm_backward` (ATen's ``native_batch_norm``
 and its backward), :func:`fold`; modules :class:`BatchNorm1d`, :class:`BatchNorm2d`,
 :class:`BatchNorm3d` and :class:`BatchNorm` with PyTorch's state, :func:`load`; threads:
-:func:`set_num_threads`, :func:`get_num_threads`, :func:`openmp_enabled`.
+:func:`set_num_threads`, :func:`get_num_threads`, :func:`openmp_enabled`; the build:
+:func:`show_config`.
 
 Examples
 --------
@@ -20,6 +21,7 @@ Examples
 True
 """
 
+from ._config import show_config
 from ._kernels import openmp_enabled
 from ._threads import get_num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
@@ -42,4 +44,5 @@ __all__ = [
     "load",
     "openmp_enabled",
     "set_num_threads",
+    "show_config",
 ]

@@ -47,3 +47,4 @@ cdef extern from "cbn_kernels.h" nogil:
     const char* cbn_target_at(int i) noexcept
     int cbn_target_supported_at(int i) noexcept
     int cbn_select_target(const char* name) noexcept
+    const char* cbn_build_flags() noexcept

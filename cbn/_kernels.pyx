@@ -90,6 +90,11 @@ def cpu_targets():
             for i in range(cbn_target_count())]
 
 
+def build_flags():
+    """The compiler flags this module was built with (as setup.py recorded them)."""
+    return cbn_build_flags().decode()
+
+
 def cpu_target():
     """The name of the CPU target whose C loops run now ("avx512", "avx2" or "base")."""
     return cbn_target_name().decode()

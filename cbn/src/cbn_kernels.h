@@ -66,6 +66,12 @@ typedef struct cbn_ops {
 
 /* ------------------------------------------------------------------ target choice */
 
+#ifndef CBN_BUILD_FLAGS
+#define CBN_BUILD_FLAGS "(not recorded)"
+#endif
+/* The compiler flags of this build (set by setup.py), for cbn.show_config(). */
+static const char* cbn_build_flags(void) { return CBN_BUILD_FLAGS; }
+
 typedef struct cbn_target_entry {
     const char* name;
     const cbn_ops* ops_f;

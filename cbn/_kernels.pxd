@@ -48,3 +48,15 @@ cdef extern from "cbn_kernels.h" nogil:
     int cbn_target_supported_at(int i) noexcept
     int cbn_select_target(const char* name) noexcept
     const char* cbn_build_flags() noexcept
+
+
+cdef extern from "cbn_team.h" nogil:
+    # Adaptive team size under contention (see cbn/src/cbn_team.h).
+    ctypedef long long int64_t
+    int cbn_team_adaptive
+    int64_t cbn_team_serial_until
+    int64_t cbn_team_backoff
+    int64_t cbn_team_stalls
+    int64_t cbn_now_ns() noexcept
+    int cbn_team_size(int requested) noexcept
+    void cbn_team_report(int64_t wall, int64_t busy, int nthreads) noexcept

@@ -44,7 +44,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 cnp.import_array()
@@ -130,6 +130,40 @@ def _select_initial_target():
 
 
 _select_initial_target()
+
+
+def team_state():
+    """The adaptive team's state (see cbn/src/cbn_team.h): whether it is on, how long calls
+    still run on one thread (s), the current back-off period (s), and how many parallel
+    regions were found stalled since import."""
+    cdef int64_t left = cbn_team_serial_until - cbn_now_ns()
+    return {"adaptive": bool(cbn_team_adaptive), "serial_for": max(left, 0) * 1e-9,
+            "backoff": cbn_team_backoff * 1e-9, "stalls": cbn_team_stalls}
+
+
+def _team_report(long long wall_ns, long long busy_ns, int nthreads):
+    """Report a region's timing as a parallel loop would (for tests of the policy)."""
+    cbn_team_report(wall_ns, busy_ns, nthreads)
+
+
+def _team_reset(adaptive=None):
+    """Forget any back-off; adaptive: turn the policy on or off (None: keep)."""
+    global cbn_team_serial_until, cbn_team_backoff, cbn_team_adaptive
+    cbn_team_serial_until = 0
+    cbn_team_backoff = 10000000
+    if adaptive is not None:
+        cbn_team_adaptive = 1 if adaptive else 0
+
+
+def _team_size(int requested):
+    """The thread count a call asking for `requested` threads gets now."""
+    return cbn_team_size(requested)
+
+
+import os as _os
+if _os.environ.get("CBN_ADAPTIVE_THREADS", "").strip() in ("0", "false", "no", "off"):
+    _team_reset(False)
+del _os
 
 
 include "_partition.pxi"

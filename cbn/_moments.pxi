@@ -38,13 +38,19 @@ cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
 cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,
                          int nthreads) noexcept nogil:
     """part: items*C slots (each item writes those of its channels only)."""
+    cdef Team T
+    cdef int64_t t_item
     cdef Py_ssize_t it, c, c0, nc, j
     if nthreads == 1:           # no OpenMP region at all: it costs more than tiny inputs
         for it in range(P.items):
             planes_item_moments(x, P, it, part + it * P.C)
     else:
+        team_begin(&T, nthreads)
         for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
             planes_item_moments(x, P, it, part + it * P.C)
+            team_add(&T, threadid(), t_item)
+        team_end(&T)
     zero_moments(out, P.C)
     for it in range(P.items):
         planes_item_span(P, it, &c0, &nc)
@@ -227,6 +233,8 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
                        int nthreads) noexcept nogil:
     """Per-channel moments over the rows partition. part: items*(2C+1) doubles (count,
     means, m2s of each item); scratch: 3*W floating and dscratch: 2*C doubles per thread."""
+    cdef Team T
+    cdef int64_t t_item
     cdef Py_ssize_t it, c, tid, stride = 2 * C + 1
     cdef double* acc
     cdef double cnt, n
@@ -234,10 +242,14 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
         for it in range(P.items):
             rows_item_moments(x, C, K, P, it, part + it * stride, scratch, dscratch)
     else:
+        team_begin(&T, nthreads)
         for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
             tid = threadid()
             rows_item_moments(x, C, K, P, it, part + it * stride,
                               scratch + tid * 3 * P.W, dscratch + tid * 2 * C)
+            team_add(&T, threadid(), t_item)
+        team_end(&T)
     # merge the items in order into the first one's slot (sized for one even if no items)
     acc = part
     if P.items == 0:

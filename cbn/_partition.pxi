@@ -133,3 +133,38 @@ cdef Rows rows_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t bl
     P.nblocks = (P.nrows + P.R - 1) // P.R
     P.items = P.nblocks if P.nblocks < max_items else max_items
     return P
+
+
+# ------------------------------------------------------------------------- timed teams
+#
+# Every parallel region is timed (wall time, and each thread's time in work items) and
+# reported to cbn_team_report, which decides whether the next calls should run on one
+# thread because the cores are contended (see cbn/src/cbn_team.h).
+
+cdef struct Team:
+    int n
+    int64_t t0
+    int64_t* busy        # one slot per thread, 8 apart (a cache line); NULL: not timed
+
+
+cdef inline void team_begin(Team* T, int n) noexcept nogil:
+    T.n = n
+    T.busy = <int64_t*>calloc(n * 8, sizeof(int64_t))
+    T.t0 = cbn_now_ns()
+
+
+cdef inline void team_add(Team* T, int tid, int64_t t_start) noexcept nogil:
+    """Thread tid finished an item it started at t_start."""
+    if T.busy != NULL:
+        T.busy[8 * tid] += cbn_now_ns() - t_start
+
+
+cdef inline void team_end(Team* T) noexcept nogil:
+    cdef int64_t wall = cbn_now_ns() - T.t0, busy = 0
+    cdef int i
+    if T.busy == NULL:
+        return
+    for i in range(T.n):
+        busy += T.busy[8 * i]
+    free(T.busy)
+    cbn_team_report(wall, busy, T.n)

@@ -43,6 +43,8 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
                        const floating* pd, bint relu, int nthreads) noexcept nogil:
     """Element-wise pass with per-channel parameters. Units are planes, or chunks of long
     planes; items are runs of units holding about CHUNK values."""
+    cdef Team T
+    cdef int64_t t_item
     cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
     cdef Py_ssize_t clen = (K + nch - 1) // nch
     cdef Py_ssize_t units = M * C * nch
@@ -52,12 +54,16 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
     if nthreads == 1:
         planes_apply_units(op, x, g, q, y, C, K, nch, clen, 0, units, pa, pb, pc, pd, relu)
         return
+    team_begin(&T, nthreads)
     for it in prange(items, num_threads=nthreads, schedule="dynamic"):
+        t_item = cbn_now_ns()
         u0 = it * per_item
         u1 = u0 + per_item
         if u1 > units:
             u1 = units
         planes_apply_units(op, x, g, q, y, C, K, nch, clen, u0, u1, pa, pb, pc, pd, relu)
+        team_add(&T, threadid(), t_item)
+    team_end(&T)
 
 
 cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
@@ -94,6 +100,8 @@ cdef void rows_apply(int op, const floating* x, const floating* g, const floatin
                      const floating* lanes, bint relu, int nthreads) noexcept nogil:
     """Element-wise pass over the rows partition; lanes holds the 4 (or 3) parameter
     vectors expanded to W lanes each, back to back."""
+    cdef Team T
+    cdef int64_t t_item
     cdef Rows P = rows_partition(M, C, K, CHUNK, M, sizeof(floating))
     cdef Py_ssize_t W = P.W, blk, r0, nr, off
     cdef const floating* la = lanes
@@ -103,7 +111,9 @@ cdef void rows_apply(int op, const floating* x, const floating* g, const floatin
     if nthreads == 1:
         row_apply(op, x, g, q, y, P.nrows, W, la, lb, lc, ld, relu)
     else:
+        team_begin(&T, nthreads)
         for blk in prange(P.nblocks, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
             r0 = blk * P.R
             nr = P.nrows - r0
             if nr > P.R:
@@ -111,6 +121,8 @@ cdef void rows_apply(int op, const floating* x, const floating* g, const floatin
             off = r0 * W
             row_apply(op, x + off, g + off if g != NULL else NULL,
                       q + off if q != NULL else NULL, y + off, nr, W, la, lb, lc, ld, relu)
+            team_add(&T, threadid(), t_item)
+        team_end(&T)
     if P.tail:
         off = P.nrows * W
         row_apply(op, x + off, g + off if g != NULL else NULL,
@@ -185,13 +197,19 @@ cdef void planes_sums(const floating* g, const floating* x, const floating* ym, 
                       floating* gr, Planes P, const floating* mean, const floating* scale,
                       Sums* part, Sums* out, int nthreads) noexcept nogil:
     """part: items*C slots (each item writes those of its channels only)."""
+    cdef Team T
+    cdef int64_t t_item
     cdef Py_ssize_t it, c, c0, nc, j
     if nthreads == 1:
         for it in range(P.items):
             planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
     else:
+        team_begin(&T, nthreads)
         for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
             planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
+            team_add(&T, threadid(), t_item)
+        team_end(&T)
     zero_sums(out, P.C)
     for it in range(P.items):
         planes_item_span(P, it, &c0, &nc)
@@ -241,16 +259,22 @@ cdef void rows_sums(const floating* g, const floating* x, const floating* ym, fl
                     const floating* lscale, Sums* part, floating* scratch, Sums* out,
                     int nthreads) noexcept nogil:
     """part: items*C slots; scratch: 2*W floating per thread."""
+    cdef Team T
+    cdef int64_t t_item
     cdef Py_ssize_t it, c, tid, off
     if nthreads == 1:
         for it in range(P.items):
             rows_item_sums(g, x, ym, dx, gr, C, K, P, it, lmean, lscale, part + it * C,
                            scratch)
     else:
+        team_begin(&T, nthreads)
         for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
             tid = threadid()
             rows_item_sums(g, x, ym, dx, gr, C, K, P, it, lmean, lscale, part + it * C,
                            scratch + tid * 2 * P.W)
+            team_add(&T, threadid(), t_item)
+        team_end(&T)
     zero_sums(out, C)
     for it in range(P.items):
         for c in range(C):

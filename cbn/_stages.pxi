@@ -187,12 +187,13 @@ cdef inline void* data(object a):
 
 cdef inline Call new_call(cnp.ndarray x, int nthreads):
     """A record for the (M, C, K) view x (or an (M, C, K) shape given by a plain call's
-    caller, which overwrites M, C, K), every pointer NULL."""
+    caller, which overwrites M, C, K), every pointer NULL. The thread count is what the
+    adaptive team allows (cbn/src/cbn_team.h): 1 while the cores are found contended."""
     cdef Call k
     memset(&k, 0, sizeof(Call))
     k.dtype = cnp.PyArray_TYPE(x)
     k.x = cnp.PyArray_DATA(x)
-    k.nthreads = nthreads
+    k.nthreads = cbn_team_size(nthreads)
     if cnp.PyArray_NDIM(x) == 3:
         k.M = cnp.PyArray_DIM(x, 0)
         k.C = cnp.PyArray_DIM(x, 1)

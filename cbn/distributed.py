@@ -774,9 +774,9 @@ class precise_statistics:
     ``comm``: the communicator to merge over. None: the communicator of the SyncBatchNorm
     modules among ``modules`` (they must share one), or, when there are none, no
     communication (this process's statistics). The exit is collective when there is a
-    communicator of more than one rank. If the block raises, no statistics are changed (a
-    rank whose block raised tells the others, which raise :class:`CollectiveError` at
-    their exit).
+    communicator of more than one rank. If the block raises, the population statistics are
+    not written (the running statistics stay as the calls left them), and a rank whose
+    block raised tells the others, which raise :class:`CollectiveError` at their exit.
 
     The instance (``as stats``) has ``moments``, the merged :class:`~cbn._stages.Moments`
     of each module, after the block. The modules' ``forward`` is wrapped (an instance

@@ -665,7 +665,7 @@ class SyncBatchNorm(BatchNorm):
     # ------------------------------------------------------------------- pickle and copy
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = super().__getstate__()
+        state = dict(super().__getstate__())
         state["_sync"] = None
         state["_comm"] = None          # communicators do not travel between processes
         return state

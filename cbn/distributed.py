@@ -58,8 +58,8 @@ import sys
 import threading
 import time
 import zlib
-from typing import (Any, Dict, Iterable, List, NamedTuple, Optional, Protocol, Sequence,
-                    Tuple, Union, runtime_checkable)
+from typing import (Any, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike

@@ -13,8 +13,8 @@ to rank 0 and compares after every epoch. (Sums taken in another order round dif
 and training amplifies such differences like any other: here about 4e-8 after one step,
 1e-5 after the first epoch, and percents once the two runs part ways, around epoch 7.)
 
-    mpiexec -n 4 python examples/data_parallel.py              # 4 processes (pip install "cbn[mpi]")
-    python examples/data_parallel.py --threads 4               # 4 ranks as threads of one process
+    mpiexec -n 4 python examples/data_parallel.py     # 4 processes (pip install "cbn[mpi]")
+    python examples/data_parallel.py --threads 4      # 4 ranks as threads of one process
     mpiexec -n 4 python examples/data_parallel.py --epochs 1 --check
 
 Prints the test accuracy after every epoch, the time spent in communication (cbn's

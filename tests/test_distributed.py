@@ -767,3 +767,18 @@ def test_precise_statistics_failure_on_one_rank_reaches_the_others():
     res = run_ranks(3, rank)
     assert isinstance(res[1], KeyError)
     _expect_disagreement([res[0], res[2]], "precise_statistics", "rank(s) [1]")
+
+
+def test_torch_adapter_needs_an_initialized_group():
+    dist = pytest.importorskip("torch.distributed")
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        D.TorchCommunicator()
+
+
+def test_thread_communicator_arguments():
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        ThreadCommunicator.create(0)
+    with pytest.raises(TypeError, match="size must be an int"):
+        ThreadCommunicator.create(2.0)

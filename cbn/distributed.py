@@ -587,13 +587,13 @@ class SyncBatchNorm(BatchNorm):
         merged = _stages.merge_moments([Moments(counts[r], pay[r, :C], pay[r, C:])
                                         for r in range(ch.size)])
         track = self.track_running_stats
-        save_mean, save_invstd = _stages.finish(
-            merged, self.eps, dtype=_COMPUTE[x.dtype],
+        stats = _stages.finish(
+            merged, self.eps, dtype=_COMPUTE[x.dtype], weight=self.weight, bias=self.bias,
             running_mean=self.running_mean if track else None,
             running_var=self.running_var if track else None, momentum=factor)
+        save_mean, save_invstd = stats.save_mean, stats.save_invstd
         if x.size:
-            y = _stages.normalize(x, save_mean, save_invstd, self.weight, self.bias,
-                                  axis=axis)
+            y = _stages.normalize(x, stats, axis=axis)
         else:
             y = np.empty_like(x)
         if nbt is not None:
@@ -623,8 +623,7 @@ class SyncBatchNorm(BatchNorm):
             gc = g if g.dtype == dtype else g.astype(dtype)
             xc = x if x.dtype == dtype else x.astype(dtype)
             if x.size and total:
-                sum_dy, sum_dy_xmu = _stages.backward_reduce(gc, xc, save_mean, save_invstd,
-                                                             axis=axis)
+                sum_dy, sum_dy_xmu = _stages.backward_reduce(gc, xc, save_mean, axis=axis)
             else:
                 sum_dy, sum_dy_xmu = np.zeros(C), np.zeros(C)
         except Exception:

@@ -230,8 +230,12 @@ def test_statistics_exact_on_hard_data(dtype, loc):
         assert np.all(np.abs(rm - mean) <= 1e-13 * np.maximum(np.abs(mean), np.sqrt(var)))
         assert np.all(np.abs(rv - var) <= 1e-13 * max(1.0, loc / 1e3) * var)
     else:
-        np.testing.assert_array_max_ulp(rm, mean.astype(np.float32), maxulp=1)
-        np.testing.assert_array_max_ulp(rv, var.astype(np.float32), maxulp=1)
+        # float32 data is summed in float32 lanes (then merged in float64), as in one
+        # process: errors of a few float32 roundings of the data's scale, no cancellation
+        eps = np.finfo(np.float32).eps
+        std = np.sqrt(var)
+        assert np.all(np.abs(rm - mean) <= 8 * eps * (np.abs(mean) + std))
+        assert np.all(np.abs(rv - var) <= 8 * eps * var)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -290,10 +294,11 @@ def test_all_data_on_one_rank_is_the_local_stage_composition():
     res = ok(run_ranks(3, rank))
     m = make_module(3, dtype, axis, None, cls=cbn.BatchNorm)
     rm, rv = m.running_mean.copy(), m.running_var.copy()
-    mean, invstd = S.finish(S.moments(x, axis=axis), m.eps, dtype=dtype, running_mean=rm,
-                            running_var=rv, momentum=m.momentum)
-    y = S.normalize(x, mean, invstd, m.weight, m.bias, axis=axis)
-    sdy, sdyx = S.backward_reduce(g, x, mean, invstd, axis=axis)
+    stats = S.finish(S.moments(x, axis=axis), m.eps, dtype=dtype, weight=m.weight,
+                     bias=m.bias, running_mean=rm, running_var=rv, momentum=m.momentum)
+    mean, invstd = stats.save_mean, stats.save_invstd
+    y = S.normalize(x, stats, axis=axis)
+    sdy, sdyx = S.backward_reduce(g, x, mean, axis=axis)
     dx = S.backward_elements(g, x, m.weight, mean, invstd, sdy, sdyx, x.size // 3,
                              axis=axis)
     expected = (y, dx, rm, rv, (sdyx * invstd.astype(np.float64)).astype(dtype),

@@ -477,6 +477,30 @@ class SyncBatchNorm(BatchNorm):
 
     Copies (``copy.deepcopy``) share the communicator; pickles leave it out, and an
     unpickled module uses ``MPI.COMM_WORLD`` until :attr:`comm` is set.
+
+    Examples
+    --------
+    Two ranks as threads (with MPI: one process per rank, ``comm=None``):
+
+    >>> import threading
+    >>> import numpy as np
+    >>> import cbn
+    >>> from cbn.distributed import ThreadCommunicator
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, (8, 3, 4)).astype(np.float32)
+    >>> comms = ThreadCommunicator.create(2)
+    >>> out = [None, None]
+    >>> def rank(r):
+    ...     bn = cbn.SyncBatchNorm(3, comm=comms[r])
+    ...     out[r] = bn(x[4 * r:4 * r + 4]), bn.running_mean
+    >>> threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    >>> for t in threads: t.start()
+    >>> for t in threads: t.join()
+    >>> whole = cbn.BatchNorm1d(3)
+    >>> y = whole(x)                       # one process, the whole batch
+    >>> np.allclose(np.concatenate([out[0][0], out[1][0]]), y, atol=1e-5)
+    True
+    >>> np.array_equal(out[0][1], out[1][1]), np.allclose(out[0][1], whole.running_mean)
+    (True, True)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -489,7 +513,15 @@ class SyncBatchNorm(BatchNorm):
 
     @property
     def comm(self) -> Communicator:
-        """The communicator (an adapter: see :func:`as_communicator`)."""
+        """The communicator (an adapter: see :func:`as_communicator`).
+
+        Examples
+        --------
+        >>> import cbn
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> bn = cbn.SyncBatchNorm(4, comm=ThreadCommunicator.create(1)[0])
+        >>> bn.comm.rank, bn.comm.size
+        (0, 1)"""
         if self._comm is None:
             self._comm = as_communicator(None)
         return self._comm
@@ -503,7 +535,16 @@ class SyncBatchNorm(BatchNorm):
         """A SyncBatchNorm with ``bn``'s settings, mode and state. Like
         ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, it shares ``bn``'s arrays
         (weight, bias, running statistics, gradients), so optimizers holding them keep
-        working; ``bn`` itself is unchanged otherwise. Fused activations are not supported."""
+        working; ``bn`` itself is unchanged otherwise. Fused activations are not supported.
+
+        Examples
+        --------
+        >>> import cbn
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> bn = cbn.BatchNorm2d(8)
+        >>> sbn = cbn.SyncBatchNorm.from_module(bn, ThreadCommunicator.create(1)[0])
+        >>> sbn.running_mean is bn.running_mean, sbn.num_features
+        (True, 8)"""
         if not isinstance(bn, BatchNorm):
             raise TypeError(f"bn must be a cbn.BatchNorm, got {type(bn).__name__}")
         if getattr(bn, "activation", None) is not None:
@@ -544,7 +585,17 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, input: ArrayLike) -> np.ndarray:
         """Normalize ``input``: see the class docstring; collective in training mode when
-        the communicator has more than one rank. A call that raises changes nothing."""
+        the communicator has more than one rank. A call that raises changes nothing.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> bn = cbn.SyncBatchNorm(2, comm=ThreadCommunicator.create(1)[0])
+        >>> y = bn.forward(np.arange(8, dtype=np.float32).reshape(4, 2))
+        >>> np.round(y[:, 0], 3)
+        array([-1.342, -0.447,  0.447,  1.342], dtype=float32)"""
         if self.training:
             ch = _channel(self.comm)
             if ch.size > 1:
@@ -604,7 +655,19 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, grad_output: ArrayLike) -> np.ndarray:
         """Gradient of the input of the last :meth:`forward` (see :meth:`BatchNorm.backward`);
         collective after a synchronized training forward. ``grad_weight``/``grad_bias``
-        accumulate this rank's contributions only."""
+        accumulate this rank's contributions only.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> bn = cbn.SyncBatchNorm(2, comm=ThreadCommunicator.create(1)[0])
+        >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)
+        >>> dx = bn.backward(np.ones_like(bn.forward(x)))
+        >>> np.allclose(dx, 0, atol=1e-6), bn.grad_bias
+        (True, array([4., 4.], dtype=float32))
+        """
         rec = self._sync
         if rec is None:
             return super().backward(grad_output)
@@ -780,6 +843,22 @@ class precise_statistics:
     The instance (``as stats``) has ``moments``, the merged :class:`~cbn._stages.Moments`
     of each module, after the block. The modules' ``forward`` is wrapped (an instance
     attribute) inside the block and restored afterwards, whatever happens.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> rng = np.random.default_rng(0)
+    >>> batches = [rng.normal(3.0, 2.0, (n, 4)).astype(np.float32) for n in (5, 17, 9)]
+    >>> bn = cbn.BatchNorm1d(4)
+    >>> with cbn.precise_statistics([bn]) as stats:
+    ...     for b in batches:
+    ...         _ = bn(b)
+    >>> allx = np.concatenate(batches).astype(np.float64)
+    >>> np.allclose(bn.running_mean, allx.mean(axis=0)), stats.moments[0].count
+    (True, 31)
+    >>> np.allclose(bn.running_var, allx.var(axis=0, ddof=1))
+    True
     """
 
     def __init__(self, modules: Any, comm: Any = None) -> None:

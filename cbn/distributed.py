@@ -35,7 +35,7 @@ The protocol (:class:`Communicator`) is three members:
     ``r`` is rank ``r``'s ``buf``. Collective: every rank calls it, in the same order.
 
 Every exchange cbn makes starts with a fixed-size block (a header and up to
-``FIRST_BLOCK`` payload values), so ranks whose calls disagree (different number of
+``FIRST_BLOCK`` = 512 payload values), so ranks whose calls disagree (different number of
 channels, input dtype, eps, momentum, operation or position in the call sequence) exchange
 buffers of equal length, see the disagreement in the headers and all raise
 :class:`CollectiveError`: none is left waiting in a collective. A rank whose input fails
@@ -72,22 +72,77 @@ from .modules import BatchNorm
 __all__ = ["Communicator", "CollectiveError", "MPICommunicator", "TorchCommunicator",
            "ThreadCommunicator", "SyncBatchNorm", "as_communicator", "all_reduce",
            "all_reduce_grads", "communication_time", "precise_statistics",
-           "measure_overhead", "FIRST_BLOCK"]
+           "measure_overhead"]
 
 
 class CollectiveError(RuntimeError):
-    """The ranks' calls disagree, or another rank failed: raised on every rank."""
+    """The ranks' calls disagree, or another rank failed: raised on every rank.
+
+    Examples
+    --------
+    Two ranks (threads) whose calls disagree: both raise the same error, neither waits.
+
+    >>> import threading
+    >>> import numpy as np
+    >>> from cbn.distributed import CollectiveError, ThreadCommunicator, all_reduce
+    >>> comms = ThreadCommunicator.create(2)
+    >>> errors = [None, None]
+    >>> def rank(r):
+    ...     try:
+    ...         all_reduce([np.ones(3 + r)], comms[r])     # 3 values on rank 0, 4 on rank 1
+    ...     except CollectiveError as e:
+    ...         errors[r] = str(e)
+    >>> threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    >>> for t in threads: t.start()
+    >>> for t in threads: t.join()
+    >>> errors[0] == errors[1]
+    True
+    >>> print(errors[0])
+    all_reduce: the ranks' calls disagree ...: channels: rank 0 3, rank 1 4; ...
+    >>> issubclass(CollectiveError, RuntimeError)
+    True
+    """
 
 
 @runtime_checkable
 class Communicator(Protocol):
-    """What cbn needs from a communicator (see the module docstring)."""
+    """What cbn needs from a communicator (see the module docstring).
+
+    Examples
+    --------
+    Any object with ``rank``, ``size`` and ``allgather`` is one, e.g. a single process:
+
+    >>> import numpy as np
+    >>> import cbn
+    >>> from cbn.distributed import Communicator, ThreadCommunicator, as_communicator
+    >>> class Alone:
+    ...     rank, size = 0, 1
+    ...     def allgather(self, buf):
+    ...         return np.asarray(buf, dtype=np.float64).reshape(1, -1)
+    >>> alone = Alone()
+    >>> isinstance(alone, Communicator), isinstance(ThreadCommunicator.create(1)[0],
+    ...                                             Communicator)
+    (True, True)
+    >>> as_communicator(alone) is alone, cbn.SyncBatchNorm(3, comm=alone).comm is alone
+    (True, True)
+    """
 
     rank: int
     size: int
 
     def allgather(self, buf: np.ndarray) -> Any:
-        """Row r of the result is rank r's ``buf`` (1-D float64, same length everywhere)."""
+        """Row r of the result is rank r's ``buf`` (1-D float64, same length everywhere).
+
+        Collective: every rank of the group calls it, in the same order.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> comm = ThreadCommunicator.create(1)[0]         # a group of one rank
+        >>> comm.allgather(np.array([1.0, 2.0]))
+        array([[1., 2.]])
+        """
         ...
 
 
@@ -96,7 +151,31 @@ class Communicator(Protocol):
 
 class MPICommunicator:
     """An mpi4py communicator (or anything with ``Allgather``, ``Get_rank``, ``Get_size``)
-    as a :class:`Communicator`: one ``Allgather`` of float64 buffers per exchange."""
+    as a :class:`Communicator`: one ``Allgather`` of float64 buffers per exchange.
+
+    Examples
+    --------
+    With mpi4py (under ``mpiexec -n 4``, or a plain process: a world of one rank; the
+    lines that need mpi4py are not run as doctests):
+
+    >>> from mpi4py import MPI                                   # doctest: +SKIP
+    >>> from cbn.distributed import MPICommunicator
+    >>> MPICommunicator(MPI.COMM_WORLD)                          # doctest: +SKIP
+    MPICommunicator(rank=0, size=1)
+
+    The methods are duck-typed; here one process stands in for mpi4py:
+
+    >>> class One:
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    ...     def Allgather(self, send, recv): recv[0] = send
+    >>> MPICommunicator(One())
+    MPICommunicator(rank=0, size=1)
+    >>> MPICommunicator(object())
+    Traceback (most recent call last):
+    ...
+    TypeError: comm must be an mpi4py communicator ..., got object
+    """
 
     def __init__(self, comm: Any) -> None:
         for name in ("Allgather", "Get_rank", "Get_size"):
@@ -108,6 +187,23 @@ class MPICommunicator:
         self.size: int = int(comm.Get_size())
 
     def allgather(self, buf: np.ndarray) -> np.ndarray:
+        """``buf`` as float64 from every rank: one ``Allgather`` into a new array of shape
+        ``(size, len(buf))`` whose row r is rank r's ``buf``. Collective.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mpi4py import MPI                                   # doctest: +SKIP
+        >>> from cbn.distributed import MPICommunicator
+        >>> comm = MPICommunicator(MPI.COMM_WORLD)                   # doctest: +SKIP
+        >>> class One:                      # one process, standing in for mpi4py
+        ...     def Get_rank(self): return 0
+        ...     def Get_size(self): return 1
+        ...     def Allgather(self, send, recv): recv[0] = send
+        >>> comm = MPICommunicator(One())
+        >>> comm.allgather(np.arange(3))            # on 4 ranks: shape (4, 3)
+        array([[0., 1., 2.]])
+        """
         buf = np.ascontiguousarray(buf, dtype=np.float64)
         out = np.empty((self.size, buf.size), dtype=np.float64)
         self.comm.Allgather(buf, out)
@@ -120,7 +216,28 @@ class MPICommunicator:
 class TorchCommunicator:
     """A ``torch.distributed`` process group as a :class:`Communicator` (``group=None``:
     the default group). The group must be initialized (``init_process_group``); on the CPU
-    use the gloo backend. Each exchange is one ``all_gather`` of float64 tensors."""
+    use the gloo backend. Each exchange is one ``all_gather`` of float64 tensors.
+
+    Examples
+    --------
+    Without PyTorch, or before ``init_process_group``, it raises:
+
+    >>> from cbn.distributed import TorchCommunicator
+    >>> try:
+    ...     TorchCommunicator()
+    ... except (ImportError, RuntimeError) as e:
+    ...     print(e)
+    TorchCommunicator needs ...
+
+    With a process group (here one of a single rank; the lines that need PyTorch and a
+    process group are not run as doctests):
+
+    >>> import torch.distributed as dist                         # doctest: +SKIP
+    >>> dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29500",
+    ...                         rank=0, world_size=1)            # doctest: +SKIP
+    >>> TorchCommunicator()                                      # doctest: +SKIP
+    TorchCommunicator(rank=0, size=1)
+    """
 
     def __init__(self, group: Any = None) -> None:
         try:
@@ -138,6 +255,24 @@ class TorchCommunicator:
         self.size: int = int(dist.get_world_size(group))
 
     def allgather(self, buf: np.ndarray) -> np.ndarray:
+        """``buf`` as float64 from every rank: one ``all_gather`` over the group, stacked
+        into an array of shape ``(size, len(buf))`` whose row r is rank r's ``buf``.
+        Collective.
+
+        Examples
+        --------
+        In a process group of four ranks (not run as a doctest: it needs PyTorch and an
+        initialized process group):
+
+        >>> import numpy as np
+        >>> from cbn.distributed import TorchCommunicator
+        >>> comm = TorchCommunicator()                               # doctest: +SKIP
+        >>> comm.allgather(np.full(2, comm.rank))                    # doctest: +SKIP
+        array([[0., 0.],
+               [1., 1.],
+               [2., 2.],
+               [3., 3.]])
+        """
         t = self._torch.from_numpy(np.ascontiguousarray(buf, dtype=np.float64))
         parts = [self._torch.empty_like(t) for _ in range(self.size)]
         self._dist.all_gather(parts, t, group=self.group)
@@ -158,7 +293,37 @@ class ThreadCommunicator:
     """Ranks that are threads of one process: ``ThreadCommunicator.create(4)`` returns four
     communicators (ranks 0 to 3); give one to each thread. A rank that fails or does not
     join within ``timeout`` seconds breaks the group: every waiting rank then raises
-    :class:`CollectiveError` (nothing hangs)."""
+    :class:`CollectiveError` (nothing hangs).
+
+    Examples
+    --------
+    Three ranks, one thread each:
+
+    >>> import threading
+    >>> import numpy as np
+    >>> from cbn.distributed import ThreadCommunicator
+    >>> comms = ThreadCommunicator.create(3)
+    >>> rows = [None] * 3
+    >>> def rank(r):
+    ...     rows[r] = comms[r].allgather(np.full(2, 10.0 * r))
+    >>> threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    >>> for t in threads: t.start()
+    >>> for t in threads: t.join()
+    >>> rows[0]
+    array([[ 0.,  0.],
+           [10., 10.],
+           [20., 20.]])
+    >>> np.array_equal(rows[1], rows[0]) and np.array_equal(rows[2], rows[0])
+    True
+
+    A rank that never joins: the others raise after ``timeout`` seconds.
+
+    >>> comms = ThreadCommunicator.create(2, timeout=0.1)
+    >>> comms[0].allgather(np.zeros(2))           # rank 1 never calls
+    Traceback (most recent call last):
+    ...
+    cbn.distributed.CollectiveError: ThreadCommunicator: ... did not join the collective in time
+    """
 
     def __init__(self, group: _ThreadGroup, rank: int) -> None:
         self._group = group
@@ -167,16 +332,73 @@ class ThreadCommunicator:
 
     @classmethod
     def create(cls, size: int, *, timeout: float = 60.0) -> List["ThreadCommunicator"]:
-        """``size`` connected communicators, one per rank."""
+        """``size`` connected communicators, one per rank (``timeout``: seconds a rank
+        waits in a collective for the others before the group breaks).
+
+        Examples
+        --------
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> comms = ThreadCommunicator.create(4)
+        >>> [c.rank for c in comms], comms[0].size
+        ([0, 1, 2, 3], 4)
+        >>> comms[2]
+        ThreadCommunicator(rank=2, size=4)
+        >>> ThreadCommunicator.create(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: size must be >= 1, got 0
+        """
         size = _positive_int(size, "size")
         group = _ThreadGroup(size, float(timeout))
         return [cls(group, r) for r in range(size)]
 
     def abort(self) -> None:
-        """Break the group: every rank waiting in (or later entering) a collective raises."""
+        """Break the group: every rank waiting in (or later entering) a collective raises
+        :class:`CollectiveError`. A broken group stays broken: create a new one.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> comms = ThreadCommunicator.create(2)
+        >>> comms[1].abort()                     # rank 1 failed: it will not join
+        >>> comms[0].allgather(np.zeros(3))
+        Traceback (most recent call last):
+        ...
+        cbn.distributed.CollectiveError: ThreadCommunicator: another rank failed ...
+        """
         self._group.barrier.abort()
 
     def allgather(self, buf: np.ndarray) -> np.ndarray:
+        """Row r of the result is rank r's ``buf`` (copied, as 1-D float64). Waits until
+        every rank of the group has called it; raises :class:`CollectiveError` when the
+        group is broken (a rank aborted, or did not join within the timeout) or the ranks'
+        buffers have different lengths.
+
+        Examples
+        --------
+        >>> import threading
+        >>> import numpy as np
+        >>> from cbn.distributed import ThreadCommunicator
+        >>> ThreadCommunicator.create(1)[0].allgather([1, 2])
+        array([[1., 2.]])
+
+        Buffers of different lengths: every rank raises.
+
+        >>> comms = ThreadCommunicator.create(2)
+        >>> errors = [None, None]
+        >>> def rank(r):
+        ...     try:
+        ...         comms[r].allgather(np.zeros(2 + r))
+        ...     except Exception as e:
+        ...         errors[r] = f"{type(e).__name__}: {e}"
+        >>> threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        >>> for t in threads: t.start()
+        >>> for t in threads: t.join()
+        >>> print(errors[0]); print(errors[1])
+        CollectiveError: ThreadCommunicator.allgather: ... different lengths [2, 3]
+        CollectiveError: ThreadCommunicator.allgather: ... different lengths [2, 3]
+        """
         g = self._group
         g.slots[self.rank] = np.array(buf, dtype=np.float64, copy=True).reshape(-1)
         try:
@@ -231,7 +453,33 @@ _LOCK = threading.Lock()
 
 def as_communicator(comm: Any = None) -> Communicator:
     """The :class:`Communicator` cbn uses for ``comm`` (see the module docstring): the same
-    adapter object for the same communicator, so call counts and timings are shared."""
+    adapter object for the same communicator, so call counts and timings are shared.
+
+    Examples
+    --------
+    >>> from cbn.distributed import ThreadCommunicator, as_communicator
+    >>> comm = ThreadCommunicator.create(1)[0]
+    >>> as_communicator(comm) is comm                   # adapters are used as they are
+    True
+    >>> as_communicator()                               # doctest: +SKIP
+    MPICommunicator(rank=0, size=1)
+
+    An mpi4py-like communicator (here one process standing in for ``MPI.COMM_WORLD``)
+    gets an :class:`MPICommunicator`, the same one on every call:
+
+    >>> class One:
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    ...     def Allgather(self, send, recv): recv[0] = send
+    >>> world = One()
+    >>> adapter = as_communicator(world)
+    >>> adapter, as_communicator(world) is adapter
+    (MPICommunicator(rank=0, size=1), True)
+    >>> as_communicator("world")
+    Traceback (most recent call last):
+    ...
+    TypeError: comm must be an mpi4py communicator, ...; got str
+    """
     if comm is None:
         comm = _world()
     if isinstance(comm, (MPICommunicator, TorchCommunicator, ThreadCommunicator)):
@@ -335,7 +583,24 @@ def _channel(comm: Any) -> _Channel:
 
 def communication_time(comm: Any = None) -> float:
     """Seconds this process has spent in cbn's collectives on ``comm`` (including waiting
-    for the other ranks to arrive)."""
+    for the other ranks to arrive).
+
+    Examples
+    --------
+    >>> import threading
+    >>> import numpy as np
+    >>> from cbn.distributed import ThreadCommunicator, all_reduce, communication_time
+    >>> comms = ThreadCommunicator.create(2)
+    >>> communication_time(comms[0])
+    0.0
+    >>> def rank(r):
+    ...     all_reduce([np.ones(3)], comms[r])
+    >>> threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    >>> for t in threads: t.start()
+    >>> for t in threads: t.join()
+    >>> communication_time(comms[0]) > 0 and communication_time(comms[1]) > 0
+    True
+    """
     return _channel(comm).seconds
 
 
@@ -749,7 +1014,35 @@ def all_reduce(arrays: Sequence[np.ndarray], comm: Any = None, *,
     """Sum each array over the ranks, in place: deterministic (float64, rank order, so every
     rank gets bit-identical results), one exchange for all of them. ``average`` divides by
     the number of ranks. Every rank passes arrays of the same shapes, in the same order.
-    Returns ``arrays`` (as a list)."""
+    Returns ``arrays`` (as a list).
+
+    Examples
+    --------
+    Two ranks (threads), each with two gradients:
+
+    >>> import threading
+    >>> import numpy as np
+    >>> from cbn.distributed import ThreadCommunicator, all_reduce
+    >>> grads = [[np.array([1.0, 2.0]), np.array([[0.5]], np.float32)],
+    ...          [np.array([3.0, 4.0]), np.array([[1.5]], np.float32)]]
+    >>> comms = ThreadCommunicator.create(2)
+    >>> def rank(r):
+    ...     all_reduce(grads[r], comms[r])
+    >>> threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    >>> for t in threads: t.start()
+    >>> for t in threads: t.join()
+    >>> grads[0]
+    [array([4., 6.]), array([[2.]], dtype=float32)]
+    >>> grads[1]
+    [array([4., 6.]), array([[2.]], dtype=float32)]
+
+    The arrays are written in place, so they must be writable floating-point arrays:
+
+    >>> all_reduce([[1.0, 2.0]], ThreadCommunicator.create(1)[0])
+    Traceback (most recent call last):
+    ...
+    TypeError: arrays[0] must be a writable floating-point numpy.ndarray, got list
+    """
     arrays = list(arrays)
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or not a.flags.writeable:
@@ -799,7 +1092,40 @@ def all_reduce_grads(modules: Any, comm: Any = None, *, average: bool = False) -
     """Sum ``grad_weight``/``grad_bias`` of ``modules`` (a module or a sequence) over the
     ranks, in place and in one exchange (see :func:`all_reduce`); a gradient that is None
     counts as zeros and is allocated. ``comm`` defaults to the SyncBatchNorm modules'
-    communicator (else ``MPI.COMM_WORLD``)."""
+    communicator (else ``MPI.COMM_WORLD``).
+
+    Examples
+    --------
+    After a synchronized backward, each rank holds its own contribution to the
+    gradients; their sum is the gradient of one process on the whole batch:
+
+    >>> import threading
+    >>> import numpy as np
+    >>> import cbn
+    >>> from cbn.distributed import ThreadCommunicator, all_reduce_grads
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(2.0, 3.0, (8, 3)).astype(np.float32)
+    >>> dy = rng.standard_normal((8, 3)).astype(np.float32)
+    >>> comms = ThreadCommunicator.create(2)
+    >>> bns = [cbn.SyncBatchNorm(3, comm=c) for c in comms]
+    >>> def rank(r):
+    ...     part = slice(4 * r, 4 * r + 4)
+    ...     bns[r].forward(x[part])
+    ...     bns[r].backward(dy[part])
+    ...     all_reduce_grads(bns[r])              # over bns[r].comm
+    >>> threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    >>> for t in threads: t.start()
+    >>> for t in threads: t.join()
+    >>> whole = cbn.BatchNorm1d(3)                # one process, the whole batch
+    >>> _ = whole.forward(x)
+    >>> _ = whole.backward(dy)
+    >>> np.allclose(bns[0].grad_weight, whole.grad_weight, atol=1e-5)
+    True
+    >>> np.allclose(bns[0].grad_bias, whole.grad_bias, atol=1e-5)
+    True
+    >>> np.array_equal(bns[0].grad_weight, bns[1].grad_weight)
+    True
+    """
     mods = [m for m in _modules(modules, "all_reduce_grads") if m.affine]
     c = _common_comm(mods, comm, "all_reduce_grads")
     grads = []
@@ -968,7 +1294,21 @@ def measure_overhead(shape: Sequence[int] = (32, 64, 28, 28), comm: Any = None, 
     """Time a training forward + backward of SyncBatchNorm and of BatchNorm on this rank's
     ``shape`` input (collective: run it on every rank). Returns medians in seconds:
     ``{"batchnorm": t_bn, "sync": t_sync, "ratio": t_sync / t_bn, "comm": time in the
-    collectives per step}``. Timings on a shared machine are noisy: quote them as rough."""
+    collectives per step}``. Timings on a shared machine are noisy: quote them as rough.
+
+    Examples
+    --------
+    >>> from cbn.distributed import ThreadCommunicator, measure_overhead
+    >>> r = measure_overhead((8, 4, 5), ThreadCommunicator.create(1)[0], repeat=3)
+    >>> sorted(r)
+    ['batchnorm', 'comm', 'ratio', 'sync']
+    >>> r["comm"]                     # a single rank does not communicate
+    0.0
+
+    On every rank of an MPI job (``benchmarks/sync_overhead.py`` does this):
+
+    >>> r = measure_overhead((32, 64, 28, 28))                  # doctest: +SKIP
+    """
     ch = _channel(comm)
     rng = np.random.default_rng(ch.rank)
     x = rng.standard_normal(tuple(shape)).astype(dtype)

@@ -60,3 +60,12 @@ cdef extern from "cbn_team.h" nogil:
     int64_t cbn_now_ns() noexcept
     int cbn_team_size(int requested) noexcept
     void cbn_team_report(int64_t wall, int64_t busy, int nthreads) noexcept
+
+
+cdef extern from "cbn_cache.h" nogil:
+    # The last-level cache, read once at import (see cbn/src/cbn_cache.h).
+    long long cbn_cache_size
+    int cbn_cache_level
+    int cbn_cache_sharing
+    const char* cbn_cache_source
+    void cbn_cache_probe() noexcept

@@ -169,5 +169,6 @@ del _os
 include "_partition.pxi"
 include "_moments.pxi"
 include "_passes.pxi"
+include "_blocked.pxi"
 include "_stages.pxi"
 include "_plain.pxi"

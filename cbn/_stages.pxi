@@ -228,8 +228,13 @@ cdef int forward_impl(const floating* x, Call* k) except -1:
     cdef Py_ssize_t C = k.C
     cdef Py_ssize_t pbytes = C * (sizeof(Moments) + 2 * sizeof(floating))
     cdef Py_ssize_t abytes = apply_scratch_bytes(k.M, C, k.K, sizeof(floating))
-    cdef Py_ssize_t mbytes = (moments_scratch_bytes(k.M, C, k.K, sizeof(floating), k.nthreads)
-                              if k.training else 0)
+    cdef Py_ssize_t gsize = (block_channels(k.M, C, k.K, sizeof(floating), 1, k.nthreads)
+                             if k.training else 0)
+    cdef Py_ssize_t mbytes = 0
+    if gsize > 0:       # channel-blocked (see _blocked.pxi): per-channel partials, items
+        mbytes = C * (sizeof(Moments) + sizeof(Py_ssize_t))
+    elif k.training:
+        mbytes = moments_scratch_bytes(k.M, C, k.K, sizeof(floating), k.nthreads)
     pbytes = (pbytes + 63) // 64 * 64
     abytes = (abytes + 63) // 64 * 64
     cdef char* mem = <char*>alloc(pbytes + abytes + mbytes)
@@ -237,7 +242,13 @@ cdef int forward_impl(const floating* x, Call* k) except -1:
     cdef floating* scale = <floating*>(mom + C)
     cdef floating* shift = scale + C
     cdef floating* save_mean = <floating*>k.save_mean
+    cdef Moments* part = <Moments*>(mem + pbytes + abytes)
     try:
+        if gsize > 0:
+            with nogil:
+                blocked_forward(x, k, gsize, mom, part, <Py_ssize_t*>(part + C), scale,
+                                shift)
+            return 0
         if k.training:
             stage_moments(x, k.M, C, k.K, mom, k.nthreads, mem + pbytes + abytes)
             stage_finish(mom, C, <double>k.M * k.K, <floating*>k.weight,
@@ -281,8 +292,12 @@ cdef int backward_impl(const floating* x, Call* k) except -1:
     # one allocation: the per-channel sums and parameters, then the reduction's scratch
     cdef Py_ssize_t C = k.C, c
     cdef Py_ssize_t pbytes = (C * (sizeof(Sums) + 3 * sizeof(floating)) + 63) // 64 * 64
-    cdef char* mem = <char*>alloc(pbytes + reduce_scratch_bytes(k.M, C, k.K,
-                                                                sizeof(floating), k.nthreads))
+    cdef Py_ssize_t gsize = (block_channels(k.M, C, k.K, sizeof(floating),
+                                            3 if k.output != NULL else 2, k.nthreads)
+                             if k.training else 0)
+    cdef Py_ssize_t rbytes = (C * (sizeof(Sums) + sizeof(Py_ssize_t)) if gsize > 0 else
+                              reduce_scratch_bytes(k.M, C, k.K, sizeof(floating), k.nthreads))
+    cdef char* mem = <char*>alloc(pbytes + rbytes)
     cdef Sums* sums = <Sums*>mem
     cdef floating* scale = <floating*>(sums + C)
     cdef floating* k1 = scale + C
@@ -294,6 +309,11 @@ cdef int backward_impl(const floating* x, Call* k) except -1:
     try:
         for c in range(C):
             scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * invstd[c])
+        if gsize > 0:   # channel-blocked (see _blocked.pxi)
+            with nogil:
+                blocked_backward(x, k, gsize, scale, sums, <Sums*>(mem + pbytes),
+                                 <Py_ssize_t*>(mem + pbytes + C * sizeof(Sums)), k1, k2)
+            return 0
         stage_backward_reduce(g, x, ym, <floating*>k.grad_residual,
                               NULL if k.training else <floating*>k.grad_input,
                               <floating*>k.save_mean, scale, k.M, C, k.K, sums, k.nthreads,

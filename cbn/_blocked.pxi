@@ -1,0 +1,277 @@
+# Included by _kernels.pyx: channel-blocked training passes for planes layouts.
+#
+# The two-pass training forward reads x from memory twice (statistics over the whole
+# array, then the output pass), the backward x and dy twice. For planes layouts (K >=
+# PLANE_MIN_K) the channels are independent, so a group of channels can be reduced, its
+# per-channel parameters finished, and its output written while its values are still in
+# the last-level cache: one read from memory instead of two.
+#
+# Bit for bit the same results. A group computes each of its channels' moments (sums)
+# from the same units of planes_partition, in the same order and merged in the same tree:
+# the units of one item merged into a partial, the partials merged in item order (see
+# planes_moments, planes_sums). The finish and the element passes are per channel and per
+# element, so the traversal order does not matter to them. A channel belongs to one group
+# and a group to one thread, so the results do not depend on the grouping or on the
+# thread count either.
+#
+# Traversal: batch index outermost, so that each step reads a contiguous run of g*K values
+# (g channels' planes of one batch entry); one channel at a time (M strided runs per
+# channel) defeats the prefetchers. Groups are parallel work items (dynamic schedule);
+# one group is reduced and written by one thread.
+#
+# When: training, planes layout, and the input large enough that the second read would
+# come from memory (see block_channels); the group holds as many channels as fit a share
+# of the last-level cache (cbn/src/cbn_cache.h).
+
+cdef enum:
+    BLOCKING_OFF = 0      # always two passes
+    BLOCKING_AUTO = 1     # blocked where it pays (block_channels)
+    BLOCKING_FORCE = 2    # blocked wherever the layout allows (tests)
+
+cdef int blocking_mode = BLOCKING_AUTO
+cdef long long blocking_budget = 0      # bytes per group; 0: from the cache size
+
+
+cdef long long group_budget(int nthreads) noexcept nogil:
+    """Bytes of input a group may hold: half of each running thread's share of the
+    last-level cache (the other half holds the output lines written meanwhile and
+    whatever else runs)."""
+    cdef int share = nthreads if nthreads < cbn_cache_sharing else cbn_cache_sharing
+    if blocking_budget > 0:
+        return blocking_budget
+    if share < 1:
+        share = 1
+    return cbn_cache_size // (2 * share)
+
+
+cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                               Py_ssize_t itemsize, int narrays,
+                               int nthreads) noexcept nogil:
+    """Channels per group of a channel-blocked training pass reading narrays arrays of
+    the (M, C, K) shape, or 0 where the two-pass path is to run: rows layouts; inputs
+    whose arrays fit the cache (their second read is from cache already, and small
+    inputs must not pay for the group bookkeeping); a channel larger than a group's
+    budget; fewer groups than threads, or a split that leaves threads idle for more than
+    a quarter of the call."""
+    cdef long long per_channel = <long long>M * K * itemsize * narrays
+    cdef long long budget = group_budget(nthreads)
+    cdef Py_ssize_t g, ngroups, rounds
+    if blocking_mode == BLOCKING_OFF or K < PLANE_MIN_K or C < 1 or M * K == 0:
+        return 0
+    g = <Py_ssize_t>(budget // per_channel) if per_channel > 0 else C
+    if blocking_mode == BLOCKING_FORCE:
+        if g < 1:
+            g = 1
+    else:
+        if g < 1 or per_channel * C <= cbn_cache_size:
+            return 0
+    if g > C:
+        g = C
+    ngroups = (C + g - 1) // g
+    if nthreads > 1:
+        # as many groups as possible in whole rounds of the team
+        rounds = (ngroups + nthreads - 1) // nthreads
+        if rounds * nthreads <= C:
+            ngroups = rounds * nthreads
+        if blocking_mode != BLOCKING_FORCE:
+            if ngroups < nthreads or 4 * ngroups < 3 * rounds * nthreads:
+                return 0
+    return (C + ngroups - 1) // ngroups
+
+
+cdef inline Py_ssize_t unit_item(Planes P, Py_ssize_t u) noexcept nogil:
+    """The item of planes_partition's unit u: u0(it) <= u < u0(it + 1), with
+    u0(it) = it * units // items."""
+    return ((u + 1) * P.items - 1) // P.units
+
+
+cdef void group_moments(const floating* x, Planes P, Py_ssize_t c0, Py_ssize_t c1,
+                        Moments* out, Moments* part, Py_ssize_t* cur) noexcept nogil:
+    """out[c] for c0 <= c < c1: the moments planes_moments computes, bit for bit.
+    part, cur: scratch slots of those channels (the current item's partial, its item)."""
+    cdef Py_ssize_t mblk, c, b, u, it, off, cc, nruns, n
+    for c in range(c0, c1):
+        zero_moments(&out[c], 1)
+        zero_moments(&part[c], 1)
+        cur[c] = -1
+    for mblk in range(P.nmb):
+        for c in range(c0, c1):
+            for b in range(P.nblk):
+                u = (mblk * P.C + c) * P.nblk + b
+                it = unit_item(P, u)
+                if it != cur[c]:
+                    merge(&out[c], part[c])
+                    zero_moments(&part[c], 1)
+                    cur[c] = it
+                off = planes_unit(P, u, &cc, &nruns, &n)
+                merge(&part[c], runs_moments(x + off, nruns, n, P.C * P.K))
+    for c in range(c0, c1):
+        merge(&out[c], part[c])
+
+
+cdef void group_sums(const floating* g, const floating* x, const floating* ym,
+                     floating* gr, Planes P, Py_ssize_t c0, Py_ssize_t c1,
+                     const floating* mean, const floating* scale, Sums* out, Sums* part,
+                     Py_ssize_t* cur) noexcept nogil:
+    """out[c] for c0 <= c < c1: the sums planes_sums computes, bit for bit (the masked
+    dy written to gr if not NULL)."""
+    cdef Py_ssize_t mblk, c, b, u, it, off, cc, nruns, n
+    cdef double sg, sgx
+    for c in range(c0, c1):
+        zero_sums(&out[c], 1)
+        zero_sums(&part[c], 1)
+        cur[c] = -1
+    for mblk in range(P.nmb):
+        for c in range(c0, c1):
+            for b in range(P.nblk):
+                u = (mblk * P.C + c) * P.nblk + b
+                it = unit_item(P, u)
+                if it != cur[c]:
+                    out[c].g += part[c].g
+                    out[c].gx += part[c].gx
+                    zero_sums(&part[c], 1)
+                    cur[c] = it
+                off = planes_unit(P, u, &cc, &nruns, &n)
+                ops(g).runs_sums(g + off, x + off, shifted(ym, off), NULL,
+                                 <floating*>shifted(gr, off), nruns, n, P.C * P.K,
+                                 mean[c], scale[c], &sg, &sgx)
+                part[c].g += sg
+                part[c].gx += sgx
+    for c in range(c0, c1):
+        out[c].g += part[c].g
+        out[c].gx += part[c].gx
+
+
+cdef void group_apply(int op, const floating* x, const floating* g, const floating* q,
+                      floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t c0,
+                      Py_ssize_t c1, const floating* pa, const floating* pb,
+                      const floating* pc, const floating* pd, bint relu) noexcept nogil:
+    """planes_apply's element pass over channels c0..c1 only, batch index outermost
+    (the same units, so the same calls of the same loop on the same values)."""
+    cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t clen = (K + nch - 1) // nch
+    cdef Py_ssize_t m
+    for m in range(M):
+        planes_apply_units(op, x, g, q, y, C, K, nch, clen, (m * C + c0) * nch,
+                           (m * C + c1) * nch, pa, pb, pc, pd, relu)
+
+
+cdef void forward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_ssize_t c1,
+                        Moments* mom, Moments* part, Py_ssize_t* cur, floating* scale,
+                        floating* shift) noexcept nogil:
+    """Statistics, finish and output of channels c0..c1 (see forward_impl's stages)."""
+    cdef floating* save_mean = <floating*>k.save_mean
+    group_moments(x, P, c0, c1, mom, part, cur)
+    stage_finish(mom + c0, c1 - c0, <double>k.M * k.K, shifted(<floating*>k.weight, c0),
+                 shifted(<floating*>k.bias, c0),
+                 <floating*>shifted(<floating*>k.running_mean, c0),
+                 <floating*>shifted(<floating*>k.running_var, c0), k.momentum, k.eps,
+                 save_mean + c0, <floating*>k.save_invstd + c0, scale + c0, shift + c0)
+    group_apply(OP_AFFINE, x, NULL, <floating*>k.residual, <floating*>k.y, k.M, k.C, k.K,
+                c0, c1, save_mean, scale, shift, NULL, k.relu)
+
+
+cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments* mom,
+                          Moments* part, Py_ssize_t* cur, floating* scale,
+                          floating* shift) noexcept nogil:
+    """The training forward, groups of gsize channels as parallel work items."""
+    cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
+    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
+    cdef Team T
+    cdef int64_t t_item
+    cdef int nthreads = k.nthreads
+    if nthreads == 1:
+        for grp in range(ngroups):
+            c0 = grp * gsize
+            c1 = c0 + gsize if c0 + gsize < k.C else k.C
+            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift)
+        return
+    team_begin(&T, nthreads)
+    for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
+        t_item = cbn_now_ns()
+        c0 = grp * gsize
+        c1 = c0 + gsize if c0 + gsize < k.C else k.C
+        forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift)
+        team_add(&T, threadid(), t_item)
+    team_end(&T)
+
+
+cdef void backward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_ssize_t c1,
+                         const floating* scale, Sums* sums, Sums* part, Py_ssize_t* cur,
+                         floating* k1, floating* k2) noexcept nogil:
+    """Sums, finish and dx of channels c0..c1 (see backward_impl's stages)."""
+    cdef const floating* g = <floating*>k.grad_output
+    cdef const floating* ym = <floating*>k.output
+    cdef const floating* mean = <floating*>k.save_mean
+    group_sums(g, x, ym, <floating*>k.grad_residual, P, c0, c1, mean, scale, sums, part,
+               cur)
+    stage_backward_finish(sums + c0, <floating*>k.save_invstd + c0, <double>k.M * k.K,
+                          <floating*>shifted(<floating*>k.grad_weight, c0),
+                          <floating*>shifted(<floating*>k.grad_bias, c0), k1 + c0, k2 + c0,
+                          c1 - c0)
+    group_apply(OP_BWD_TRAIN, x, g, ym, <floating*>k.grad_input, k.M, k.C, k.K, c0, c1,
+                mean, scale, k1, k2, False)
+
+
+cdef void blocked_backward(const floating* x, Call* k, Py_ssize_t gsize,
+                           const floating* scale, Sums* sums, Sums* part, Py_ssize_t* cur,
+                           floating* k1, floating* k2) noexcept nogil:
+    """The training backward, groups of gsize channels as parallel work items."""
+    cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
+    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
+    cdef Team T
+    cdef int64_t t_item
+    cdef int nthreads = k.nthreads
+    if nthreads == 1:
+        for grp in range(ngroups):
+            c0 = grp * gsize
+            c1 = c0 + gsize if c0 + gsize < k.C else k.C
+            backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2)
+        return
+    team_begin(&T, nthreads)
+    for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
+        t_item = cbn_now_ns()
+        c0 = grp * gsize
+        c1 = c0 + gsize if c0 + gsize < k.C else k.C
+        backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2)
+        team_add(&T, threadid(), t_item)
+    team_end(&T)
+
+
+# --------------------------------------------------------------- settings (tests, bench)
+
+def cache_info():
+    """The last-level cache the channel-blocked passes size their groups for (see
+    cbn/src/cbn_cache.h): its level (0: unknown), size in bytes, the number of CPUs
+    sharing it, and where that was read ("sysfs", "sysconf" or "default")."""
+    return {"level": cbn_cache_level, "size": cbn_cache_size,
+            "sharing": cbn_cache_sharing, "source": cbn_cache_source.decode()}
+
+
+def _blocking(mode=None, budget=None):
+    """Set the channel-blocked passes' mode ("auto", "off" or "force": blocked wherever
+    the layout allows, whatever the size) and the bytes of input per group (0: from the
+    cache size); None keeps a setting. Returns the previous (mode, budget). For tests
+    and measurements; not thread-safe against calls running meanwhile."""
+    global blocking_mode, blocking_budget
+    names = {"off": BLOCKING_OFF, "auto": BLOCKING_AUTO, "force": BLOCKING_FORCE}
+    old = ({v: n for n, v in names.items()}[blocking_mode], blocking_budget)
+    if mode is not None:
+        if mode not in names:
+            raise ValueError(f"blocking mode must be one of {sorted(names)}, got {mode!r}")
+        blocking_mode = names[mode]
+    if budget is not None:
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0, got {budget}")
+        blocking_budget = budget
+    return old
+
+
+def _block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t itemsize,
+                    int narrays, int nthreads):
+    """Channels per group a training pass over narrays (M, C, K) arrays would use now
+    (0: the two-pass path)."""
+    return block_channels(M, C, K, itemsize, narrays, nthreads)
+
+
+cbn_cache_probe()

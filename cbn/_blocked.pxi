@@ -30,6 +30,7 @@ cdef enum:
 
 cdef int blocking_mode = BLOCKING_AUTO
 cdef long long blocking_budget = 0      # bytes per group; 0: from the cache size
+cdef int blocking_stream = OP_STREAM    # non-temporal stores for large outputs (or 0)
 
 
 cdef long long group_budget(int nthreads) noexcept nogil:
@@ -44,6 +45,18 @@ cdef long long group_budget(int nthreads) noexcept nogil:
     return cbn_cache_size // (2 * share)
 
 
+cdef inline int stream_flag(Py_ssize_t nbytes) noexcept nogil:
+    """OP_STREAM for a planes output pass writing nbytes, where non-temporal stores pay:
+    where the output and the input it is computed from (as large) do not fit the
+    last-level cache together, so the output's lines would be evicted before they are
+    read again (the stores then skip reading them first). 0 elsewhere."""
+    if blocking_stream == 0:
+        return 0
+    if blocking_mode == BLOCKING_FORCE or 2 * <long long>nbytes > cbn_cache_size:
+        return OP_STREAM
+    return 0
+
+
 cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
                                Py_ssize_t itemsize, int narrays,
                                int nthreads) noexcept nogil:
@@ -52,7 +65,7 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     whose arrays fit the cache (their second read is from cache already, and small
     inputs must not pay for the group bookkeeping); a channel larger than a group's
     budget; fewer groups than threads, or a split that leaves threads idle for more than
-    a quarter of the call."""
+    a quarter of the call. ("Fit": what the pass reads and writes together.)"""
     cdef long long per_channel = <long long>M * K * itemsize * narrays
     cdef long long budget = group_budget(nthreads)
     cdef Py_ssize_t g, ngroups, rounds
@@ -63,7 +76,7 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
         if g < 1:
             g = 1
     else:
-        if g < 1 or per_channel * C <= cbn_cache_size:
+        if g < 1 or (per_channel + <long long>M * K * itemsize) * C <= cbn_cache_size:
             return 0
     if g > C:
         g = C
@@ -85,90 +98,131 @@ cdef inline Py_ssize_t unit_item(Planes P, Py_ssize_t u) noexcept nogil:
     return ((u + 1) * P.items - 1) // P.units
 
 
-cdef void group_moments(const floating* x, Planes P, Py_ssize_t c0, Py_ssize_t c1,
-                        Moments* out, Moments* part, Py_ssize_t* cur) noexcept nogil:
-    """out[c] for c0 <= c < c1: the moments planes_moments computes, bit for bit.
-    part, cur: scratch slots of those channels (the current item's partial, its item)."""
-    cdef Py_ssize_t mblk, c, b, u, it, off, cc, nruns, n
+# A group's reduction walks the m-blocks of planes_partition in order (step j: the units
+# of m-block j, channel by channel), so each channel's units are taken in unit order and
+# merged as planes_moments / planes_sums merge them: into a partial per item, the
+# partials in item order.
+
+cdef void moments_begin(Py_ssize_t c0, Py_ssize_t c1, Moments* out, Moments* part,
+                        Py_ssize_t* cur) noexcept nogil:
+    cdef Py_ssize_t c
     for c in range(c0, c1):
         zero_moments(&out[c], 1)
         zero_moments(&part[c], 1)
         cur[c] = -1
-    for mblk in range(P.nmb):
-        for c in range(c0, c1):
-            for b in range(P.nblk):
-                u = (mblk * P.C + c) * P.nblk + b
-                it = unit_item(P, u)
-                if it != cur[c]:
-                    merge(&out[c], part[c])
-                    zero_moments(&part[c], 1)
-                    cur[c] = it
-                off = planes_unit(P, u, &cc, &nruns, &n)
-                merge(&part[c], runs_moments(x + off, nruns, n, P.C * P.K))
+
+
+cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t c0,
+                       Py_ssize_t c1, Moments* out, Moments* part,
+                       Py_ssize_t* cur) noexcept nogil:
+    cdef Py_ssize_t c, b, u, it, off, cc, nruns, n
+    for c in range(c0, c1):
+        for b in range(P.nblk):
+            u = (mblk * P.C + c) * P.nblk + b
+            it = unit_item(P, u)
+            if it != cur[c]:
+                merge(&out[c], part[c])
+                zero_moments(&part[c], 1)
+                cur[c] = it
+            off = planes_unit(P, u, &cc, &nruns, &n)
+            merge(&part[c], runs_moments(x + off, nruns, n, P.C * P.K))
+
+
+cdef void moments_end(Py_ssize_t c0, Py_ssize_t c1, Moments* out,
+                      Moments* part) noexcept nogil:
+    cdef Py_ssize_t c
     for c in range(c0, c1):
         merge(&out[c], part[c])
 
 
-cdef void group_sums(const floating* g, const floating* x, const floating* ym,
-                     floating* gr, Planes P, Py_ssize_t c0, Py_ssize_t c1,
-                     const floating* mean, const floating* scale, Sums* out, Sums* part,
+cdef void sums_begin(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part,
                      Py_ssize_t* cur) noexcept nogil:
-    """out[c] for c0 <= c < c1: the sums planes_sums computes, bit for bit (the masked
-    dy written to gr if not NULL)."""
-    cdef Py_ssize_t mblk, c, b, u, it, off, cc, nruns, n
-    cdef double sg, sgx
+    cdef Py_ssize_t c
     for c in range(c0, c1):
         zero_sums(&out[c], 1)
         zero_sums(&part[c], 1)
         cur[c] = -1
-    for mblk in range(P.nmb):
-        for c in range(c0, c1):
-            for b in range(P.nblk):
-                u = (mblk * P.C + c) * P.nblk + b
-                it = unit_item(P, u)
-                if it != cur[c]:
-                    out[c].g += part[c].g
-                    out[c].gx += part[c].gx
-                    zero_sums(&part[c], 1)
-                    cur[c] = it
-                off = planes_unit(P, u, &cc, &nruns, &n)
-                ops(g).runs_sums(g + off, x + off, shifted(ym, off), NULL,
-                                 <floating*>shifted(gr, off), nruns, n, P.C * P.K,
-                                 mean[c], scale[c], &sg, &sgx)
-                part[c].g += sg
-                part[c].gx += sgx
+
+
+cdef void sums_step(const floating* g, const floating* x, const floating* ym, floating* gr,
+                    Planes P, Py_ssize_t mblk, Py_ssize_t c0, Py_ssize_t c1,
+                    const floating* mean, const floating* scale, Sums* out, Sums* part,
+                    Py_ssize_t* cur) noexcept nogil:
+    """(the masked dy written to gr if not NULL)"""
+    cdef Py_ssize_t c, b, u, it, off, cc, nruns, n
+    cdef double sg, sgx
+    for c in range(c0, c1):
+        for b in range(P.nblk):
+            u = (mblk * P.C + c) * P.nblk + b
+            it = unit_item(P, u)
+            if it != cur[c]:
+                out[c].g += part[c].g
+                out[c].gx += part[c].gx
+                zero_sums(&part[c], 1)
+                cur[c] = it
+            off = planes_unit(P, u, &cc, &nruns, &n)
+            ops(g).runs_sums(g + off, x + off, shifted(ym, off), NULL,
+                             <floating*>shifted(gr, off), nruns, n, P.C * P.K,
+                             mean[c], scale[c], &sg, &sgx)
+            part[c].g += sg
+            part[c].gx += sgx
+
+
+cdef void sums_end(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part) noexcept nogil:
+    cdef Py_ssize_t c
     for c in range(c0, c1):
         out[c].g += part[c].g
         out[c].gx += part[c].gx
 
 
-cdef void group_apply(int op, const floating* x, const floating* g, const floating* q,
-                      floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t c0,
-                      Py_ssize_t c1, const floating* pa, const floating* pb,
-                      const floating* pc, const floating* pd, bint relu) noexcept nogil:
-    """planes_apply's element pass over channels c0..c1 only, batch index outermost
-    (the same units, so the same calls of the same loop on the same values)."""
+cdef void rows_of_group(int op, const floating* x, const floating* g, const floating* q,
+                        floating* y, Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t C,
+                        Py_ssize_t K, Py_ssize_t c0, Py_ssize_t c1, const floating* pa,
+                        const floating* pb, const floating* pc, const floating* pd,
+                        bint relu) noexcept nogil:
+    """planes_apply's element pass over batch entries m0..m1 of channels c0..c1 (the same
+    units, so the same calls of the same loop on the same values)."""
     cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
     cdef Py_ssize_t clen = (K + nch - 1) // nch
     cdef Py_ssize_t m
-    for m in range(M):
+    for m in range(m0, m1):
         planes_apply_units(op, x, g, q, y, C, K, nch, clen, (m * C + c0) * nch,
                            (m * C + c1) * nch, pa, pb, pc, pd, relu)
 
 
-cdef void forward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_ssize_t c1,
-                        Moments* mom, Moments* part, Py_ssize_t* cur, floating* scale,
-                        floating* shift) noexcept nogil:
-    """Statistics, finish and output of channels c0..c1 (see forward_impl's stages)."""
-    cdef floating* save_mean = <floating*>k.save_mean
-    group_moments(x, P, c0, c1, mom, part, cur)
+cdef inline void group_channels(Py_ssize_t grp, Py_ssize_t gsize, Py_ssize_t C,
+                                Py_ssize_t* c0, Py_ssize_t* c1) noexcept nogil:
+    c0[0] = grp * gsize
+    c1[0] = c0[0] + gsize if c0[0] + gsize < C else C
+
+
+cdef void forward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Moments* mom,
+                         const floating* tag, floating* scale,
+                         floating* shift) noexcept nogil:
+    """stage_finish for channels c0..c1 (tag: the dtype)."""
     stage_finish(mom + c0, c1 - c0, <double>k.M * k.K, shifted(<floating*>k.weight, c0),
                  shifted(<floating*>k.bias, c0),
                  <floating*>shifted(<floating*>k.running_mean, c0),
                  <floating*>shifted(<floating*>k.running_var, c0), k.momentum, k.eps,
-                 save_mean + c0, <floating*>k.save_invstd + c0, scale + c0, shift + c0)
-    group_apply(OP_AFFINE, x, NULL, <floating*>k.residual, <floating*>k.y, k.M, k.C, k.K,
-                c0, c1, save_mean, scale, shift, NULL, k.relu)
+                 <floating*>k.save_mean + c0, <floating*>k.save_invstd + c0, scale + c0,
+                 shift + c0)
+
+
+cdef void forward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_ssize_t c1,
+                        Moments* mom, Moments* part, Py_ssize_t* cur, floating* scale,
+                        floating* shift, int stream) noexcept nogil:
+    """Statistics, finish and output of channels c0..c1 (see forward_impl's stages)."""
+    cdef Py_ssize_t j
+    moments_begin(c0, c1, mom, part, cur)
+    for j in range(P.nmb):
+        moments_step(x, P, j, c0, c1, mom, part, cur)
+    moments_end(c0, c1, mom, part)
+    forward_finish(k, c0, c1, mom, x, scale, shift)
+    rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
+                  k.M, k.C, k.K, c0, c1, <floating*>k.save_mean, scale, shift, NULL,
+                  k.relu)
+    if stream:
+        cbn_sfence()
 
 
 cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments* mom,
@@ -177,40 +231,52 @@ cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments*
     """The training forward, groups of gsize channels as parallel work items."""
     cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
     cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
+    cdef int stream = stream_flag(k.M * k.C * k.K * sizeof(floating))
     cdef Team T
     cdef int64_t t_item
     cdef int nthreads = k.nthreads
     if nthreads == 1:
         for grp in range(ngroups):
-            c0 = grp * gsize
-            c1 = c0 + gsize if c0 + gsize < k.C else k.C
-            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift)
+            group_channels(grp, gsize, k.C, &c0, &c1)
+            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
         return
     team_begin(&T, nthreads)
     for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
         t_item = cbn_now_ns()
-        c0 = grp * gsize
-        c1 = c0 + gsize if c0 + gsize < k.C else k.C
-        forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift)
+        group_channels(grp, gsize, k.C, &c0, &c1)
+        forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
         team_add(&T, threadid(), t_item)
     team_end(&T)
 
 
-cdef void backward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_ssize_t c1,
-                         const floating* scale, Sums* sums, Sums* part, Py_ssize_t* cur,
-                         floating* k1, floating* k2) noexcept nogil:
-    """Sums, finish and dx of channels c0..c1 (see backward_impl's stages)."""
-    cdef const floating* g = <floating*>k.grad_output
-    cdef const floating* ym = <floating*>k.output
-    cdef const floating* mean = <floating*>k.save_mean
-    group_sums(g, x, ym, <floating*>k.grad_residual, P, c0, c1, mean, scale, sums, part,
-               cur)
+cdef void backward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Sums* sums,
+                          const floating* tag, floating* k1, floating* k2) noexcept nogil:
+    """stage_backward_finish for channels c0..c1 (tag: the dtype)."""
     stage_backward_finish(sums + c0, <floating*>k.save_invstd + c0, <double>k.M * k.K,
                           <floating*>shifted(<floating*>k.grad_weight, c0),
                           <floating*>shifted(<floating*>k.grad_bias, c0), k1 + c0, k2 + c0,
                           c1 - c0)
-    group_apply(OP_BWD_TRAIN, x, g, ym, <floating*>k.grad_input, k.M, k.C, k.K, c0, c1,
-                mean, scale, k1, k2, False)
+
+
+cdef void backward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0,
+                         Py_ssize_t c1, const floating* scale, Sums* sums, Sums* part,
+                         Py_ssize_t* cur, floating* k1, floating* k2,
+                         int stream) noexcept nogil:
+    """Sums, finish and dx of channels c0..c1 (see backward_impl's stages)."""
+    cdef Py_ssize_t j
+    cdef const floating* g = <floating*>k.grad_output
+    cdef const floating* ym = <floating*>k.output
+    cdef const floating* mean = <floating*>k.save_mean
+    sums_begin(c0, c1, sums, part, cur)
+    for j in range(P.nmb):
+        sums_step(g, x, ym, <floating*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
+                  part, cur)
+    sums_end(c0, c1, sums, part)
+    backward_finish(k, c0, c1, sums, x, k1, k2)
+    rows_of_group(OP_BWD_TRAIN | stream, x, g, ym, <floating*>k.grad_input, 0, k.M, k.C,
+                  k.K, c0, c1, mean, scale, k1, k2, False)
+    if stream:
+        cbn_sfence()
 
 
 cdef void blocked_backward(const floating* x, Call* k, Py_ssize_t gsize,
@@ -219,21 +285,20 @@ cdef void blocked_backward(const floating* x, Call* k, Py_ssize_t gsize,
     """The training backward, groups of gsize channels as parallel work items."""
     cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
     cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
+    cdef int stream = stream_flag(k.M * k.C * k.K * sizeof(floating))
     cdef Team T
     cdef int64_t t_item
     cdef int nthreads = k.nthreads
     if nthreads == 1:
         for grp in range(ngroups):
-            c0 = grp * gsize
-            c1 = c0 + gsize if c0 + gsize < k.C else k.C
-            backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2)
+            group_channels(grp, gsize, k.C, &c0, &c1)
+            backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         return
     team_begin(&T, nthreads)
     for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
         t_item = cbn_now_ns()
-        c0 = grp * gsize
-        c1 = c0 + gsize if c0 + gsize < k.C else k.C
-        backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2)
+        group_channels(grp, gsize, k.C, &c0, &c1)
+        backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         team_add(&T, threadid(), t_item)
     team_end(&T)
 
@@ -248,14 +313,16 @@ def cache_info():
             "sharing": cbn_cache_sharing, "source": cbn_cache_source.decode()}
 
 
-def _blocking(mode=None, budget=None):
+def _blocking(mode=None, budget=None, stream=None):
     """Set the channel-blocked passes' mode ("auto", "off" or "force": blocked wherever
     the layout allows, whatever the size) and the bytes of input per group (0: from the
-    cache size); None keeps a setting. Returns the previous (mode, budget). For tests
-    and measurements; not thread-safe against calls running meanwhile."""
-    global blocking_mode, blocking_budget
+    cache size) and whether the output pass stores non-temporally; None keeps a setting.
+    Returns the previous (mode, budget, stream). For tests and measurements; not
+    thread-safe against calls running meanwhile."""
+    global blocking_mode, blocking_budget, blocking_stream
     names = {"off": BLOCKING_OFF, "auto": BLOCKING_AUTO, "force": BLOCKING_FORCE}
-    old = ({v: n for n, v in names.items()}[blocking_mode], blocking_budget)
+    old = ({v: n for n, v in names.items()}[blocking_mode], blocking_budget,
+           blocking_stream != 0)
     if mode is not None:
         if mode not in names:
             raise ValueError(f"blocking mode must be one of {sorted(names)}, got {mode!r}")
@@ -264,6 +331,8 @@ def _blocking(mode=None, budget=None):
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         blocking_budget = budget
+    if stream is not None:
+        blocking_stream = OP_STREAM if stream else 0
     return old
 
 

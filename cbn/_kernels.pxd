@@ -39,6 +39,12 @@ cdef extern from "cbn_kernels.h" nogil:
         void (*cols_apply)(int op, const void* x, const void* g, const void* q, void* y,
                            Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
                            const void* c, const void* d, int relu) noexcept nogil
+        void (*run_affine_stream)(const void* x, const void* residual, void* y,
+                                  Py_ssize_t n, double mean, double scale, double shift,
+                                  int relu) noexcept nogil
+        void (*run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
+                               Py_ssize_t n, double mean, double scale, double gmean,
+                               double xcoef) noexcept nogil
 
     const cbn_ops* cbn_ops_f() noexcept
     const cbn_ops* cbn_ops_d() noexcept
@@ -48,6 +54,7 @@ cdef extern from "cbn_kernels.h" nogil:
     int cbn_target_supported_at(int i) noexcept
     int cbn_select_target(const char* name) noexcept
     const char* cbn_build_flags() noexcept
+    void cbn_sfence() noexcept
 
 
 cdef extern from "cbn_team.h" nogil:

@@ -7,7 +7,7 @@ Data arrays are the (M, C, K) view, per-channel vectors are (C,); a per-channel 
 is None means ones (weight) or zeros (bias), a running statistic that is None is skipped.
 """
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from numpy.typing import NDArray
 
@@ -48,10 +48,19 @@ def plain_forward(x: Any, weight: Any, bias: Any, running_mean: Any, running_var
                   out: Any = None) -> Optional[Tuple[_A, _A, _A]]: ...
 def plain_backward(grad_output: Any, x: Any, weight: Any, save_mean: Any, save_invstd: Any,
                    training: Any, axis: Any, n_threads: Any, min_parallel: int,
-                   output: Any = None, residual: bool = False) -> Optional[Tuple[_A, ...]]: ...
+                   output: Any = None, residual: bool = False,
+                   out: Any = None) -> Optional[Tuple[_A, ...]]: ...
 def plain_affine(x: Any, mean: Any, scale: Any, shift: Any, axis: Any, n_threads: Any,
                  min_parallel: int, residual: Any = None, relu: bool = False,
                  out: Any = None) -> Optional[_A]: ...
+
+# Channel-blocked training passes (cbn/_blocked.pxi): the cache they size groups for, and
+# settings for tests and measurements.
+def cache_info() -> Dict[str, Any]: ...
+def _blocking(mode: Optional[str] = None, budget: Optional[int] = None,
+              stream: Optional[bool] = None) -> Tuple[str, int, bool]: ...
+def _block_channels(M: int, C: int, K: int, itemsize: int, narrays: int,
+                    nthreads: int) -> int: ...
 
 # The stages one at a time (cbn/_stages.py): statistics are float64 (C,) arrays.
 def moments(x: _A, nthreads: int) -> Tuple[int, _A, _A]: ...

@@ -6,6 +6,7 @@ cdef enum:
     OP_AFFINE = 0     # y = (x - a) * b + c  (+ q, a residual) (ReLU if relu)
     OP_BWD_TRAIN = 1  # y = (g - c - (x - a) * d) * b, g = grad_output masked by ReLU's
                       # backward where q (the forward output) is given
+    OP_STREAM = 2     # flag (planes only): store y with non-temporal stores, same values
 
 
 cdef inline void run_apply(int op, const floating* x, const floating* g, const floating* q,
@@ -13,8 +14,12 @@ cdef inline void run_apply(int op, const floating* x, const floating* g, const f
                            floating d, bint relu) noexcept nogil:
     if op == OP_AFFINE:
         ops(x).run_affine(x, q, y, n, a, b, c, relu)
-    else:
+    elif op == OP_BWD_TRAIN:
         ops(x).run_bwd(x, g, q, y, n, a, b, c, d)
+    elif op == OP_AFFINE | OP_STREAM:
+        ops(x).run_affine_stream(x, q, y, n, a, b, c, relu)
+    else:
+        ops(x).run_bwd_stream(x, g, q, y, n, a, b, c, d)
 
 
 cdef void planes_apply_units(int op, const floating* x, const floating* g,
@@ -53,6 +58,8 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
     cdef Py_ssize_t it, u0, u1
     if nthreads == 1:
         planes_apply_units(op, x, g, q, y, C, K, nch, clen, 0, units, pa, pb, pc, pd, relu)
+        if op & OP_STREAM:
+            cbn_sfence()
         return
     team_begin(&T, nthreads)
     for it in prange(items, num_threads=nthreads, schedule="dynamic"):
@@ -62,6 +69,8 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
         if u1 > units:
             u1 = units
         planes_apply_units(op, x, g, q, y, C, K, nch, clen, u0, u1, pa, pb, pc, pd, relu)
+        if op & OP_STREAM:      # each thread orders its own non-temporal stores
+            cbn_sfence()
         team_add(&T, threadid(), t_item)
     team_end(&T)
 
@@ -140,11 +149,13 @@ cdef void apply(int op, const floating* x, const floating* g, const floating* q,
                 floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, const floating* pa,
                 const floating* pb, const floating* pc, const floating* pd, floating* lanes,
                 bint relu, int nthreads) noexcept nogil:
-    """Dispatch an element-wise pass to the planes or rows kernel."""
+    """Dispatch an element-wise pass to the planes or rows kernel (OP_STREAM: planes
+    only, ignored by the rows kernels)."""
     cdef Py_ssize_t W
     if K >= PLANE_MIN_K:
         planes_apply(op, x, g, q, y, M, C, K, pa, pb, pc, pd, relu, nthreads)
         return
+    op = op & ~OP_STREAM
     W = rows_partition(M, C, K, CHUNK, M, sizeof(floating)).W
     expand_lanes(pa, lanes, W, C, K)
     expand_lanes(pb, lanes + W, W, C, K)

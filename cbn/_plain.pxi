@@ -161,11 +161,27 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     return y, sm, si
 
 
+cdef inline bint disjoint(object a, object b):
+    """a and b (plain arrays of one size, or b None) share no memory."""
+    cdef char* p
+    cdef char* q
+    cdef Py_ssize_t n
+    if b is None:
+        return True
+    p = <char*>cnp.PyArray_DATA(<cnp.ndarray>a)
+    q = <char*>cnp.PyArray_DATA(<cnp.ndarray>b)
+    n = cnp.PyArray_NBYTES(<cnp.ndarray>a)
+    return p + n <= q or q + n <= p
+
+
 def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axis,
-                   n_threads, Py_ssize_t min_parallel, output=None, bint residual=False):
+                   n_threads, Py_ssize_t min_parallel, output=None, bint residual=False,
+                   out=None):
     """batch_norm_backward's plain call: (grad_input, grad_weight, grad_bias), plus
     grad_residual if residual, or None when the call is not plain. output (the forward's
-    ReLU output, masking grad_output) must be a plain array of the input's shape."""
+    ReLU output, masking grad_output) must be a plain array of the input's shape. out
+    (grad_input's destination) must be a plain writeable array of the input's shape that
+    is grad_output itself or shares no memory with grad_output, x and output."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or (training is not True and training is not False):
@@ -178,12 +194,20 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
             or not plain_vec(save_mean, C, typ, False)
             or not plain_vec(save_invstd, C, typ, False)):
         return None
+    if out is not None:
+        if not (plain_like(out, x, typ) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+                and disjoint(out, x) and disjoint(out, output)
+                and (disjoint(out, grad_output)
+                     or cnp.PyArray_DATA(<cnp.ndarray>out)
+                     == cnp.PyArray_DATA(<cnp.ndarray>grad_output))):
+            return None
     nt = plain_threads(n_threads, M * C * K, min_parallel)
     if nt < 0:
         return None
     cdef cnp.npy_intp nc = C
-    cdef cnp.ndarray gx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                                            cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    cdef cnp.ndarray gx = (<cnp.ndarray>out if out is not None else
+                           cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                             cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0))
     cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef cnp.ndarray gb = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef object gr = None

@@ -86,8 +86,8 @@ cdef int stage_normalize(const floating* x, floating* y, const floating* mean,
     if lanes == NULL and nbytes > 0:
         lanes = alloc(nbytes)
     with nogil:
-        apply(OP_AFFINE, x, NULL, residual, y, M, C, K, mean, scale, shift, NULL,
-              <floating*>lanes, relu, nthreads)
+        apply(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)), x, NULL, residual, y,
+              M, C, K, mean, scale, shift, NULL, <floating*>lanes, relu, nthreads)
     if lanes != scratch:
         free(lanes)
     return 0
@@ -163,8 +163,8 @@ cdef int stage_backward_elements(const floating* g, const floating* x, const flo
     cdef Py_ssize_t nbytes = apply_scratch_bytes(M, C, K, sizeof(floating))
     cdef void* lanes = alloc(nbytes) if nbytes > 0 else NULL
     with nogil:
-        apply(OP_BWD_TRAIN, x, g, ym, dx, M, C, K, mean, scale, k1, k2, <floating*>lanes,
-              False, nthreads)
+        apply(OP_BWD_TRAIN | stream_flag(M * C * K * sizeof(floating)), x, g, ym, dx, M,
+              C, K, mean, scale, k1, k2, <floating*>lanes, False, nthreads)
     free(lanes)
     return 0
 

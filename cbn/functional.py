@@ -632,7 +632,8 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
                         save_mean: ArrayLike, save_invstd: ArrayLike, training: bool = True,
                         *, axis: int = 1, n_threads: Optional[int] = None,
                         activation: Optional[str] = None, output: Optional[ArrayLike] = None,
-                        residual: bool = False) -> Tuple[np.ndarray, ...]:
+                        residual: bool = False,
+                        out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
     """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
 
     ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in
@@ -649,6 +650,10 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     the same passes, with no extra pass over memory. For a forward with a ``residual``,
     pass ``residual=True`` to also get the residual's gradient (the masked dy) as a fourth
     result: ``(grad_input, grad_weight, grad_bias, grad_residual)``.
+
+    ``out=`` receives the input gradient, so that a training step can run without
+    allocating it; it may be ``grad_output`` itself (an in-place backward: each value of
+    dy is read before its dx is written).
 
     Parameters
     ----------
@@ -670,11 +675,15 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         The forward's output, with ``activation="relu"``.
     residual : bool, optional, keyword-only
         Also return the residual's gradient.
+    out : ndarray, optional, keyword-only
+        Where to write ``grad_input``: the input's shape and dtype, writable; may be
+        ``grad_output`` itself. One that shares memory with the inputs otherwise gets the
+        right values too (computed aside and copied in).
 
     Returns
     -------
     grad_input : ndarray
-        The input's shape and dtype.
+        The input's shape and dtype (``out`` when given).
     grad_weight, grad_bias : ndarray of shape (C,)
         In the compute dtype (float32 for half inputs).
     grad_residual : ndarray
@@ -684,7 +693,9 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     ------
     TypeError, ValueError
         For arguments of the wrong kind or shape (as :func:`batch_norm`), missing saved
-        statistics, ``activation="relu"`` without ``output`` or ``output`` without it.
+        statistics, ``activation="relu"`` without ``output`` or ``output`` without it, an
+        ``out`` that is not an ndarray or is of the wrong shape or dtype or read-only
+        (nothing is written then).
 
     See Also
     --------
@@ -722,7 +733,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
             or (_is_relu(activation) and output is not None)):
         r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
                                     training, axis, _plain_threads(n_threads),
-                                    _threads.MIN_PARALLEL_SIZE, output, residual)
+                                    _threads.MIN_PARALLEL_SIZE, output, residual, out)
         if r is not None:
             return r
     x = _as_input(input, "input")
@@ -746,6 +757,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     if not relu and output is not None:
         raise ValueError("output= is only used with activation='relu'")
     ym = None if output is None else _same_shape(output, "output", x, dtype)
+    out = _check_out(out, x)
     training = bool(training)
     residual = bool(residual)
     nt = resolve_num_threads(n_threads, x.size)
@@ -760,19 +772,36 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         grad_weight.fill(0)
         grad_bias.fill(0)
         empty = np.empty(x.shape, dtype=_input_dtype(input))
-        return (empty, grad_weight, grad_bias) + ((empty.copy(),) if residual else ())
+        return ((empty if out is None else out, grad_weight, grad_bias)
+                + ((empty.copy(),) if residual else ()))
     view = _View(x, axis)
     x3 = view.read(x)
     dy3 = view.read(dy)
     ym3 = None if ym is None else view.read(ym)
-    dx, dx3 = view.new(dtype)
+    dx, dx3, copy_into = _grad_output_target(view, out, half, dtype, x3, dy3, ym3)
     gr, gr3 = view.new(dtype) if residual else (None, None)
     _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt,
                       ym3, gr3)
     if half:
         dx = dx.astype(_input_dtype(input))
         gr = None if gr is None else gr.astype(dx.dtype)
-    return (dx, grad_weight, grad_bias) + ((gr,) if residual else ())
+    return (_finish(dx, copy_into), grad_weight, grad_bias) + ((gr,) if residual else ())
+
+
+def _grad_output_target(view: _View, out: Optional[np.ndarray], half: bool, dtype,
+                        x3: np.ndarray, dy3: np.ndarray, ym3: Optional[np.ndarray]):
+    """Where the backward writes grad_input: ``out`` itself when its layout allows and it
+    is dy's memory (value for value) or shares none with the arrays read; else a new
+    array. Returns (result, its 3D view, out to copy into)."""
+    if out is not None and not half:
+        o3 = view.direct(out)
+        if (o3 is not None and not np.may_share_memory(o3, x3)
+                and (ym3 is None or not np.may_share_memory(o3, ym3))
+                and (not np.may_share_memory(o3, dy3)
+                     or (o3.ctypes.data == dy3.ctypes.data and o3.strides == dy3.strides))):
+            return out, o3, None
+    dx, dx3 = view.new(dtype)
+    return dx, dx3, out
 
 
 def _input_dtype(input) -> np.dtype:

@@ -434,7 +434,7 @@ class BatchNorm:
         """
         return self.forward(input)
 
-    def backward(self, grad_output: ArrayLike) -> np.ndarray:
+    def backward(self, grad_output: ArrayLike, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Gradient of the input of the last :meth:`forward`, given that of its output.
 
         Accumulates ``grad_weight`` and ``grad_bias`` (when ``affine``): the first call after
@@ -442,7 +442,8 @@ class BatchNorm:
         current ``weight``. May be called several times for the same forward (each call
         accumulates again). Batch statistics (training mode, or no running statistics) give
         the full gradient through the mean and variance; running ones give
-        ``weight * invstd * grad_output``.
+        ``weight * invstd * grad_output``. ``out``: where to write the input's gradient
+        (see :func:`cbn.batch_norm_backward`; may be ``grad_output`` itself).
 
         Examples
         --------
@@ -475,7 +476,7 @@ class BatchNorm:
             raise TypeError(f"grad_output must be a floating-point array, got dtype {g.dtype}")
         grad_input, grad_weight, grad_bias = batch_norm_backward(
             g, x, self.weight, save_mean, save_invstd, bn_training, axis=axis,
-            activation=self.activation, output=output)
+            activation=self.activation, output=output, out=out)
         if self.affine:
             if self.grad_weight is None:
                 self.grad_weight = grad_weight

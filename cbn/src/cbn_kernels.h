@@ -41,6 +41,12 @@ typedef struct cbn_ops {
     void (*cols_apply)(int op, const void* x, const void* g, const void* q, void* y,
                        Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
                        const void* c, const void* d, int relu);
+    /* planes, non-temporal stores (outputs larger than the cache) */
+    void (*run_affine_stream)(const void* x, const void* residual, void* y, Py_ssize_t n,
+                              double mean, double scale, double shift, int relu);
+    void (*run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
+                           Py_ssize_t n, double mean, double scale, double gmean,
+                           double xcoef);
 } cbn_ops;
 
 /* The targets. CBN_MULTI_TARGET is defined by the build on x86-64 with GCC (setup.py). */
@@ -63,6 +69,14 @@ typedef struct cbn_ops {
 #undef CBN_TARGET
 #pragma GCC pop_options
 #endif
+
+/* Orders the non-temporal stores of the *_stream loops before whatever follows (one
+   per pass, not per run: a fence waits for the write-combining buffers to drain). */
+static inline void cbn_sfence(void) {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
 
 /* ------------------------------------------------------------------ target choice */
 

@@ -34,6 +34,20 @@ static void CBN_FN(op_run_bwd)(const void* x, const void* g, const void* ym, voi
                     (CBN_T)mean, (CBN_T)scale, (CBN_T)gmean, (CBN_T)xcoef);
 }
 
+static void CBN_FN(op_run_affine_stream)(const void* x, const void* residual, void* y,
+                                         Py_ssize_t n, double mean, double scale,
+                                         double shift, int relu) {
+    CBN_FN(run_affine_stream)((const CBN_T*)x, (const CBN_T*)residual, (CBN_T*)y, n,
+                              (CBN_T)mean, (CBN_T)scale, (CBN_T)shift, relu);
+}
+
+static void CBN_FN(op_run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
+                                      Py_ssize_t n, double mean, double scale, double gmean,
+                                      double xcoef) {
+    CBN_FN(run_bwd_stream)((const CBN_T*)x, (const CBN_T*)g, (const CBN_T*)ym, (CBN_T*)dx, n,
+                           (CBN_T)mean, (CBN_T)scale, (CBN_T)gmean, (CBN_T)xcoef);
+}
+
 static void CBN_FN(op_cols_shifted_sums)(const void* p, Py_ssize_t R, Py_ssize_t w,
                                          const void* shift, void* s1, void* s2) {
     CBN_FN(cols_shifted_sums)((const CBN_T*)p, R, w, (const CBN_T*)shift, (CBN_T*)s1,
@@ -64,5 +78,6 @@ static void CBN_FN(op_cols_apply)(int op, const void* x, const void* g, const vo
 static const cbn_ops CBN_FN(ops) = {
     CBN_FN(op_runs_moments), CBN_FN(op_runs_sums), CBN_FN(op_run_affine),
     CBN_FN(op_run_bwd), CBN_FN(op_cols_shifted_sums), CBN_FN(op_cols_dev),
-    CBN_FN(op_cols_sums), CBN_FN(op_cols_apply),
+    CBN_FN(op_cols_sums), CBN_FN(op_cols_apply), CBN_FN(op_run_affine_stream),
+    CBN_FN(op_run_bwd_stream),
 };

@@ -16,6 +16,9 @@
  *   runs_sums     sum(g) and sum(g * (x - mean)) of a unit (the backward reduction)
  *   run_affine    y = (x - mean) * scale + shift (+ residual) (ReLU): the output pass
  *   run_bwd       dx = (g - gmean - (x - mean) * xcoef) * scale: the training backward
+ *   run_affine_stream, run_bwd_stream
+ *                 the same, storing whole vectors non-temporally (outputs larger than
+ *                 the cache: no read of the output's lines, no eviction of the input's)
  */
 
 typedef CBN_VEC(CBN_T, CBN_L) CBN_FN(v);
@@ -197,15 +200,60 @@ static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const
     _Pragma("GCC diagnostic pop")
 }
 
-/* y = (x - a) * b + c (+ r if r) (ReLU if relu). y may be x itself. */
-static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* r, CBN_T* y, Py_ssize_t n,
-                                        CBN_T a, CBN_T b, CBN_T c, int relu) {
+/* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
+   the line goes to memory without being read first and without taking a place in the
+   cache. The stored value is the same as CBN_VSTORE's. Such stores are weakly ordered:
+   a pass that uses them ends with cbn_sfence() (cbn_kernels.h) before its results are
+   read elsewhere. */
+#if defined(__AVX__)
+#if CBN_L == 8
+#define CBN_VSTREAM(p, v) _mm256_stream_ps((float*)(p), (__m256)(v))
+#else
+#define CBN_VSTREAM(p, v) _mm256_stream_pd((double*)(p), (__m256d)(v))
+#endif
+#elif defined(__SSE2__)
+#if CBN_L == 8
+#define CBN_VSTREAM(p, v) do {                                                          \
+        __m128 h_[2]; memcpy(h_, &(v), sizeof(h_));                                     \
+        _mm_stream_ps((float*)(p), h_[0]); _mm_stream_ps((float*)(p) + 4, h_[1]);      \
+    } while (0)
+#else
+#define CBN_VSTREAM(p, v) do {                                                          \
+        __m128d h_[2]; memcpy(h_, &(v), sizeof(h_));                                    \
+        _mm_stream_pd((double*)(p), h_[0]); _mm_stream_pd((double*)(p) + 2, h_[1]);    \
+    } while (0)
+#endif
+#else
+#define CBN_VSTREAM(p, v) CBN_VSTORE(p, v)
+#endif
+
+/* How many values before p + i reaches an address aligned to a vector (32 bytes): the
+   streaming loops store those one by one (the same values: lane-wise arithmetic). */
+#define CBN_TO_ALIGN(p) ((Py_ssize_t)(((32 - ((uintptr_t)(p) & 31)) & 31) / sizeof(CBN_T)))
+
+/* y = (x - a) * b + c (+ r if r) (ReLU if relu). y may be x itself. stream (a constant
+   in each caller): whole vectors are stored non-temporally from the first one aligned
+   to 32 bytes (if y is aligned to its element size; else as without stream). */
+static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* r, CBN_T* y,
+                                               Py_ssize_t n, CBN_T a, CBN_T b, CBN_T c,
+                                               int relu, int stream) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);
     V x0, x1, r0, r1;
-    Py_ssize_t i = 0, nv = n - n % (2 * CBN_L);
+    Py_ssize_t i = 0, nv, head = 0;
     CBN_T v;
+    if (stream && ((uintptr_t)y % sizeof(CBN_T)) != 0) stream = 0;   /* cannot align */
+    if (stream) {
+        head = CBN_TO_ALIGN(y);
+        if (head > n) head = n;
+        for (; i < head; i++) {
+            v = (x[i] - a) * b + c;
+            if (r) v += r[i];
+            y[i] = (relu && v < 0) ? 0 : v;
+        }
+    }
+    nv = head + (n - head) - (n - head) % (2 * CBN_L);
     for (; i < nv; i += 2 * CBN_L) {
         CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + CBN_L);
         x0 = (x0 - va) * vb + vc; x1 = (x1 - va) * vb + vc;
@@ -213,9 +261,13 @@ static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* r, CBN_T* y, 
             CBN_VLOAD(r0, r + i); CBN_VLOAD(r1, r + i + CBN_L); x0 += r0; x1 += r1;
         }
         if (relu) { x0 = CBN_RELU(IV, V, x0); x1 = CBN_RELU(IV, V, x1); }
-        CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + CBN_L, x1);
+        if (stream) {
+            CBN_VSTREAM(y + i, x0); CBN_VSTREAM(y + i + CBN_L, x1);
+        } else {
+            CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + CBN_L, x1);
+        }
     }
-    for (; i < n - n % CBN_L; i += CBN_L) {
+    for (; i < n - (n - head) % CBN_L; i += CBN_L) {
         CBN_VLOAD(x0, x + i); x0 = (x0 - va) * vb + vc;
         if (r) { CBN_VLOAD(r0, r + i); x0 += r0; }
         if (relu) x0 = CBN_RELU(IV, V, x0);
@@ -228,22 +280,45 @@ static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* r, CBN_T* y, 
     }
 }
 
+static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* r, CBN_T* y, Py_ssize_t n,
+                                        CBN_T a, CBN_T b, CBN_T c, int relu) {
+    CBN_FN(run_affine_body)(x, r, y, n, a, b, c, relu, 0);
+}
+
+static inline void CBN_FN(run_affine_stream)(const CBN_T* x, const CBN_T* r, CBN_T* y,
+                                               Py_ssize_t n, CBN_T a, CBN_T b, CBN_T c,
+                                               int relu) {
+    CBN_FN(run_affine_body)(x, r, y, n, a, b, c, relu, 1);
+}
+
 /* y = (g - c - (x - a) * d) * b: the training backward's dx; g masked by ReLU's
-   backward first if ym (the forward output). */
-static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym, CBN_T* y,
-                                     Py_ssize_t n, CBN_T a, CBN_T b, CBN_T c, CBN_T d) {
+   backward first if ym (the forward output). stream: as in run_affine_body. */
+static CBN_INLINE void CBN_FN(run_bwd_body)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
+                                            CBN_T* y, Py_ssize_t n, CBN_T a, CBN_T b,
+                                            CBN_T c, CBN_T d, int stream) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);
     const V vd = CBN_SPLAT(V, d);
     V x0, g0, y0;
-    Py_ssize_t i = 0, nv = n - n % CBN_L;
+    Py_ssize_t i = 0, nv, head = 0;
     CBN_T gv;
+    if (stream && ((uintptr_t)y % sizeof(CBN_T)) != 0) stream = 0;   /* cannot align */
+    if (stream) {
+        head = CBN_TO_ALIGN(y);
+        if (head > n) head = n;
+        for (; i < head; i++) {
+            gv = (ym && !(ym[i] > 0)) ? 0 : g[i];
+            y[i] = (gv - c - (x[i] - a) * d) * b;
+        }
+    }
+    nv = n - (n - head) % CBN_L;
     for (; i < nv; i += CBN_L) {
         CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
         if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }
         x0 = (g0 - vc - (x0 - va) * vd) * vb;
-        CBN_VSTORE(y + i, x0);
+        if (stream) CBN_VSTREAM(y + i, x0);
+        else CBN_VSTORE(y + i, x0);
     }
     for (; i < n; i++) {
         gv = (ym && !(ym[i] > 0)) ? 0 : g[i];
@@ -251,5 +326,18 @@ static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* 
     }
 }
 
+static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym, CBN_T* y,
+                                     Py_ssize_t n, CBN_T a, CBN_T b, CBN_T c, CBN_T d) {
+    CBN_FN(run_bwd_body)(x, g, ym, y, n, a, b, c, d, 0);
+}
+
+static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
+                                            CBN_T* y, Py_ssize_t n, CBN_T a, CBN_T b,
+                                            CBN_T c, CBN_T d) {
+    CBN_FN(run_bwd_body)(x, g, ym, y, n, a, b, c, d, 1);
+}
+
 #undef CBN_PART
+#undef CBN_VSTREAM
+#undef CBN_TO_ALIGN
 #undef CBN_SUMS_STEP

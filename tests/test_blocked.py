@@ -1,0 +1,184 @@
+"""The channel-blocked training passes (cbn/_blocked.pxi) and the non-temporal stores of
+large output passes: the same bits as the two-pass path, whatever the grouping.
+
+The automatic choice blocks only inputs larger than the last-level cache, which the rest
+of the suite never builds, so these tests force blocking (``_kernels._blocking("force",
+budget)``: every planes training pass blocked, every planes output pass streamed) on
+small inputs, with group budgets from one channel per group to all channels in one. The
+oracles are the saved corpus (tests/data/kernel_corpus.json, computed by the two-pass
+kernels of a reference tree) and the two-pass path of this build on the same call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import _kernels, _reference
+
+import _corpus
+
+
+@contextlib.contextmanager
+def blocking(mode, budget=0, stream=True):
+    old = _kernels._blocking(mode, budget, stream)
+    try:
+        yield
+    finally:
+        _kernels._blocking(*old)
+
+
+def _planes(case) -> bool:
+    axis = case.axis % len(case.shape)
+    return math.prod(case.shape[axis + 1:]) >= 16 and math.prod(case.shape) < 2_000_000
+
+
+PLANES_CASES = [c for c in _corpus.cases() if _planes(c)]
+SAVED = _corpus.load()["cases"]
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 16], ids=["one-channel-groups", "64KB-groups"])
+@pytest.mark.parametrize("case", PLANES_CASES, ids=[c.id for c in PLANES_CASES])
+def test_blocked_results_are_those_of_the_saved_corpus(case, budget):
+    inp = _corpus.make_inputs(case)
+    with blocking("force", budget):
+        for nt in _corpus.THREAD_COUNTS:
+            bad = _corpus.compare(SAVED[case.id]["outputs"], _corpus.digests(case, inp, nt))
+            assert not bad, f"{case.id}, {nt} thread(s), budget {budget}: {bad} differ"
+
+
+def _train_step(x, nt, relu=False, residual=False, out=None, grad_out=None):
+    """Forward and backward of one training step; every output array."""
+    C = x.shape[1]
+    dt = x.dtype
+    w = np.linspace(0.5, 2.0, C).astype(dt)
+    b = np.linspace(-1.0, 1.0, C).astype(dt)
+    rm = np.linspace(-0.1, 0.1, C).astype(dt)
+    rv = np.linspace(0.9, 1.1, C).astype(dt)
+    r = np.sin(np.arange(x.size)).reshape(x.shape).astype(dt) if residual else None
+    act = "relu" if relu else None
+    y, sm, si = cbn.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5, n_threads=nt,
+                                       activation=act, residual=r, out=out)
+    g = np.cos(np.arange(x.size) * 0.7).reshape(x.shape).astype(dt)
+    res = cbn.batch_norm_backward(g if grad_out is None else grad_out, x, w, sm, si, True,
+                                  n_threads=nt, activation=act,
+                                  output=y if relu else None, residual=residual)
+    return [y, sm, si, rm, rv, *res]
+
+
+SHAPES = [
+    (3, 5, 4096 * 3 + 7),     # long planes: several blocks per plane, items across them
+    (400, 20, 100),           # short planes taken several at a time, more units than items
+    (7, 9, 300),
+    (300, 3, 16),             # the smallest planes
+    (2, 1, 5000),             # one channel
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_blocked_equals_two_pass_bit_for_bit(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * 3.0 + 2.0).astype(dtype)
+    x[0, 0, :8] += np.linspace(0, 50, 8).astype(dtype)      # a far-off first estimate
+    for relu, residual in [(False, False), (True, True)]:
+        with blocking("off", 0, False):
+            want = _train_step(x, 1, relu, residual)
+        for budget in (1, 1 << 14, 1 << 30):
+            for nt in (1, 2, 3):
+                with blocking("force", budget):
+                    got = _train_step(x, nt, relu, residual)
+                for i, (a, e) in enumerate(zip(got, want)):
+                    assert a.tobytes() == e.tobytes(), (shape, relu, budget, nt, i)
+
+
+def test_blocked_in_place_forward_and_backward():
+    # out=x (forward) and out=grad_output (backward) while blocked: each group reads its
+    # channels before writing them, and no other group touches them.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 10, 777)).astype(np.float32)
+    with blocking("off", 0, False):
+        want = _train_step(x.copy(), 1)
+    with blocking("force", 1):
+        xi = x.copy()
+        C = x.shape[1]
+        w = np.linspace(0.5, 2.0, C).astype(np.float32)
+        b = np.linspace(-1.0, 1.0, C).astype(np.float32)
+        y, sm, si = cbn.batch_norm_forward(xi, w, b, None, None, True, 0.1, 1e-5, out=xi,
+                                           n_threads=2)
+        assert y is xi
+        assert y.tobytes() == want[0].tobytes()
+        g = np.cos(np.arange(x.size) * 0.7).reshape(x.shape).astype(np.float32)
+        dx, gw, gb = cbn.batch_norm_backward(g, x, w, sm, si, True, out=g, n_threads=2)
+        assert dx is g
+        assert dx.tobytes() == want[5].tobytes()
+        assert gw.tobytes() == want[6].tobytes() and gb.tobytes() == want[7].tobytes()
+
+
+def test_streamed_output_of_unaligned_and_misaligned_views():
+    # Non-temporal stores start at the first 32-byte boundary; outputs that start
+    # anywhere (and a float64 array not aligned to 8 bytes) get the same values.
+    rng = np.random.default_rng(11)
+    for dtype, shift in [(np.float32, 4), (np.float32, 12), (np.float64, 8), (np.float64, 3)]:
+        item = np.dtype(dtype).itemsize
+        shape = (4, 3, 1001)
+        n = math.prod(shape)
+        buf = np.zeros(n * item + 64, np.uint8)
+        out = np.frombuffer(buf.data, dtype=dtype, count=n, offset=shift).reshape(shape)
+        x = rng.standard_normal(shape).astype(dtype)
+        with blocking("off", 0, False):
+            want = _train_step(x, 1)
+        with blocking("force", 1):
+            got = _train_step(x, 2, out=out)
+        assert got[0] is out
+        assert out.tobytes() == want[0].tobytes()
+
+
+def test_blocked_results_within_the_reference_bounds():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((16, 6, 1500)) * 2 + 1000).astype(np.float32)
+    with blocking("force", 1 << 15):
+        y, sm, si = cbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    ref = _reference.batch_norm(x.astype(np.float64), None, None, None, None, True, 0.1,
+                                1e-5)
+    assert np.max(np.abs(y - ref)) < 1e-3
+
+
+def test_cache_info():
+    info = _kernels.cache_info()
+    assert info["source"] in ("sysfs", "sysconf", "default")
+    assert info["size"] > 0 and info["sharing"] >= 1 and info["level"] >= 0
+    if info["source"] == "default":
+        assert info["size"] == 8 << 20
+
+
+def test_block_channels_decides_by_size():
+    info = _kernels.cache_info()
+    with blocking("auto", 0):
+        # rows layouts and small inputs: the two-pass path
+        assert _kernels._block_channels(1 << 20, 64, 1, 4, 1, 1) == 0
+        assert _kernels._block_channels(8, 16, 64, 4, 1, 1) == 0
+        # an input several times the cache, channels much smaller than it: blocked, in
+        # groups that hold at most the budget and at least one channel
+        C = 64
+        M, K = 8, max(16, int(4 * info["size"] // (C * 4 * 8)))
+        g = _kernels._block_channels(M, C, K, 4, 1, 1)
+        assert 1 <= g <= C
+        assert g * M * K * 4 <= max(info["size"] // 2, M * K * 4)
+        for nt in (2, 3, 4):
+            g = _kernels._block_channels(M, C, K, 4, 1, nt)
+            if g:
+                assert -(-C // g) >= nt          # every thread gets a group
+        # one channel larger than a group's budget: two passes
+        assert _kernels._block_channels(2, 2, info["size"], 4, 2, 1) == 0
+
+
+def test_blocking_setting_rejects_bad_values():
+    with pytest.raises(ValueError, match="mode"):
+        _kernels._blocking("sometimes")
+    with pytest.raises(ValueError, match="budget"):
+        _kernels._blocking(None, -1)

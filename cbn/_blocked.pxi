@@ -65,7 +65,7 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     whose arrays fit the cache (their second read is from cache already, and small
     inputs must not pay for the group bookkeeping); a channel larger than a group's
     budget; fewer groups than threads, or a split that leaves threads idle for more than
-    a quarter of the call. ("Fit": what the pass reads and writes together.)"""
+    an eighth of the call (3 groups on 2 threads measured slower than two passes). ("Fit": what the pass reads and writes together.)"""
     cdef long long per_channel = <long long>M * K * itemsize * narrays
     cdef long long budget = group_budget(nthreads)
     cdef Py_ssize_t g, ngroups, rounds
@@ -87,7 +87,7 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
         if rounds * nthreads <= C:
             ngroups = rounds * nthreads
         if blocking_mode != BLOCKING_FORCE:
-            if ngroups < nthreads or 4 * ngroups < 3 * rounds * nthreads:
+            if ngroups < nthreads or 8 * ngroups < 7 * rounds * nthreads:
                 return 0
     return (C + ngroups - 1) // ngroups
 

@@ -20,10 +20,11 @@ cdef extern from "cbn_kernels.h" nogil:
     # double (see cbn/src/cbn_kernels.h and cbn_ops.h for each loop's contract).
     ctypedef struct cbn_ops:
         void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n,
-                             Py_ssize_t stride, double* mean, double* m2) noexcept nogil
+                             Py_ssize_t stride, double* mean, double* m2,
+                             int pf) noexcept nogil
         void (*runs_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
                           Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean,
-                          double scale, double* sg, double* sgx) noexcept nogil
+                          double scale, double* sg, double* sgx, int pf) noexcept nogil
         void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
                            double mean, double scale, double shift, int relu) noexcept nogil
         void (*run_bwd)(const void* x, const void* g, const void* ym, void* dx, Py_ssize_t n,

@@ -32,7 +32,7 @@ cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
         zero_moments(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
-        merge(&acc[c], runs_moments(x + off, nruns, n, P.C * P.K))
+        merge(&acc[c], runs_moments(x + off, nruns, n, P.C * P.K, P.pf))
 
 
 cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,
@@ -277,6 +277,7 @@ cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssiz
     cdef Rows PR
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
+        PP.pf = prefetch_flag(M * C * K * sizeof(floating))
         planes_moments(x, PP, <Moments*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))

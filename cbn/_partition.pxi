@@ -29,12 +29,12 @@ cdef inline double inv_sqrt(double v) noexcept nogil:
 
 
 cdef inline Moments runs_moments(const floating* p, Py_ssize_t nruns, Py_ssize_t n,
-                                Py_ssize_t stride) noexcept nogil:
+                                Py_ssize_t stride, int pf) noexcept nogil:
     """Moments of nruns runs of n contiguous values, stride apart (see cbn_runs_moments
-    above)."""
+    in cbn/src/cbn_planes.h; pf: prefetch the next unit)."""
     cdef Moments r
     r.n = <double>nruns * n
-    ops(p).runs_moments(p, nruns, n, stride, &r.mean, &r.m2)
+    ops(p).runs_moments(p, nruns, n, stride, &r.mean, &r.m2, pf)
     return r
 
 
@@ -48,6 +48,8 @@ cdef struct Planes:
     Py_ssize_t blen      # values per block (the last may be shorter)
     Py_ssize_t units     # nmb * C * nblk, in memory order (m-block, channel, block)
     Py_ssize_t items     # parallel items: contiguous ranges of units
+    int pf               # prefetch each unit's successor (set by the caller; no effect
+                         # on results)
 
 
 cdef Planes planes_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
@@ -70,6 +72,7 @@ cdef Planes planes_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     P.nmb = (M + P.mb - 1) // P.mb
     P.units = P.nmb * C * P.nblk
     P.items = P.units if P.units < TARGET_ITEMS else TARGET_ITEMS
+    P.pf = 0
     return P
 
 

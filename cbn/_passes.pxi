@@ -199,7 +199,7 @@ cdef void planes_item_sums(const floating* g, const floating* x, const floating*
         off = planes_unit(P, u, &c, &nruns, &n)
         ops(g).runs_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
                          <floating*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
-                         scale[c], &sg, &sgx)
+                         scale[c], &sg, &sgx, P.pf)
         acc[c].g += sg
         acc[c].gx += sgx
 

@@ -110,6 +110,7 @@ cdef int stage_backward_reduce(const floating* g, const floating* x, const float
         mem = <char*>alloc(reduce_scratch_bytes(M, C, K, sizeof(floating), nthreads))
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
+        PP.pf = prefetch_flag(M * C * K * sizeof(floating) * (3 if ym != NULL else 2))
         with nogil:
             planes_sums(g, x, ym, dx_eval, gr, PP, mean, scale, <Sums*>mem, out, nthreads)
     else:

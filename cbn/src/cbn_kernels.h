@@ -21,11 +21,12 @@
 
 typedef struct cbn_ops {
     /* planes: runs of one channel */
+    /* pf: prefetch the next unit's runs (inputs larger than the cache) */
     void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
-                         double* mean, double* m2);
+                         double* mean, double* m2, int pf);
     void (*runs_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
                       Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean,
-                      double scale, double* sg, double* sgx);
+                      double scale, double* sg, double* sgx, int pf);
     void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
                        double mean, double scale, double shift, int relu);
     void (*run_bwd)(const void* x, const void* g, const void* ym, void* dx, Py_ssize_t n,

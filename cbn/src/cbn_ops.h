@@ -8,16 +8,16 @@
  */
 
 static void CBN_FN(op_runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n,
-                                    Py_ssize_t stride, double* mean, double* m2) {
-    CBN_FN(runs_moments)((const CBN_T*)p, nruns, n, stride, mean, m2);
+                                    Py_ssize_t stride, double* mean, double* m2, int pf) {
+    CBN_FN(runs_moments)((const CBN_T*)p, nruns, n, stride, mean, m2, pf);
 }
 
 static void CBN_FN(op_runs_sums)(const void* g, const void* x, const void* ym, void* dx,
                                  void* gr, Py_ssize_t nruns, Py_ssize_t n,
                                  Py_ssize_t stride, double mean, double scale, double* sg,
-                                 double* sgx) {
+                                 double* sgx, int pf) {
     CBN_FN(runs_sums)((const CBN_T*)g, (const CBN_T*)x, (const CBN_T*)ym, (CBN_T*)dx,
-                      (CBN_T*)gr, nruns, n, stride, (CBN_T)mean, (CBN_T)scale, sg, sgx);
+                      (CBN_T*)gr, nruns, n, stride, (CBN_T)mean, (CBN_T)scale, sg, sgx, pf);
 }
 
 static void CBN_FN(op_run_affine)(const void* x, const void* residual, void* y,

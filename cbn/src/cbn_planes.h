@@ -43,6 +43,16 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
     } while (0)
 #endif
 
+/* A unit of several short runs (planes of one channel, C*K apart) ends where the next
+   channel's unit of the same batch entries begins, run by run: while a run is reduced,
+   the same offset n values on (the next unit's run) is prefetched, 128 bytes (4 vectors)
+   per step. A run that short is over before the hardware prefetcher has caught its
+   stream; a prefetch changes no result. */
+#define CBN_PREFETCH_NEXT(p) do {                                                     \
+        __builtin_prefetch((p), 0, 3);                                                  \
+        __builtin_prefetch((const char*)(p) + 64, 0, 3);                                \
+    } while (0)
+
 /* One vector of the backward sums at offset i: mask g by ReLU's backward (if ym), store
    it in gr (if gr), accumulate sum(g) in A and sum(g * (x - mean)) in B, and write
    dx = g * scale (if dx). */
@@ -58,10 +68,12 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
 
 /* s1 = sum of d = x - shift and s2 = sum of d*d over nruns runs of n >= 1 values, run j
    at p + j*stride: four vector accumulators per sum, a run's last n % CBN_L values
-   padded with the shift (d = 0 there), lanes combined in a fixed order. */
+   padded with the shift (d = 0 there), lanes combined in a fixed order. pf: prefetch
+   the next unit (CBN_PREFETCH_NEXT). */
 static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nruns,
                                                  Py_ssize_t n, Py_ssize_t stride,
-                                                 CBN_T shift, double* s1, double* s2) {
+                                                 CBN_T shift, double* s1, double* s2,
+                                                 int pf) {
     typedef CBN_FN(v) V;
     const Py_ssize_t B = 4 * CBN_L, nv = n - n % B, n1 = n - n % CBN_L;
     const V vm = CBN_SPLAT(V, shift);
@@ -73,6 +85,7 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
     const CBN_T* q;
     for (k = 0, q = p; k < nruns; k++, q += stride) {
         for (i = 0; i < nv; i += B) {
+            if (pf) CBN_PREFETCH_NEXT(q + n + i);
             CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + CBN_L);
             CBN_VLOAD(x2, q + i + 2 * CBN_L); CBN_VLOAD(x3, q + i + 3 * CBN_L);
             x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;
@@ -98,9 +111,11 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
    d = x - shift and d*d, the shift being the mean of the first (up to) CBN_L values
    rounded to CBN_T: m2 = S2 - S1^2/n. Where S1^2/n > S2/2 (the shift was off by more than
    about a standard deviation, which costs accuracy) a second pass around the mean found,
-   the corrected two-pass formula, gives the result. */
+   the corrected two-pass formula, gives the result. pf: prefetch the next unit's runs
+   during the first pass (inputs larger than the cache). */
 static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssize_t n,
-                                        Py_ssize_t stride, double* mean, double* m2) {
+                                        Py_ssize_t stride, double* mean, double* m2,
+                                        int pf) {
     const Py_ssize_t np = n < CBN_L ? n : CBN_L;
     const double cnt = (double)nruns * n;
     double s = 0.0, ss;
@@ -108,10 +123,13 @@ static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssi
     CBN_T m;
     for (i = 1; i < np; i++) s += p[i] - p[0];
     m = (CBN_T)(p[0] + s / np);      /* p[0] exactly on a constant channel */
-    CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss);
+    if (pf && nruns > 1)        /* a constant in each inlined copy of the loop */
+        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 1);
+    else
+        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 0);
     if (s * s / cnt > 0.5 * ss) {    /* far off: a second pass, around the mean */
         m = (CBN_T)(m + s / cnt);
-        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss);
+        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 0);
     }
     *mean = m + s / cnt;
     ss -= s * s / cnt;
@@ -120,12 +138,13 @@ static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssi
 
 /* sum(g) and sum(g * (x - mean)) over nruns runs of n values (run j at offset
    j*stride). If ym: g is first masked by ReLU's backward (g where ym > 0). If gr:
-   the (masked) g is written there; if dx: dx = g * scale. All in one pass. */
+   the (masked) g is written there; if dx: dx = g * scale. All in one pass. pf: prefetch
+   the next unit's runs of g and x. */
 static CBN_INLINE void CBN_FN(runs_sums_body)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
                                                 CBN_T* dx, CBN_T* gr, Py_ssize_t nruns,
                                                 Py_ssize_t n, Py_ssize_t stride,
                                                 CBN_T mean, CBN_T scale, double* sg,
-                                                double* sgx) {
+                                                double* sgx, int pf) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     const Py_ssize_t n1 = n - n % CBN_L, n4 = n - n % (4 * CBN_L);
@@ -137,6 +156,7 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const CBN_T* g, const CBN_T* x, co
     V tg, tx;
     for (k = 0, o = 0; k < nruns; k++, o += stride) {
         for (i = 0; i < n4; i += 4 * CBN_L) {
+            if (pf) { CBN_PREFETCH_NEXT(g + o + n + i); CBN_PREFETCH_NEXT(x + o + n + i); }
             CBN_SUMS_STEP(o + i, a0, b0); CBN_SUMS_STEP(o + i + CBN_L, a1, b1);
             CBN_SUMS_STEP(o + i + 2 * CBN_L, a2, b2);
             CBN_SUMS_STEP(o + i + 3 * CBN_L, a3, b3);
@@ -164,40 +184,52 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const CBN_T* g, const CBN_T* x, co
     *sg = s; *sgx = sx;
 }
 
-/* One loop per combination of the optional arrays: no tests inside the loop. */
-static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
+/* One loop per combination of the optional arrays (and of pf): no tests inside the
+   loop. */
+static CBN_INLINE void CBN_FN(runs_sums_pf)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
                                              CBN_T* dx, CBN_T* gr, Py_ssize_t nruns,
                                              Py_ssize_t n, Py_ssize_t stride,
                                              CBN_T mean, CBN_T scale, double* sg,
-                                             double* sgx) {
+                                             double* sgx, const int pf) {
     _Pragma("GCC diagnostic push")
     _Pragma("GCC diagnostic ignored \"-Wnonnull\"")
     if (ym) {
         if (gr) {
             if (dx) CBN_FN(runs_sums_body)(g, x, ym, dx, gr, nruns, n, stride,
-                                             mean, scale, sg, sgx);
+                                             mean, scale, sg, sgx, pf);
             else CBN_FN(runs_sums_body)(g, x, ym, NULL, gr, nruns, n, stride,
-                                          mean, scale, sg, sgx);
+                                          mean, scale, sg, sgx, pf);
         } else {
             if (dx) CBN_FN(runs_sums_body)(g, x, ym, dx, NULL, nruns, n, stride,
-                                             mean, scale, sg, sgx);
+                                             mean, scale, sg, sgx, pf);
             else CBN_FN(runs_sums_body)(g, x, ym, NULL, NULL, nruns, n, stride,
-                                          mean, scale, sg, sgx);
+                                          mean, scale, sg, sgx, pf);
         }
     } else {
         if (gr) {
             if (dx) CBN_FN(runs_sums_body)(g, x, NULL, dx, gr, nruns, n, stride,
-                                             mean, scale, sg, sgx);
+                                             mean, scale, sg, sgx, pf);
             else CBN_FN(runs_sums_body)(g, x, NULL, NULL, gr, nruns, n, stride,
-                                          mean, scale, sg, sgx);
+                                          mean, scale, sg, sgx, pf);
         } else {
             if (dx) CBN_FN(runs_sums_body)(g, x, NULL, dx, NULL, nruns, n, stride,
-                                             mean, scale, sg, sgx);
+                                             mean, scale, sg, sgx, pf);
             else CBN_FN(runs_sums_body)(g, x, NULL, NULL, NULL, nruns, n, stride,
-                                          mean, scale, sg, sgx);
+                                          mean, scale, sg, sgx, pf);
         }
     }
     _Pragma("GCC diagnostic pop")
+}
+
+static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
+                                             CBN_T* dx, CBN_T* gr, Py_ssize_t nruns,
+                                             Py_ssize_t n, Py_ssize_t stride,
+                                             CBN_T mean, CBN_T scale, double* sg,
+                                             double* sgx, int pf) {
+    if (pf && nruns > 1)
+        CBN_FN(runs_sums_pf)(g, x, ym, dx, gr, nruns, n, stride, mean, scale, sg, sgx, 1);
+    else
+        CBN_FN(runs_sums_pf)(g, x, ym, dx, gr, nruns, n, stride, mean, scale, sg, sgx, 0);
 }
 
 /* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
@@ -338,6 +370,7 @@ static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const 
 }
 
 #undef CBN_PART
+#undef CBN_PREFETCH_NEXT
 #undef CBN_VSTREAM
 #undef CBN_TO_ALIGN
 #undef CBN_SUMS_STEP

@@ -182,3 +182,26 @@ def test_blocking_setting_rejects_bad_values():
         _kernels._blocking("sometimes")
     with pytest.raises(ValueError, match="budget"):
         _kernels._blocking(None, -1)
+
+
+def test_blocked_and_streamed_bits_on_every_cpu_target():
+    # The non-temporal stores and prefetches are per-target code (AVX stream stores, SSE2
+    # pairs): every target this CPU runs gives the two-pass bits of the default target.
+    targets = [name for name, ok in _kernels.cpu_targets() if ok]
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((40, 6, 203)) * 2 + 3).astype(np.float32)
+    xd = x.astype(np.float64)
+    before = _kernels.cpu_target()
+    try:
+        with blocking("off", 0, False):
+            want = [_train_step(a, 1, True, True) for a in (x, xd)]
+        for name in targets:
+            _kernels.select_cpu_target(name)
+            for budget in (1, 1 << 30):
+                with blocking("force", budget):
+                    for a, w in zip((x, xd), want):
+                        got = _train_step(a, 2, True, True)
+                        for i, (u, v) in enumerate(zip(got, w)):
+                            assert u.tobytes() == v.tobytes(), (name, budget, a.dtype, i)
+    finally:
+        _kernels.select_cpu_target(before)

@@ -27,6 +27,13 @@ al.'s pairwise formula in double. Work is cut into items that depend on the shap
 never on the thread count; each item's partial result goes to its own slot and the slots
 are merged in item order, so the results are bit-identical for any number of threads.
 
+Large inputs (see _blocked.pxi): a planes training forward or backward whose arrays do
+not fit the last-level cache (its size read at import, cbn/src/cbn_cache.h) runs channel
+by channel group: a group's statistics (the same units, merged in the same tree), its
+finish, then its output while its input is still in cache, groups as parallel items.
+Output passes larger than the cache store non-temporally, and reductions larger than
+half of it prefetch the next unit's runs. None of this changes a bit of any result.
+
 The loops over contiguous data are written with GCC/Clang vector-extension lanes (see the
 C block below): lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA
 contraction, so results do not depend on the instruction set either.

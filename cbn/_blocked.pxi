@@ -22,6 +22,12 @@
 # When: training, planes layout, and the input large enough that the second read would
 # come from memory (see block_channels); the group holds as many channels as fit a share
 # of the last-level cache (cbn/src/cbn_cache.h).
+#
+# Also here, for the same large inputs, blocked or not: non-temporal stores in the planes
+# output passes (stream_flag) and prefetching in the planes reductions (prefetch_flag).
+# Measured on the project's 2-core machine (docs/performance.md): on one thread the
+# streaming stores carry the gain and blocking adds nothing measurable; on two threads
+# blocking pays on every large case.
 
 cdef enum:
     BLOCKING_OFF = 0      # always two passes
@@ -75,7 +81,8 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     whose arrays fit the cache (their second read is from cache already, and small
     inputs must not pay for the group bookkeeping); a channel larger than a group's
     budget; fewer groups than threads, or a split that leaves threads idle for more than
-    an eighth of the call (3 groups on 2 threads measured slower than two passes). ("Fit": what the pass reads and writes together.)"""
+    an eighth of the call (3 groups on 2 threads measured slower than two passes).
+    ("Fit": what the pass reads and writes together.)"""
     cdef long long per_channel = <long long>M * K * itemsize * narrays
     cdef long long budget = group_budget(nthreads)
     cdef Py_ssize_t g, ngroups, rounds

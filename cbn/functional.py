@@ -21,7 +21,6 @@ broadcast strides) are copied once; outputs are allocated in the input's memory 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import numpy as np
@@ -29,29 +28,16 @@ from numpy.typing import ArrayLike
 
 from . import _kernels
 from . import _threads
+from ._checks import COMPUTE as _COMPUTE
+from ._checks import check_eps as _check_eps
+from ._checks import check_momentum as _check_momentum
+from ._checks import is_half as _is_half
 from ._threads import resolve_num_threads
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
            "normalize"]
 
 _ACTIVATIONS = (None, "relu")
-
-
-_F32 = np.dtype(np.float32)
-#: dtype of the computation for each supported input dtype (half types are computed in
-#: float32); the bfloat16 of ml_dtypes is added when that package is importable.
-_COMPUTE = {_F32: _F32, np.dtype(np.float64): np.dtype(np.float64),
-            np.dtype(np.float16): _F32}
-try:
-    import ml_dtypes as _ml_dtypes
-    _COMPUTE[np.dtype(_ml_dtypes.bfloat16)] = _F32
-except ImportError:                                  # optional
-    pass
-
-
-def _is_half(dtype: np.dtype) -> bool:
-    """float16, or bfloat16 from ml_dtypes: stored in half precision, computed in float32."""
-    return dtype in _COMPUTE and _COMPUTE[dtype] != dtype
 
 
 # --------------------------------------------------------------------------- validation
@@ -80,25 +66,6 @@ def _channel_axis(axis, ndim: int) -> int:
     return axis
 
 
-def _check_eps(eps) -> float:
-    if type(eps) is float and 0.0 <= eps < math.inf:
-        return eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not eps >= 0.0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps}")
-    return eps
-
-
-def _check_momentum(momentum) -> float:
-    if type(momentum) is float:
-        return momentum
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
-    return float(momentum)
-
-
 def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
     """A per-channel vector (weight, bias, saved stats): any array-like of C values."""
     if a is None:
@@ -106,7 +73,7 @@ def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
     if type(a) is np.ndarray and a.dtype == dtype and a.shape == (C,) and a.flags.c_contiguous:
         return a
     v = np.asarray(a)
-    if v.dtype.kind not in "fiub":
+    if v.dtype.kind not in "fiub" and not _is_half(v.dtype):
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     if v.size != C:
         raise ValueError(f"{name} should contain {C} elements not {v.size}")

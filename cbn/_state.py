@@ -462,7 +462,7 @@ class StateMixin:
         training-mode node has the outputs ``output``, ``prefix + ".running_mean_out"`` and
         ``".running_var_out"``. A module without running statistics normalizes with batch
         statistics in both modes: it is exported in training mode with zeros and ones as the
-        (unused) input statistics, and ``output`` only.
+        input statistics (the running-statistics outputs are then meaningless).
 
         ValueError for what ONNX cannot express: a channel axis other than 1, an activation,
         and, in training mode, ``momentum=None`` or ``unbiased=True`` (ONNX updates the
@@ -500,10 +500,9 @@ class StateMixin:
         if self.momentum is not None:
             attrs["momentum"] = 1.0 - self.momentum
         outputs = [output]
-        if mode:
+        if mode:                # ONNX's shape inference wants all three outputs then
             attrs["training_mode"] = 1
-            if tracked:
-                outputs += [f"{prefix}.running_mean_out", f"{prefix}.running_var_out"]
+            outputs += [f"{prefix}.running_mean_out", f"{prefix}.running_var_out"]
         node = onnx.helper.make_node("BatchNormalization", [input] + names, outputs,
                                      name=prefix, **attrs)
         initializers = [onnx.numpy_helper.from_array(np.array(a), n)
@@ -531,8 +530,8 @@ def _read_npy(zf: zipfile.ZipFile, key: str, where: str, dtypes: Sequence[np.dty
         if dt.hasobject or not any(
                 dt.kind == d.kind and (d.kind == "U" or dt.itemsize == d.itemsize)
                 for d in dtypes):
-            raise ValueError(f"{key} has dtype {dt}, expected "
-                             + " or ".join(str(d) for d in dtypes))
+            raise ValueError(f"{key} has dtype {dt}, expected " + " or ".join(
+                "a unicode string" if d.kind == "U" else str(d) for d in dtypes))
         if shape is not None and tuple(got_shape) != shape:
             raise ValueError(f"{key} has shape {tuple(got_shape)}, expected {shape} "
                              f"({where})")
@@ -644,8 +643,8 @@ def load(path: Union[str, os.PathLike]) -> StateMixin:
     with zf:
         try:
             cls, config, state = _read_module(zf, name)
-        except _Foreign:
-            raise
+        except _Foreign as e:
+            raise ValueError(str(e)) from None
         except (ValueError,) + _CORRUPT as e:
             raise bad(f"{e}" if isinstance(e, ValueError) else
                       f"damaged archive ({type(e).__name__}: {e})") from None

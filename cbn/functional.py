@@ -82,7 +82,9 @@ def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
 
 def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     """A running statistic. Updated in place in training, so it must then be a writable
-    ndarray of the input's dtype; in eval it is only read and may be any array-like."""
+    ndarray of the input's compute dtype (or, for float32, float16/bfloat16: updated in
+    float32 and rounded back, as PyTorch does); in eval it is only read and may be any
+    array-like."""
     if a is None:
         return None
     if not update:
@@ -90,7 +92,7 @@ def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} is updated in place, so it must be a numpy.ndarray of "
                         f"dtype {dtype}, got {type(a).__name__}")
-    if a.dtype != dtype:
+    if a.dtype != dtype and not (_is_half(a.dtype) and _COMPUTE[a.dtype] == dtype):
         raise TypeError(f"{name} is updated in place, so its dtype must match the "
                         f"input's ({dtype}), got {a.dtype}")
     if a.size != C:
@@ -327,8 +329,8 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     x3, r3, y3, finish = _prepare(x, axis, r, out)
     if training:
         # Running stats may be strided views: the kernel updates contiguous copies.
-        rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
-        rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
+        rm_k = None if rm is None else np.ascontiguousarray(rm, dtype=dtype).reshape(C)
+        rv_k = None if rv is None else np.ascontiguousarray(rv, dtype=dtype).reshape(C)
         _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
                                momentum, eps, nt, r3, relu)
         if rm_k is not rm and rm_k.base is not rm:

@@ -12,7 +12,9 @@ constructor; the module classes register themselves with :func:`register` so tha
 Momentum conventions. cbn (like PyTorch) calls momentum the weight of the new batch,
 ``rm = (1 - momentum) * rm + momentum * mean``; Keras and ONNX call momentum the weight of the
 old value, ``rm = momentum * rm + (1 - momentum) * mean``. The converters translate with
-``1 - momentum`` (exact both ways for momenta in [0.5, 1]: Keras' 0.99 is cbn's 0.01 and back).
+``1 - momentum``: a module's old-value weight ``1 - momentum`` (as the kernels compute it) is
+exactly the Keras/ONNX momentum, both ways, for every momentum in [0.5, 1] (Keras' 0.99 is
+cbn's 0.01 and back).
 Keras and ONNX also update the running variance with the biased batch variance, so modules made
 from them have ``unbiased=False``.
 """
@@ -109,6 +111,18 @@ def _nice(value: float) -> float:
     """A float32 attribute (ONNX stores floats in 32 bits) as the shortest decimal that
     rounds to it, so that 1e-5 stored as 9.99999975e-06 reads back as 1e-05."""
     return float(str(np.float32(value)))
+
+
+def _new_weight(old_weight: float) -> float:
+    """cbn's momentum for Keras'/ONNX's: ``1 - old_weight``, written as the shortest decimal
+    ``m`` for which the kernels' old-value weight ``1.0 - m`` is exactly ``old_weight`` (so
+    Keras' 0.9 gives 0.1, not 0.09999999999999998); plain ``1 - old_weight`` when none is."""
+    m = 1.0 - old_weight
+    for digits in range(1, 18):
+        short = float(f"{m:.{digits}g}")
+        if 1.0 - short == old_weight:
+            return short
+    return m
 
 
 def _import_onnx():
@@ -343,7 +357,7 @@ class StateMixin:
             if a.shape != (C,):
                 raise ValueError(f"Keras weight {n} has shape {a.shape}, expected {(C,)} "
                                  "(one value per channel)")
-        module = cls(C, eps=eps, momentum=1.0 - keras_momentum, affine=scale or center,
+        module = cls(C, eps=eps, momentum=_new_weight(keras_momentum), affine=scale or center,
                      dtype=dtype, axis=axis, bias=center or not scale, unbiased=False)
         state: Dict[str, Any] = {"running_mean": arrays["moving_mean"],
                                  "running_var": arrays["moving_variance"],
@@ -441,7 +455,7 @@ class StateMixin:
             dtype = np.float64 if arrays["scale"].dtype == np.float64 else np.float32
         eps = _nice(attrs.get("epsilon", 1e-5))
         onnx_momentum = _nice(attrs.get("momentum", 0.9))
-        module = cls(C, eps=eps, momentum=1.0 - onnx_momentum, affine=True, dtype=dtype,
+        module = cls(C, eps=eps, momentum=_new_weight(onnx_momentum), affine=True, dtype=dtype,
                      axis=1, unbiased=False)
         module.load_state_dict({"weight": arrays["scale"], "bias": arrays["B"],
                                 "running_mean": arrays["input_mean"],

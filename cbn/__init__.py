@@ -4,10 +4,10 @@ OpenMP-parallel Cython kernels under a thin Python layer with PyTorch's semantic
 """
 
 from ._kernels import openmp_enabled
+from ._state import load
 from ._threads import get_num_threads, set_num_threads
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .fusion import fold
-from ._state import load
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
+from typing import (Any, BinaryIO, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
                     Type, TypeVar, Union)
 
 import numpy as np
@@ -634,7 +634,7 @@ def _read_module(zf: zipfile.ZipFile, name: str) -> Tuple[type, Dict[str, Any],
     return cls, config, state
 
 
-def load(path: Union[str, os.PathLike]) -> StateMixin:
+def load(path: Union[str, os.PathLike, BinaryIO]) -> StateMixin:
     """Read a module written by :meth:`BatchNorm.save <StateMixin.save>` (same class,
     hyper-parameters, training flag, parameters and buffers).
 
@@ -643,14 +643,19 @@ def load(path: Union[str, os.PathLike]) -> StateMixin:
     not match the arrays) raises ValueError naming the file. Everything is checked from the
     array headers and the sizes the archive declares before any array is read or any module
     allocated. A missing file raises FileNotFoundError (an OSError), as ``open`` does.
+    ``path`` may also be a binary file object open for reading (as for ``numpy.load``).
     """
-    name = os.fspath(path)
+    if isinstance(path, (str, bytes, os.PathLike)):
+        name = os.fsdecode(path)
+        source: Any = name
+    else:
+        name, source = str(getattr(path, "name", f"<{type(path).__name__}>")), path
 
     def bad(why: str) -> ValueError:
         return ValueError(f"{name!r} is not a valid module file saved by cbn: {why}")
 
     try:
-        zf = zipfile.ZipFile(name)
+        zf = zipfile.ZipFile(source)
     except (ValueError,) + _CORRUPT as e:
         raise bad(f"not a readable .npz (zip) archive: truncated or another format ({e})"
                   ) from None

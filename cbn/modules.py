@@ -2,7 +2,9 @@
 
 A module holds parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
 ``num_batches_tracked``) and the ``training`` flag, and calls :mod:`cbn.functional` for all
-arithmetic; it never touches the kernels. The logic that picks batch or running statistics
+arithmetic on data (the biased running-variance convention, ``unbiased=False``, rescales the
+kernel's per-channel update: see ``_biased_update``); it never touches the kernels. State
+dicts, files, pickles and the Keras/ONNX converters are in :mod:`cbn._state`. The logic that picks batch or running statistics
 and the momentum is PyTorch's own (``torch.nn.modules.batchnorm._BatchNorm.forward``)::
 
     factor = 0.0 if momentum is None else momentum

@@ -359,3 +359,11 @@ def test_load_allocates_nothing_big_for_absurd_sizes(tmp_path):
 def test_load_missing_file_is_an_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
         cbn.load(tmp_path / "nothing.npz")
+
+
+def test_load_from_a_file_object(tmp_path):
+    m = cbn.BatchNorm1d(3, bias=False)
+    data = open(m.save(tmp_path / "m"), "rb").read()
+    assert repr(cbn.load(io.BytesIO(data))) == repr(m)
+    with pytest.raises(ValueError, match="<BytesIO>.*not a readable .npz"):
+        cbn.load(io.BytesIO(data[:100]))

@@ -300,7 +300,7 @@ class StateMixin:
     @classmethod
     def from_keras(cls: Type[M], layer_or_weights: Any,
                    config: Optional[Mapping[str, Any]] = None, *,
-                   dtype: DTypeLike = np.float32) -> M:
+                   dtype: Optional[DTypeLike] = None) -> M:
         """A module equal to a ``keras.layers.BatchNormalization``.
 
         ``BatchNorm.from_keras(layer)`` reads a built layer (``get_config()`` and
@@ -314,6 +314,7 @@ class StateMixin:
         takes the biased batch variance), ``affine`` unless both ``center`` and ``scale``
         are off, ``bias=False`` for ``center=False`` (a weight of ones stands for
         ``scale=False``), ``num_batches_tracked`` 0, training mode (like any new module).
+        ``dtype`` defaults to float64 for float64 weights and float32 otherwise.
         Batch renormalization (``renorm=True``) has no equivalent and raises ValueError.
         """
         if config is None:
@@ -357,6 +358,8 @@ class StateMixin:
             if a.shape != (C,):
                 raise ValueError(f"Keras weight {n} has shape {a.shape}, expected {(C,)} "
                                  "(one value per channel)")
+        if dtype is None:
+            dtype = np.float64 if arrays["moving_mean"].dtype == np.float64 else np.float32
         module = cls(C, eps=eps, momentum=_new_weight(keras_momentum), affine=scale or center,
                      dtype=dtype, axis=axis, bias=center or not scale, unbiased=False)
         state: Dict[str, Any] = {"running_mean": arrays["moving_mean"],
@@ -437,8 +440,9 @@ class StateMixin:
             found = dict(initializers)
         else:
             found = {t.name: t for t in initializers}
+        roles = dict(zip(("scale", "B", "input_mean", "input_var"), inputs[1:]))
         arrays = {}
-        for role, name in zip(("scale", "B", "input_mean", "input_var"), inputs[1:]):
+        for role, name in roles.items():
             if name not in found:
                 raise ValueError(f"the node's {role} input {name!r} is not among the "
                                  "initializers")
@@ -449,8 +453,8 @@ class StateMixin:
         C = arrays["scale"].size
         for role, a in arrays.items():
             if a.shape != (C,):
-                raise ValueError(f"ONNX {role} {inputs[1 + list(arrays).index(role)]!r} has "
-                                 f"shape {a.shape}, expected {(C,)}")
+                raise ValueError(f"ONNX {role} {roles[role]!r} has shape {a.shape}, "
+                                 f"expected {(C,)}")
         if dtype is None:
             dtype = np.float64 if arrays["scale"].dtype == np.float64 else np.float32
         eps = _nice(attrs.get("epsilon", 1e-5))

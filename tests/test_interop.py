@@ -305,3 +305,22 @@ def test_onnx_conversion_errors(onnx):
     spatial = onnx.helper.make_node("BatchNormalization", list(node.input), ["Y"], spatial=0)
     with pytest.raises(ValueError, match="spatial"):
         cbn.BatchNorm.from_onnx(spatial, arrays)
+
+
+def test_from_keras_float64_layer(keras):
+    # A float64 layer gives a float64 module. (Keras' torch backend loses float64 precision
+    # somewhere in its float64 layer, ~1e-8 relative: compared at float32 tolerance.)
+    rng = np.random.default_rng(8)
+    layer = keras.layers.BatchNormalization(dtype="float64", momentum=0.75)
+    layer.build((None, 3))
+    layer.set_weights([rng.uniform(0.5, 2, 3), rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3),
+                       rng.uniform(0.5, 2, 3)])
+    m = cbn.BatchNorm1d.from_keras(layer)
+    assert m.dtype == np.float64
+    np.testing.assert_array_equal(m.running_var, layer.get_weights()[3])
+    for _ in range(3):
+        x = _x(rng, (7, 3), 1, np.float64)
+        xk = keras.ops.convert_to_tensor(x, dtype="float64")
+        np.testing.assert_allclose(m(x), _np(keras, layer(xk, training=True)),
+                                   **TOL[np.float32])
+    np.testing.assert_allclose(m.running_var, layer.get_weights()[3], **TOL[np.float32])

@@ -3,13 +3,19 @@
 Environment variables:
   CBN_DEBUG=1       bounds checking, wraparound and initialized checks on, -O1 -g
   CBN_NO_OPENMP=1   build serial kernels even if the compiler supports OpenMP
-  CBN_PORTABLE=1    no -march=native: a binary that runs on any CPU of the architecture
+  CBN_NATIVE=1      opt-in: compile everything for the building machine's CPU
+                    (-march=native) and nothing else; the binary may not run elsewhere
 
-By default the kernels are compiled for the building machine's CPU (-march=native when the
-compiler accepts it): the explicit-lane loops then use its widest vectors. Results do not
-depend on this: every reduction has a fixed order and FMA contraction is off.
+By default the build is portable: the module is compiled for the architecture's baseline
+(plain x86-64 on x86-64), and on x86-64 with GCC the C loops in cbn/src are compiled a
+second and third time for AVX2 and AVX-512 (`#pragma GCC target` regions), one of which
+is chosen at import for the CPU it runs on (CBN_CPU_TARGET=base|avx2|avx512 forces one;
+see cbn/src/cbn_kernels.h). Results do not depend on the target: every reduction has a
+fixed order and FMA contraction is off. CBN_PORTABLE=1 is accepted for compatibility and
+means the default.
 """
 
+import glob
 import os
 import shutil
 import tempfile
@@ -23,7 +29,7 @@ from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("CBN_DEBUG", "") not in ("", "0")
 NO_OPENMP = os.environ.get("CBN_NO_OPENMP", "") not in ("", "0")
-PORTABLE = os.environ.get("CBN_PORTABLE", "") not in ("", "0")
+NATIVE = os.environ.get("CBN_NATIVE", "") not in ("", "0")
 
 PLAIN_PROBE = "int main(void) { return 0; }\n"
 
@@ -56,21 +62,43 @@ def compiler_accepts(compiler, flag, source=PLAIN_PROBE):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+MULTI_TARGET_PROBE = textwrap.dedent(
+    """
+    #pragma GCC push_options
+    #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,bmi,bmi2")
+    static int f(void) { return 1; }
+    #pragma GCC pop_options
+    int main(void) { __builtin_cpu_init(); return f() && __builtin_cpu_supports("avx2") >= 0 ? 0 : 1; }
+    """
+)
+
+
+def multi_target_ok(compiler):
+    """True on x86-64 with a GCC that takes AVX-512 target pragmas (Clang does not
+    honour `#pragma GCC target`; it gets the baseline loops only)."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    cc = os.path.basename(str(compiler.compiler[0] if compiler.compiler else "")).lower()
+    if "clang" in cc:
+        return False
+    return compiler_accepts(compiler, "-O0", MULTI_TARGET_PROBE)
+
+
 class BuildExt(build_ext):
     """Adds the optimisation and OpenMP flags the compiler accepts."""
 
     def build_extensions(self):
-        ctype = self.compiler.compiler_type
-        if ctype == "msvc":
-            compile_args, omp_compile, omp_link = ["/O2", "/fp:precise"], ["/openmp"], []
-        else:
-            # -ffp-contract=off: no FMA contraction, so results do not depend on the
-            # instruction set; never -ffast-math (reductions keep their written order).
-            opt = ["-O1", "-g"] if DEBUG else ["-O3"]
-            compile_args = opt + ["-ffp-contract=off", "-fno-math-errno"]
-            if not PORTABLE and compiler_accepts(self.compiler, "-march=native"):
-                compile_args.append("-march=native")
-            omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
+        # The kernels need GCC or Clang (vector extensions; see cbn/src/cbn_simd.h).
+        # -ffp-contract=off: no FMA contraction, so results do not depend on the
+        # instruction set; never -ffast-math (reductions keep their written order).
+        opt = ["-O1", "-g"] if DEBUG else ["-O3"]
+        compile_args = opt + ["-ffp-contract=off", "-fno-math-errno"]
+        if NATIVE and compiler_accepts(self.compiler, "-march=native"):
+            compile_args.append("-march=native")
+        elif multi_target_ok(self.compiler):
+            compile_args.append("-DCBN_MULTI_TARGET")
+        omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
         use_omp = not NO_OPENMP and compiler_accepts(self.compiler, omp_compile[0],
                                                      OPENMP_PROBE)
         if not use_omp:
@@ -78,9 +106,12 @@ class BuildExt(build_ext):
             warnings.warn(f"cbn: building serial kernels ({reason}); "
                           "cbn.openmp_enabled() will return False")
             omp_compile, omp_link = [], []
+        flags = " ".join(compile_args + omp_compile).replace('"', "")
         for ext in self.extensions:
             ext.extra_compile_args = compile_args + omp_compile
             ext.extra_link_args = omp_link
+            # what cbn.show_config() reports
+            ext.define_macros.append(("CBN_BUILD_FLAGS", f'"{flags}"'))
         super().build_extensions()
 
 
@@ -98,7 +129,8 @@ extensions = [
     Extension(
         "cbn._kernels",
         ["cbn/_kernels.pyx"],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), "cbn/src"],
+        depends=sorted(glob.glob("cbn/src/*.h")) + ["cbn/_kernels.pxd"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     )
 ]

@@ -1,8 +1,27 @@
 """cbn: batch normalization for NumPy arrays on the CPU.
 
 OpenMP-parallel Cython kernels under a thin Python layer with PyTorch's semantics.
+
+Functions: :func:`batch_norm` (the arguments of ``torch.nn.functional.batch_norm``),
+:func:`batch_norm_forward` and :func:`batch_norm_backward` (ATen's ``native_batch_norm``
+and its backward), :func:`fold`; modules :class:`BatchNorm1d`, :class:`BatchNorm2d`,
+:class:`BatchNorm3d` and :class:`BatchNorm` with PyTorch's state, :func:`load`; threads:
+:func:`set_num_threads`, :func:`get_num_threads`, :func:`openmp_enabled`; the build:
+:func:`show_config`.
+
+Examples
+--------
+>>> import numpy as np
+>>> import cbn
+>>> isinstance(cbn.__version__, str), isinstance(cbn.openmp_enabled(), bool)
+(True, True)
+>>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+>>> y = cbn.BatchNorm2d(3)(x)
+>>> np.allclose(y, cbn.batch_norm(x, None, None, training=True))
+True
 """
 
+from ._config import show_config
 from ._kernels import openmp_enabled
 from ._state import load
 from ._threads import get_num_threads, set_num_threads
@@ -26,4 +45,5 @@ __all__ = [
     "load",
     "openmp_enabled",
     "set_num_threads",
+    "show_config",
 ]

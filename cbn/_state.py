@@ -27,13 +27,16 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import (Any, BinaryIO, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple,
-                    Type, TypeVar, Union)
+from typing import (TYPE_CHECKING, Any, BinaryIO, Dict, Iterable, List, Mapping, NamedTuple,
+                    Optional, Sequence, Tuple, Type, TypeVar, Union)
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from ._checks import FLOAT_DTYPES, check_index, check_momentum, is_half
+
+if TYPE_CHECKING:                                    # only for annotations (no import cycle)
+    from .modules import BatchNorm
 
 __all__ = ["IncompatibleKeys", "StateMixin", "load", "register"]
 
@@ -61,13 +64,44 @@ M = TypeVar("M", bound="StateMixin")
 
 
 def register(*classes: type) -> None:
-    """Make ``classes`` known to :func:`load` (and to :meth:`StateMixin.save`) by name."""
+    """Make ``classes`` known to :func:`load` (and to :meth:`StateMixin.save`) by name.
+
+    cbn's module classes are registered. :meth:`~StateMixin.save` writes the name of the
+    nearest registered class in the module's MRO, so a subclass that is not registered is
+    read back as its registered base class.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import cbn
+    >>> from cbn._state import register
+    >>> class MyBN(cbn.BatchNorm2d):
+    ...     pass
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     print(type(cbn.load(MyBN(3).save(os.path.join(d, "a")))).__name__)
+    ...     register(MyBN)
+    ...     print(type(cbn.load(MyBN(3).save(os.path.join(d, "b")))).__name__)
+    BatchNorm2d
+    MyBN
+    >>> del cbn._state._CLASSES["MyBN"]              # (undo, for this example)
+    """
     for c in classes:
         _CLASSES[c.__name__] = c
 
 
 class IncompatibleKeys(NamedTuple):
-    """What :meth:`BatchNorm.load_state_dict` returns (like PyTorch's ``_IncompatibleKeys``)."""
+    """What :meth:`BatchNorm.load_state_dict` returns (like PyTorch's ``_IncompatibleKeys``).
+
+    Examples
+    --------
+    >>> import cbn
+    >>> bn = cbn.BatchNorm1d(3)
+    >>> state = bn.state_dict()
+    >>> del state["bias"]
+    >>> state["extra"] = [0]
+    >>> bn.load_state_dict(state, strict=False)
+    IncompatibleKeys(missing_keys=['bias'], unexpected_keys=['extra'])
+    """
 
     missing_keys: List[str]
     unexpected_keys: List[str]
@@ -137,7 +171,32 @@ def _import_onnx():
 
 
 class StateMixin:
-    """State dicts, files, pickles and the Keras/ONNX converters of :class:`cbn.BatchNorm`."""
+    """State dicts, files, pickles and the Keras/ONNX converters of :class:`cbn.BatchNorm`.
+
+    Examples
+    --------
+    >>> import pickle
+    >>> import numpy as np
+    >>> import cbn
+    >>> from cbn._state import StateMixin
+    >>> issubclass(cbn.BatchNorm, StateMixin)
+    True
+    >>> sorted(k for k in vars(StateMixin) if not k.startswith("_"))
+    ['from_keras', 'from_onnx', 'load_state_dict', 'save', 'state_dict', 'to_keras', 'to_onnx']
+
+    Pickles and copies keep the state but not the record of the last forward call:
+
+    >>> bn = cbn.BatchNorm1d(2)
+    >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32))
+    >>> copy = pickle.loads(pickle.dumps(bn))
+    >>> print(copy.running_mean, copy.num_batches_tracked)
+    [0.2 0.4] 1
+    >>> copy.backward(np.ones((2, 2), np.float32))
+    Traceback (most recent call last):
+        ...
+    RuntimeError: BatchNorm1d.backward() needs a forward() first: there is no forward call
+        to differentiate
+    """
 
     # Provided by the module class.
     num_features: int
@@ -168,6 +227,17 @@ class StateMixin:
         Keys, in PyTorch's order: ``weight``, ``bias`` (when ``affine``; ``bias`` not with
         ``bias=False``), ``running_mean``, ``running_var``, ``num_batches_tracked`` (an int64
         0-d array; when ``track_running_stats``).
+
+        Examples
+        --------
+        >>> import cbn
+        >>> state = cbn.BatchNorm2d(3).state_dict()
+        >>> list(state)
+        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+        >>> state["running_var"], state["num_batches_tracked"]
+        (array([1., 1., 1.], dtype=float32), array(0))
+        >>> list(cbn.BatchNorm2d(3, bias=False).state_dict())
+        ['weight', 'running_mean', 'running_var', 'num_batches_tracked']
         """
         d: Dict[str, np.ndarray] = {}
         for k in self._state_keys():
@@ -219,6 +289,40 @@ class StateMixin:
 
         Raises ValueError for missing/unexpected keys (all listed) and shape mismatches,
         TypeError for values of the wrong kind. Returns ``(missing_keys, unexpected_keys)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> src = cbn.BatchNorm1d(2, momentum=0.5)
+        >>> _ = src(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32))
+        >>> dst = cbn.BatchNorm1d(2, dtype=np.float64)
+        >>> dst.load_state_dict(src.state_dict())
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        >>> print(dst.running_mean, dst.running_mean.dtype, dst.num_batches_tracked)
+        [1. 2.] float64 1
+
+        Any array-like is accepted, e.g. a PyTorch module's ``state_dict()`` (tensors) or
+        lists. A state dict without ``num_batches_tracked`` and without version metadata (as
+        written before PyTorch 0.4.1) loads even with ``strict``, and is not reported
+        missing; the counter keeps its value:
+
+        >>> dst.load_state_dict({"weight": [1, 2], "bias": [0, 0], "running_mean": [0, 0],
+        ...                      "running_var": [1, 1]})
+        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+        >>> print(dst.weight, dst.running_mean, dst.num_batches_tracked)
+        [1. 2.] [0. 0.] 1
+
+        Other keys are missing or unexpected as in PyTorch, an error with ``strict``:
+
+        >>> dst.load_state_dict({"weight": [1, 2], "bais": [0, 0]})
+        Traceback (most recent call last):
+            ...
+        ValueError: Error(s) in loading state_dict for BatchNorm1d: missing key(s): 'bias',
+            'running_mean', 'running_var'; unexpected key(s): 'bais'
+        >>> dst.load_state_dict({"weight": [1, 2], "bais": [0, 0]}, strict=False)
+        IncompatibleKeys(missing_keys=['bias', 'running_mean', 'running_var'],
+                         unexpected_keys=['bais'])
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -264,10 +368,21 @@ class StateMixin:
             config["unbiased"] = False
         return config
 
-    def save(self, path: Union[str, os.PathLike]) -> str:
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
         """Write this module to a ``.npz`` file (``.npz`` is appended when missing): the class
         name, hyper-parameters, training flag and :meth:`state_dict`. Read it back with
-        :func:`cbn.load`. Returns the path written. No pickles are involved."""
+        :func:`cbn.load`. Returns the path written. No pickles are involved.
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> import cbn
+        >>> bn = cbn.BatchNorm3d(5, momentum=None).eval()
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = bn.save(os.path.join(d, "bn"))
+        ...     print(os.path.basename(path), cbn.load(path))
+        bn.npz BatchNorm3d(5, eps=1e-05, momentum=None, affine=True, track_running_stats=True)
+        """
         name = next(c.__name__ for c in type(self).__mro__ if _CLASSES.get(c.__name__) is c)
         path = os.fspath(path)
         if not path.endswith(".npz"):
@@ -316,6 +431,33 @@ class StateMixin:
         ``scale=False``), ``num_batches_tracked`` 0, training mode (like any new module).
         ``dtype`` defaults to float64 for float64 weights and float32 otherwise.
         Batch renormalization (``renorm=True``) has no equivalent and raises ValueError.
+
+        Examples
+        --------
+        From the weights and config (no Keras needed):
+
+        >>> import numpy as np
+        >>> import cbn
+        >>> weights = [np.array([1.0, 2.0]), np.array([0.0, 0.5]),     # gamma, beta
+        ...            np.array([0.1, -0.1]), np.array([1.0, 4.0])]    # moving mean, variance
+        >>> bn = cbn.BatchNorm.from_keras(weights, {"axis": -1, "momentum": 0.99,
+        ...                                         "epsilon": 1e-3})
+        >>> bn
+        BatchNorm(2, eps=0.001, momentum=0.01, affine=True, track_running_stats=True,
+                  dtype=float64, axis=-1, unbiased=False)
+        >>> x = np.array([[1.0, 2.0], [0.0, -1.0]])
+        >>> expected = (x - weights[2]) / np.sqrt(weights[3] + 1e-3) * weights[0] + weights[1]
+        >>> np.allclose(bn.eval()(x), expected)
+        True
+
+        From a built layer (Keras 3):
+
+        >>> import keras                                               # doctest: +SKIP
+        >>> layer = keras.layers.BatchNormalization(momentum=0.9)      # doctest: +SKIP
+        >>> layer.build((None, 8, 8, 3))                               # doctest: +SKIP
+        >>> cbn.BatchNorm2d.from_keras(layer)                          # doctest: +SKIP
+        BatchNorm2d(3, eps=0.001, momentum=0.1, affine=True, track_running_stats=True,
+                    axis=-1, unbiased=False)
         """
         if config is None:
             layer = layer_or_weights
@@ -383,6 +525,33 @@ class StateMixin:
         running statistics, with ``momentum=None`` or with an activation raises ValueError.
         Inference is the same; in training Keras updates the moving variance with the
         biased batch variance, as a module with ``unbiased=False`` does.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm2d(3, momentum=0.01, axis=-1, unbiased=False)
+        >>> weights, config = bn.to_keras()
+        >>> config
+        {'axis': -1, 'momentum': 0.99, 'epsilon': 1e-05, 'center': True, 'scale': True}
+        >>> [w.tolist() for w in weights]                  # weight, bias, mean, variance
+        [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+        >>> cbn.BatchNorm2d(3, momentum=None).to_keras()
+        Traceback (most recent call last):
+            ...
+        ValueError: Keras has no cumulative moving average (momentum=None); set the module's
+            momentum first
+
+        The Keras layer (Keras 3):
+
+        >>> import keras                                               # doctest: +SKIP
+        >>> layer = keras.layers.BatchNormalization(**config)          # doctest: +SKIP
+        >>> layer.build((None, 8, 8, 3))                               # doctest: +SKIP
+        >>> layer.set_weights(weights)                                 # doctest: +SKIP
+        >>> x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+        >>> y = keras.ops.convert_to_numpy(layer(x, training=False))   # doctest: +SKIP
+        >>> np.allclose(y, bn.eval()(x), atol=1e-6)                    # doctest: +SKIP
+        True
         """
         if not self.track_running_stats or self.running_mean is None or self.running_var is None:
             raise ValueError("Keras' BatchNormalization always has moving statistics; this "
@@ -418,6 +587,30 @@ class StateMixin:
         and is in training mode when the node's ``training_mode`` is 1. ``dtype`` defaults
         to float64 for float64 parameters and float32 otherwise (float16 and bfloat16
         parameters are converted exactly).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> params = {"g": np.array([1.0, 2.0], np.float32), "b": np.zeros(2, np.float32),
+        ...           "m": np.array([0.5, -0.5], np.float32), "v": np.ones(2, np.float32)}
+        >>> import onnx.helper                                         # doctest: +SKIP
+        >>> node = onnx.helper.make_node("BatchNormalization", ["X", "g", "b", "m", "v"],
+        ...                              ["Y"], epsilon=1e-3, momentum=0.99)  # doctest: +SKIP
+        >>> bn = cbn.BatchNorm2d.from_onnx(node, params)               # doctest: +SKIP
+        >>> bn                                                         # doctest: +SKIP
+        BatchNorm2d(2, eps=0.001, momentum=0.01, affine=True, track_running_stats=True,
+                    unbiased=False)
+        >>> bn.training, bn.running_mean                               # doctest: +SKIP
+        (False, array([ 0.5, -0.5], dtype=float32))
+
+        ``initializers`` may also be a model's ``graph.initializer`` (TensorProto), as
+        :meth:`to_onnx` returns them:
+
+        >>> back = cbn.BatchNorm2d.from_onnx(*bn.to_onnx())            # doctest: +SKIP
+        >>> back                                                       # doctest: +SKIP
+        BatchNorm2d(2, eps=0.001, momentum=0.01, affine=True, track_running_stats=True,
+                    unbiased=False)
         """
         onnx = _import_onnx()
         if getattr(node, "op_type", None) != "BatchNormalization" or \
@@ -485,6 +678,42 @@ class StateMixin:
         ValueError for what ONNX cannot express: a channel axis other than 1, an activation,
         and, in training mode, ``momentum=None`` or ``unbiased=True`` (ONNX updates the
         running variance with the biased batch variance).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm2d(3).eval()
+        >>> node, initializers = bn.to_onnx("X", "Y", prefix="bn1")    # doctest: +SKIP
+        >>> node.op_type, list(node.input), list(node.output)          # doctest: +SKIP
+        ('BatchNormalization', ['X', 'bn1.weight', 'bn1.bias', 'bn1.running_mean',
+         'bn1.running_var'], ['Y'])
+        >>> [(a.name, a.f) for a in node.attribute]                    # doctest: +SKIP
+        [('epsilon', 9.999999747378752e-06), ('momentum', 0.8999999761581421)]
+        >>> [t.name for t in initializers]                             # doctest: +SKIP
+        ['bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var']
+
+        Run by ONNX's reference evaluator, the node gives the module's output:
+
+        >>> import onnx, onnx.helper                                   # doctest: +SKIP
+        >>> from onnx.reference import ReferenceEvaluator              # doctest: +SKIP
+        >>> io = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+        ...       for n in ("X", "Y")]                                 # doctest: +SKIP
+        >>> graph = onnx.helper.make_graph([node], "g", io[:1], io[1:],
+        ...                                initializers)               # doctest: +SKIP
+        >>> x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+        >>> run = ReferenceEvaluator(graph, opsets={"": 15}).run       # doctest: +SKIP
+        >>> y, = run(None, {"X": x})                                   # doctest: +SKIP
+        >>> np.allclose(y, bn(x), atol=1e-6)                           # doctest: +SKIP
+        True
+
+        Training-mode export needs Keras' and ONNX's running-variance convention:
+
+        >>> cbn.BatchNorm2d(3).to_onnx(training_mode=True)             # doctest: +SKIP
+        Traceback (most recent call last):
+            ...
+        ValueError: ONNX updates the running variance with the biased batch variance: export
+            a module with unbiased=False in training mode, or use training_mode=False
         """
         onnx = _import_onnx()
         if self.axis != 1:
@@ -638,7 +867,7 @@ def _read_module(zf: zipfile.ZipFile, name: str) -> Tuple[type, Dict[str, Any],
     return cls, config, state
 
 
-def load(path: Union[str, os.PathLike, BinaryIO]) -> StateMixin:
+def load(path: Union[str, "os.PathLike[str]", BinaryIO]) -> BatchNorm:
     """Read a module written by :meth:`BatchNorm.save <StateMixin.save>` (same class,
     hyper-parameters, training flag, parameters and buffers).
 
@@ -648,6 +877,34 @@ def load(path: Union[str, os.PathLike, BinaryIO]) -> StateMixin:
     array headers and the sizes the archive declares before any array is read or any module
     allocated. A missing file raises FileNotFoundError (an OSError), as ``open`` does.
     ``path`` may also be a binary file object open for reading (as for ``numpy.load``).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import cbn
+    >>> bn = cbn.BatchNorm2d(3, axis=-1)
+    >>> _ = bn(np.random.default_rng(0).standard_normal((4, 5, 5, 3)).astype(np.float32))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     loaded = cbn.load(bn.save(os.path.join(d, "bn.npz")))
+    >>> loaded
+    BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, axis=-1)
+    >>> np.array_equal(loaded.running_var, bn.running_var), loaded.num_batches_tracked
+    (True, 1)
+
+    A file object works too, and anything else is refused with ValueError:
+
+    >>> d = tempfile.TemporaryDirectory()
+    >>> with open(bn.save(os.path.join(d.name, "bn")), "rb") as f:
+    ...     print(cbn.load(f).num_batches_tracked)
+    1
+    >>> np.savez(os.path.join(d.name, "other.npz"), x=np.zeros(3))
+    >>> cbn.load(os.path.join(d.name, "other.npz"))
+    Traceback (most recent call last):
+        ...
+    ValueError: '.../other.npz' is not a module saved by cbn (BatchNorm.save writes
+        __cbn_format__, __class__ and __config__ entries)
+    >>> d.cleanup()
     """
     if isinstance(path, (str, bytes, os.PathLike)):
         name = os.fsdecode(path)

@@ -24,7 +24,7 @@ import math
 from typing import Optional, Tuple
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import _kernels
 from . import _threads
@@ -283,6 +283,31 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     save_invstd : (C,) array
         ``1 / sqrt(var + eps)`` of the batch (biased var) in training, of the running var
         in eval; 0 where ``var + eps == 0``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm`; nothing is written when an error is raised.
+
+    See Also
+    --------
+    batch_norm : The same forward, returning ``y`` only; its Notes give the formulas.
+    batch_norm_backward : Takes ``save_mean`` and ``save_invstd`` from here.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> x = np.random.default_rng(0).normal(2.0, 3.0, (16, 4)).astype(np.float32)
+    >>> running_mean, running_var = np.zeros(4, np.float32), np.ones(4, np.float32)
+    >>> y, save_mean, save_invstd = cbn.batch_norm_forward(
+    ...     x, None, None, running_mean, running_var, True, 0.1, 1e-5)
+    >>> np.allclose(save_mean, x.mean(axis=0))
+    True
+    >>> np.allclose(save_invstd, 1 / np.sqrt(x.var(axis=0) + 1e-5))
+    True
+    >>> np.allclose(y, (x - save_mean) * save_invstd, atol=1e-6)
+    True
     """
     if activation is None or _is_relu(activation):
         # The plain call (see _kernels.plain_forward) skips the general path below.
@@ -352,11 +377,26 @@ def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt
 
 
 def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
-                    running_var: ArrayLike, eps: float, dtype=np.float32,
+                    running_var: ArrayLike, eps: float, dtype: DTypeLike = np.float32,
                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-channel vectors of the eval forward: ``(invstd, scale, shift)`` with
     ``invstd = 1/sqrt(running_var + eps)`` (0 where that is 0), ``scale = weight * invstd``
-    and ``shift = bias``, in ``dtype``, computed exactly as the eval forward does."""
+    and ``shift = bias``, in ``dtype``, computed exactly as the eval forward does.
+
+    See Also
+    --------
+    normalize : Applies them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cbn.functional import eval_parameters
+    >>> invstd, scale, shift = eval_parameters([2.0, 1.0], [0.5, 0.0], [4.0, 0.25], 0.0)
+    >>> print(invstd, scale, shift)
+    [0.5 2. ] [1. 2.] [0.5 0. ]
+    >>> scale.dtype
+    dtype('float32')
+    """
     dtype = np.dtype(dtype)
     rv = _param(running_var, "running_var", np.size(running_var), dtype)
     C = rv.size
@@ -378,6 +418,34 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     ``shift = bias``): what a frozen module calls, with no arithmetic on C-sized vectors
     per call. Keeping ``x - mean`` (rather than ``x * scale + (shift - mean * scale)``)
     gives exactly ``shift`` on a constant channel at its mean.
+
+    Parameters
+    ----------
+    input : array_like, 2D to 5D, floating point
+        As in :func:`batch_norm`.
+    mean, scale, shift : array_like of C values
+        Per-channel vectors (see :func:`eval_parameters`).
+    axis, out, n_threads, activation, residual : keyword-only
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as ``input`` (``out`` when given).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> from cbn.functional import eval_parameters, normalize
+    >>> x = np.random.default_rng(0).standard_normal((10, 2, 3)).astype(np.float32)
+    >>> rm = np.array([0.1, -0.2], np.float32)
+    >>> rv = np.array([1.5, 0.5], np.float32)
+    >>> w, b = np.array([2.0, 1.0], np.float32), np.array([0.0, 1.0], np.float32)
+    >>> invstd, scale, shift = eval_parameters(w, b, rv, 1e-5)
+    >>> y = normalize(x, rm, scale, shift)
+    >>> np.array_equal(y, cbn.batch_norm(x, rm, rv, w, b))     # the eval forward, exactly
+    True
     """
     if activation is None or _is_relu(activation):
         y = _kernels.plain_affine(input, mean, scale, shift, axis, _plain_threads(n_threads),
@@ -412,8 +480,117 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
     statistics when ``training`` (updating the running ones in place when given) and the
-    running ones otherwise; then ``+ residual`` and the activation if given. See
-    :func:`batch_norm_forward` for the parameters.
+    running ones otherwise; then ``+ residual`` and the activation if given.
+
+    Parameters
+    ----------
+    input : array_like, 2D to 5D, float16, bfloat16, float32 or float64
+        ``(N, C, *)`` with ``axis=1`` (NCHW), ``(N, *, C)`` with ``axis=-1``
+        (channels-last). Any strides. Half-precision inputs (float16; bfloat16 from
+        ml_dtypes) are computed in float32, as PyTorch does on the CPU: their statistics and
+        parameters are float32, the output is half.
+    running_mean, running_var : ndarray of C values, or None
+        Running statistics. In training they are updated in place (see Notes), so they must
+        then be writable ndarrays of the compute dtype (the input's, float32 for half
+        inputs), or None for no update. In eval (``training=False``) they normalize the
+        input, are only read, may be any array-like of C values, and are required.
+    weight, bias : array_like of C values, or None, optional
+        Affine parameters (gamma, beta); None means ones and zeros.
+    training : bool, optional
+        Normalize with the batch's statistics (True) or the running ones (False, default).
+    momentum : float, optional
+        Weight of the new batch in the running-statistics update (default 0.1).
+    eps : float, optional
+        Added to the variance (default 1e-5); 0 is allowed (a constant channel then gets
+        ``invstd`` 0, so its output is ``bias``).
+    axis : int, optional, keyword-only
+        The channel axis (default 1; -1 for channels-last).
+    out : ndarray, optional, keyword-only
+        Where to write the output: same shape and dtype as ``input``, writable; it may be
+        ``input`` itself (normalization in place).
+    n_threads : int, optional, keyword-only
+        Threads for this call (default: :func:`cbn.get_num_threads`). Results are
+        bit-identical for any thread count.
+    activation : {None, "relu"}, optional, keyword-only
+        Applied to the output in the same pass.
+    residual : array_like, optional, keyword-only
+        Same shape as ``input``: added to the normalized output before the activation, in
+        the same pass (``y = relu(bn(x) + residual)``).
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as ``input``, in the input's memory order (``out`` when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong kind: an input that is not a floating-point array of a
+        supported dtype, an ``axis``, ``eps`` or ``momentum`` that is not a number, a
+        running statistic that is not a writable ndarray of the compute dtype when it is to
+        be updated, an ``out`` that is not an ndarray.
+    ValueError
+        A value out of range: an input that is not 2D to 5D, an ``axis`` out of range
+        (:class:`numpy.exceptions.AxisError`), a negative or infinite ``eps``, a per-channel
+        vector without C values, one value per channel in training, running statistics
+        missing in eval, an ``out`` of the wrong shape or dtype or read-only, an unknown
+        ``activation``.
+        Nothing is written (running statistics, ``out``) when an error is raised.
+
+    See Also
+    --------
+    batch_norm_forward : Also returns the saved statistics the backward needs.
+    batch_norm_backward : The gradients.
+    BatchNorm : The module, holding parameters and running statistics.
+
+    Notes
+    -----
+    With n the number of values per channel (the product of all axes but ``axis``), the
+    batch statistics of channel c are ``mean = sum(x) / n`` and the biased
+    ``var = sum((x - mean)**2) / n``, which normalize the input. In training, the running
+    statistics are then updated in place with the unbiased variance, as PyTorch does::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+
+    The statistics are reduced in a fixed order (per-block partial results merged in double
+    precision), so the result is bit-identical for any number of threads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, (8, 3, 4, 4)).astype(np.float32)
+    >>> running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+
+    Training: the batch's statistics, running ones updated in place.
+
+    >>> y = cbn.batch_norm(x, running_mean, running_var, training=True, momentum=0.1)
+    >>> y.shape, y.dtype
+    ((8, 3, 4, 4), dtype('float32'))
+    >>> print(np.round(y.mean(axis=(0, 2, 3)), 4) + 0.0, np.round(y.std(axis=(0, 2, 3)), 4))
+    [0. 0. 0.] [1. 1. 1.]
+    >>> np.allclose(running_mean, 0.1 * x.mean(axis=(0, 2, 3)))
+    True
+    >>> np.allclose(running_var, 0.9 + 0.1 * x.var(axis=(0, 2, 3), ddof=1))
+    True
+
+    Eval (the default): the running statistics, an affine transform, ReLU in the same pass.
+
+    >>> weight, bias = np.array([1.0, 2.0, 0.5], np.float32), np.zeros(3, np.float32)
+    >>> y = cbn.batch_norm(x, running_mean, running_var, weight, bias, activation="relu")
+    >>> c = (slice(None), None, None)           # a (C,) vector along axis 1
+    >>> expected = (x - running_mean[c]) / np.sqrt(running_var[c] + 1e-5) * weight[c]
+    >>> np.allclose(y, np.maximum(expected, 0), atol=1e-5)
+    True
+
+    Channels-last input (NHWC): the channel axis is the last one.
+
+    >>> x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    >>> y_nhwc = cbn.batch_norm(x_nhwc, running_mean, running_var, weight, bias, axis=-1,
+    ...                         activation="relu")
+    >>> np.allclose(y_nhwc.transpose(0, 3, 1, 2), y)
+    True
     """
     return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                               momentum, eps, axis=axis, out=out, n_threads=n_threads,
@@ -424,7 +601,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
                         save_mean: ArrayLike, save_invstd: ArrayLike, training: bool = True,
                         *, axis: int = 1, n_threads: Optional[int] = None,
                         activation: Optional[str] = None, output: Optional[ArrayLike] = None,
-                        residual: bool = False) -> tuple:
+                        residual: bool = False) -> Tuple[np.ndarray, ...]:
     """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
 
     ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in
@@ -441,6 +618,73 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     the same passes, with no extra pass over memory. For a forward with a ``residual``,
     pass ``residual=True`` to also get the residual's gradient (the masked dy) as a fourth
     result: ``(grad_input, grad_weight, grad_bias, grad_residual)``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        Gradient of the forward's output: the input's shape, floating point.
+    input : array_like
+        The forward's input.
+    weight : array_like of C values, or None
+        The forward's weight (None: ones).
+    save_mean, save_invstd : array_like of C values
+        What :func:`batch_norm_forward` returned.
+    training : bool, optional
+        Whether the forward used batch statistics (default True).
+    axis, n_threads : int, optional, keyword-only
+        As in the forward.
+    activation : {None, "relu"}, optional, keyword-only
+        The forward's activation; "relu" needs ``output``.
+    output : array_like, optional, keyword-only
+        The forward's output, with ``activation="relu"``.
+    residual : bool, optional, keyword-only
+        Also return the residual's gradient.
+
+    Returns
+    -------
+    grad_input : ndarray
+        The input's shape and dtype.
+    grad_weight, grad_bias : ndarray of shape (C,)
+        In the compute dtype (float32 for half inputs).
+    grad_residual : ndarray
+        Only with ``residual=True``: the input's shape and dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arguments of the wrong kind or shape (as :func:`batch_norm`), missing saved
+        statistics, ``activation="relu"`` without ``output`` or ``output`` without it.
+
+    See Also
+    --------
+    batch_norm_forward : The forward whose gradients these are.
+    BatchNorm.backward : The same for a module, accumulating ``grad_weight``/``grad_bias``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(1.0, 2.0, (32, 3, 5))
+    >>> weight = np.array([0.5, 1.0, 2.0])
+    >>> y, save_mean, save_invstd = cbn.batch_norm_forward(
+    ...     x, weight, None, None, None, True, 0.1, 1e-5)
+    >>> grad_y = rng.standard_normal(y.shape)
+    >>> grad_x, grad_weight, grad_bias = cbn.batch_norm_backward(
+    ...     grad_y, x, weight, save_mean, save_invstd)
+    >>> grad_x.shape, grad_weight.shape
+    ((32, 3, 5), (3,))
+    >>> np.allclose(grad_bias, grad_y.sum(axis=(0, 2)))
+    True
+    >>> xhat = (x - save_mean[:, None]) * save_invstd[:, None]
+    >>> np.allclose(grad_weight, (grad_y * xhat).sum(axis=(0, 2)))
+    True
+
+    In training the batch mean absorbs any shift of the input, so each channel's input
+    gradient sums to zero:
+
+    >>> np.allclose(grad_x.sum(axis=(0, 2)), 0)
+    True
     """
     if (residual is False or residual is True) and (
             (activation is None and output is None)

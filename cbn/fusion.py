@@ -39,6 +39,42 @@ def fold(weight: ArrayLike, bias: Optional[ArrayLike], bn: Any, *,
     -------
     (fused_weight, fused_bias) in the dtypes of ``weight`` (and ``bias``, or of the BN's
     running mean when ``bias`` is None), computed in float64.
+
+    Raises
+    ------
+    ValueError
+        A weight with fewer than 2 dimensions, a batch norm without running statistics, or
+        channel counts that do not match.
+    TypeError
+        A weight that is not floating point.
+
+    See Also
+    --------
+    BatchNorm.fold_into : The same, called on the module.
+
+    Examples
+    --------
+    A Linear layer (4 inputs, 3 outputs) followed by an eval-mode BatchNorm1d(3):
+
+    >>> import numpy as np
+    >>> import cbn
+    >>> rng = np.random.default_rng(0)
+    >>> W, b = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    >>> bn = cbn.BatchNorm1d(3, dtype=np.float64)
+    >>> _ = bn(rng.normal(2.0, 3.0, (64, 3)))          # one training step: running stats
+    >>> bn.eval()
+    BatchNorm1d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, dtype=float64)
+    >>> W_fused, b_fused = cbn.fold(W, b, bn)
+    >>> x = rng.standard_normal((5, 4))
+    >>> np.allclose(x @ W_fused.T + b_fused, bn(x @ W.T + b))
+    True
+
+    A convolution's weight ``(out, in, kh, kw)`` folds along its first axis:
+
+    >>> W_conv = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    >>> W_fused, b_fused = cbn.fold(W_conv, None, bn)
+    >>> W_fused.shape, W_fused.dtype, b_fused.dtype
+    ((3, 2, 3, 3), dtype('float32'), dtype('float64'))
     """
     w = np.asarray(weight)
     if w.ndim < 2:

@@ -4,8 +4,9 @@ A module holds parameters (``weight``, ``bias``), buffers (``running_mean``, ``r
 ``num_batches_tracked``) and the ``training`` flag, and calls :mod:`cbn.functional` for all
 arithmetic on data (the biased running-variance convention, ``unbiased=False``, rescales the
 kernel's per-channel update: see ``_biased_update``); it never touches the kernels. State
-dicts, files, pickles and the Keras/ONNX converters are in :mod:`cbn._state`. The logic that picks batch or running statistics
-and the momentum is PyTorch's own (``torch.nn.modules.batchnorm._BatchNorm.forward``)::
+dicts, files, pickles and the Keras/ONNX converters are in :mod:`cbn._state`. The logic that
+picks batch or running statistics and the momentum is PyTorch's own
+(``torch.nn.modules.batchnorm._BatchNorm.forward``)::
 
     factor = 0.0 if momentum is None else momentum
     if training and track_running_stats:
@@ -31,7 +32,7 @@ assignment recording what :meth:`~BatchNorm.backward` needs, so after concurrent
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
@@ -42,6 +43,9 @@ from ._state import IncompatibleKeys, StateMixin, load
 from .functional import batch_norm_backward, batch_norm_forward, eval_parameters, normalize
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
+
+#: the type of ``self`` in methods that return it (``BatchNorm2d(...).eval()`` is a BatchNorm2d)
+_BN = TypeVar("_BN", bound="BatchNorm")
 
 
 class BatchNorm(StateMixin):
@@ -97,6 +101,44 @@ class BatchNorm(StateMixin):
         Gradients accumulated by :meth:`backward` (None until the first one, and after
         :meth:`zero_grad`); always None for a missing ``weight`` or ``bias``.
     training : bool
+    unbiased : bool
+
+    See Also
+    --------
+    BatchNorm1d, BatchNorm2d, BatchNorm3d : The same for a fixed input ndim, as in PyTorch.
+    batch_norm : The functional form.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> bn = cbn.BatchNorm(4, momentum=0.5, axis=-1)       # channels-last, any ndim
+    >>> bn
+    BatchNorm(4, eps=1e-05, momentum=0.5, affine=True, track_running_stats=True, axis=-1)
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (2, 8, 8, 4)).astype(np.float32)
+    >>> y = bn(x)                                          # training: batch statistics
+    >>> np.allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+    True
+    >>> np.allclose(bn.running_mean, 0.5 * x.mean(axis=(0, 1, 2)))
+    True
+    >>> bn.num_batches_tracked
+    1
+    >>> y = bn.eval()(x)                                   # eval: running statistics
+    >>> expected = (x - bn.running_mean) / np.sqrt(bn.running_var + bn.eps)
+    >>> np.allclose(y, expected, atol=1e-5)
+    True
+
+    A weight without a bias, and Keras' (biased) running-variance update:
+
+    >>> bn = cbn.BatchNorm1d(2, momentum=1.0, dtype=np.float64, bias=False, unbiased=False)
+    >>> bn
+    BatchNorm1d(2, eps=1e-05, momentum=1.0, affine=True, bias=False,
+                track_running_stats=True, dtype=float64, unbiased=False)
+    >>> print(bn.bias)
+    None
+    >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0]]))
+    >>> print(bn.running_var)                              # the biased batch variance
+    [1. 4.]
     """
 
     #: input ndims this class accepts, and how its error message names them
@@ -161,10 +203,29 @@ class BatchNorm(StateMixin):
 
     @property
     def dtype(self) -> np.dtype:
-        """dtype of the parameters and buffers (and of the inputs this module accepts)."""
+        """dtype of the parameters and buffers (and of the inputs this module accepts).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> cbn.BatchNorm2d(3, dtype=np.float64).dtype
+        dtype('float64')
+        """
         return self._dtype
 
     def extra_repr(self) -> str:
+        """The arguments shown by ``repr`` (those that differ from the defaults for dtype,
+        axis, activation, bias and unbiased), as in PyTorch.
+
+        Examples
+        --------
+        >>> import cbn
+        >>> cbn.BatchNorm1d(8, momentum=None, activation="relu").extra_repr()
+        "8, eps=1e-05, momentum=None, affine=True, track_running_stats=True, activation='relu'"
+        >>> cbn.BatchNorm1d(8, bias=False).extra_repr()
+        '8, eps=1e-05, momentum=0.1, affine=True, bias=False, track_running_stats=True'
+        """
         # PyTorch 2.13 shows bias= always; cbn only when a weight has no bias.
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
              f"affine={self.affine}, "
@@ -185,8 +246,16 @@ class BatchNorm(StateMixin):
 
     # ---------------------------------------------------------------------------- modes
 
-    def train(self, mode: bool = True) -> "BatchNorm":
-        """Set training mode (batch statistics, running ones updated); returns self."""
+    def train(self: _BN, mode: bool = True) -> _BN:
+        """Set training mode (batch statistics, running ones updated); returns self.
+
+        Examples
+        --------
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(3)
+        >>> bn.train(False).training, bn.train().training
+        (False, True)
+        """
         if not isinstance(mode, (bool, np.bool_)):
             raise ValueError("training mode is expected to be boolean, got "
                              f"{type(mode).__name__}")
@@ -195,19 +264,50 @@ class BatchNorm(StateMixin):
             self._frozen = None
         return self
 
-    def eval(self) -> "BatchNorm":
-        """Set eval mode (running statistics, when tracked); returns self."""
+    def eval(self: _BN) -> _BN:
+        """Set eval mode (running statistics, when tracked); returns self.
+
+        Examples
+        --------
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(3).eval()
+        >>> bn.training
+        False
+        """
         return self.train(False)
 
     def reset_running_stats(self) -> None:
-        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (when tracked)."""
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (when tracked).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(2)
+        >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32))
+        >>> print(bn.running_mean, bn.num_batches_tracked)
+        [0.2 0.4] 1
+        >>> bn.reset_running_stats()
+        >>> print(bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        [0. 0.] [1. 1.] 0
+        """
         if self.track_running_stats:
             self.running_mean.fill(0)
             self.running_var.fill(1)
             self.num_batches_tracked = 0
 
     def reset_parameters(self) -> None:
-        """Reset the running statistics, and weight to ones and bias to zeros."""
+        """Reset the running statistics, and weight to ones and bias to zeros.
+
+        Examples
+        --------
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(2)
+        >>> bn.weight[:] = 3.0
+        >>> bn.reset_parameters()
+        >>> print(bn.weight, bn.bias)
+        [1. 1.] [0. 0.]
+        """
         self.reset_running_stats()
         if self.weight is not None:
             self.weight.fill(1)
@@ -244,6 +344,16 @@ class BatchNorm(StateMixin):
         records (input reference, saved mean, saved invstd) for :meth:`backward`; the input is
         not copied, so do not modify it in place before calling :meth:`backward`.
         A call that raises changes nothing.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm2d(3)
+        >>> x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+        >>> y = bn.forward(x)                        # same as bn(x)
+        >>> y.shape, y.dtype, bn.num_batches_tracked
+        ((4, 3, 5, 5), dtype('float32'), 1)
         """
         x = input if isinstance(input, np.ndarray) else np.asarray(input)
         # Cheap checks first, so a bad call never reaches the running-stat update.
@@ -294,7 +404,17 @@ class BatchNorm(StateMixin):
         return y
 
     def __call__(self, input: ArrayLike) -> np.ndarray:
-        """Same as :meth:`forward`."""
+        """Same as :meth:`forward`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(2)
+        >>> print(np.round(bn(np.array([[1.0, 5.0], [3.0, 5.0]], np.float32)), 4))
+        [[-1.  0.]
+         [ 1.  0.]]
+        """
         return self.forward(input)
 
     def backward(self, grad_output: ArrayLike) -> np.ndarray:
@@ -306,6 +426,24 @@ class BatchNorm(StateMixin):
         accumulates again). Batch statistics (training mode, or no running statistics) give
         the full gradient through the mean and variance; running ones give
         ``weight * invstd * grad_output``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> rng = np.random.default_rng(0)
+        >>> bn = cbn.BatchNorm1d(3, dtype=np.float64)
+        >>> x = rng.normal(2.0, 3.0, (16, 3))
+        >>> y = bn(x)
+        >>> grad_y = rng.standard_normal(y.shape)
+        >>> grad_x = bn.backward(grad_y)
+        >>> np.allclose(bn.grad_bias, grad_y.sum(axis=0))
+        True
+        >>> np.allclose(bn.grad_weight, (grad_y * y).sum(axis=0))   # y = xhat here
+        True
+        >>> _ = bn.backward(grad_y)                  # a second call accumulates
+        >>> np.allclose(bn.grad_bias, 2 * grad_y.sum(axis=0))
+        True
         """
         saved = self._saved
         if saved is None:
@@ -335,7 +473,24 @@ class BatchNorm(StateMixin):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``grad_weight``/``grad_bias``: set them to None (default, like PyTorch) or
-        fill them with zeros in place."""
+        fill them with zeros in place.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(2)
+        >>> x = np.array([[1.0, 2.0], [3.0, 6.0]], np.float32)
+        >>> _ = bn.backward(np.ones_like(bn(x)))
+        >>> print(bn.grad_bias)
+        [2. 2.]
+        >>> bn.zero_grad(set_to_none=False)
+        >>> print(bn.grad_bias)
+        [0. 0.]
+        >>> bn.zero_grad()
+        >>> print(bn.grad_bias)
+        None
+        """
         if set_to_none:
             self.grad_weight = None
             self.grad_bias = None
@@ -346,7 +501,7 @@ class BatchNorm(StateMixin):
 
     # ------------------------------------------------------------------------- inference
 
-    def freeze(self) -> "BatchNorm":
+    def freeze(self: _BN) -> _BN:
         """Switch to eval mode with the per-channel vectors computed once.
 
         ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias`` are computed now,
@@ -355,6 +510,19 @@ class BatchNorm(StateMixin):
         ``weight``, ``bias`` or the running statistics are not seen until :meth:`freeze`
         is called again; :meth:`load_state_dict` refreezes, :meth:`train` and
         :meth:`unfreeze` undo it. Needs running statistics. Returns self.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm2d(3)
+        >>> x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+        >>> _ = bn(x)                                # one training step
+        >>> y_eval = bn.eval()(x)
+        >>> bn.freeze().frozen, bn.training
+        (True, False)
+        >>> np.array_equal(bn(x), y_eval)
+        True
         """
         if self.running_mean is None or self.running_var is None:
             raise ValueError(f"{type(self).__name__}.freeze() needs running statistics "
@@ -365,40 +533,108 @@ class BatchNorm(StateMixin):
         self._frozen = (self.running_mean.copy(), scale, shift, invstd)
         return self
 
-    def unfreeze(self) -> "BatchNorm":
-        """Drop the vectors :meth:`freeze` computed (the mode is unchanged); returns self."""
+    def unfreeze(self: _BN) -> _BN:
+        """Drop the vectors :meth:`freeze` computed (the mode is unchanged); returns self.
+
+        Examples
+        --------
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(3).freeze().unfreeze()
+        >>> bn.frozen, bn.training
+        (False, False)
+        """
         self._frozen = None
         return self
 
     @property
     def frozen(self) -> bool:
-        """Whether :meth:`freeze` is in effect."""
+        """Whether :meth:`freeze` is in effect.
+
+        Examples
+        --------
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(3)
+        >>> bn.frozen, bn.freeze().frozen, bn.train().frozen
+        (False, True, False)
+        """
         return self._frozen is not None
 
     def fold_into(self, weight: ArrayLike, bias: Optional[ArrayLike] = None, *,
                   transpose: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """This module (eval statistics) folded into the preceding Linear/Conv layer's
-        ``weight`` and ``bias``: see :func:`cbn.fold`."""
+        ``weight`` and ``bias``: see :func:`cbn.fold`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import cbn
+        >>> bn = cbn.BatchNorm1d(2, dtype=np.float64).eval()
+        >>> bn.running_mean[:] = [1.0, -1.0]
+        >>> bn.running_var[:] = [4.0, 0.25]
+        >>> W, b = np.eye(2), np.zeros(2)
+        >>> W_fused, b_fused = bn.fold_into(W, b)
+        >>> x = np.array([[3.0, 0.0]])
+        >>> np.allclose(x @ W_fused.T + b_fused, bn(x @ W.T + b))
+        True
+        """
         from .fusion import fold
         return fold(weight, bias, self, transpose=transpose)
 
 
 class BatchNorm1d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs, like ``torch.nn.BatchNorm1d``."""
+    """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs, like ``torch.nn.BatchNorm1d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> bn = cbn.BatchNorm1d(3)
+    >>> x = np.random.default_rng(0).normal(4.0, 2.0, (20, 3, 7)).astype(np.float32)
+    >>> y = bn(x)
+    >>> np.allclose(y.mean(axis=(0, 2)), 0, atol=1e-5)
+    True
+    >>> bn(x[:, :, 0]).shape                   # (N, C) works too
+    (20, 3)
+    """
 
     _ndims = frozenset((2, 3))
     _ndims_text = "2D or 3D"
 
 
 class BatchNorm2d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C, H, W)`` inputs, like ``torch.nn.BatchNorm2d``."""
+    """:class:`BatchNorm` for ``(N, C, H, W)`` inputs, like ``torch.nn.BatchNorm2d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> bn = cbn.BatchNorm2d(3)
+    >>> x = np.random.default_rng(0).normal(4.0, 2.0, (8, 3, 5, 5)).astype(np.float32)
+    >>> y = bn(x)
+    >>> np.allclose(y.std(axis=(0, 2, 3)), 1, atol=1e-3)
+    True
+    >>> bn(x[0])
+    Traceback (most recent call last):
+        ...
+    ValueError: expected 4D input (got 3D input)
+    """
 
     _ndims = frozenset((4,))
     _ndims_text = "4D"
 
 
 class BatchNorm3d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C, D, H, W)`` inputs, like ``torch.nn.BatchNorm3d``."""
+    """:class:`BatchNorm` for ``(N, C, D, H, W)`` inputs, like ``torch.nn.BatchNorm3d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cbn
+    >>> bn = cbn.BatchNorm3d(2, dtype=np.float64).eval()
+    >>> x = np.random.default_rng(0).standard_normal((2, 2, 3, 4, 5))
+    >>> np.allclose(bn(x), x / np.sqrt(1 + bn.eps))   # fresh running stats: 0 and 1
+    True
+    """
 
     _ndims = frozenset((5,))
     _ndims_text = "5D"

@@ -1,0 +1,233 @@
+# ------------------------------------------------------------------- plain-call fast path
+#
+# Small inputs spend most of a call in Python: checking arguments, building views,
+# allocating. The common call (a C-contiguous float32/float64 ndarray in native byte order,
+# per-channel vectors that are already C-contiguous (C,) arrays of its dtype; out, a
+# residual or a ReLU output of the same kind) is recognised here with a few C tests and
+# run directly.
+# Recognising is not validating: anything else, invalid calls included, returns None and
+# cbn.functional takes its general path, which validates and raises its usual errors.
+
+cdef inline bint plain_array(object a, int typenum):
+    """A C-contiguous ndarray (not a subclass) of typenum in native byte order."""
+    return (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
+
+
+cdef inline bint plain_vec(object a, Py_ssize_t C, int typenum, bint writeable):
+    """None, or a plain (C,) array (writeable if asked)."""
+    if a is None:
+        return True
+    return (plain_array(a, typenum) and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>a, 0) == C
+            and (not writeable or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a)))
+
+
+cdef inline bint plain_like(object a, object x, int typenum):
+    """None, or a plain array of x's shape (a residual, a ReLU output)."""
+    return a is None or (plain_array(a, typenum)
+                         and cnp.PyArray_SAMESHAPE(<cnp.ndarray>a, <cnp.ndarray>x))
+
+
+cdef int plain_dims(object x, object axis, Py_ssize_t* M, Py_ssize_t* C,
+                    Py_ssize_t* K) except -2:
+    """Type number of a plain, non-empty 2D-5D float input with an int axis in range,
+    setting (M, C, K); -1 if the input is not plain."""
+    cdef int typ, nd, ax, i
+    cdef cnp.npy_intp* shape
+    if not cnp.PyArray_CheckExact(x) or type(axis) is not int:
+        return -1
+    typ = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
+        return -1
+    if not plain_array(x, typ) or cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
+        return -1
+    nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if nd < 2 or nd > 5 or not -nd <= axis < nd:
+        return -1
+    ax = axis
+    if ax < 0:
+        ax += nd
+    shape = cnp.PyArray_DIMS(<cnp.ndarray>x)
+    M[0] = 1
+    K[0] = 1
+    for i in range(ax):
+        M[0] *= shape[i]
+    C[0] = shape[ax]
+    for i in range(ax + 1, nd):
+        K[0] *= shape[i]
+    return typ
+
+
+cdef object plain_out(object out, object x, int typ):
+    """A new array like x if out is None; out itself if it is a plain, writeable array of
+    x's shape that is x or does not overlap it; else None (not plain)."""
+    cdef char* a
+    cdef char* b
+    cdef Py_ssize_t n
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                 cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    if not (plain_array(out, typ) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+            and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, <cnp.ndarray>x)):
+        return None
+    a = <char*>cnp.PyArray_DATA(<cnp.ndarray>out)
+    b = <char*>cnp.PyArray_DATA(<cnp.ndarray>x)
+    n = cnp.PyArray_NBYTES(<cnp.ndarray>x)
+    if a == b or a + n <= b or b + n <= a:
+        return out
+    return None
+
+
+cdef int plain_threads(object n_threads, Py_ssize_t size, Py_ssize_t min_parallel) except -2:
+    """Threads for a call (n_threads None: omp_get_max_threads()); -1 (not plain) unless
+    n_threads is an int from 1 to 4096, so that an odd count reaches the general path
+    exactly as before rather than being clipped here."""
+    cdef int n
+    if n_threads is None:
+        n = cbn_max_threads()
+    elif type(n_threads) is int and 1 <= n_threads <= 4096:
+        n = n_threads
+    else:
+        return -1
+    return 1 if size < min_parallel else n
+
+
+cdef inline Call plain_call(object x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, int nt):
+    """The record of a plain call on x viewed as (M, C, K)."""
+    cdef Call k = new_call(<cnp.ndarray>x, nt)
+    k.M = M
+    k.C = C
+    k.K = K
+    return k
+
+
+def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                  axis, n_threads, Py_ssize_t min_parallel, residual=None, bint relu=False,
+                  out=None):
+    """batch_norm_forward's plain call: (y, save_mean, save_invstd), or None when the call
+    is not plain (then nothing was computed or written). n_threads None means
+    omp_get_max_threads(); inputs under min_parallel values run on one thread. A residual
+    must be a plain array of the input's shape and dtype; so must out, which may be x
+    itself but must not otherwise overlap it."""
+    cdef Py_ssize_t M, C, K
+    cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
+    cdef double e, mom = 0.0
+    if typ < 0 or type(eps) is not float:
+        return None
+    e = eps
+    if not (0.0 <= e < float("inf")):
+        return None
+    if not plain_vec(weight, C, typ, False) or not plain_vec(bias, C, typ, False):
+        return None
+    if not plain_like(residual, x, typ):
+        return None
+    if training is True:
+        if type(momentum) is not float or M * K == 1:
+            return None
+        if (not plain_vec(running_mean, C, typ, True)
+                or not plain_vec(running_var, C, typ, True)):
+            return None
+        mom = momentum
+    elif training is False:
+        if (running_mean is None or running_var is None
+                or not plain_vec(running_mean, C, typ, False)
+                or not plain_vec(running_var, C, typ, False)):
+            return None
+    else:
+        return None
+    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    y = None if nt < 0 else plain_out(out, x, typ)
+    if y is None:
+        return None
+    cdef cnp.npy_intp nc = C
+    cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef Call k = plain_call(x, M, C, K, nt)
+    k.training = training is True
+    k.momentum = mom
+    k.eps = e
+    k.relu = relu
+    k.y = data(y)
+    k.residual = data(residual)
+    k.weight = data(weight)
+    k.bias = data(bias)
+    k.running_mean = data(running_mean)
+    k.running_var = data(running_var)
+    k.save_mean = data(sm)
+    k.save_invstd = data(si)
+    run_forward(&k)
+    return y, sm, si
+
+
+def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axis,
+                   n_threads, Py_ssize_t min_parallel, output=None, bint residual=False):
+    """batch_norm_backward's plain call: (grad_input, grad_weight, grad_bias), plus
+    grad_residual if residual, or None when the call is not plain. output (the forward's
+    ReLU output, masking grad_output) must be a plain array of the input's shape."""
+    cdef Py_ssize_t M, C, K
+    cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
+    if typ < 0 or (training is not True and training is not False):
+        return None
+    if grad_output is None or not plain_like(grad_output, x, typ):
+        return None
+    if not plain_like(output, x, typ):
+        return None
+    if (save_mean is None or save_invstd is None or not plain_vec(weight, C, typ, False)
+            or not plain_vec(save_mean, C, typ, False)
+            or not plain_vec(save_invstd, C, typ, False)):
+        return None
+    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    if nt < 0:
+        return None
+    cdef cnp.npy_intp nc = C
+    cdef cnp.ndarray gx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                            cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef cnp.ndarray gb = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef object gr = None
+    if residual:
+        gr = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                               cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+    cdef Call k = plain_call(x, M, C, K, nt)
+    k.training = training is True
+    k.grad_output = data(grad_output)
+    k.grad_input = data(gx)
+    k.weight = data(weight)
+    k.save_mean = data(save_mean)
+    k.save_invstd = data(save_invstd)
+    k.grad_weight = data(gw)
+    k.grad_bias = data(gb)
+    k.output = data(output)
+    k.grad_residual = data(gr)
+    run_backward(&k)
+    return (gx, gw, gb, gr) if residual else (gx, gw, gb)
+
+
+def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel,
+                 residual=None, bint relu=False, out=None):
+    """normalize's plain call: y = act((x - mean) * scale + shift + residual), or None
+    when the call is not plain (out as in plain_forward)."""
+    cdef Py_ssize_t M, C, K
+    cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
+    if typ < 0 or mean is None or scale is None or shift is None:
+        return None
+    if (not plain_vec(mean, C, typ, False) or not plain_vec(scale, C, typ, False)
+            or not plain_vec(shift, C, typ, False)):
+        return None
+    if not plain_like(residual, x, typ):
+        return None
+    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    y = None if nt < 0 else plain_out(out, x, typ)
+    if y is None:
+        return None
+    cdef Call k = plain_call(x, M, C, K, nt)
+    k.relu = relu
+    k.y = data(y)
+    k.residual = data(residual)
+    k.save_mean = data(mean)
+    k.scale = data(scale)
+    k.shift = data(shift)
+    run_normalize(&k)
+    return y

@@ -1,0 +1,157 @@
+"""The kernels' stages, one at a time, for code that must put something between them.
+
+The fused calls of :mod:`cbn.functional` are compositions of five stages (see
+``cbn/_stages.pxi``): moments, finish, normalize; backward reduce, backward elements.
+SyncBatchNorm puts a collective between moments and finish and between the backward
+reduce and the element pass; PreciseBN merges moments over many batches. Composed here in
+the fused order with the same arguments, the stages give bit-identical results to
+``batch_norm_forward`` and ``batch_norm_backward`` (the tests check it).
+
+Arrays are in the public layout (2D to 5D, channel axis ``axis``); statistics travel as
+float64 (C,) arrays. Inputs are validated the way :mod:`cbn.functional` validates them;
+these functions are internal, and assume the caller has checked that the per-channel
+arrays it passes belong to the input (C values, the compute dtype).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _kernels
+from . import functional as _f
+from ._threads import resolve_num_threads
+
+__all__ = ["Moments", "Stats", "compute_dtype", "moments", "merge_moments", "finish",
+           "normalize", "backward_reduce", "backward_elements", "parameter_grads"]
+
+
+class Moments(NamedTuple):
+    """Per-channel statistics of ``count`` values per channel."""
+    count: int
+    mean: np.ndarray   # float64 (C,)
+    m2: np.ndarray     # float64 (C,): sum of squared deviations from the mean
+
+
+class Stats(NamedTuple):
+    """What the finish stage hands the output pass (all of the compute dtype)."""
+    save_mean: np.ndarray
+    save_invstd: np.ndarray
+    scale: np.ndarray   # weight * invstd, rounded once from the double invstd
+    shift: np.ndarray   # bias
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """float32 for float16/bfloat16/float32 inputs, float64 for float64."""
+    return _f._COMPUTE[np.dtype(dtype)]
+
+
+def _view(x, axis: int):
+    """(x3, view, compute dtype) for an input in the public layout."""
+    x = _f._as_input(x, "input")
+    ax = _f._channel_axis(axis, x.ndim)
+    dt = compute_dtype(x.dtype)
+    if x.dtype != dt:
+        x = x.astype(dt)
+    view = _f._View(x, ax)
+    return view.read(x), view, x
+
+
+def moments(x, *, axis: int = 1, n_threads: Optional[int] = None) -> Moments:
+    """Per-channel (count, mean, M2) of ``x``, as the training forward computes them."""
+    x3, view, _ = _view(x, axis)
+    nt = resolve_num_threads(n_threads, x3.size)
+    count, mean, m2 = _kernels.moments(x3, nt)
+    return Moments(int(count), mean, m2)
+
+
+def merge_moments(parts: Sequence[Moments]) -> Moments:
+    """Chan et al.'s merge of ``parts``, left to right, in float64; empty parts are
+    skipped, so [a] and [a, empty, ...] give a's arrays bit for bit."""
+    count, mean, m2 = _kernels.merge_moments([tuple(p) for p in parts])
+    return Moments(int(count), mean, m2)
+
+
+def finish(mom: Moments, eps: float, *, dtype, weight=None, bias=None,
+           running_mean: Optional[np.ndarray] = None,
+           running_var: Optional[np.ndarray] = None, momentum: float = 0.1) -> Stats:
+    """save_mean, save_invstd, scale and shift of ``dtype`` (the compute dtype) from
+    merged moments, updating the running statistics that are given in place exactly as
+    the fused training forward does (unbiased variance M2/(count - 1)). ``momentum`` is
+    the factor itself (the caller resolves PyTorch's None, the cumulative average)."""
+    dt = np.dtype(dtype)
+    C = mom.mean.shape[0]
+    w = _f._param(weight, "weight", C, dt)
+    b = _f._param(bias, "bias", C, dt)
+    out = [np.empty(C, dt) for _ in range(4)]
+    _kernels.finish(int(mom.count), mom.mean, mom.m2, float(eps), w, b, running_mean,
+                    running_var, float(momentum), *out)
+    return Stats(*out)
+
+
+def normalize(x, stats: Stats, *, axis: int = 1, out: Optional[np.ndarray] = None,
+              n_threads: Optional[int] = None, activation: Optional[str] = None,
+              residual=None) -> np.ndarray:
+    """The output pass: ``act((x - save_mean) * scale + shift + residual)``."""
+    return _f.normalize(x, stats.save_mean, stats.scale, stats.shift, axis=axis, out=out,
+                        n_threads=n_threads, activation=activation, residual=residual)
+
+
+def backward_reduce(grad_output, x, save_mean, *, axis: int = 1,
+                    n_threads: Optional[int] = None, activation: Optional[str] = None,
+                    output=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(sum_dy, sum_dy_xmu): float64 (C,) sums of dy and dy * (x - mean), with dy masked
+    by ReLU's backward where ``activation="relu"`` and ``output`` (the forward's output)."""
+    x3, view, xc = _view(x, axis)
+    dt = x3.dtype
+    g3 = view.read(_f._same_shape(grad_output, "grad_output", xc, dt))
+    ym3 = None
+    if _f._check_activation(activation):
+        if output is None:
+            raise ValueError("activation='relu' needs output (the forward's output)")
+        ym3 = view.read(_f._same_shape(output, "output", xc, dt))
+    mean = _f._param(save_mean, "save_mean", view.C, dt)
+    nt = resolve_num_threads(n_threads, x3.size)
+    return _kernels.backward_reduce(g3, x3, mean, nt, ym3)
+
+
+def backward_elements(grad_output, x, weight, save_mean, save_invstd, sum_dy, sum_dy_xmu,
+                      count: int, *, axis: int = 1, out: Optional[np.ndarray] = None,
+                      n_threads: Optional[int] = None, activation: Optional[str] = None,
+                      output=None) -> np.ndarray:
+    """The training backward's element pass with (global) sums over ``count`` values per
+    channel: ``dx = (dy - sum_dy/count - (x - mean) * invstd^2 * sum_dy_xmu/count) *
+    weight * invstd``."""
+    x_in = x if isinstance(x, np.ndarray) else np.asarray(x)
+    x3, view, xc = _view(x_in, axis)
+    dt = x3.dtype
+    g3 = view.read(_f._same_shape(grad_output, "grad_output", xc, dt))
+    ym3 = None
+    if _f._check_activation(activation):
+        if output is None:
+            raise ValueError("activation='relu' needs output (the forward's output)")
+        ym3 = view.read(_f._same_shape(output, "output", xc, dt))
+    C = view.C
+    w = _f._param(weight, "weight", C, dt)
+    mean = _f._param(save_mean, "save_mean", C, dt)
+    inv = _f._param(save_invstd, "save_invstd", C, dt)
+    dx, dx3 = view.new(dt)
+    nt = resolve_num_threads(n_threads, x3.size)
+    _kernels.backward_elements(g3, x3, w, mean, inv, sum_dy, sum_dy_xmu, int(count), dx3,
+                               nt, ym3)
+    if dx.dtype != x_in.dtype:
+        dx = dx.astype(x_in.dtype)
+    if out is not None:
+        np.copyto(out, dx)
+        return out
+    return dx
+
+
+def parameter_grads(sum_dy, sum_dy_xmu, save_invstd, dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """(grad_weight, grad_bias) from the backward sums, rounded as the fused backward
+    rounds them: grad_weight = sum_dy_xmu * invstd, grad_bias = sum_dy."""
+    dt = np.dtype(dtype)
+    inv = np.asarray(save_invstd, dtype=dt).astype(np.float64)
+    return ((np.asarray(sum_dy_xmu, np.float64) * inv).astype(dt),
+            np.asarray(sum_dy, np.float64).astype(dt))

@@ -1,0 +1,134 @@
+/* cbn_kernels.h: cbn's C loops, compiled once per CPU target, one chosen at import.
+ *
+ * Included by the Cython module (after Python.h, which defines Py_ssize_t). For every
+ * target the loop templates (cbn_planes.h, cbn_rows.h) are instantiated for float and
+ * double and gathered in an operation table (cbn_ops.h); cbn_select_target() points the
+ * active tables at one target's. Targets on x86-64 with GCC:
+ *
+ *   base     whatever the translation unit is compiled for (x86-64 by default)
+ *   avx2     AVX2 (x86-64-v3 class CPUs)
+ *   avx512   AVX-512 F/VL/BW/DQ/CD (x86-64-v4): masked tails, fixed-width row loops
+ *
+ * Elsewhere (other compilers or architectures, or a CBN_NATIVE build, whose base is
+ * already -march=native) only "base" exists. Results are bit-identical across targets:
+ * the loops are lane-wise IEEE arithmetic in a fixed order, FMA contraction is off
+ * (-ffp-contract=off), and every target runs the same operations in the same order.
+ */
+#ifndef CBN_KERNELS_H
+#define CBN_KERNELS_H
+
+#include "cbn_simd.h"
+
+typedef struct cbn_ops {
+    /* planes: runs of one channel */
+    void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
+                         double* mean, double* m2);
+    void (*runs_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
+                      Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean,
+                      double scale, double* sg, double* sgx);
+    void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
+                       double mean, double scale, double shift, int relu);
+    void (*run_bwd)(const void* x, const void* g, const void* ym, void* dx, Py_ssize_t n,
+                    double mean, double scale, double gmean, double xcoef);
+    /* rows: blocks of R rows of w values with per-lane parameters */
+    void (*cols_shifted_sums)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* shift,
+                              void* s1, void* s2);
+    void (*cols_dev)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* mean,
+                     void* s1, void* s2);
+    void (*cols_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
+                      Py_ssize_t R, Py_ssize_t w, const void* mean, const void* scale,
+                      void* sg, void* sgx);
+    void (*cols_apply)(int op, const void* x, const void* g, const void* q, void* y,
+                       Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
+                       const void* c, const void* d, int relu);
+} cbn_ops;
+
+/* The targets. CBN_MULTI_TARGET is defined by the build on x86-64 with GCC (setup.py). */
+#define CBN_TARGET base
+#include "cbn_target.h"
+#undef CBN_TARGET
+
+#if defined(CBN_MULTI_TARGET)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,f16c,lzcnt,movbe,popcnt,sse4.2")
+#define CBN_TARGET avx2
+#include "cbn_target.h"
+#undef CBN_TARGET
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,bmi,bmi2,f16c,lzcnt,movbe,popcnt,sse4.2")
+#define CBN_TARGET avx512
+#include "cbn_target.h"
+#undef CBN_TARGET
+#pragma GCC pop_options
+#endif
+
+/* ------------------------------------------------------------------ target choice */
+
+#ifndef CBN_BUILD_FLAGS
+#define CBN_BUILD_FLAGS "(not recorded)"
+#endif
+/* The compiler flags of this build (set by setup.py), for cbn.show_config(). */
+static const char* cbn_build_flags(void) { return CBN_BUILD_FLAGS; }
+
+typedef struct cbn_target_entry {
+    const char* name;
+    const cbn_ops* ops_f;
+    const cbn_ops* ops_d;
+    int (*supported)(void);
+} cbn_target_entry;
+
+static int cbn_always(void) { return 1; }
+#if defined(CBN_MULTI_TARGET)
+static int cbn_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+           && __builtin_cpu_supports("bmi2");
+}
+static int cbn_has_avx512(void) {
+    __builtin_cpu_init();
+    return cbn_has_avx2() && __builtin_cpu_supports("avx512f")
+           && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd");
+}
+#endif
+
+/* Best first. */
+static const cbn_target_entry cbn_targets[] = {
+#if defined(CBN_MULTI_TARGET)
+    {"avx512", &cbn_ops_f_avx512, &cbn_ops_d_avx512, cbn_has_avx512},
+    {"avx2", &cbn_ops_f_avx2, &cbn_ops_d_avx2, cbn_has_avx2},
+#endif
+    {"base", &cbn_ops_f_base, &cbn_ops_d_base, cbn_always},
+};
+enum { CBN_NTARGETS = sizeof(cbn_targets) / sizeof(cbn_targets[0]) };
+
+/* The active target (the best supported one until cbn_select_target says otherwise). */
+static const cbn_target_entry* cbn_active = &cbn_targets[CBN_NTARGETS - 1];
+
+static inline const cbn_ops* cbn_ops_f(void) { return cbn_active->ops_f; }
+static inline const cbn_ops* cbn_ops_d(void) { return cbn_active->ops_d; }
+static const char* cbn_target_name(void) { return cbn_active->name; }
+static int cbn_target_count(void) { return CBN_NTARGETS; }
+static const char* cbn_target_at(int i) { return cbn_targets[i].name; }
+static int cbn_target_supported_at(int i) { return cbn_targets[i].supported(); }
+
+/* Make `name` the active target; NULL, "" or "auto": the best one this CPU supports.
+   Returns 0, or -1 for a name that was not compiled, -2 for one this CPU lacks (the
+   active target is then unchanged). */
+static int cbn_select_target(const char* name) {
+    int i;
+    for (i = 0; i < CBN_NTARGETS; i++) {
+        if (name == NULL || name[0] == '\0' || strcmp(name, "auto") == 0) {
+            if (cbn_targets[i].supported()) { cbn_active = &cbn_targets[i]; return 0; }
+        } else if (strcmp(name, cbn_targets[i].name) == 0) {
+            if (!cbn_targets[i].supported()) return -2;
+            cbn_active = &cbn_targets[i];
+            return 0;
+        }
+    }
+    return -1;
+}
+
+#endif /* CBN_KERNELS_H */

@@ -1,0 +1,508 @@
+/* cbn_rows.h: loops over blocks of rows (the "rows" kernels: channels-last and other
+ * layouts where a channel's values are not contiguous).
+ *
+ * A template, included by cbn_kernels.h once per (dtype, CPU target); the parameters are
+ * those of cbn_planes.h (CBN_T, CBN_IT, CBN_L, CBN_SUF, CBN_TARGET), whose vector types
+ * this file uses.
+ *
+ * The data is a stream of rows of w values (k original rows of C*K values glued into one,
+ * see rows_partition in _kernels.pyx); lane t of a row belongs to channel (t // K) % C, so
+ * the per-lane "parameters" (mean, scale, ...) and accumulators are arrays of w values.
+ * Two loop shapes, with identical lane-wise arithmetic in the same order:
+ *
+ *   fx_*    fixed-width rows, AVX-512 targets only (32 vector registers), rows whose width
+ *           is a multiple of the 64-byte vector. A row of NV <= 8 vectors keeps its lane
+ *           parameters and accumulators in registers for the whole block and the loop
+ *           streams x and y only; a wider row is walked in memory order, the parameters
+ *           and accumulators read from L1 (strips of registers walked down the rows
+ *           measured up to 2x slower: the streams are no longer sequential). Each fx_*
+ *           dispatcher returns 0, having done nothing, when the width does not qualify.
+ *   cols_*  the general column loops, any width, any target: strips of vectors walk the
+ *           rows with accumulators in L1; the last w % CBN_L columns go one at a time.
+ *
+ * Per-lane parameters of the element-wise passes are named as in cbn_planes.h: for the
+ * output pass a = mean, b = scale, c = shift and q the residual; for the training
+ * backward a = mean, b = scale, c = gmean (sum(g)/n), d = xcoef (invstd^2 sum(g*xmu)/n)
+ * and q the forward's ReLU output that masks g.
+ */
+
+#if defined(__AVX512F__)
+#define CBN_FX 1          /* 32 vector registers: fixed-width row loops pay off */
+#else
+#define CBN_FX 0
+#endif
+#define CBN_WL ((int)(64 / sizeof(CBN_T)))   /* lanes of a 64-byte vector */
+
+typedef CBN_VEC(CBN_T, 64 / sizeof(CBN_T)) CBN_FN(w);
+typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
+
+/* One function per width NV (a constant inside it) and, for the affine loop, per
+   residual/ReLU case: separate functions keep every pointer in a register. */
+#define CBN_FX_INSTANCES(NV)                                                             \
+static CBN_NOINLINE void CBN_FN(fx_affine##NV)(const CBN_T* x,                           \
+        const CBN_T* q, CBN_T* y, Py_ssize_t R, const CBN_T* a,                          \
+        const CBN_T* b, const CBN_T* c, int relu) {                                      \
+    if (q) {                                                                             \
+        if (relu) CBN_FN(fx_affine_nv)(NV, 1, 1, x, q, y, R, a, b, c);                   \
+        else CBN_FN(fx_affine_nv)(NV, 1, 0, x, q, y, R, a, b, c);                        \
+    } else {                                                                             \
+        if (relu) CBN_FN(fx_affine_nv)(NV, 0, 1, x, NULL, y, R, a, b, c);                \
+        else CBN_FN(fx_affine_nv)(NV, 0, 0, x, NULL, y, R, a, b, c);                     \
+    }                                                                                    \
+}                                                                                        \
+static CBN_NOINLINE void CBN_FN(fx_bwd##NV)(const CBN_T* x,                              \
+        const CBN_T* g, const CBN_T* q, CBN_T* y, Py_ssize_t R,                          \
+        const CBN_T* a, const CBN_T* b, const CBN_T* c,                                  \
+        const CBN_T* d) {                                                                \
+    if (q) CBN_FN(fx_bwd_nv)(NV, 1, x, g, q, y, R, a, b, c, d);                          \
+    else CBN_FN(fx_bwd_nv)(NV, 0, x, g, NULL, y, R, a, b, c, d);                         \
+}                                                                                        \
+static CBN_NOINLINE void CBN_FN(fx_shifted_sums##NV)(const CBN_T* p,                     \
+        Py_ssize_t R, const CBN_T* sh, CBN_T* s1, CBN_T* s2) {                           \
+    CBN_FN(fx_shifted_sums_nv)(NV, p, R, sh, s1, s2);                                    \
+}                                                                                        \
+static CBN_NOINLINE void CBN_FN(fx_sums##NV)(const CBN_T* g,                             \
+        const CBN_T* x, Py_ssize_t R, const CBN_T* m, CBN_T* sg,                         \
+        CBN_T* sgx) {                                                                    \
+    CBN_FN(fx_sums_nv)(NV, g, x, R, m, sg, sgx);                                         \
+}
+#define CBN_FX_CASES(F, ARGS)                                                            \
+    case 1: CBN_FN(F##1) ARGS; break; case 2: CBN_FN(F##2) ARGS; break;                  \
+    case 3: CBN_FN(F##3) ARGS; break; case 4: CBN_FN(F##4) ARGS; break;                  \
+    case 5: CBN_FN(F##5) ARGS; break; case 6: CBN_FN(F##6) ARGS; break;                  \
+    case 7: CBN_FN(F##7) ARGS; break; case 8: CBN_FN(F##8) ARGS; break;
+
+
+
+
+/* y = (x - a) * b + c (+ q) (ReLU if RELU), rows of NV wide vectors */
+static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, int RELU, const CBN_T* x,
+                                          const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                                          const CBN_T* a, const CBN_T* b, const CBN_T* c) {
+    typedef CBN_FN(w) V;
+    typedef CBN_FN(wm) IV;
+    const int L = CBN_WL;
+    V va[8], vb[8], vc[8], v, r0;
+    Py_ssize_t i;
+    int j;
+    CBN_UNROLL for (j = 0; j < NV; j++) {
+        CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);
+        CBN_VLOAD(vc[j], c + j * L);
+    }
+    for (i = 0; i < R; i++, x += NV * L, y += NV * L, q += HASQ ? NV * L : 0) {
+        CBN_UNROLL for (j = 0; j < NV; j++) {
+            CBN_VLOAD(v, x + j * L);
+            v = (v - va[j]) * vb[j] + vc[j];
+            if (HASQ) { CBN_VLOAD(r0, q + j * L); v += r0; }
+            if (RELU) v = CBN_RELU(IV, V, v);
+            CBN_VSTORE(y + j * L, v);
+        }
+    }
+}
+
+/* The same over rows wider than 8 vectors, in memory order, the lane parameters
+   loaded from L1 with each vector */
+static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* q, CBN_T* y,
+                                                  Py_ssize_t n, const CBN_T* a,
+                                                  const CBN_T* b, const CBN_T* c, int relu,
+                                                  Py_ssize_t w) {
+    typedef CBN_FN(w) V;
+    typedef CBN_FN(wm) IV;
+    const int L = CBN_WL;
+    V v, va, vb, vc, r0;
+    Py_ssize_t i, t;
+    for (i = 0; i < n; i += w) {
+        for (t = 0; t < w; t += L) {
+            CBN_VLOAD(v, x + i + t); CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t);
+            CBN_VLOAD(vc, c + t);
+            v = (v - va) * vb + vc;
+            if (q) { CBN_VLOAD(r0, q + i + t); v += r0; }
+            if (relu) v = CBN_RELU(IV, V, v);
+            CBN_VSTORE(y + i + t, v);
+        }
+    }
+}
+
+/* y = (g - c - (x - a) * d) * b over rows wider than 8 vectors, in memory order */
+static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_T* x, const CBN_T* g, const CBN_T* q,
+                                               CBN_T* y, Py_ssize_t n, const CBN_T* a,
+                                               const CBN_T* b, const CBN_T* c, const CBN_T* d,
+                                               Py_ssize_t w) {
+    typedef CBN_FN(w) V;
+    typedef CBN_FN(wm) IV;
+    const int L = CBN_WL;
+    V v, u, r0, va, vb, vc, vd;
+    Py_ssize_t i, t;
+    for (i = 0; i < n; i += w) {
+        for (t = 0; t < w; t += L) {
+            CBN_VLOAD(v, x + i + t); CBN_VLOAD(u, g + i + t);
+            if (q) { CBN_VLOAD(r0, q + i + t); u = CBN_MASK(IV, V, u, r0); }
+            CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);
+            CBN_VLOAD(vd, d + t);
+            v = (u - vc - (v - va) * vd) * vb;
+            CBN_VSTORE(y + i + t, v);
+        }
+    }
+}
+
+/* Sums over rows wider than 8 vectors, in memory order, the accumulators in L1:
+   s1 = sum of d = x - sh, s2 = sum of d*d; or (SUMS) s1 = sum of g = p, s2 = sum
+   of g * (x - sh). Each lane is summed in row order, as in the loops below. */
+static CBN_INLINE void CBN_FN(fx_wide_red)(int SUMS, const CBN_T* p, const CBN_T* x,
+                                             Py_ssize_t R, Py_ssize_t w,
+                                             const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
+    typedef CBN_FN(w) V;
+    const int L = CBN_WL;
+    V v, u, vs, va, vb;
+    Py_ssize_t r, t, o;
+    for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }
+    for (r = 0, o = 0; r < R; r++, o += w) {
+        for (t = 0; t < w; t += L) {
+            CBN_VLOAD(v, p + o + t); CBN_VLOAD(vs, sh + t);
+            CBN_VLOAD(va, s1 + t); CBN_VLOAD(vb, s2 + t);
+            if (SUMS) { CBN_VLOAD(u, x + o + t); va += v; vb += v * (u - vs); }
+            else { v -= vs; va += v; vb += v * v; }
+            CBN_VSTORE(s1 + t, va); CBN_VSTORE(s2 + t, vb);
+        }
+    }
+}
+static CBN_NOINLINE void CBN_FN(fx_shifted_sums_wide)(const CBN_T* p, Py_ssize_t R,
+                                                        Py_ssize_t w, const CBN_T* sh,
+                                                        CBN_T* s1, CBN_T* s2) {
+    CBN_FN(fx_wide_red)(0, p, NULL, R, w, sh, s1, s2);
+}
+static CBN_NOINLINE void CBN_FN(fx_sums_wide)(const CBN_T* g, const CBN_T* x, Py_ssize_t R,
+                                                Py_ssize_t w, const CBN_T* m, CBN_T* sg,
+                                                CBN_T* sgx) {
+    CBN_FN(fx_wide_red)(1, g, x, R, w, m, sg, sgx);
+}
+
+/* y = (g - c - (x - a) * d) * b, g masked by ReLU's backward from q if HASQ */
+static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, int HASQ, const CBN_T* x, const CBN_T* g,
+                                           const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                                           const CBN_T* a, const CBN_T* b, const CBN_T* c,
+                                           const CBN_T* d) {
+    typedef CBN_FN(w) V;
+    typedef CBN_FN(wm) IV;
+    const int L = CBN_WL;
+    V va[8], vb[8], vc[8], vd[8], v, u, r0;
+    Py_ssize_t i;
+    int j;
+    CBN_UNROLL for (j = 0; j < NV; j++) {
+        CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);
+        CBN_VLOAD(vc[j], c + j * L); CBN_VLOAD(vd[j], d + j * L);
+    }
+    for (i = 0; i < R; i++, x += NV * L, g += NV * L, y += NV * L,
+                           q += HASQ ? NV * L : 0) {
+        CBN_UNROLL for (j = 0; j < NV; j++) {
+            CBN_VLOAD(v, x + j * L); CBN_VLOAD(u, g + j * L);
+            if (HASQ) { CBN_VLOAD(r0, q + j * L); u = CBN_MASK(IV, V, u, r0); }
+            v = (u - vc[j] - (v - va[j]) * vd[j]) * vb[j];
+            CBN_VSTORE(y + j * L, v);
+        }
+    }
+}
+
+/* s1 = sum over rows of d = x - sh, s2 = sum of d*d (lane-wise, in row order) */
+static CBN_INLINE void CBN_FN(fx_shifted_sums_nv)(int NV, const CBN_T* p, Py_ssize_t R,
+                                                const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
+    typedef CBN_FN(w) V;
+    const int L = CBN_WL;
+    V vs[8], va[8], vb[8], v;
+    Py_ssize_t i;
+    int j;
+    CBN_UNROLL for (j = 0; j < NV; j++) {
+        CBN_VLOAD(vs[j], sh + j * L); va[j] = (V){0}; vb[j] = (V){0};
+    }
+    for (i = 0; i < R; i++, p += NV * L) {
+        CBN_UNROLL for (j = 0; j < NV; j++) {
+            CBN_VLOAD(v, p + j * L); v -= vs[j]; va[j] += v; vb[j] += v * v;
+        }
+    }
+    CBN_UNROLL for (j = 0; j < NV; j++) {
+        CBN_VSTORE(s1 + j * L, va[j]); CBN_VSTORE(s2 + j * L, vb[j]);
+    }
+}
+
+/* sg = sum over rows of g, sgx = sum of g * (x - m) (lane-wise, in row order) */
+static CBN_INLINE void CBN_FN(fx_sums_nv)(int NV, const CBN_T* g, const CBN_T* x, Py_ssize_t R,
+                                        const CBN_T* m, CBN_T* sg, CBN_T* sgx) {
+    typedef CBN_FN(w) V;
+    const int L = CBN_WL;
+    V vm[8], va[8], vb[8], v, w;
+    Py_ssize_t i;
+    int j;
+    CBN_UNROLL for (j = 0; j < NV; j++) {
+        CBN_VLOAD(vm[j], m + j * L); va[j] = (V){0}; vb[j] = (V){0};
+    }
+    for (i = 0; i < R; i++, g += NV * L, x += NV * L) {
+        CBN_UNROLL for (j = 0; j < NV; j++) {
+            CBN_VLOAD(v, g + j * L); CBN_VLOAD(w, x + j * L);
+            va[j] += v; vb[j] += v * (w - vm[j]);
+        }
+    }
+    CBN_UNROLL for (j = 0; j < NV; j++) {
+        CBN_VSTORE(sg + j * L, va[j]); CBN_VSTORE(sgx + j * L, vb[j]);
+    }
+}
+
+CBN_FX_INSTANCES(1) CBN_FX_INSTANCES(2) CBN_FX_INSTANCES(3)
+CBN_FX_INSTANCES(4) CBN_FX_INSTANCES(5) CBN_FX_INSTANCES(6)
+CBN_FX_INSTANCES(7) CBN_FX_INSTANCES(8)
+
+static inline int CBN_FN(fx_nv)(Py_ssize_t w) {
+    return (CBN_FX && w % CBN_WL == 0 && w <= 8 * CBN_WL)
+           ? (int)(w / CBN_WL) : 0;
+}
+static inline int CBN_FN(fx_wide)(Py_ssize_t w) {
+    return CBN_FX && w % CBN_WL == 0 && w > 8 * CBN_WL;
+}
+static int CBN_FN(fx_affine)(const CBN_T* x, const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                               Py_ssize_t w, const CBN_T* a, const CBN_T* b, const CBN_T* c,
+                               int relu) {
+    if (CBN_FN(fx_wide)(w)) {
+        CBN_FN(fx_affine_wide)(x, q, y, R * w, a, b, c, relu, w);
+        return 1;
+    }
+    switch (CBN_FN(fx_nv)(w)) {
+        CBN_FX_CASES(fx_affine, (x, q, y, R, a, b, c, relu))
+        default: return 0;
+    }
+    return 1;
+}
+static int CBN_FN(fx_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                            Py_ssize_t w, const CBN_T* a, const CBN_T* b, const CBN_T* c,
+                            const CBN_T* d) {
+    if (CBN_FN(fx_wide)(w)) {
+        CBN_FN(fx_bwd_wide)(x, g, q, y, R * w, a, b, c, d, w);
+        return 1;
+    }
+    switch (CBN_FN(fx_nv)(w)) {
+        CBN_FX_CASES(fx_bwd, (x, g, q, y, R, a, b, c, d))
+        default: return 0;
+    }
+    return 1;
+}
+static int CBN_FN(fx_shifted_sums)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
+                                     const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
+    if (CBN_FN(fx_wide)(w)) {
+        CBN_FN(fx_shifted_sums_wide)(p, R, w, sh, s1, s2);
+        return 1;
+    }
+    switch (CBN_FN(fx_nv)(w)) {
+        CBN_FX_CASES(fx_shifted_sums, (p, R, sh, s1, s2))
+        default: return 0;
+    }
+    return 1;
+}
+static int CBN_FN(fx_sums)(const CBN_T* g, const CBN_T* x, Py_ssize_t R, Py_ssize_t w,
+                             const CBN_T* m, CBN_T* sg, CBN_T* sgx) {
+    if (CBN_FN(fx_wide)(w)) {
+        CBN_FN(fx_sums_wide)(g, x, R, w, m, sg, sgx);
+        return 1;
+    }
+    switch (CBN_FN(fx_nv)(w)) {
+        CBN_FX_CASES(fx_sums, (g, x, R, m, sg, sgx))
+        default: return 0;
+    }
+    return 1;
+}
+
+/* Column loops over a block of R rows of w values (row r at p + r*w), any width:
+   strips of vectors walk down the rows with register or L1 accumulators; the last
+   w % CBN_L columns go one at a time. Each column is summed in row order. */
+
+/* d = p[r*w + t] - sh[t]: s1[t] = sum_r d, s2[t] = sum_r d*d, row by row (streams
+   from memory; the accumulators stay in L1). */
+static inline void CBN_FN(cols_shifted_sums)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
+                                               const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
+    typedef CBN_FN(v) V;
+    Py_ssize_t t, r, ws = w - w % CBN_L;
+    V a, b, x, s;
+    CBN_T d;
+    if (CBN_FN(fx_shifted_sums)(p, R, w, sh, s1, s2)) return;
+    for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }
+    for (r = 0; r + 4 <= R; r += 4, p += 4 * w) {   /* 4 rows per accumulator trip */
+        for (t = 0; t < ws; t += CBN_L) {
+            V x1, x2, x3;
+            CBN_VLOAD(x, p + t); CBN_VLOAD(x1, p + w + t);
+            CBN_VLOAD(x2, p + 2 * w + t); CBN_VLOAD(x3, p + 3 * w + t);
+            CBN_VLOAD(s, sh + t); CBN_VLOAD(a, s1 + t); CBN_VLOAD(b, s2 + t);
+            x -= s; x1 -= s; x2 -= s; x3 -= s;
+            a += x; b += x * x; a += x1; b += x1 * x1;
+            a += x2; b += x2 * x2; a += x3; b += x3 * x3;
+            CBN_VSTORE(s1 + t, a); CBN_VSTORE(s2 + t, b);
+        }
+        for (; t < w; t++) {
+            d = p[t] - sh[t]; s1[t] += d; s2[t] += d * d;
+            d = p[w + t] - sh[t]; s1[t] += d; s2[t] += d * d;
+            d = p[2 * w + t] - sh[t]; s1[t] += d; s2[t] += d * d;
+            d = p[3 * w + t] - sh[t]; s1[t] += d; s2[t] += d * d;
+        }
+    }
+    for (; r < R; r++, p += w) {
+        for (t = 0; t < ws; t += CBN_L) {
+            CBN_VLOAD(x, p + t); CBN_VLOAD(s, sh + t);
+            CBN_VLOAD(a, s1 + t); CBN_VLOAD(b, s2 + t);
+            x -= s; a += x; b += x * x;
+            CBN_VSTORE(s1 + t, a); CBN_VSTORE(s2 + t, b);
+        }
+        for (; t < w; t++) { d = p[t] - sh[t]; s1[t] += d; s2[t] += d * d; }
+    }
+}
+
+/* d = p[r*w + t] - m[t]: s1[t] = sum_r d, s2[t] = sum_r d*d */
+static inline void CBN_FN(cols_dev)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
+                                      const CBN_T* m, CBN_T* s1, CBN_T* s2) {
+    typedef CBN_FN(v) V;
+    Py_ssize_t t = 0, r, ws = w - w % (4 * CBN_L);
+    for (; t < ws; t += 4 * CBN_L) {
+        V m0, m1, m2, m3, x0, x1, x2, x3;
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        CBN_VLOAD(m0, m + t); CBN_VLOAD(m1, m + t + CBN_L);
+        CBN_VLOAD(m2, m + t + 2 * CBN_L); CBN_VLOAD(m3, m + t + 3 * CBN_L);
+        for (r = 0; r < R; r++) {
+            const CBN_T* q = p + r * w + t;
+            CBN_VLOAD(x0, q); CBN_VLOAD(x1, q + CBN_L);
+            CBN_VLOAD(x2, q + 2 * CBN_L); CBN_VLOAD(x3, q + 3 * CBN_L);
+            x0 -= m0; x1 -= m1; x2 -= m2; x3 -= m3;
+            a0 += x0; a1 += x1; a2 += x2; a3 += x3;
+            b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;
+        }
+        CBN_VSTORE(s1 + t, a0); CBN_VSTORE(s1 + t + CBN_L, a1);
+        CBN_VSTORE(s1 + t + 2 * CBN_L, a2); CBN_VSTORE(s1 + t + 3 * CBN_L, a3);
+        CBN_VSTORE(s2 + t, b0); CBN_VSTORE(s2 + t + CBN_L, b1);
+        CBN_VSTORE(s2 + t + 2 * CBN_L, b2); CBN_VSTORE(s2 + t + 3 * CBN_L, b3);
+    }
+    for (; t < w; t++) {
+        CBN_T a = 0, b = 0, d;
+        for (r = 0; r < R; r++) { d = p[r * w + t] - m[t]; a += d; b += d * d; }
+        s1[t] = a; s2[t] = b;
+    }
+}
+
+/* sg[t] = sum_r g, sgx[t] = sum_r g * (x - m[t]), g masked by ReLU's backward if
+   ym; if gr: gr = (masked) g; if dx: dx = g * k[t]. Row by row (streams from
+   memory; the accumulators stay in L1). */
+static inline void CBN_FN(cols_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym, CBN_T* dx,
+                                       CBN_T* gr, Py_ssize_t R, Py_ssize_t w,
+                                       const CBN_T* m, const CBN_T* k, CBN_T* sg, CBN_T* sgx) {
+    typedef CBN_FN(v) V;
+    typedef CBN_FN(m) IV;
+    Py_ssize_t t, r, o, i, ws = w - w % CBN_L;
+    V a, b, vg, vx, vm, vk, vy;
+    CBN_T gv;
+    if (!ym && !dx && !gr && CBN_FN(fx_sums)(g, x, R, w, m, sg, sgx)) return;
+    for (t = 0; t < w; t++) { sg[t] = 0; sgx[t] = 0; }
+    r = o = 0;
+    if (!ym && !dx && !gr) {        /* 4 rows per accumulator trip */
+        for (; r + 4 <= R; r += 4, o += 4 * w) {
+            for (t = 0; t < ws; t += CBN_L) {
+                V g1, x1;
+                CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
+                CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);
+                CBN_VLOAD(g1, g + o + w + t); CBN_VLOAD(x1, x + o + w + t);
+                a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);
+                CBN_VLOAD(vg, g + o + 2 * w + t); CBN_VLOAD(vx, x + o + 2 * w + t);
+                CBN_VLOAD(g1, g + o + 3 * w + t); CBN_VLOAD(x1, x + o + 3 * w + t);
+                a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);
+                CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);
+            }
+            for (; t < w; t++) {
+                for (i = o + t; i < o + t + 4 * w; i += w) {
+                    sg[t] += g[i]; sgx[t] += g[i] * (x[i] - m[t]);
+                }
+            }
+        }
+    }
+    for (; r < R; r++, o += w) {
+        for (t = 0; t < ws; t += CBN_L) {
+            CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);
+            if (ym) { CBN_VLOAD(vy, ym + o + t); vg = CBN_MASK(IV, V, vg, vy); }
+            if (gr) CBN_VSTORE(gr + o + t, vg);
+            CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
+            a += vg; b += vg * (vx - vm);
+            CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);
+            if (dx) { CBN_VLOAD(vk, k + t); vx = vg * vk; CBN_VSTORE(dx + o + t, vx); }
+        }
+        for (; t < w; t++) {
+            gv = (ym && !(ym[o + t] > 0)) ? 0 : g[o + t];
+            if (gr) gr[o + t] = gv;
+            sg[t] += gv; sgx[t] += gv * (x[o + t] - m[t]);
+            if (dx) dx[o + t] = gv * k[t];
+        }
+    }
+}
+
+/* Element-wise over R rows with lane parameters, row by row (a streaming pass).
+   op 0: y = (x - a) * b + c (+ q: a residual) (ReLU if relu); y may be x.
+   op 1: y = (g - c - (x - a) * d) * b, g masked by ReLU's backward if q (the
+   forward output). */
+static inline void CBN_FN(cols_apply_body)(int op, const CBN_T* x, const CBN_T* g,
+                                             const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                                             Py_ssize_t w, const CBN_T* a, const CBN_T* b,
+                                             const CBN_T* c, const CBN_T* d, int relu) {
+    typedef CBN_FN(v) V;
+    typedef CBN_FN(m) IV;
+    Py_ssize_t t, r, o, i, n, ws = w - w % CBN_L;
+    V va, vb, vc, vd, vx, vg, vq;
+    CBN_T v;
+    /* up to 4 rows per load of the lane parameters */
+    for (r = 0, o = 0; r < R; r += n, o += n * w) {
+        n = R - r < 4 ? R - r : 4;
+        for (t = 0; t < ws; t += CBN_L) {
+            CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);
+            if (op) CBN_VLOAD(vd, d + t);
+            for (i = o + t; i < o + t + n * w; i += w) {
+                CBN_VLOAD(vx, x + i);
+                if (op) {
+                    CBN_VLOAD(vg, g + i);
+                    if (q) { CBN_VLOAD(vq, q + i); vg = CBN_MASK(IV, V, vg, vq); }
+                    vx = (vg - vc - (vx - va) * vd) * vb;
+                } else {
+                    vx = (vx - va) * vb + vc;
+                    if (q) { CBN_VLOAD(vq, q + i); vx += vq; }
+                    if (relu) vx = CBN_RELU(IV, V, vx);
+                }
+                CBN_VSTORE(y + i, vx);
+            }
+        }
+        for (; t < w; t++) {
+            for (i = o + t; i < o + t + n * w; i += w) {
+                if (op) {
+                    v = (q && !(q[i] > 0)) ? 0 : g[i];
+                    y[i] = (v - c[t] - (x[i] - a[t]) * d[t]) * b[t];
+                } else {
+                    v = (x[i] - a[t]) * b[t] + c[t];
+                    if (q) v += q[i];
+                    y[i] = (relu && v < 0) ? 0 : v;
+                }
+            }
+        }
+    }
+}
+
+/* cbn_cols_apply_body with op, q and relu made constants, one copy per case: a
+   separate function whose loop keeps every pointer in a register. */
+static CBN_NOINLINE void CBN_FN(cols_apply)(int op, const CBN_T* x, const CBN_T* g,
+                                             const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                                             Py_ssize_t w, const CBN_T* a, const CBN_T* b,
+                                             const CBN_T* c, const CBN_T* d, int relu) {
+    if (!op && CBN_FN(fx_affine)(x, q, y, R, w, a, b, c, relu)) return;
+    if (op && CBN_FN(fx_bwd)(x, g, q, y, R, w, a, b, c, d)) return;
+    if (op) {
+        if (q) CBN_FN(cols_apply_body)(1, x, g, q, y, R, w, a, b, c, d, 0);
+        else CBN_FN(cols_apply_body)(1, x, g, NULL, y, R, w, a, b, c, d, 0);
+    } else if (q) {
+        if (relu) CBN_FN(cols_apply_body)(0, x, NULL, q, y, R, w, a, b, c, d, 1);
+        else CBN_FN(cols_apply_body)(0, x, NULL, q, y, R, w, a, b, c, d, 0);
+    } else {
+        if (relu) CBN_FN(cols_apply_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);
+        else CBN_FN(cols_apply_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);
+    }
+}
+
+#undef CBN_FX
+#undef CBN_WL
+#undef CBN_FX_INSTANCES
+#undef CBN_FX_CASES

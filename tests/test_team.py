@@ -1,0 +1,74 @@
+"""The adaptive team (cbn/src/cbn_team.h): a parallel region that ran no faster than its
+work on one thread means the cores are contended, and the next calls run on one thread for
+a back-off period. The policy is driven here with synthetic region timings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import _kernels
+
+
+@pytest.fixture(autouse=True)
+def fresh_team():
+    _kernels._team_reset(True)
+    yield
+    _kernels._team_reset(True)
+
+
+def test_a_stalled_region_sends_the_next_calls_to_one_thread():
+    stalls = _kernels.team_state()["stalls"]
+    assert _kernels._team_size(2) == 2
+    _kernels._team_report(1_000_000, 900_000, 2)        # 1 ms wall, 0.9 ms of work
+    st = _kernels.team_state()
+    assert st["stalls"] == stalls + 1
+    assert 0 < st["serial_for"] <= 0.01
+    assert _kernels._team_size(2) == 1
+    assert _kernels._team_size(1) == 1
+
+
+def test_back_off_grows_while_regions_stall_and_shrinks_when_they_do_not():
+    _kernels._team_report(1_000_000, 500_000, 4)
+    assert _kernels.team_state()["backoff"] == pytest.approx(0.04)
+    _kernels._team_report(1_000_000, 500_000, 4)
+    assert _kernels.team_state()["backoff"] == pytest.approx(0.16)
+    for _ in range(10):
+        _kernels._team_report(1_000_000, 0, 4)
+    assert _kernels.team_state()["backoff"] == pytest.approx(2.0)     # capped
+    _kernels._team_reset()
+    _kernels._team_report(1_000_000, 1_900_000, 2)      # a healthy 2-thread region
+    assert _kernels.team_state()["serial_for"] == 0
+    assert _kernels._team_size(2) == 2
+
+
+def test_short_or_single_thread_regions_say_nothing():
+    _kernels._team_report(10_000, 1, 2)          # 10 us: too short to judge
+    _kernels._team_report(1_000_000, 1, 1)       # one thread
+    assert _kernels.team_state()["serial_for"] == 0
+    assert _kernels._team_size(3) == 3
+
+
+def test_results_are_the_same_during_a_back_off():
+    x = np.random.default_rng(0).standard_normal((8, 16, 64, 64)).astype(np.float32)
+    want = cbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, n_threads=2)
+    _kernels._team_report(1_000_000, 0, 2)
+    assert _kernels._team_size(2) == 1
+    got = cbn.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5, n_threads=2)
+    for a, b in zip(want, got):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_turned_off_by_the_environment():
+    code = ("import cbn._kernels as k; k._team_report(10**6, 0, 2); "
+            "print(k.team_state()['adaptive'], k._team_size(2))")
+    env = dict(os.environ, CBN_ADAPTIVE_THREADS="0")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "2"]

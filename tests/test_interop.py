@@ -324,3 +324,33 @@ def test_from_keras_float64_layer(keras):
         np.testing.assert_allclose(m(x), _np(keras, layer(xk, training=True)),
                                    **TOL[np.float32])
     np.testing.assert_allclose(m.running_var, layer.get_weights()[3], **TOL[np.float32])
+
+
+# ------------------------------------------------------------------ docstring examples
+
+
+def _run_skipped_examples(method):
+    """Run a converter's docstring Examples with their ``+SKIP`` lines (those that need the
+    library) run too; tests/test_doctests.py runs the others everywhere."""
+    import doctest
+    test = doctest.DocTestFinder().find(method, method.__qualname__,
+                                        globs={})[0]
+    skipped = [ex for ex in test.examples if ex.options.get(doctest.SKIP)]
+    assert skipped, f"{method.__qualname__} has no example that needs the library"
+    for ex in skipped:
+        del ex.options[doctest.SKIP]
+    out = []
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    with np.printoptions(legacy=False):
+        result = runner.run(test, out=out.append, clear_globs=True)
+    assert result.failed == 0, "".join(out)
+
+
+@pytest.mark.parametrize("name", ["from_keras", "to_keras"])
+def test_keras_docstring_examples(keras, name):
+    _run_skipped_examples(getattr(cbn.BatchNorm, name))
+
+
+@pytest.mark.parametrize("name", ["from_onnx", "to_onnx"])
+def test_onnx_docstring_examples(onnx, name):
+    _run_skipped_examples(getattr(cbn.BatchNorm, name))

@@ -25,6 +25,7 @@ from ._config import show_config
 from ._kernels import openmp_enabled
 from ._state import load
 from ._threads import get_num_threads, set_num_threads
+from .distributed import SyncBatchNorm, precise_statistics
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .fusion import fold
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -36,6 +37,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
@@ -44,6 +46,7 @@ __all__ = [
     "get_num_threads",
     "load",
     "openmp_enabled",
+    "precise_statistics",
     "set_num_threads",
     "show_config",
 ]

@@ -23,12 +23,16 @@ cdef void* alloc(Py_ssize_t nbytes) except NULL:
 
 
 cdef int stage_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                       Moments* out, int nthreads) except -1:
-    """out[c] = (count, mean, M2) of channel c of the (M, C, K) data x."""
-    cdef void* mem = alloc(moments_scratch_bytes(M, C, K, sizeof(floating), nthreads))
+                       Moments* out, int nthreads, void* scratch=NULL) except -1:
+    """out[c] = (count, mean, M2) of channel c of the (M, C, K) data x. scratch: NULL, or
+    moments_scratch_bytes(...) bytes the caller allocated (one allocation per call)."""
+    cdef void* mem = scratch
+    if mem == NULL:
+        mem = alloc(moments_scratch_bytes(M, C, K, sizeof(floating), nthreads))
     with nogil:
         channel_moments(x, M, C, K, mem, out, nthreads)
-    free(mem)
+    if scratch == NULL:
+        free(mem)
     return 0
 
 
@@ -74,45 +78,62 @@ cdef void stage_eval_params(const floating* weight, const floating* bias,
 cdef int stage_normalize(const floating* x, floating* y, const floating* mean,
                          const floating* scale, const floating* shift,
                          const floating* residual, bint relu, Py_ssize_t M, Py_ssize_t C,
-                         Py_ssize_t K, int nthreads) except -1:
-    """y = act((x - mean) * scale + shift + residual); y may be x."""
-    cdef void* lanes = alloc(apply_scratch_bytes(M, C, K, sizeof(floating)))
+                         Py_ssize_t K, int nthreads, void* scratch=NULL) except -1:
+    """y = act((x - mean) * scale + shift + residual); y may be x. scratch: NULL, or
+    apply_scratch_bytes(...) bytes the caller allocated."""
+    cdef Py_ssize_t nbytes = apply_scratch_bytes(M, C, K, sizeof(floating))
+    cdef void* lanes = scratch
+    if lanes == NULL and nbytes > 0:
+        lanes = alloc(nbytes)
     with nogil:
         apply(OP_AFFINE, x, NULL, residual, y, M, C, K, mean, scale, shift, NULL,
               <floating*>lanes, relu, nthreads)
-    free(lanes)
+    if lanes != scratch:
+        free(lanes)
     return 0
 
 
 cdef int stage_backward_reduce(const floating* g, const floating* x, const floating* ym,
                                floating* gr, floating* dx_eval, const floating* mean,
                                const floating* scale, Py_ssize_t M, Py_ssize_t C,
-                               Py_ssize_t K, Sums* out, int nthreads) except -1:
+                               Py_ssize_t K, Sums* out, int nthreads,
+                               void* scratch=NULL) except -1:
     """out[c] = (sum g, sum g * (x - mean)) over channel c, g = grad_output masked by
     ReLU's backward where ym (the forward's output) is given; the masked g is written to
     gr and, for the eval backward, dx_eval = g * scale, both in the same pass (if not
-    NULL)."""
+    NULL). scratch: NULL, or reduce_scratch_bytes(...) bytes the caller allocated."""
     cdef Planes PP
     cdef Rows PR
-    cdef char* mem
+    cdef char* mem = <char*>scratch
     cdef floating* lmean
+    if mem == NULL:
+        mem = <char*>alloc(reduce_scratch_bytes(M, C, K, sizeof(floating), nthreads))
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
-        mem = <char*>alloc(PP.items * C * sizeof(Sums))
         with nogil:
             planes_sums(g, x, ym, dx_eval, gr, PP, mean, scale, <Sums*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
-        mem = <char*>alloc(PR.items * C * sizeof(Sums)
-                           + (nthreads * 2 + 2) * PR.W * sizeof(floating))
         lmean = <floating*>(mem + PR.items * C * sizeof(Sums))
         with nogil:
             expand_lanes(mean, lmean, PR.W, C, K)
             expand_lanes(scale, lmean + PR.W, PR.W, C, K)
             rows_sums(g, x, ym, dx_eval, gr, C, K, PR, lmean, lmean + PR.W, <Sums*>mem,
                       lmean + 2 * PR.W, out, nthreads)
-    free(mem)
+    if scratch == NULL:
+        free(mem)
     return 0
+
+
+cdef Py_ssize_t reduce_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                                     Py_ssize_t itemsize, int nthreads):
+    """Bytes of scratch stage_backward_reduce needs: item partials (and, for rows, the
+    lane parameters and per-thread lanes)."""
+    cdef Rows PR
+    if K >= PLANE_MIN_K:
+        return planes_partition(M, C, K, BLOCK).items * C * sizeof(Sums)
+    PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
+    return PR.items * C * sizeof(Sums) + (nthreads * 2 + 2) * PR.W * itemsize
 
 
 cdef void stage_backward_finish(const Sums* sums, const floating* invstd, double n,
@@ -139,7 +160,8 @@ cdef int stage_backward_elements(const floating* g, const floating* x, const flo
                                  const floating* k1, const floating* k2, Py_ssize_t M,
                                  Py_ssize_t C, Py_ssize_t K, int nthreads) except -1:
     """dx = (g - k1 - (x - mean) * k2) * scale, g masked by ReLU's backward where ym."""
-    cdef void* lanes = alloc(apply_scratch_bytes(M, C, K, sizeof(floating)))
+    cdef Py_ssize_t nbytes = apply_scratch_bytes(M, C, K, sizeof(floating))
+    cdef void* lanes = alloc(nbytes) if nbytes > 0 else NULL
     with nogil:
         apply(OP_BWD_TRAIN, x, g, ym, dx, M, C, K, mean, scale, k1, k2, <floating*>lanes,
               False, nthreads)
@@ -202,15 +224,22 @@ cdef inline Call new_call(cnp.ndarray x, int nthreads):
 
 
 cdef int forward_impl(const floating* x, Call* k) except -1:
+    # one allocation: the per-channel parameters, then the stages' scratch
     cdef Py_ssize_t C = k.C
-    cdef char* mem = <char*>alloc(C * (sizeof(Moments) + 2 * sizeof(floating)))
+    cdef Py_ssize_t pbytes = C * (sizeof(Moments) + 2 * sizeof(floating))
+    cdef Py_ssize_t abytes = apply_scratch_bytes(k.M, C, k.K, sizeof(floating))
+    cdef Py_ssize_t mbytes = (moments_scratch_bytes(k.M, C, k.K, sizeof(floating), k.nthreads)
+                              if k.training else 0)
+    pbytes = (pbytes + 63) // 64 * 64
+    abytes = (abytes + 63) // 64 * 64
+    cdef char* mem = <char*>alloc(pbytes + abytes + mbytes)
     cdef Moments* mom = <Moments*>mem
     cdef floating* scale = <floating*>(mom + C)
     cdef floating* shift = scale + C
     cdef floating* save_mean = <floating*>k.save_mean
     try:
         if k.training:
-            stage_moments(x, k.M, C, k.K, mom, k.nthreads)
+            stage_moments(x, k.M, C, k.K, mom, k.nthreads, mem + pbytes + abytes)
             stage_finish(mom, C, <double>k.M * k.K, <floating*>k.weight,
                          <floating*>k.bias, <floating*>k.running_mean,
                          <floating*>k.running_var, k.momentum, k.eps, save_mean,
@@ -221,7 +250,8 @@ cdef int forward_impl(const floating* x, Call* k) except -1:
                               scale, shift, C)
             memcpy(save_mean, k.running_mean, C * sizeof(floating))
         stage_normalize(x, <floating*>k.y, save_mean, scale, shift,
-                        <floating*>k.residual, k.relu, k.M, C, k.K, k.nthreads)
+                        <floating*>k.residual, k.relu, k.M, C, k.K, k.nthreads,
+                        mem + pbytes if abytes > 0 else NULL)
     finally:
         free(mem)
     return 0
@@ -248,8 +278,11 @@ cdef int run_normalize(Call* k) except -1:
 
 
 cdef int backward_impl(const floating* x, Call* k) except -1:
+    # one allocation: the per-channel sums and parameters, then the reduction's scratch
     cdef Py_ssize_t C = k.C, c
-    cdef char* mem = <char*>alloc(C * (sizeof(Sums) + 3 * sizeof(floating)))
+    cdef Py_ssize_t pbytes = (C * (sizeof(Sums) + 3 * sizeof(floating)) + 63) // 64 * 64
+    cdef char* mem = <char*>alloc(pbytes + reduce_scratch_bytes(k.M, C, k.K,
+                                                                sizeof(floating), k.nthreads))
     cdef Sums* sums = <Sums*>mem
     cdef floating* scale = <floating*>(sums + C)
     cdef floating* k1 = scale + C
@@ -263,7 +296,8 @@ cdef int backward_impl(const floating* x, Call* k) except -1:
             scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * invstd[c])
         stage_backward_reduce(g, x, ym, <floating*>k.grad_residual,
                               NULL if k.training else <floating*>k.grad_input,
-                              <floating*>k.save_mean, scale, k.M, C, k.K, sums, k.nthreads)
+                              <floating*>k.save_mean, scale, k.M, C, k.K, sums, k.nthreads,
+                              mem + pbytes)
         stage_backward_finish(sums, invstd, <double>k.M * k.K, <floating*>k.grad_weight,
                               <floating*>k.grad_bias, k1 if k.training else NULL, k2, C)
         if k.training:

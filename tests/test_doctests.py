@@ -20,7 +20,8 @@ import cbn
 #: the modules whose docstrings are user documentation (cbn._threads holds the thread
 #: functions cbn re-exports; cbn._state the state, file and converter methods that the
 #: module classes inherit, and cbn.load)
-MODULES = ["cbn", "cbn.functional", "cbn.modules", "cbn._state", "cbn.fusion", "cbn._threads"]
+MODULES = ["cbn", "cbn.functional", "cbn.modules", "cbn._state", "cbn.fusion", "cbn._threads",
+           "cbn.distributed", "cbn._config"]
 
 #: public names whose docstring is not in a Python module: openmp_enabled is defined in the
 #: compiled cbn/_kernels.pyx; the package docstring (cbn.__doc__) shows it in use.

@@ -104,9 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         desc, quick_argv, needs = EXAMPLES[name]
         missing = _missing(needs)
         if missing:
-            pip = " ".join(_PIP_NAMES.get(m, m) for m in missing)
-            msg = (f"the '{name}' example needs {', '.join(missing)}, which is not installed: "
-                   f"pip install {pip}  (or pip install 'cbn[examples]')")
+            pip = [_PIP_NAMES.get(m, m) for m in missing]
+            msg = (f"the '{name}' example needs {', '.join(pip)}, which is not installed: "
+                   f"pip install {' '.join(pip)}  (or pip install 'cbn[examples]')")
             if explicit:
                 print(f"cbn demo: {msg}", file=sys.stderr)
                 return 2

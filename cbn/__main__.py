@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="cbn: batch normalization for NumPy arrays on the CPU. Without a command, "
                     "runs 'check'.")
     p.add_argument("--version", action="version", version=f"cbn {cbn.__version__}")
+    p.set_defaults(seed=0, no_speed=False)        # 'check''s, for a run without a command
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     check = sub.add_parser(
         "check", help="build info, self-check against the NumPy reference and a short speed "

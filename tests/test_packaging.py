@@ -83,6 +83,19 @@ def test_version(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == f"cbn {cbn.__version__}"
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], (0, True)),
+    (["check"], (0, True)),
+    (["check", "--seed", "3", "--no-speed"], (3, False)),
+])
+def test_no_command_means_check(monkeypatch, argv, expected):
+    from cbn import __main__ as cli
+    calls = []
+    monkeypatch.setattr(cli, "check", lambda seed, speed: calls.append((seed, speed)) or 0)
+    assert cli.main(argv) == 0
+    assert calls == [expected]
+
+
 def test_check_without_speed_table(tmp_path):
     proc = run_cbn(["check", "--no-speed"], tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -11,8 +11,8 @@ Commands (``python -m cbn COMMAND --help`` describes each):
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import contextlib
+import io
 import sys
 from typing import List, Optional, Sequence
 
@@ -23,10 +23,11 @@ from cbn import _reference
 
 
 def build_info() -> str:
-    return (f"cbn {cbn.__version__}  (numpy {np.__version__}, Python {platform.python_version()}, "
-            f"{platform.machine()})\n"
-            f"OpenMP: {'on' if cbn.openmp_enabled() else 'off (serial kernels)'}; "
-            f"threads: {cbn.get_num_threads()} (os.cpu_count() = {os.cpu_count()})")
+    """cbn.show_config()'s report: version, OpenMP, threads, CPU target, build flags."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cbn.show_config()
+    return buf.getvalue().rstrip()
 
 
 def self_check(seed: int = 0) -> list[str]:

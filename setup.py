@@ -2,6 +2,7 @@
 
 Environment variables:
   CBN_DEBUG=1       bounds checking, wraparound and initialized checks on, -O1 -g
+                    (otherwise the binary carries no debug information: see debug_info_flags)
   CBN_NO_OPENMP=1   build serial kernels even if the compiler supports OpenMP
   CBN_NATIVE=1      opt-in: compile everything for the building machine's CPU
                     (-march=native) and nothing else; the binary may not run elsewhere
@@ -85,6 +86,21 @@ def multi_target_ok(compiler):
     return compiler_accepts(compiler, "-O0", MULTI_TARGET_PROBE)
 
 
+def debug_info_flags(compiler):
+    """(compile, link) flags for debug information, each only if the compiler accepts it.
+
+    CBN_DEBUG=1 keeps ``-g``. Otherwise the extension carries none: ``-g0`` comes after
+    (and so overrides) the ``-g`` in Python's own CFLAGS, and ``-Wl,-S`` has the linker drop
+    any debug sections left (GNU ld, gold, lld and Apple's ld all read -S as "strip debug
+    information"). The symbol table stays, so profilers still name the kernels' functions.
+    """
+    if DEBUG:
+        return ["-g"], []
+    compile_args = [f for f in ("-g0",) if compiler_accepts(compiler, f)]
+    link_args = [f for f in ("-Wl,-S",) if compiler_accepts(compiler, f)]
+    return compile_args, link_args
+
+
 class BuildExt(build_ext):
     """Adds the optimisation and OpenMP flags the compiler accepts."""
 
@@ -92,8 +108,9 @@ class BuildExt(build_ext):
         # The kernels need GCC or Clang (vector extensions; see cbn/src/cbn_simd.h).
         # -ffp-contract=off: no FMA contraction, so results do not depend on the
         # instruction set; never -ffast-math (reductions keep their written order).
-        opt = ["-O1", "-g"] if DEBUG else ["-O3"]
-        compile_args = opt + ["-ffp-contract=off", "-fno-math-errno"]
+        opt = ["-O1"] if DEBUG else ["-O3"]
+        debug_compile, debug_link = debug_info_flags(self.compiler)
+        compile_args = opt + debug_compile + ["-ffp-contract=off", "-fno-math-errno"]
         if NATIVE and compiler_accepts(self.compiler, "-march=native"):
             compile_args.append("-march=native")
         elif multi_target_ok(self.compiler):
@@ -109,7 +126,7 @@ class BuildExt(build_ext):
         flags = " ".join(compile_args + omp_compile).replace('"', "")
         for ext in self.extensions:
             ext.extra_compile_args = compile_args + omp_compile
-            ext.extra_link_args = omp_link
+            ext.extra_link_args = omp_link + debug_link
             # what cbn.show_config() reports
             ext.define_macros.append(("CBN_BUILD_FLAGS", f'"{flags}"'))
         super().build_extensions()

@@ -629,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="thread counts, e.g. --threads 1,2 (default: 1 and 2)")
     p.add_argument("--op", action="append", metavar="OP",
                    help="train (training forward), eval (eval forward), backward "
-                        "(training-mode backward); default: all three")
+                        "(training-mode backward), train_fused and eval_fused "
+                        "(relu(bn(x) + residual)); default: all five")
     p.add_argument("--impl", action="append", metavar="NAME",
                    help="subset of " + ",".join(IMPLS) + " (default: all available)")
     p.add_argument("--repeat", type=int, default=None,

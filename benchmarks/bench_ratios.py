@@ -1,7 +1,8 @@
 """cbn's time as a fraction of another's, measured inside one benchmark (``track_*``).
 
-A ratio of two times taken in the same process, interleaved, is far steadier on a shared
-machine than two separate asv timings: these are the figures to watch across commits.
+A ratio of two times taken in the same process, interleaved (the median of the ratios of
+samples taken one after the other), is far steadier on a shared machine than two separate
+asv timings: these are the figures to watch across commits.
 Each is cbn's median time over the other's, so lower is better, as for a time, and asv's
 "increase = regression" reads them the right way round (the ``track_speedup_*`` that
 these replace were NumPy time / cbn time, and asv listed their improvements as
@@ -45,16 +46,16 @@ class CbnOverNumpy:
         self.d = common.case(shape, dtype, layout)
 
     def track_cbn_over_numpy_training_forward(self, shape, dtype, layout):
-        return common.ratio_of_medians(_forward(self.d, "cbn", True),
-                                       _forward(self.d, "numpy", True))
+        return common.paired_ratio(_forward(self.d, "cbn", True),
+                                   _forward(self.d, "numpy", True))
 
     def track_cbn_over_numpy_eval_forward(self, shape, dtype, layout):
-        return common.ratio_of_medians(_forward(self.d, "cbn", False),
-                                       _forward(self.d, "numpy", False))
+        return common.paired_ratio(_forward(self.d, "cbn", False),
+                                   _forward(self.d, "numpy", False))
 
     def track_cbn_over_numpy_backward(self, shape, dtype, layout):
-        return common.ratio_of_medians(_backward(self.d, "cbn"),
-                                       _backward(self.d, "numpy"))
+        return common.paired_ratio(_backward(self.d, "cbn"),
+                                   _backward(self.d, "numpy"))
 
 
 class CbnOverCopy:
@@ -69,10 +70,10 @@ class CbnOverCopy:
         self.copy = lambda: np.copyto(buf, self.d.x)
 
     def track_cbn_over_copy_training_forward(self, shape, dtype, layout):
-        return common.ratio_of_medians(_forward(self.d, "cbn", True), self.copy)
+        return common.paired_ratio(_forward(self.d, "cbn", True), self.copy)
 
     def track_cbn_over_copy_eval_forward(self, shape, dtype, layout):
-        return common.ratio_of_medians(_forward(self.d, "cbn", False), self.copy)
+        return common.paired_ratio(_forward(self.d, "cbn", False), self.copy)
 
     def track_cbn_over_copy_backward(self, shape, dtype, layout):
-        return common.ratio_of_medians(_backward(self.d, "cbn"), self.copy)
+        return common.paired_ratio(_backward(self.d, "cbn"), self.copy)

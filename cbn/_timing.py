@@ -150,17 +150,24 @@ def median_time(fn: Callable[[], object], *, min_repeat: int = 5,
 
 
 def time_ratio(numerator: Callable[[], object], denominator: Callable[[], object], *,
-               min_repeat: int = 3, min_time: float = 0.05, slow_repeat: int = 3) -> float:
-    """Median time of ``numerator`` / median time of ``denominator``, interleaved.
+               min_repeat: int = 5, min_time: float = 0.1, slow_repeat: int = 3) -> float:
+    """Time of ``numerator`` over time of ``denominator``: the median of the ratios of
+    samples taken one after the other.
 
-    Either side whose calibration call takes longer than SLOW_CALL is timed
-    ``slow_repeat`` times only (the NumPy reference on large inputs).
+    :func:`measure` interleaves the two, so sample i of each comes from the same round; a
+    load that changes during the measurement (another tenant starting, a core lost for a
+    while) cancels within each pair, and the median discards the pairs one side of which
+    was descheduled. On a loaded machine that is far steadier than a ratio of the two
+    medians. Either side whose calibration call takes longer than SLOW_CALL is timed
+    ``slow_repeat`` times only (the NumPy reference on large inputs); the pairs are then
+    the first ``slow_repeat`` rounds.
     """
     res = measure({"numerator": numerator, "denominator": denominator},
                   min_repeat=min_repeat, min_time=min_time,
                   slow_caps={"numerator": (SLOW_CALL, slow_repeat),
                              "denominator": (SLOW_CALL, slow_repeat)})
-    return res["numerator"]["median"] / res["denominator"]["median"]
+    return statistics.median(a / b for a, b in zip(res["numerator"]["times"],
+                                                   res["denominator"]["times"]))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -192,7 +199,7 @@ class Table:
     minimum width per column, e.g. the longest value it will hold, so rows printed as
     they come line up. A cell wider than its column widens the column from that row on;
     :meth:`render` re-aligns the whole table afterwards, every column as wide as its
-    widest cell. A row may carry a ``suffix`` printed after its last column (a note that
+    widest cell (or its minimum width). A row may carry a ``suffix`` printed after its last column (a note that
     is not a column).
     """
 
@@ -228,18 +235,21 @@ class Table:
 
     def row(self, cells: Sequence[object], suffix: str = "") -> None:
         """Print one row (cells are converted with ``str``) and keep it for :meth:`render`."""
+        cells = self._keep(cells, suffix)
+        self._print(self._line(cells, self.widths, suffix))
+
+    def _keep(self, cells: Sequence[object], suffix: str) -> List[str]:
         cells = [str(c) for c in cells]
         if len(cells) != len(self.titles):
             raise ValueError(f"a row needs {len(self.titles)} cells, got {len(cells)}")
         self.widths = [max(w, len(c)) for w, c in zip(self.widths, cells)]
         self.rows.append((cells, suffix))
-        self._print(self._line(cells, self.widths, suffix))
+        return cells
 
     def render(self) -> List[str]:
-        """The whole table as lines, each column as wide as its widest cell or title."""
-        widths = [len(t) for t in self.titles]
-        for cells, _ in self.rows:
-            widths = [max(w, len(c)) for w, c in zip(widths, cells)]
+        """The whole table as lines, each column as wide as its widest cell, its title or
+        its minimum width: what was printed, if no cell widened a column."""
+        widths = self.widths      # the minimum widths, widened by every wider cell
         lines = [self._line(self.titles, widths)]
         if self.rule:
             lines.append(self._line(["-" * w for w in widths], widths))
@@ -253,7 +263,5 @@ def format_table(titles: Sequence[str], rows: Sequence[Sequence[object]], *,
     """All rows at once as aligned text (see :class:`Table`)."""
     table = Table(titles, align=align, indent=indent, sep=sep, rule=rule)
     for cells in rows:
-        table.rows.append(([str(c) for c in cells], ""))
-        if len(cells) != len(titles):
-            raise ValueError(f"a row needs {len(titles)} cells, got {len(cells)}")
+        table._keep(cells, "")
     return "\n".join(table.render())

@@ -750,7 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--processes: float32)")
     p.add_argument("--layout", action="append", metavar="LAYOUT",
                    help="nchw (axis=1) and/or nhwc (channels-last, axis=-1; 'channels-last' "
-                        "is accepted too). Default: both")
+                        "is accepted too). Default: both; with --processes, 2D cases run "
+                        "whatever the layout")
     p.add_argument("--threads", action="append", metavar="N",
                    help="thread counts, e.g. --threads 1,2 (default: 1 and 2; with --quick: "
                         "1). With --processes: one count for every process (default: "
@@ -764,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset of " + ",".join(IMPLS) + " (default: all that import)")
     p.add_argument("--repeat", type=int, default=None,
                    help="minimum number of samples per implementation (default 7; with "
-                        "--quick or --processes: 3 per round)")
+                        "--quick: 3; with --processes: 3 per round)")
     p.add_argument("--min-time", type=float, default=None,
                    help="minimum seconds of samples per implementation and row "
                         "(default 0.2; with --quick 0.02; with --processes 0.05 per round)")

@@ -258,12 +258,6 @@ def _is_relu(activation) -> bool:
     return type(activation) is str and activation == "relu"
 
 
-def _plain_threads(n_threads):
-    """The fast path's thread request: the argument, else set_num_threads' value (None:
-    the kernels use omp_get_max_threads())."""
-    return _threads._override if n_threads is None else n_threads
-
-
 # ---------------------------------------------------------------------------- public API
 
 
@@ -318,7 +312,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     if activation is None or _is_relu(activation):
         # The plain call (see _kernels.plain_forward) skips the general path below.
         r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, axis, _plain_threads(n_threads),
+                                   momentum, eps, axis, _threads.call_threads(n_threads),
                                    _threads.MIN_PARALLEL_SIZE, residual,
                                    activation is not None, out)
         if r is not None:
@@ -411,9 +405,9 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     gives exactly ``shift`` on a constant channel at its mean.
     """
     if activation is None or _is_relu(activation):
-        y = _kernels.plain_affine(input, mean, scale, shift, axis, _plain_threads(n_threads),
-                                  _threads.MIN_PARALLEL_SIZE, residual, activation is not None,
-                                  out)
+        y = _kernels.plain_affine(input, mean, scale, shift, axis,
+                                  _threads.call_threads(n_threads), _threads.MIN_PARALLEL_SIZE,
+                                  residual, activation is not None, out)
         if y is not None:
             return y
     x = _as_input(input, "input")
@@ -477,7 +471,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
             (activation is None and output is None)
             or (_is_relu(activation) and output is not None)):
         r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
-                                    training, axis, _plain_threads(n_threads),
+                                    training, axis, _threads.call_threads(n_threads),
                                     _threads.MIN_PARALLEL_SIZE, output, residual)
         if r is not None:
             return r

@@ -77,6 +77,9 @@ def _channel_axis(axis, ndim: int) -> int:
         axis = np.lib.array_utils.normalize_axis_index(axis, ndim)
     except TypeError:
         raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+    except OverflowError:                       # an int too large for C: out of range
+        raise np.exceptions.AxisError(f"axis {axis} is out of bounds for array of "
+                                      f"dimension {ndim}") from None
     return axis
 
 
@@ -85,18 +88,28 @@ def _check_eps(eps) -> float:
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = _as_float(eps, "eps")
     if not eps >= 0.0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite non-negative number, got {eps}")
     return eps
 
 
+def _as_float(v, name: str) -> float:
+    """float(v) for a real number; an int too large for a float is a ValueError."""
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {v}") from None
+
+
 def _check_momentum(momentum) -> float:
-    if type(momentum) is float:
-        return momentum
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
-    return float(momentum)
+    if type(momentum) is not float:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
+        momentum = _as_float(momentum, "momentum")
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be finite, got {momentum}")
+    return momentum
 
 
 def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
@@ -309,13 +322,25 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         ``1 / sqrt(var + eps)`` of the batch (biased var) in training, of the running var
         in eval; 0 where ``var + eps == 0``.
     """
-    if activation is None or _is_relu(activation):
-        # The plain call (see _kernels.plain_forward) skips the general path below.
+    if ((activation is None or _is_relu(activation))
+            and type(momentum) is float and momentum - momentum == 0.0):
+        # The plain call (see _kernels.plain_forward) skips the general path below. A
+        # momentum that is not a finite float goes there too, to be refused.
+        rm0 = _snapshot(running_mean) if training is True else None
+        rv0 = _snapshot(running_var) if training is True else None
         r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
                                    momentum, eps, axis, _threads.call_threads(n_threads),
                                    _threads.MIN_PARALLEL_SIZE, residual,
                                    activation is not None, out)
         if r is not None:
+            if training is True and _suspect(r[2], eps):
+                x = input
+                ax = axis % x.ndim
+                shape3 = (math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:]))
+                _rescue(x.reshape(shape3), r[0].reshape(shape3),
+                        None if residual is None else residual.reshape(shape3),
+                        activation is not None, weight, bias, running_mean, running_var,
+                        rm0, rv0, r[1], r[2], momentum, eps)
             return r
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
@@ -353,19 +378,130 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
 
     x3, r3, y3, finish = _prepare(x, axis, r, out)
     if training:
-        # Running stats may be strided views: the kernel updates contiguous copies.
+        # Running stats of any shape and strides (C values, read in C order like the other
+        # per-channel vectors): the kernel updates contiguous (C,) copies, written back.
         rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
         rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
+        rm0, rv0 = _snapshot(rm_k), _snapshot(rv_k)
         _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
                                momentum, eps, nt, r3, relu)
-        if rm_k is not rm and rm_k.base is not rm:
-            rm.reshape(-1)[...] = rm_k
-        if rv_k is not rv and rv_k.base is not rv:
-            rv.reshape(-1)[...] = rv_k
+        if _suspect(save_invstd, eps):
+            _rescue(x3, y3, r3, relu, w, b, rm_k, rv_k, rm0, rv0, save_mean, save_invstd,
+                    momentum, eps)
+        if rm is not None and not rm.flags.c_contiguous:
+            rm[...] = rm_k.reshape(rm.shape)
+        if rv is not None and not rv.flags.c_contiguous:
+            rv[...] = rv_k.reshape(rv.shape)
     else:
         _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt, r3,
                               relu)
     return finish(), save_mean, save_invstd
+
+
+# ------------------------------------------------------------------ numerics at the edge
+#
+# The kernels compute in the data's dtype and in double with no scaling, so a channel whose
+# values are huge (float64 |x| ~ 1e200: squared deviations overflow) or whose variance
+# underflows (eps = 0) can come back with NaN or 0 for invstd although the exact mean,
+# invstd and output are representable; and a channel holding +inf gets a NaN mean where the
+# exact formula gives +inf. Such channels always show in the statistics: invstd NaN, 0 or
+# inf. After a training call whose invstd is not all positive (one reduction over C values),
+# `_rescue` recomputes the suspect channels in float64, scaled by a power of two so that
+# nothing overflows, and rewrites their statistics, running statistics and output. Calls
+# whose output overwrote their input (``out=input``) keep the kernel's result: the input is
+# gone by then.
+
+_MINIMUM = np.minimum.reduce
+#: eps below which a float32 invstd can overflow to inf on a finite variance (1/sqrt(eps)
+#: above float32's maximum): only then are the statistics checked for inf as well.
+_TINY_EPS = 1e-70
+
+
+def _snapshot(a) -> Optional[np.ndarray]:
+    """A copy of a running statistic before the kernel updates it (None for None or for
+    what the fast path would decline anyway)."""
+    return a.copy() if type(a) is np.ndarray else None
+
+
+def _suspect(save_invstd: np.ndarray, eps: float) -> bool:
+    """True if some channel's invstd is NaN, 0 or inf: the only way an overflow, an
+    underflow or a non-finite input shows."""
+    if not _MINIMUM(save_invstd) > 0.0:
+        return True
+    return eps < _TINY_EPS and not np.isfinite(save_invstd).all()
+
+
+def _rescue(x3, y3, r3, relu, w, b, rm, rv, rm0, rv0, save_mean, save_invstd,
+            momentum: float, eps: float) -> None:
+    """Recompute the channels whose statistics the kernel could not represent.
+
+    ``x3``/``y3``/``r3``: (M, C, K) views of the input, the output and the residual (or
+    None) in the compute dtype; ``rm``/``rv``: the (C,) running statistics the kernel
+    updated, ``rm0``/``rv0`` copies taken before. A channel of finite values gets its exact
+    statistics computed on the values scaled by a power of two (max |x| in [0.5, 1)), and
+    its output and running statistics from them, wherever they are representable. A channel
+    holding inf or NaN gets what IEEE arithmetic on the exact formula gives: mean +inf or
+    -inf (NaN if it holds NaN or both infinities), invstd, output and running var NaN.
+    """
+    dtype = save_invstd.dtype
+    ok = np.isfinite(save_mean) & np.isfinite(save_invstd) & (save_invstd > 0)
+    cand = np.flatnonzero(~ok)
+    if cand.size == 0 or np.may_share_memory(x3, y3):
+        return
+    red = (0, 2)
+    xc = x3[:, cand, :].astype(np.float64)
+    n = xc.shape[0] * xc.shape[2]
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(xc).all(axis=red)
+        xz = np.where(finite[None, :, None], xc, 0.0)
+        e = np.frexp(np.abs(xz).max(axis=red))[1]             # max|x| = f * 2**e
+        xs = np.ldexp(xz, -e[None, :, None])                  # exact, |xs| < 1
+        mean_s = xs.mean(axis=red)
+        mean_s += (xs - mean_s[None, :, None]).mean(axis=red)
+        d = xs - mean_s[None, :, None]
+        var_s = (d * d).mean(axis=red)
+        sd = np.sqrt(var_s)
+        root_eps = math.sqrt(eps)
+        # invstd = 1/sqrt(var + eps); k = invstd * 2**e multiplies the scaled deviations
+        den = np.hypot(np.ldexp(sd, e), root_eps)
+        invstd = np.where(den == 0.0, 0.0, 1.0 / den)
+        den_s = np.hypot(sd, np.ldexp(root_eps, -e))
+        k = np.where(den_s == 0.0, 0.0, 1.0 / den_s)
+        mean = np.ldexp(mean_s, e)
+        uvar_m = np.ldexp(momentum * (var_s * (n / (n - 1.0))), 2 * e)   # momentum * var_u
+
+        pos = (xc == np.inf).any(axis=red)
+        neg = (xc == -np.inf).any(axis=red)
+        nan = np.isnan(xc).any(axis=red)
+        mean = np.where(finite, mean,
+                        np.where(nan | (pos & neg), np.nan, np.where(pos, np.inf, -np.inf)))
+        invstd = np.where(finite, invstd, np.nan)
+        uvar_m = np.where(finite, uvar_m, np.nan)
+
+        # rewrite only what differs (a constant channel with eps = 0 is already exact)
+        new_mean, new_invstd = mean.astype(dtype), invstd.astype(dtype)
+        same = finite & (new_mean == save_mean[cand]) & (new_invstd == save_invstd[cand])
+        sel = np.flatnonzero(~same)
+        if sel.size == 0:
+            return
+        idx = cand[sel]
+        save_mean[idx] = new_mean[sel]
+        save_invstd[idx] = new_invstd[sel]
+        if rm is not None:
+            rm[idx] = (momentum * mean[sel]
+                       + (1.0 - momentum) * rm0[idx].astype(np.float64)).astype(dtype)
+        if rv is not None:
+            rv[idx] = (uvar_m[sel]
+                       + (1.0 - momentum) * rv0[idx].astype(np.float64)).astype(dtype)
+        scale = k[sel] * (1.0 if w is None else np.asarray(w, np.float64)[idx])
+        shift = 0.0 if b is None else np.asarray(b, np.float64)[idx]
+        y = (d[:, sel, :] * scale[None, :, None] + np.asarray(shift)[..., None]).astype(dtype)
+        y[:, ~finite[sel], :] = np.nan
+        if r3 is not None:
+            y += r3[:, idx, :]
+        if relu:
+            y[y < 0] = 0
+        y3[:, idx, :] = y
 
 
 def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt: int):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import operator
 import os
 
+import numpy as np
+
 from . import _kernels
 
 __all__ = ["MAX_THREADS", "MIN_PARALLEL_SIZE", "get_num_threads", "requested_num_threads",
@@ -45,7 +47,7 @@ def _usable_cpus() -> int:
 MAX_THREADS = max(16, 4 * _usable_cpus())
 
 _override: int | None = None        # set_num_threads' value, clipped; None: not set
-_ran_parallel = False               # this process ran (or asked for) a team of threads
+_ran_parallel = False               # this process ran a kernel on a team of threads
 _forked = False                     # a child forked after that: one thread from now on
 
 
@@ -105,11 +107,11 @@ def resolve_num_threads(n_threads: int | None, size: int) -> int:
     return n
 
 
-def call_threads(n_threads):
-    """The fast path's thread count, before the small-input rule (which the kernels apply
-    with :data:`MIN_PARALLEL_SIZE`): as :func:`resolve_num_threads` for None or an int
-    >= 1; anything else is returned unchanged, so that the fast path declines the call and
-    the general path validates it."""
+def call_threads(n_threads, x):
+    """The fast path's thread count for input ``x``, before the small-input rule (which the
+    kernels apply with :data:`MIN_PARALLEL_SIZE`): as :func:`resolve_num_threads` for None
+    or an int >= 1; anything else is returned unchanged, so that the fast path declines the
+    call and the general path validates it."""
     global _ran_parallel
     if n_threads is None:
         n = get_num_threads()
@@ -117,6 +119,6 @@ def call_threads(n_threads):
         n = 1 if _forked else (n_threads if n_threads <= MAX_THREADS else MAX_THREADS)
     else:
         return n_threads
-    if n > 1:
+    if n > 1 and not _ran_parallel and type(x) is np.ndarray and x.size >= MIN_PARALLEL_SIZE:
         _ran_parallel = True
     return n

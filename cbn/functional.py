@@ -329,7 +329,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         rm0 = _snapshot(running_mean) if training is True else None
         rv0 = _snapshot(running_var) if training is True else None
         r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, axis, _threads.call_threads(n_threads),
+                                   momentum, eps, axis, _threads.call_threads(n_threads, input),
                                    _threads.MIN_PARALLEL_SIZE, residual,
                                    activation is not None, out)
         if r is not None:
@@ -542,8 +542,9 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     """
     if activation is None or _is_relu(activation):
         y = _kernels.plain_affine(input, mean, scale, shift, axis,
-                                  _threads.call_threads(n_threads), _threads.MIN_PARALLEL_SIZE,
-                                  residual, activation is not None, out)
+                                  _threads.call_threads(n_threads, input),
+                                  _threads.MIN_PARALLEL_SIZE, residual, activation is not None,
+                                  out)
         if y is not None:
             return y
     x = _as_input(input, "input")
@@ -607,7 +608,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
             (activation is None and output is None)
             or (_is_relu(activation) and output is not None)):
         r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
-                                    training, axis, _threads.call_threads(n_threads),
+                                    training, axis, _threads.call_threads(n_threads, input),
                                     _threads.MIN_PARALLEL_SIZE, output, residual)
         if r is not None:
             return r

@@ -111,14 +111,18 @@ def call_threads(n_threads, x):
     """The fast path's thread count for input ``x``, before the small-input rule (which the
     kernels apply with :data:`MIN_PARALLEL_SIZE`): as :func:`resolve_num_threads` for None
     or an int >= 1; anything else is returned unchanged, so that the fast path declines the
-    call and the general path validates it."""
+    call and the general path validates it. (Called on every small call: kept lean.)"""
     global _ran_parallel
     if n_threads is None:
-        n = get_num_threads()
+        n = _override if _override is not None else _kernels.max_threads()
     elif type(n_threads) is int and n_threads >= 1:
-        n = 1 if _forked else (n_threads if n_threads <= MAX_THREADS else MAX_THREADS)
+        n = n_threads
     else:
         return n_threads
-    if n > 1 and not _ran_parallel and type(x) is np.ndarray and x.size >= MIN_PARALLEL_SIZE:
+    if n == 1 or _forked:
+        return 1
+    if n > MAX_THREADS:
+        n = MAX_THREADS
+    if not _ran_parallel and type(x) is np.ndarray and x.size >= MIN_PARALLEL_SIZE:
         _ran_parallel = True
     return n

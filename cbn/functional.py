@@ -308,11 +308,20 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     out : array, keyword-only
         Where to write the output (may be ``input`` itself).
     n_threads : int, keyword-only
-        Threads for this call (default: :func:`cbn.get_num_threads`).
+        Threads for this call (default: :func:`cbn.get_num_threads`); counts above
+        ``cbn._threads.MAX_THREADS`` are clipped to it, and a process forked after a
+        parallel call runs on one thread (see :mod:`cbn._threads`).
     activation : None or "relu", keyword-only
         Applied to the output in the same pass: ``y = relu(bn(x) + residual)``.
     residual : array like ``input``, keyword-only
         Added to the normalized output before the activation, in the same pass.
+
+    Training statistics that overflow or underflow in the kernels (float64 values near
+    1e200, float32 near 1e20, a variance below the range with ``eps=0``) are recomputed
+    with scaling, so finite inputs give finite outputs wherever they are representable
+    (except in place, ``out=input``, where the input is gone by then); inf and NaN
+    propagate as IEEE arithmetic on the exact formula does (mean +inf for a channel
+    holding +inf).
 
     Returns
     -------

@@ -37,13 +37,33 @@ def is_half(dtype: np.dtype) -> bool:
     return dtype in COMPUTE and COMPUTE[dtype] != dtype
 
 
+def as_float(v: Any, name: str) -> float:
+    """float(v) for a real number; an int too large for a float is a ValueError naming it.
+
+    Examples
+    --------
+    >>> from cbn._checks import as_float
+    >>> as_float(3, "eps")
+    3.0
+    >>> as_float(10**400, "eps")
+    Traceback (most recent call last):
+        ...
+    ValueError: eps must be a finite number, got an int of 401 digits
+    """
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an int of "
+                         f"{len(str(abs(int(v))))} digits") from None
+
+
 def check_eps(eps: Any) -> float:
     """``eps`` as a float: a finite non-negative real number (0 allowed)."""
     if type(eps) is float and 0.0 <= eps < math.inf:
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = as_float(eps, "eps")
     if not eps >= 0.0 or math.isinf(eps):
         raise ValueError(f"eps must be a finite non-negative number, got {eps}")
     return eps
@@ -61,7 +81,7 @@ def check_momentum(momentum: Any, allow_none: bool = False) -> Optional[float]:
         what = "a real number or None (cumulative moving average)" if allow_none else \
             "a real number"
         raise TypeError(f"momentum must be {what}, got {type(momentum).__name__}")
-    momentum = float(momentum)
+    momentum = as_float(momentum, "momentum")
     if not math.isfinite(momentum):
         raise ValueError(f"momentum must be finite, got {momentum}")
     return momentum

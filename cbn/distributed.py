@@ -66,8 +66,8 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from . import _stages
 from ._stages import Moments
-from .functional import _COMPUTE
-from .modules import BatchNorm, _biased_update
+from ._checks import COMPUTE as _COMPUTE
+from .modules import BatchNorm
 
 __all__ = ["Communicator", "CollectiveError", "MPICommunicator", "TorchCommunicator",
            "ThreadCommunicator", "SyncBatchNorm", "as_communicator", "all_reduce",
@@ -909,14 +909,14 @@ class SyncBatchNorm(BatchNorm):
         track = self.track_running_stats
         rv = self.running_var if track else None
         # Biased convention (unbiased=False): as in BatchNorm.forward, the unbiased update
-        # goes to a scratch vector of zeros, then modules._biased_update.
+        # goes to a scratch vector of zeros, then _stages.biased_update.
         biased = None if self.unbiased or rv is None else np.zeros_like(rv)
         stats = _stages.finish(
             merged, self.eps, dtype=_COMPUTE[x.dtype], weight=self.weight, bias=self.bias,
             running_mean=self.running_mean if track else None,
             running_var=rv if biased is None else biased, momentum=factor)
         if biased is not None:
-            _biased_update(rv, biased, factor, total)
+            _stages.biased_update(rv, biased, factor, total)
         save_mean, save_invstd = stats.save_mean, stats.save_invstd
         if x.size:
             y = _stages.normalize(x, stats, axis=axis)

@@ -33,55 +33,18 @@ from ._checks import COMPUTE as _COMPUTE
 from ._checks import check_eps as _check_eps
 from ._checks import check_momentum as _check_momentum
 from ._checks import is_half as _is_half
+from ._arrays import View as _View
+from ._arrays import as_input as _as_input
+from ._arrays import channel_axis as _channel_axis
+from ._arrays import check_activation as _check_activation
+from ._arrays import per_channel as _param
+from ._arrays import same_shape as _same_shape
 from ._threads import resolve_num_threads
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
            "normalize"]
 
-_ACTIVATIONS = (None, "relu")
-
-
 # --------------------------------------------------------------------------- validation
-
-
-def _as_input(a, name: str) -> np.ndarray:
-    x = a if isinstance(a, np.ndarray) else np.asarray(a)
-    if x.dtype not in _COMPUTE:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, "
-                        f"got dtype {x.dtype}")
-    if not 2 <= x.ndim <= 5:
-        raise ValueError(f"expected 2D to 5D input (got {x.ndim}D input)")
-    return x
-
-
-def _channel_axis(axis, ndim: int) -> int:
-    """The channel axis as a non-negative int; AxisError (a ValueError) if out of range."""
-    if type(axis) is int and -ndim <= axis < ndim:
-        return axis % ndim
-    if isinstance(axis, bool):
-        raise TypeError("axis must be an int, got bool")
-    try:
-        axis = np.lib.array_utils.normalize_axis_index(axis, ndim)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
-    except OverflowError:                       # an int too large for C: out of range
-        raise np.exceptions.AxisError(f"axis {axis} is out of bounds for array of "
-                                      f"dimension {ndim}") from None
-    return axis
-
-
-def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
-    """A per-channel vector (weight, bias, saved stats): any array-like of C values."""
-    if a is None:
-        return None
-    if type(a) is np.ndarray and a.dtype == dtype and a.shape == (C,) and a.flags.c_contiguous:
-        return a
-    v = np.asarray(a)
-    if v.dtype.kind not in "fiub" and not _is_half(v.dtype):
-        raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
-    if v.size != C:
-        raise ValueError(f"{name} should contain {C} elements not {v.size}")
-    return np.ascontiguousarray(v.reshape(C), dtype=dtype)
 
 
 def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
@@ -106,25 +69,6 @@ def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     return a
 
 
-def _check_activation(activation) -> bool:
-    """True for ReLU, False for none."""
-    if activation is None:
-        return False
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return activation == "relu"
-
-
-def _same_shape(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
-    """An array that accompanies the input (residual, output): same shape, float."""
-    v = a if isinstance(a, np.ndarray) else np.asarray(a)
-    if v.dtype.kind != "f" and not _is_half(v.dtype):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {v.dtype}")
-    if v.shape != x.shape:
-        raise ValueError(f"{name} has shape {v.shape}, expected the input's shape {x.shape}")
-    return v if v.dtype == dtype else v.astype(dtype)
-
-
 def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
     if out is None:
         return None
@@ -137,55 +81,6 @@ def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
     if not out.flags.writeable:
         raise ValueError("out must be writable")
     return out
-
-
-# ----------------------------------------------------------------------- canonical view
-
-
-def _memory_order(x: np.ndarray) -> Tuple[int, ...]:
-    """Axes of ``x`` from the largest stride to the smallest (ties keep axis order)."""
-    return tuple(sorted(range(x.ndim), key=lambda i: (-abs(x.strides[i]), i)))
-
-
-class _View:
-    """How an input maps onto the kernels' C-contiguous (M, C, K) view."""
-
-    __slots__ = ("perm", "shape", "M", "C", "K")
-
-    def __init__(self, x: np.ndarray, axis: int):
-        shape = x.shape
-        if x.flags.c_contiguous:
-            self.perm = None                     # the common case: no permutation
-            self.shape = shape
-            p = axis
-        else:
-            perm = _memory_order(x)
-            self.perm = perm
-            self.shape = tuple(shape[i] for i in perm)
-            p = perm.index(axis)
-        self.M = math.prod(self.shape[:p])
-        self.C = shape[axis]
-        self.K = math.prod(self.shape[p + 1:])
-
-    def read(self, a: np.ndarray) -> np.ndarray:
-        """(M, C, K) view of ``a`` (same shape as the input), copying only if it must."""
-        t = a if self.perm is None else a.transpose(self.perm)
-        if not t.flags.c_contiguous:
-            t = np.ascontiguousarray(t)
-        return t.reshape(self.M, self.C, self.K)
-
-    def direct(self, out: np.ndarray) -> Optional[np.ndarray]:
-        """(M, C, K) view of ``out`` if it can be written directly, else None."""
-        t = out if self.perm is None else out.transpose(self.perm)
-        return t.reshape(self.M, self.C, self.K) if t.flags.c_contiguous else None
-
-    def new(self, dtype) -> Tuple[np.ndarray, np.ndarray]:
-        """A new array in the input's memory order: (array in input axes, its 3D view)."""
-        buf = np.empty(self.shape, dtype=dtype)
-        y3 = buf.reshape(self.M, self.C, self.K)
-        if self.perm is None:
-            return buf, y3
-        return buf.transpose(np.argsort(self.perm)), y3
 
 
 def _output(view: _View, x: np.ndarray, x3: np.ndarray, out: Optional[np.ndarray]):

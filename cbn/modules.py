@@ -2,8 +2,9 @@
 
 A module holds parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
 ``num_batches_tracked``) and the ``training`` flag, and calls :mod:`cbn.functional` for all
-arithmetic on data (the biased running-variance convention, ``unbiased=False``, rescales the
-kernel's per-channel update: see ``_biased_update``); it never touches the kernels. State
+arithmetic on data (the biased running-variance convention, ``unbiased=False``, rescales
+the kernel's per-channel update: see ``cbn._stages.biased_update``); it never touches the
+kernels. State
 dicts, files, pickles and the Keras/ONNX converters are in :mod:`cbn._state`. The logic that
 picks batch or running statistics and the momentum is PyTorch's own
 (``torch.nn.modules.batchnorm._BatchNorm.forward``)::
@@ -40,6 +41,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import _state
 from ._checks import FLOAT_DTYPES, HALF_DTYPES, check_eps, check_index, check_momentum
 from ._state import IncompatibleKeys, StateMixin, load
+from . import _stages
 from .functional import batch_norm_backward, batch_norm_forward, eval_parameters, normalize
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
@@ -390,13 +392,13 @@ class BatchNorm(StateMixin):
         if training and not self.track_running_stats:
             rm = rv = None
         # Biased convention: the kernel's unbiased update goes to a scratch vector of zeros,
-        # which then holds momentum * var * n / (n - 1); see _biased_update.
+        # which then holds momentum * var * n / (n - 1); see _stages.biased_update.
         biased = None if self.unbiased or not training or rv is None else np.zeros_like(rv)
         y, save_mean, save_invstd = batch_norm_forward(
             x, self.weight, self.bias, rm, rv if biased is None else biased, bn_training,
             factor, self.eps, axis=axis, activation=self.activation)
         if biased is not None:
-            _biased_update(rv, biased, factor, x.size // C)
+            _stages.biased_update(rv, biased, factor, x.size // C)
         if nbt is not None:
             self.num_batches_tracked = nbt
         self._saved = (x, save_mean, save_invstd, bn_training, axis,
@@ -638,19 +640,6 @@ class BatchNorm3d(BatchNorm):
 
     _ndims = frozenset((5,))
     _ndims_text = "5D"
-
-
-def _biased_update(running_var: np.ndarray, m_var_unbiased: np.ndarray, momentum: float,
-                   n: int) -> None:
-    """``running_var = (1 - momentum) * running_var + momentum * var`` with the biased batch
-    variance, in place. ``m_var_unbiased`` is what the kernel's unbiased update wrote into a
-    vector of zeros, ``momentum * var * n / (n - 1)`` in the storage dtype; the update is done
-    as the kernel does its own: in float64, new term first, rounded once to the storage
-    dtype, with ``momentum * var = m_var_unbiased * ((n - 1) / n)``."""
-    if n < 2:
-        return                  # empty input: the kernel updated nothing (n == 1 raised)
-    new = m_var_unbiased.astype(np.float64) * ((n - 1) / n)
-    running_var[...] = new + (1.0 - momentum) * running_var.astype(np.float64)
 
 
 _state.register(BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)

@@ -786,8 +786,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contention mode: each process also runs one thread that keeps a "
                         "core busy outside OpenMP (NumPy's sin in a loop; default: off). "
                         "--processes 1 --busy-thread measures cbn beside one busy thread")
+    p.add_argument("--sync-ranks", metavar="N,M", default=None,
+                   help="SyncBatchNorm mode: for each rank count, run `mpiexec -n N python -m "
+                        "cbn.distributed` (needs mpi4py and mpiexec: pip install 'cbn[mpi]') "
+                        "and print SyncBatchNorm's overhead over BatchNorm per rank; --case "
+                        "sets the per-rank shape (default 32x64x28x28)")
     p.add_argument("--json", metavar="FILE", help="also write rows and metadata as JSON")
     return p
+
+
+def _sync_main(ranks: str, cases, repeat: Optional[int]) -> int:
+    """--sync-ranks: SyncBatchNorm's overhead at each rank count, under mpiexec."""
+    import shutil
+    import subprocess
+    try:
+        counts = [int(v) for v in ranks.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 1 for n in counts):
+        print("--sync-ranks takes rank counts >= 1, e.g. 2,4", file=sys.stderr)
+        return 2
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
+    if mpiexec is None:
+        print("--sync-ranks needs mpiexec (pip install 'cbn[mpi]')", file=sys.stderr)
+        return 2
+    shape = case_name(cases[0]) if cases else "32x64x28x28"
+    extra = ["--repeat", str(repeat)] if repeat else []
+    for n in counts:
+        cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "cbn.distributed",
+               "--shape", shape] + extra
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
+    return 0
 
 
 def _contention_main(args, cases, dtypes, layouts, threads, ops) -> int:
@@ -852,6 +886,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(allowed)}",
                   file=sys.stderr)
             return 2
+    if args.sync_ranks is not None:
+        return _sync_main(args.sync_ranks, given_cases, args.repeat)
     if args.processes is not None:
         return _contention_main(args, given_cases or None, given_dtypes,
                                 given_layouts or None, given_threads, given_ops)

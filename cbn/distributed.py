@@ -1348,3 +1348,35 @@ def measure_overhead(shape: Sequence[int] = (32, 64, 28, 28), comm: Any = None, 
     t_bn, _ = med(bn)
     t_sync, t_comm = med(sbn)
     return {"batchnorm": t_bn, "sync": t_sync, "ratio": t_sync / t_bn, "comm": t_comm}
+
+
+def _overhead_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cbn.distributed`` under mpiexec: SyncBatchNorm's overhead over BatchNorm
+    on every rank (measure_overhead); rank 0 prints the medians. ``python -m cbn bench
+    --sync-ranks 2,4`` launches it."""
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="mpiexec -n N python -m cbn.distributed",
+        description="SyncBatchNorm's overhead over BatchNorm: a training forward + backward "
+                    "on every rank, each on its own batch of --shape.")
+    p.add_argument("--shape", default="32x64x28x28", help="this rank's batch, NCHW "
+                   "(default 32x64x28x28)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeat", type=int, default=30, help="timed steps (default 30)")
+    args = p.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    comm = as_communicator(None)
+    r = measure_overhead(shape, comm, dtype=np.dtype(args.dtype), repeat=args.repeat)
+    rows = comm.allgather(np.array([r["batchnorm"], r["sync"], r["comm"]]))
+    if comm.rank == 0:
+        print(f"{comm.size} ranks, {args.shape} {args.dtype} per rank, training forward + "
+              f"backward, medians of {args.repeat}")
+        print("rank  BatchNorm ms  SyncBatchNorm ms  ratio  in collectives ms")
+        for i, (bn, sync, c) in enumerate(rows):
+            print(f"{i:4d}  {bn * 1e3:12.3f}  {sync * 1e3:16.3f}  {sync / bn:5.2f}  "
+                  f"{c * 1e3:17.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_overhead_main())

@@ -2,9 +2,14 @@
 
 Environment variables:
   CBN_DEBUG=1       bounds checking, wraparound and initialized checks on, -O1 -g
+                    (otherwise the binary carries no debug information: see debug_info_flags)
   CBN_NO_OPENMP=1   build serial kernels even if the compiler supports OpenMP
   CBN_NATIVE=1      opt-in: compile everything for the building machine's CPU
                     (-march=native) and nothing else; the binary may not run elsewhere
+  CBN_SANITIZE=address,undefined
+                    compile and link the kernels with these sanitizers (any -fsanitize=
+                    list), keeping OpenMP and the other flags; see .ci/sanitize for running
+                    the tests under them
 
 By default the build is portable: the module is compiled for the architecture's baseline
 (plain x86-64 on x86-64), and on x86-64 with GCC the C loops in cbn/src are compiled a
@@ -18,6 +23,7 @@ means the default.
 import glob
 import os
 import shutil
+import sys
 import tempfile
 import textwrap
 import warnings
@@ -46,20 +52,70 @@ OPENMP_PROBE = textwrap.dedent(
 )
 
 
-def compiler_accepts(compiler, flag, source=PLAIN_PROBE):
-    """Compile and link ``source`` with ``flag``; True if that works."""
+# ------------------------------------------------------------- CBN_SANITIZE and probes
+# CBN_SANITIZE=address,undefined adds -fsanitize=address,undefined (and frame pointers,
+# debug info, no recovery from UBSan reports) to the kernels' compile and link flags, and
+# to every probe, so that the OpenMP probe still links and the sanitized build keeps
+# OpenMP. (Setting CFLAGS=-fsanitize=... instead compiles the probes with the sanitizer
+# but links them without its runtime: every probe fails and the build goes serial.)
+# A probe that fails reports the compiler's own output.
+
+SANITIZE = [s for s in os.environ.get("CBN_SANITIZE", "").replace(" ", "").split(",") if s]
+
+
+def sanitize_flags():
+    """Compile and link flags of the CBN_SANITIZE build (none when it is not set)."""
+    if not SANITIZE:
+        return []
+    flags = ["-fsanitize=" + ",".join(SANITIZE), "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in SANITIZE:
+        flags.append("-fno-sanitize-recover=undefined")
+    return flags
+
+
+def probe(compiler, flags, source=PLAIN_PROBE):
+    """Compile and link ``source`` with ``flags`` (and the sanitizer flags).
+
+    Returns (True, "") if that works, else (False, what the compiler printed)."""
+    flags = list(flags) + sanitize_flags()
     tmp = tempfile.mkdtemp(prefix="cbn-probe-")
+    log = os.path.join(tmp, "log")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
     try:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
             f.write(source)
-        objs = compiler.compile([src], output_dir=tmp, extra_postargs=[flag])
-        compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=[flag])
-        return True
-    except Exception:
-        return False
+        with open(log, "w") as f:                   # the compiler writes to fds 1 and 2
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+                compiler.link_executable(objs, os.path.join(tmp, "probe"),
+                                         extra_postargs=flags)
+                ok, err = True, ""
+            except Exception as e:
+                ok, err = False, str(e)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+        with open(log) as f:
+            output = f.read()
+        return ok, "" if ok else (output + "\n" + err).strip()
     finally:
+        os.close(saved[0])
+        os.close(saved[1])
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compiler_accepts(compiler, flag, source=PLAIN_PROBE):
+    """Compile and link ``source`` with ``flag``; True if that works."""
+    return probe(compiler, [flag], source)[0]
+
+# ------------------------------------------------------- end of CBN_SANITIZE and probes
 
 
 MULTI_TARGET_PROBE = textwrap.dedent(
@@ -85,6 +141,21 @@ def multi_target_ok(compiler):
     return compiler_accepts(compiler, "-O0", MULTI_TARGET_PROBE)
 
 
+def debug_info_flags(compiler):
+    """(compile, link) flags for debug information, each only if the compiler accepts it.
+
+    CBN_DEBUG=1 keeps ``-g``. Otherwise the extension carries none: ``-g0`` comes after
+    (and so overrides) the ``-g`` in Python's own CFLAGS, and ``-Wl,-S`` has the linker drop
+    any debug sections left (GNU ld, gold, lld and Apple's ld all read -S as "strip debug
+    information"). The symbol table stays, so profilers still name the kernels' functions.
+    """
+    if DEBUG:
+        return ["-g"], []
+    compile_args = [f for f in ("-g0",) if compiler_accepts(compiler, f)]
+    link_args = [f for f in ("-Wl,-S",) if compiler_accepts(compiler, f)]
+    return compile_args, link_args
+
+
 class BuildExt(build_ext):
     """Adds the optimisation and OpenMP flags the compiler accepts."""
 
@@ -92,24 +163,26 @@ class BuildExt(build_ext):
         # The kernels need GCC or Clang (vector extensions; see cbn/src/cbn_simd.h).
         # -ffp-contract=off: no FMA contraction, so results do not depend on the
         # instruction set; never -ffast-math (reductions keep their written order).
-        opt = ["-O1", "-g"] if DEBUG else ["-O3"]
-        compile_args = opt + ["-ffp-contract=off", "-fno-math-errno"]
+        opt = ["-O1"] if DEBUG else ["-O3"]
+        debug_compile, debug_link = debug_info_flags(self.compiler)
+        compile_args = opt + debug_compile + ["-ffp-contract=off", "-fno-math-errno"]
         if NATIVE and compiler_accepts(self.compiler, "-march=native"):
             compile_args.append("-march=native")
         elif multi_target_ok(self.compiler):
             compile_args.append("-DCBN_MULTI_TARGET")
         omp_compile, omp_link = ["-fopenmp"], ["-fopenmp"]
-        use_omp = not NO_OPENMP and compiler_accepts(self.compiler, omp_compile[0],
-                                                     OPENMP_PROBE)
+        use_omp, why = (False, "") if NO_OPENMP else probe(self.compiler, omp_compile[:1],
+                                                             OPENMP_PROBE)
         if not use_omp:
-            reason = "CBN_NO_OPENMP is set" if NO_OPENMP else "the compiler has no OpenMP"
+            reason = ("CBN_NO_OPENMP is set" if NO_OPENMP else
+                      "the compiler has no OpenMP; its probe printed:\n" + why)
             warnings.warn(f"cbn: building serial kernels ({reason}); "
                           "cbn.openmp_enabled() will return False")
             omp_compile, omp_link = [], []
-        flags = " ".join(compile_args + omp_compile).replace('"', "")
+        flags = " ".join(compile_args + omp_compile + sanitize_flags()).replace('"', "")
         for ext in self.extensions:
-            ext.extra_compile_args = compile_args + omp_compile
-            ext.extra_link_args = omp_link
+            ext.extra_compile_args = compile_args + omp_compile + sanitize_flags()
+            ext.extra_link_args = omp_link + debug_link + sanitize_flags()
             # what cbn.show_config() reports
             ext.define_macros.append(("CBN_BUILD_FLAGS", f'"{flags}"'))
         super().build_extensions()

@@ -1,5 +1,5 @@
 """Backward pass in training mode: (grad_input, grad_weight, grad_bias) from the batch
-statistics saved by a training forward."""
+statistics saved by a training forward. cbn runs on one thread (``common.THREADS``)."""
 
 from . import common
 from .common import DTYPES, IMPLEMENTATIONS, LAYOUTS, SHAPES, THREADS

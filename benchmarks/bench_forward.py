@@ -1,8 +1,8 @@
 """Forward pass: training (batch statistics + running-stat update) and eval.
 
 Both implementations are called the way a user calls them: the output is allocated by the
-call. cbn runs on CBN_ASV_THREADS threads if set, else its default (OMP_NUM_THREADS,
-threadpoolctl); the NumPy reference is single-threaded.
+call. cbn runs on one thread (``common.THREADS``; several threads: bench_threads), the NumPy
+reference is single-threaded.
 """
 
 from . import common
@@ -39,7 +39,6 @@ class EvalForward:
         d = self.d
         self.fwd(d.x, d.w, d.b, d.rm, d.rv, False, MOMENTUM, EPS, axis=d.axis,
                  n_threads=THREADS)
-
 
 
 class FusedForward:

@@ -1,7 +1,8 @@
 """Module calls: cbn.BatchNorm1d/2d/3d, the way a layer in a network is called.
 
 ``numpy`` is a minimal module with the same state (weight, bias, running statistics) over
-the NumPy reference. Skipped on commits of cbn without the module classes.
+the NumPy reference. Skipped on commits of cbn without the module classes. cbn runs on one
+thread (``cbn.set_num_threads(common.THREADS)``).
 """
 
 import numpy as np
@@ -50,8 +51,7 @@ def make_module(implementation, ndim, num_features, dtype, axis):
     cls = getattr(common.cbn, MODULE_FOR_NDIM[ndim], None)
     if cls is None:
         raise NotImplementedError("this cbn has no module classes")
-    if common.THREADS is not None:
-        common.cbn.set_num_threads(common.THREADS)
+    common.cbn.set_num_threads(common.THREADS)
     kwargs = {"dtype": np.dtype(dtype)}
     if axis != 1:
         kwargs["axis"] = axis

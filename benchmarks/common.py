@@ -1,18 +1,27 @@
-"""Shared parameters and cached input data for the asv suite.
+"""Shared parameters, cached input data and the timing harness of the asv suite.
 
-Sizes are chosen so that ``asv run --python=same --quick`` finishes in about a minute on
+Sizes are chosen so that ``asv run --python=same --quick`` finishes in a minute or two on
 two cores, while each array (~1M values) is well outside the L2 cache.
 
 This module must keep working against older commits of cbn (asv runs the current suite
 against every commit it benchmarks), so it uses only the public functional API and
-``cbn._reference``, never ``cbn._bench``.
+``cbn._reference`` of the cbn it measures, never ``cbn._bench``. The timing harness,
+``cbn/_timing.py`` (the one ``python -m cbn bench`` uses), is loaded from this checkout by
+its path, so the method is the same whichever commit is measured; outside a checkout the
+installed ``cbn._timing`` is used.
+
+Thread counts are pinned, so that figures from different commits and machines mean the
+same: every benchmark runs cbn on ``THREADS`` = 1 thread, except those of
+``bench_threads``, whose thread count is a parameter (``CBN_ASV_MULTI_THREADS``, default
+2) and so part of each result's name.
 """
 
 import functools
+import importlib.util
 import os
-import statistics
-import time
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 
@@ -31,12 +40,43 @@ IMPLEMENTATIONS = ["cbn", "numpy"]
 EPS = 1e-5
 MOMENTUM = 0.1
 
-#: Threads for cbn in the time_*/peakmem_* benchmarks: CBN_ASV_THREADS=n, else cbn's default
-#: (OMP_NUM_THREADS, or all cores). On a shared machine use CBN_ASV_THREADS=1: a team of
-#: threads waits for a core that another process holds, and the figures turn to noise.
-#: (The NumPy reference takes the argument and ignores it.) track_speedup_* always compare
-#: one cbn thread with single-threaded NumPy.
-THREADS = int(os.environ.get("CBN_ASV_THREADS", "0")) or None
+#: Threads for cbn in every benchmark but bench_threads'. Fixed: a default thread count
+#: would follow the machine (and a team waiting for a core that another process holds
+#: turns the figures to noise). The NumPy reference takes the argument and ignores it.
+THREADS = 1
+
+
+def _multi_threads(text):
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 2 for n in counts):
+        raise ValueError(f"CBN_ASV_MULTI_THREADS must be thread counts >= 2 separated by "
+                         f"commas, got {text!r}")
+    return counts
+
+
+#: Thread counts of the bench_threads benchmarks (a parameter: part of the result's name).
+MULTI_THREADS = _multi_threads(os.environ.get("CBN_ASV_MULTI_THREADS", "2"))
+
+
+def _load_timing():
+    """cbn/_timing.py of this checkout (the installed cbn._timing outside a checkout)."""
+    path = Path(__file__).resolve().parent.parent / "cbn" / "_timing.py"
+    if path.is_file():
+        name = "_cbn_asv_timing"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        return sys.modules[name]
+    from cbn import _timing
+    return _timing
+
+
+timing = _load_timing()
 
 FORWARD = {"cbn": cbn.batch_norm_forward, "numpy": _reference.batch_norm_forward}
 BACKWARD = {"cbn": cbn.batch_norm_backward, "numpy": _reference.batch_norm_backward}
@@ -97,27 +137,10 @@ def running_stats(d):
     return d.rm.copy(), d.rv.copy()
 
 
-def median_time(fn, *, min_repeat=5, min_time=0.05, max_repeat=200):
-    """Median seconds of one call of ``fn`` (after one warm-up call)."""
-    fn()
-    samples = []
-    while len(samples) < max_repeat and (len(samples) < min_repeat
-                                         or sum(samples) < min_time):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def paired_ratio(fn, baseline):  # (not time_*: asv would take it for a benchmark)
+    """Time of ``fn`` / time of ``baseline``, measured interleaved in this process: the
+    median of the ratios of samples taken one after the other (:func:`cbn._timing.time_ratio`;
+    a slow side is timed 3 times), to 4 significant digits. Lower is better, as for a
+    time: asv flags an increase."""
+    return float(f"{timing.time_ratio(fn, baseline, min_repeat=5, min_time=0.1):.4g}")
 
-
-def speedup(numpy_fn, cbn_fn):
-    """NumPy time / cbn time, medians measured alternately (the reference 3 times).
-    Callers run cbn on one thread: a per-core comparison with single-threaded NumPy."""
-    numpy_fn()
-    cbn_fn()
-    t_numpy, t_cbn = [], []
-    for i in range(3):
-        t0 = time.perf_counter()
-        numpy_fn()
-        t_numpy.append(time.perf_counter() - t0)
-        t_cbn.append(median_time(cbn_fn, min_repeat=3, min_time=0.01))
-    return round(statistics.median(t_numpy) / statistics.median(t_cbn), 2)

@@ -23,11 +23,12 @@ True
 
 from ._config import show_config
 from ._kernels import openmp_enabled
+from ._state import load
 from ._threads import get_num_threads, set_num_threads
 from .distributed import SyncBatchNorm, precise_statistics
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .fusion import fold
-from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, load
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 

@@ -1,19 +1,20 @@
 """``python -m cbn``: build info, a self-check against the NumPy reference, a speed table.
 
-Sub-commands:
+Commands (``python -m cbn COMMAND --help`` describes each):
 
-    python -m cbn            build info, self-check, short speed table against NumPy
-    python -m cbn bench ...  the full one-process comparison (see benchmarks/compare.py)
-    python -m cbn demo       the seed experiments in a short form (needs the source tree)
+    python -m cbn            the same as ``python -m cbn check``
+    python -m cbn check      build info, self-check, short speed table against NumPy
+    python -m cbn bench ...  the full one-process comparison (cbn._bench, benchmarks/compare.py)
+    python -m cbn demo ...   the seed experiments of examples/ in their quick form
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import runpy
+import argparse
+import contextlib
+import io
 import sys
-from pathlib import Path
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -22,10 +23,11 @@ from cbn import _reference
 
 
 def build_info() -> str:
-    return (f"cbn {cbn.__version__}  (numpy {np.__version__}, Python {platform.python_version()}, "
-            f"{platform.machine()})\n"
-            f"OpenMP: {'on' if cbn.openmp_enabled() else 'off (serial kernels)'}; "
-            f"threads: {cbn.get_num_threads()} (os.cpu_count() = {os.cpu_count()})")
+    """cbn.show_config()'s report: version, OpenMP, threads, CPU target, build flags."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        cbn.show_config()
+    return buf.getvalue().rstrip()
 
 
 def self_check(seed: int = 0) -> list[str]:
@@ -59,49 +61,68 @@ def self_check(seed: int = 0) -> list[str]:
     return failures
 
 
-def _examples_dir() -> Path | None:
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if (base / "examples" / "deep_mlp.py").is_file():
-            return base / "examples"
-    return None
+#: Sub-commands whose arguments belong to another module: everything after the command's
+#: name goes to that module's ``main(argv)``, ``--help`` included.
+FORWARDED = {
+    "bench": "time cbn against a plain copy, the NumPy reference, PyTorch and ONNX Runtime "
+             "(options: python -m cbn bench --help)",
+    "demo": "run the seed experiments of examples/ in their quick form "
+            "(options: python -m cbn demo --help)",
+}
 
 
-def demo() -> int:
-    where = _examples_dir()
-    if where is None:
-        print("python -m cbn demo runs the scripts in examples/ of the source tree; "
-              "run it from a checkout of cbn.", file=sys.stderr)
-        return 2
-    for name in ("deep_mlp.py", "bad_init_regression.py"):
-        print(f"\n=== examples/{name} --quick")
-        sys.argv = [name, "--quick"]
-        runpy.run_path(str(where / name), run_name="__main__")
-    return 0
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``check`` (the default) and the forwarded commands."""
+    p = argparse.ArgumentParser(
+        prog="python -m cbn",
+        description="cbn: batch normalization for NumPy arrays on the CPU. Without a command, "
+                    "runs 'check'.")
+    p.add_argument("--version", action="version", version=f"cbn {cbn.__version__}")
+    p.set_defaults(seed=0, no_speed=False)        # 'check''s, for a run without a command
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    check = sub.add_parser(
+        "check", help="build info, self-check against the NumPy reference and a short speed "
+                      "table (the default)",
+        description="Print the build (version, OpenMP, threads), compare the kernels with the "
+                    "float64 NumPy reference (2D..5D, float32 and float64, both layouts, "
+                    "forward and backward) and print a short speed table against NumPy. "
+                    "Exits 1 if the self-check fails.")
+    check.add_argument("--seed", type=int, default=0,
+                       help="seed of the self-check's random data (default 0)")
+    check.add_argument("--no-speed", action="store_true",
+                       help="skip the speed table (build info and self-check only)")
+    for name, text in FORWARDED.items():
+        # Listed here for the help only: main() hands the arguments to the module itself.
+        sub.add_parser(name, help=text, add_help=False)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from cbn import _bench
-        return _bench.main(argv[1:]) or 0
-    if argv[:1] == ["demo"]:
-        return demo()
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    if argv:
-        print(f"unknown command {argv[0]!r}\n{__doc__}", file=sys.stderr)
-        return 2
+def check(seed: int = 0, speed: bool = True) -> int:
+    """Build info, self-check and (if ``speed``) the short speed table; the exit status."""
     print(build_info())
-    failures = self_check()
+    failures = self_check(seed)
     if failures:
         print("self-check against the NumPy reference FAILED:\n  " + "\n  ".join(failures))
         return 1
     print("self-check against the NumPy reference (2D..5D, both dtypes, both layouts, "
           "forward and backward): ok")
-    from cbn import _bench
-    _bench.speed_table(quick=True)
+    if speed:
+        from cbn import _bench
+        _bench.speed_table(quick=True)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m cbn``; returns the exit status."""
+    words: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["bench"]:
+        from cbn import _bench
+        return _bench.main(words[1:]) or 0
+    if words[:1] == ["demo"]:
+        from cbn import _demo
+        return _demo.main(words[1:])
+    args = build_parser().parse_args(words)
+    return check(args.seed, speed=not args.no_speed)
 
 
 if __name__ == "__main__":

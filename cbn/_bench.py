@@ -21,18 +21,26 @@ machine hits them all alike. The implementations:
              tracks. Slow on big inputs, so it is timed with fewer repeats there.
 
 The NumPy reference and the copy are single-threaded whatever the row's thread count.
+
+``--processes N`` switches to the contention mode (:func:`contention`): cbn alone, on one
+thread, in a quiet phase first; then N processes, each calling cbn at its default thread
+count on the same shapes at the same time, round after round; with ``--busy-thread`` each
+of them also runs a thread that keeps one core busy outside OpenMP.
+
+Timing and tables come from :mod:`cbn._timing`, the harness the asv suite uses too.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -40,8 +48,10 @@ import numpy as np
 
 import cbn
 from cbn import _reference
+from cbn._timing import SLOW_CALL, Table, calibrate, fmt_ratio, fmt_time, measure
 
-__all__ = ["main", "speed_table", "run", "CASES", "QUICK_CASES"]
+__all__ = ["main", "speed_table", "run", "contention", "CASES", "QUICK_CASES",
+           "CONTENTION_CASES"]
 
 #: Shapes in NCHW order (channels second). Channels-last rows use the same logical shape
 #: stored as (N, *spatial, C) with ``axis=-1``; 2D shapes have a single layout.
@@ -69,13 +79,15 @@ OP_TITLES = {"train": "training forward", "eval": "eval forward",
 EPS = 1e-5
 MOMENTUM = 0.1
 
-#: One timed sample runs a callable this long at least (several calls for tiny inputs), so
-#: the resolution of the clock and the loop overhead do not matter.
-SAMPLE_TIME = 2e-4
-#: A slow NumPy call (above this many seconds) is timed only ``numpy_repeat`` times.
-SLOW_CALL = 5e-3
-#: Upper bound on the samples of one implementation in one measurement.
-MAX_SAMPLES = 2000
+#: Contention mode: (shape in NCHW order, layout), float32 sizes from 0.1 MB to 30 MB
+#: (4x16x20x20 and 24x1024: 0.1 MB; 16x64x28x28: 3.2 MB; 256x1024: 1 MB; 32x64x56x56:
+#: 26 MB; 7168x1024: 29 MB). "2d" is an (N, C) input.
+CONTENTION_CASES: List[tuple] = [
+    ((4, 16, 20, 20), "nchw"), ((16, 64, 28, 28), "nchw"), ((32, 64, 56, 56), "nchw"),
+    ((4, 16, 20, 20), "nhwc"), ((16, 64, 28, 28), "nhwc"), ((32, 64, 56, 56), "nhwc"),
+    ((24, 1024), "2d"), ((256, 1024), "2d"), ((7168, 1024), "2d"),
+]
+CONTENTION_OPS = ("train", "eval", "backward")
 
 
 def case_name(shape: Sequence[int]) -> str:
@@ -128,94 +140,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def measure(fns: Dict[str, Callable[[], object]], *, min_time: float = 0.2,
-            min_repeat: int = 7, caps: Optional[Dict[str, int]] = None,
-            slow_caps: Optional[Dict[str, tuple]] = None,
-            max_time: Optional[float] = None, settle: float = 0.0,
-            block_time: float = 0.0) -> Dict[str, dict]:
-    """Median time of one call of each callable, interleaved round by round.
-
-    Each callable is called once to warm up (its result is returned as ``result``) and once
-    more to calibrate how many calls make one sample (>= SAMPLE_TIME). Then, round after
-    round, every callable that still needs samples is timed once, in the order of ``fns``.
-    A callable needs samples until it has ``min_repeat`` of them and ``min_time`` seconds
-    in all, or reaches its cap (``caps[name]``, or MAX_SAMPLES; ``slow_caps[name] =
-    (seconds, cap)`` applies ``cap`` when the calibration call took longer than ``seconds``).
-    ``max_time`` (default
-    20 * min_time + 5 s) bounds the loop as a whole once every callable has 3 samples.
-
-    With ``settle`` > 0 a round gives each callable a block instead of one sample: sleep
-    ``settle`` seconds, one untimed call (unless the callable is slow), then samples for
-    ``block_time`` seconds. That is for rows where two OpenMP runtimes share the process
-    (cbn's and PyTorch's, each with several threads): the worker threads of one spin for
-    milliseconds after each parallel region and would steal the cores the other's team
-    needs, so fine interleaving would measure that interference rather than the kernels.
-    """
-    caps = dict(caps or {})
-    if max_time is None:
-        max_time = 20 * min_time + 5.0
-    state: Dict[str, dict] = {}
-    for name, fn in fns.items():
-        result = fn()
-        t0 = time.perf_counter()
-        fn()
-        once = time.perf_counter() - t0
-        number = max(1, min(10000, int(math.ceil(SAMPLE_TIME / max(once, 1e-9)))))
-        cap = caps.get(name, MAX_SAMPLES)
-        if slow_caps and name in slow_caps and once > slow_caps[name][0]:
-            cap = min(cap, slow_caps[name][1])
-        state[name] = {"result": result, "first": once, "number": number, "samples": [],
-                       "cap": max(1, min(cap, MAX_SAMPLES))}
-
-    def needs(s):
-        n = len(s["samples"])
-        if n >= s["cap"]:
-            return False
-        return n < min_repeat or sum(s["samples"]) < min_time
-
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    start = time.perf_counter()
-    try:
-        while True:
-            active = [(name, s) for name, s in state.items() if needs(s)]
-            if not active:
-                break
-            if (time.perf_counter() - start > max_time
-                    and all(len(s["samples"]) >= min(3, s["cap"]) for s in state.values())):
-                break
-            for name, s in active:
-                fn, number = fns[name], s["number"]
-                if settle > 0:
-                    time.sleep(settle)
-                    if s["first"] < SLOW_CALL:
-                        fn()
-                block_start = time.perf_counter()
-                while True:
-                    if number == 1:
-                        t0 = time.perf_counter()
-                        fn()
-                        s["samples"].append(time.perf_counter() - t0)
-                    else:
-                        t0 = time.perf_counter()
-                        for _ in range(number):
-                            fn()
-                        s["samples"].append((time.perf_counter() - t0) / number)
-                    if (settle <= 0 or not needs(s)
-                            or time.perf_counter() - block_start >= block_time):
-                        break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: {"median": statistics.median(s["samples"]), "min": min(s["samples"]),
-                   "samples": len(s["samples"]), "number": s["number"], "result": s["result"]}
-            for name, s in state.items()}
-
 
 # --------------------------------------------------------------------------- one row
 
@@ -422,60 +346,43 @@ def measure_row(shape, dtype, layout, threads, op, *, impls=IMPLS, torch=None, o
     }
 
 
+
 # --------------------------------------------------------------------------- printing
 
 
-def fmt_time(t: Optional[float]) -> str:
-    if t is None:
-        return "-"
-    if t < 1e-3:
-        return f"{t * 1e6:.1f}us"
-    if t < 1.0:
-        return f"{t * 1e3:.3g}ms" if t >= 0.1 else f"{t * 1e3:.2f}ms"
-    return f"{t:.3g}s"
-
-
-def fmt_ratio(r: Optional[float]) -> str:
-    if r is None:
-        return "-"
-    return f"{r:.2f}" if r < 100 else f"{r:.0f}"
-
-
 RATIO_KEYS = ("cbn/copy", "out/copy", "torch/cbn", "ort/cbn", "numpy/cbn")
+_RATIO_PARTS = {"cbn/copy": ("cbn", "copy"), "out/copy": ("cbn_out", "copy"),
+                "torch/cbn": ("torch", "cbn"), "ort/cbn": ("ort", "cbn"),
+                "numpy/cbn": ("numpy", "cbn")}
+#: Width of a time cell (fmt_time gives at most 7 characters: "999.9us", "99.99ms").
+_TIME_WIDTH = 8
 
 
-class Table:
-    """Prints rows as they come, with the columns of the implementations in use."""
+class ComparisonTable(Table):
+    """The table of :func:`run`: case, dtype, layout, threads, op, one time per
+    implementation in use, then the ratios those implementations allow."""
 
-    def __init__(self, impls, ratio_keys=RATIO_KEYS, file=None):
+    def __init__(self, impls: Sequence[str], cases: Sequence[Sequence[int]],
+                 ops: Sequence[str], ratio_keys: Sequence[str] = RATIO_KEYS, file=None):
         self.impls = [i for i in IMPLS if i in impls]
-        wanted = {"cbn/copy": ("cbn", "copy"), "out/copy": ("cbn_out", "copy"),
-                  "torch/cbn": ("torch", "cbn"), "ort/cbn": ("ort", "cbn"),
-                  "numpy/cbn": ("numpy", "cbn")}
-        self.ratio_keys = [k for k in ratio_keys if all(i in self.impls for i in wanted[k])]
-        self.file = file or sys.stdout
-        self.lines: List[str] = []
-        self.head = (f"{'case':<15} {'dtype':<7} {'layout':<6} {'thr':>3} {'op':<8} "
-                     + " ".join(f"{i.replace('cbn_out', 'cbn out='):>9}" for i in self.impls)
-                     + "  " + " ".join(f"{k:>9}" for k in self.ratio_keys))
+        self.ratio_keys = [k for k in ratio_keys
+                           if all(i in self.impls for i in _RATIO_PARTS[k])]
+        n = len(self.impls) + len(self.ratio_keys)
+        super().__init__(
+            ["case", "dtype", "layout", "thr", "op"]
+            + [i.replace("cbn_out", "cbn out=") for i in self.impls] + self.ratio_keys,
+            align=["<", "<", "<", ">", "<"] + [">"] * n,
+            widths=[max([len(case_name(c)) for c in cases] + [4]), 7, 6, 3,
+                    max(len(op) for op in ops)] + [_TIME_WIDTH] * n,
+            file=file)
 
-    def emit(self, line=""):
-        self.lines.append(line)
-        print(line, file=self.file, flush=True)
-
-    def header(self):
-        self.emit(self.head)
-        self.emit("-" * len(self.head))
-
-    def row(self, r):
-        cells = [fmt_time(r["median_s"].get(i)) for i in self.impls]
-        ratios = [fmt_ratio(r["ratios"].get(k)) for k in self.ratio_keys]
-        line = (f"{r['case']:<15} {r['dtype']:<7} {r['layout']:<6} {r['threads']:>3} "
-                f"{r['op']:<8} " + " ".join(f"{c:>9}" for c in cells)
-                + "  " + " ".join(f"{c:>9}" for c in ratios))
-        if r.get("mismatch"):
-            line += "  MISMATCH: " + ",".join(r["mismatch"])
-        self.emit(line)
+    def add(self, r: dict) -> None:
+        """Print the row of one :func:`measure_row` result."""
+        self.row([r["case"], r["dtype"], r["layout"], r["threads"], r["op"]]
+                 + [fmt_time(r["median_s"].get(i)) for i in self.impls]
+                 + [fmt_ratio(r["ratios"].get(k)) for k in self.ratio_keys],
+                 suffix=("  MISMATCH: " + ",".join(r["mismatch"]) if r.get("mismatch")
+                         else ""))
 
 
 def geomeans(rows, key) -> Dict[str, dict]:
@@ -502,6 +409,18 @@ def describe_environment(threads_list) -> List[str]:
     ]
 
 
+class _Printer:
+    """Lines printed as they come and kept (for the JSON document's ``table``)."""
+
+    def __init__(self, file=None):
+        self.file = file or sys.stdout
+        self.lines: List[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        self.lines.append(line)
+        print(line, file=self.file, flush=True)
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -514,14 +433,16 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
     used = [i for i in impls if (i != "torch" or torch is not None)
             and (i != "ort" or (ort is not None and "eval" in ops))]
     out = file or sys.stdout
-    table = Table(used, file=out)
+    emit = _Printer(out)
     for line in describe_environment(threads):
-        table.emit(line)
+        emit(line)
     missing = [name for name, mod in (("torch", torch), ("onnxruntime", ort))
                if name.replace("onnxruntime", "ort") in impls and mod is None]
     if missing:
-        table.emit("not importable, skipped: " + ", ".join(missing))
-    table.emit("")
+        emit("not importable, skipped: " + ", ".join(missing))
+    emit("")
+    before = list(emit.lines)
+    table = ComparisonTable(used, cases, ops, file=out)
     table.header()
     torch_threads = torch.get_num_threads() if torch is not None else None
     rows = []
@@ -537,11 +458,12 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
                                             torch=torch, ort=ort, min_time=min_time,
                                             min_repeat=min_repeat, numpy_repeat=numpy_repeat)
                             rows.append(r)
-                            table.row(r)
+                            table.add(r)
     finally:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-    table.emit("")
+    emit.lines = []
+    emit("")
     summary = {}
     for key, title in (("torch/cbn", "torch/cbn (> 1: cbn faster)"),
                        ("ort/cbn", "ort/cbn (> 1: cbn faster)"),
@@ -551,7 +473,7 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
         if not g:
             continue
         summary[key] = g
-        table.emit(f"geometric mean {title}: " + ", ".join(
+        emit(f"geometric mean {title}: " + ", ".join(
             f"{op} {v['geomean']:.2f} ({v['rows']} rows, {v['min']:.2f}..{v['max']:.2f})"
             for op, v in g.items()))
     return {
@@ -567,15 +489,15 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
         },
         "rows": rows,
         "geomean": summary,
-        "table": "\n".join(table.lines),
+        "table": "\n".join(before + table.render() + emit.lines),
     }
 
 
 def speed_table(quick: bool = True, file=None) -> List[dict]:
     """A short table of cbn against the NumPy reference (the ``python -m cbn`` main job).
 
-    Float32, NCHW and channels-last, the three ops, cbn's default thread count; a few
-    seconds in all with ``quick=True`` (the full CASES set otherwise).
+    Float32, NCHW and channels-last, every op, cbn's default thread count; a few seconds
+    in all with ``quick=True`` (the full CASES set otherwise).
     """
     out = file or sys.stdout
     n = cbn.get_num_threads()
@@ -583,9 +505,11 @@ def speed_table(quick: bool = True, file=None) -> List[dict]:
     min_time, min_repeat = (0.05, 5) if quick else (0.2, 7)
     print(f"\nspeed against the NumPy reference (float32, {n} thread(s) for cbn; "
           f"medians, per call; copy = np.copyto of the same array):", file=out)
-    head = (f"  {'case':<15} {'layout':<6} {'op':<8} {'cbn':>9} {'numpy':>9} "
-            f"{'numpy/cbn':>9} {'cbn/copy':>9}")
-    print(head, file=out)
+    table = Table(["case", "layout", "op", "cbn", "numpy", "numpy/cbn", "cbn/copy"],
+                  align="<<<>>>>", indent="  ", file=out,
+                  widths=[max(len(case_name(c)) for c in cases), 6,
+                          max(len(op) for op in OPS)] + [_TIME_WIDTH] * 4)
+    table.header()
     rows = []
     for shape in cases:
         for layout in LAYOUTS:
@@ -597,11 +521,207 @@ def speed_table(quick: bool = True, file=None) -> List[dict]:
                                 min_repeat=min_repeat, numpy_repeat=3)
                 rows.append(r)
                 m, q = r["median_s"], r["ratios"]
-                print(f"  {r['case']:<15} {layout:<6} {op:<8} {fmt_time(m.get('cbn')):>9} "
-                      f"{fmt_time(m.get('numpy')):>9} {fmt_ratio(q.get('numpy/cbn')):>9} "
-                      f"{fmt_ratio(q.get('cbn/copy')):>9}", file=out, flush=True)
+                table.row([r["case"], layout, op, fmt_time(m.get("cbn")),
+                           fmt_time(m.get("numpy")), fmt_ratio(q.get("numpy/cbn")),
+                           fmt_ratio(q.get("cbn/copy"))])
     print("  (full comparison with PyTorch and ONNX Runtime: python -m cbn bench)", file=out)
     return rows
+
+
+# --------------------------------------------------------------------------- contention
+
+
+def _busy_loop(stop: threading.Event) -> None:
+    """Keep one core busy outside OpenMP until ``stop`` is set: np.sin over a
+    cache-resident array, a C loop that holds the GIL only between calls."""
+    a = np.linspace(0.0, 1.0, 16384)
+    out = np.empty_like(a)
+    while not stop.is_set():
+        np.sin(a, out=out)
+
+
+def start_busy_thread() -> threading.Event:
+    """Start a daemon thread running :func:`_busy_loop`; set the returned event to stop it."""
+    stop = threading.Event()
+    threading.Thread(target=_busy_loop, args=(stop,), name="cbn-bench-busy",
+                     daemon=True).start()
+    return stop
+
+
+def _contention_call(shape, layout, dtype, op, threads):
+    """cbn's callable for one contention row (``threads=None``: cbn's default)."""
+    fns, _ = _setup_row(shape, dtype, "nchw" if layout == "2d" else layout, threads, op,
+                        ("cbn",), None, None)
+    return fns["cbn"]
+
+
+def _contention_worker(index, rows, dtype, threads, rounds, min_time, min_repeat, busy,
+                       barrier, queue):
+    """One process of the contention phase: for each row, ``rounds`` timed rounds, each
+    started together with the other processes at ``barrier``. Puts ``(index, result)``
+    on ``queue``; ``result`` is a dict, or a string saying what failed."""
+    stop = start_busy_thread() if busy else None
+    try:
+        out = []
+        for shape, layout, op in rows:
+            fn = _contention_call(shape, layout, dtype, op, threads)
+            _, _, number = _calibrate_together(fn, barrier)
+            medians, times = [], []
+            for _ in range(rounds):
+                barrier.wait(timeout=600)
+                res = measure({"cbn": fn}, min_time=min_time, min_repeat=min_repeat,
+                              numbers={"cbn": number}, max_time=10 * min_time + 2.0)["cbn"]
+                medians.append(res["median"])
+                times.extend(res["times"])
+            out.append({"median": statistics.median(times), "rounds": medians,
+                        "samples": len(times), "number": number})
+        queue.put((index, {"rows": out, "threads": cbn.get_num_threads()
+                           if threads is None else threads, "pid": os.getpid()}))
+    except BaseException as e:  # report, and free the others waiting at the barrier
+        barrier.abort()
+        queue.put((index, f"{type(e).__name__}: {e}"))
+    finally:
+        if stop is not None:
+            stop.set()
+
+
+def _calibrate_together(fn, barrier):
+    """:func:`cbn._timing.calibrate` started together with the other processes."""
+    barrier.wait(timeout=600)
+    return calibrate(fn)
+
+
+def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTION_OPS,
+               threads=None, rounds: int = 3, min_time: float = 0.05, min_repeat: int = 3,
+               busy_thread: bool = False, file=None) -> dict:
+    """cbn in ``processes`` processes at once, against cbn alone on one thread.
+
+    Quiet phase first: this process times each row alone with ``n_threads=1`` (nothing
+    else of this script runs). Then ``processes`` processes are started (``spawn``), each
+    calling cbn with ``n_threads=threads`` (None: each process's default thread count)
+    and, with ``busy_thread``, running :func:`_busy_loop` in a thread beside it. They time
+    every row in ``rounds`` rounds, each round started together at a barrier and lasting
+    ``min_time`` seconds and ``min_repeat`` samples at least. Prints, per row, the quiet
+    median, each process's median per call over its rounds, the worst round (the largest
+    round median of any process), and both as ratios to the quiet median. ``cases`` is a
+    list of (NCHW shape, layout) with layout "nchw", "nhwc" or "2d" (default
+    CONTENTION_CASES). Returns the JSON document.
+    """
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    cases = list(CONTENTION_CASES if cases is None else cases)
+    rows = [(tuple(shape), layout, op) for shape, layout in cases for op in ops]
+    out = file or sys.stdout
+    emit = _Printer(out)
+    v = _versions()
+    itemsize = np.dtype(dtype).itemsize
+    emit(f"cbn {v['cbn']} (OpenMP {'on' if cbn.openmp_enabled() else 'off'}), numpy "
+         f"{v['numpy']}, Python {v['python']}; CPU: {_cpu_model()}, os.cpu_count() = "
+         f"{os.cpu_count()}")
+    emit(f"contention: {processes} process(es) (spawn), each cbn at n_threads="
+         f"{'default' if threads is None else threads}"
+         + (" plus one busy non-OpenMP thread" if busy_thread else "")
+         + f"; {rounds} round(s) started together; {dtype}; times per call")
+    emit("quiet = this process alone, n_threads=1, measured first; p<i> = median of "
+         "process i over its rounds; worst = largest round median of any process")
+    emit("")
+
+    quiet = []
+    for shape, layout, op in rows:
+        fn = _contention_call(shape, layout, dtype, op, 1)
+        quiet.append(measure({"cbn": fn}, min_time=min_time, min_repeat=max(min_repeat, 5))
+                     ["cbn"]["median"])
+        del fn
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(processes)
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_contention_worker,
+                         args=(i, rows, dtype, threads, rounds, min_time, min_repeat,
+                               busy_thread, barrier, queue), daemon=True)
+             for i in range(processes)]
+    for p in procs:
+        p.start()
+    results: Dict[int, object] = {}
+    try:
+        while len(results) < processes:
+            try:
+                i, res = queue.get(timeout=5)
+                results[i] = res
+            except Exception:  # queue.Empty: check for a process that died silently
+                dead = [p for k, p in enumerate(procs)
+                        if k not in results and not p.is_alive()]
+                if dead:
+                    barrier.abort()
+                    for k, p in enumerate(procs):
+                        if k not in results and not p.is_alive():
+                            results[k] = f"process exited with code {p.exitcode}"
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    errors = {i: r for i, r in results.items() if isinstance(r, str)}
+    if errors:
+        for i, msg in sorted(errors.items()):
+            emit(f"process {i} failed: {msg}")
+        raise RuntimeError("contention run failed: " + "; ".join(errors.values()))
+    worker_threads = sorted({results[i]["threads"] for i in range(processes)})
+
+    titles = (["case", "layout", "MB", "op", "quiet"] + [f"p{i}" for i in range(processes)]
+              + ["worst", "p/quiet", "worst/quiet"])
+    table = Table(titles, align=["<", "<", ">", "<"] + [">"] * (processes + 4),
+                  widths=[max(len(case_name(s)) for s, _, _ in rows), 6, 5,
+                          max(len(op) for op in ops)] + [_TIME_WIDTH] * (processes + 4),
+                  file=out)
+    before = list(emit.lines)
+    table.header()
+    doc_rows = []
+    for k, (shape, layout, op) in enumerate(rows):
+        per = [results[i]["rows"][k] for i in range(processes)]
+        medians = [p["median"] for p in per]
+        worst = max(max(p["rounds"]) for p in per)
+        ratio, worst_ratio = max(medians) / quiet[k], worst / quiet[k]
+        mb = math.prod(shape) * itemsize / 1e6
+        table.row([case_name(shape), layout, f"{mb:.1f}", op, fmt_time(quiet[k])]
+                  + [fmt_time(m) for m in medians]
+                  + [fmt_time(worst), fmt_ratio(ratio), fmt_ratio(worst_ratio)])
+        doc_rows.append({"case": case_name(shape), "shape": list(shape), "layout": layout,
+                         "op": op, "dtype": dtype, "megabytes": mb, "quiet_s": quiet[k],
+                         "median_s": medians, "rounds_s": [p["rounds"] for p in per],
+                         "samples": [p["samples"] for p in per], "worst_s": worst,
+                         "ratio": ratio, "worst_ratio": worst_ratio})
+    emit.lines = []
+    emit("")
+    top = max(doc_rows, key=lambda r: r["ratio"])
+    top_worst = max(doc_rows, key=lambda r: r["worst_ratio"])
+    emit(f"largest p/quiet: {fmt_ratio(top['ratio'])} ({top['case']} {top['layout']} "
+         f"{top['op']}); largest worst/quiet: {fmt_ratio(top_worst['worst_ratio'])} "
+         f"({top_worst['case']} {top_worst['layout']} {top_worst['op']}); "
+         f"process thread count(s): {', '.join(map(str, worker_threads))}")
+    return {
+        "meta": {
+            "versions": v, "openmp": cbn.openmp_enabled(), "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "settings": {"processes": processes, "threads": threads,
+                         "worker_threads": worker_threads, "busy_thread": busy_thread,
+                         "rounds": rounds, "min_time": min_time, "min_repeat": min_repeat,
+                         "dtype": dtype},
+            "notes": {"quiet_s": "one process alone, n_threads=1, measured first",
+                      "median_s": "per process: median per call over all its rounds",
+                      "worst_s": "largest round median of any process",
+                      "ratio": "largest process median / quiet",
+                      "worst_ratio": "worst / quiet"},
+        },
+        "rows": doc_rows,
+        "table": "\n".join(before + table.render() + emit.lines),
+    }
+
+
+# --------------------------------------------------------------------------- command line
 
 
 def _split(values, conv=str):
@@ -616,65 +736,166 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m cbn bench",
         description="Time cbn against a plain copy (the memory-bandwidth floor), the NumPy "
                     "reference, PyTorch (native_batch_norm) and ONNX Runtime where they "
-                    "import, in one process with the same thread count for all.")
+                    "import, in one process with the same thread count for all. With "
+                    "--processes N: cbn in N processes at once against cbn alone on one "
+                    "thread (contention mode).")
     p.add_argument("--case", action="append", metavar="SHAPE",
                    help="e.g. 32x64x56x56 (repeatable or comma-separated; NCHW order). "
-                        "Default: " + ", ".join(case_name(c) for c in CASES))
+                        "Default: " + ", ".join(case_name(c) for c in CASES)
+                        + "; with --quick: " + ", ".join(case_name(c) for c in QUICK_CASES)
+                        + "; with --processes: " + ", ".join(
+                            f"{case_name(c)} {lay}" for c, lay in CONTENTION_CASES))
     p.add_argument("--dtype", action="append", metavar="DTYPE",
-                   help="float32 and/or float64 (default: both)")
+                   help="float32 and/or float64 (default: both; with --quick or "
+                        "--processes: float32)")
     p.add_argument("--layout", action="append", metavar="LAYOUT",
                    help="nchw (axis=1) and/or nhwc (channels-last, axis=-1; 'channels-last' "
-                        "is accepted too). Default: both")
+                        "is accepted too). Default: both; with --processes, 2D cases run "
+                        "whatever the layout")
     p.add_argument("--threads", action="append", metavar="N",
-                   help="thread counts, e.g. --threads 1,2 (default: 1 and 2)")
+                   help="thread counts, e.g. --threads 1,2 (default: 1 and 2; with --quick: "
+                        "1). With --processes: one count for every process (default: "
+                        "cbn's default thread count in each)")
     p.add_argument("--op", action="append", metavar="OP",
                    help="train (training forward), eval (eval forward), backward "
-                        "(training-mode backward); default: all three")
+                        "(training-mode backward), train_fused, eval_fused (relu(bn(x) + "
+                        "residual)); default: all five; with --processes: train, eval, "
+                        "backward")
     p.add_argument("--impl", action="append", metavar="NAME",
-                   help="subset of " + ",".join(IMPLS) + " (default: all available)")
+                   help="subset of " + ",".join(IMPLS) + " (default: all that import)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="minimum number of samples per implementation (default 7; quick 3)")
+                   help="minimum number of samples per implementation (default 7; with "
+                        "--quick: 3; with --processes: 3 per round)")
     p.add_argument("--min-time", type=float, default=None,
                    help="minimum seconds of samples per implementation and row "
-                        "(default 0.2; quick 0.02)")
+                        "(default 0.2; with --quick 0.02; with --processes 0.05 per round)")
     p.add_argument("--numpy-repeat", type=int, default=3,
                    help="samples of the NumPy reference when one call takes > 5 ms (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="few repeats and a small subset (cases " +
                         ", ".join(case_name(c) for c in QUICK_CASES) +
                         "; float32; 1 thread) unless filters say otherwise")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="contention mode: N processes (spawned) each time cbn on the same "
+                        "shapes at once, after a quiet phase that times cbn alone on one "
+                        "thread; prints medians per process, the worst round and the "
+                        "ratios to the quiet phase (default: off)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="contention mode: rounds per row, started together (default 3)")
+    p.add_argument("--busy-thread", action="store_true",
+                   help="contention mode: each process also runs one thread that keeps a "
+                        "core busy outside OpenMP (NumPy's sin in a loop; default: off). "
+                        "--processes 1 --busy-thread measures cbn beside one busy thread")
+    p.add_argument("--sync-ranks", metavar="N,M", default=None,
+                   help="SyncBatchNorm mode: for each rank count, run `mpiexec -n N python -m "
+                        "cbn.distributed` (needs mpi4py and mpiexec: pip install 'cbn[mpi]') "
+                        "and print SyncBatchNorm's overhead over BatchNorm per rank; --case "
+                        "sets the per-rank shape (default 32x64x28x28)")
     p.add_argument("--json", metavar="FILE", help="also write rows and metadata as JSON")
     return p
+
+
+def _sync_main(ranks: str, cases, repeat: Optional[int]) -> int:
+    """--sync-ranks: SyncBatchNorm's overhead at each rank count, under mpiexec."""
+    import shutil
+    import subprocess
+    try:
+        counts = [int(v) for v in ranks.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 1 for n in counts):
+        print("--sync-ranks takes rank counts >= 1, e.g. 2,4", file=sys.stderr)
+        return 2
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
+    if mpiexec is None:
+        print("--sync-ranks needs mpiexec (pip install 'cbn[mpi]')", file=sys.stderr)
+        return 2
+    shape = case_name(cases[0]) if cases else "32x64x28x28"
+    extra = ["--repeat", str(repeat)] if repeat else []
+    for n in counts:
+        cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "cbn.distributed",
+               "--shape", shape] + extra
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
+    return 0
+
+
+def _contention_main(args, cases, dtypes, layouts, threads, ops) -> int:
+    if args.processes < 1:
+        print("--processes must be >= 1", file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print("--rounds must be >= 1", file=sys.stderr)
+        return 2
+    if len(dtypes) > 1 or len(threads) > 1:
+        print("with --processes, give one --dtype and at most one --threads",
+              file=sys.stderr)
+        return 2
+    bad = [op for op in ops if op not in CONTENTION_OPS]
+    if bad:
+        print(f"with --processes, --op takes {', '.join(CONTENTION_OPS)}", file=sys.stderr)
+        return 2
+    if cases is None:
+        pairs = [(c, lay) for c, lay in CONTENTION_CASES
+                 if layouts is None or lay == "2d" or lay in layouts]
+    else:
+        pairs = [(c, "2d") if len(c) == 2 else (c, lay)
+                 for c in cases for lay in (layouts or LAYOUTS)]
+        pairs = list(dict.fromkeys(pairs))
+    min_repeat = args.repeat if args.repeat is not None else 3
+    min_time = args.min_time if args.min_time is not None else 0.05
+    doc = contention(args.processes, cases=pairs, dtype=(dtypes or ["float32"])[0],
+                     ops=ops or CONTENTION_OPS, threads=threads[0] if threads else None,
+                     rounds=args.rounds, min_time=min_time, min_repeat=max(1, min_repeat),
+                     busy_thread=args.busy_thread)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     q = args.quick
-    cases = [_parse_case(c) for c in _split(args.case)] or (QUICK_CASES if q else CASES)
-    for c in cases:
+    given_cases = [_parse_case(c) for c in _split(args.case)]
+    for c in given_cases:
         if not 2 <= len(c) <= 5 or any(s < 1 for s in c):
             print(f"bad case {case_name(c)}: 2 to 5 positive sizes expected", file=sys.stderr)
             return 2
-    dtypes = _split(args.dtype) or (["float32"] if q else list(DTYPES))
-    layouts = [("nhwc" if v == "channels-last" else v) for v in _split(args.layout)] \
-        or list(LAYOUTS)
+    given_layouts = [("nhwc" if v == "channels-last" else v) for v in _split(args.layout)]
     try:
-        threads = _split(args.threads, int) or ([1] if q else [1, 2])
+        given_threads = _split(args.threads, int)
     except ValueError:
         print("--threads takes integers", file=sys.stderr)
         return 2
-    if any(t < 1 for t in threads):
+    if any(t < 1 for t in given_threads):
         print("--threads must be >= 1", file=sys.stderr)
         return 2
-    ops = _split(args.op) or list(OPS)
+    given_dtypes, given_ops = _split(args.dtype), _split(args.op)
     impls = _split(args.impl) or list(IMPLS)
-    for flag, given, allowed in (("--dtype", dtypes, DTYPES), ("--layout", layouts, LAYOUTS),
-                                 ("--op", ops, OPS), ("--impl", impls, IMPLS)):
+    for flag, given, allowed in (("--dtype", given_dtypes, DTYPES),
+                                 ("--layout", given_layouts, LAYOUTS),
+                                 ("--op", given_ops, OPS), ("--impl", impls, IMPLS)):
         unknown = [v for v in given if v not in allowed]
         if unknown:
             print(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(allowed)}",
                   file=sys.stderr)
             return 2
+    if args.sync_ranks is not None:
+        return _sync_main(args.sync_ranks, given_cases, args.repeat)
+    if args.processes is not None:
+        return _contention_main(args, given_cases or None, given_dtypes,
+                                given_layouts or None, given_threads, given_ops)
+    cases = given_cases or (QUICK_CASES if q else CASES)
+    dtypes = given_dtypes or (["float32"] if q else list(DTYPES))
+    layouts = given_layouts or list(LAYOUTS)
+    threads = given_threads or ([1] if q else [1, 2])
+    ops = given_ops or list(OPS)
     min_repeat = args.repeat if args.repeat is not None else (3 if q else 7)
     min_time = args.min_time if args.min_time is not None else (0.02 if q else 0.2)
     doc = run(cases, dtypes, layouts, threads, ops, impls, min_time=min_time,

@@ -21,29 +21,63 @@ Statistics: every block is reduced with a shift close to its mean, so nothing ca
 (never E[x^2] - E[x]^2): one streaming pass of d = x - shift and d*d around an estimate of
 the mean (planes: the mean of the unit's first vector of values; rows: of the block's
 first rows), and a second, corrected pass from cache wherever that estimate was far
-enough off to cost accuracy (see cbn_runs_moments and rows_block_moments), so every
+enough off to cost accuracy (see runs_moments in cbn_planes.h and rows_block_moments), so every
 result is within a factor 2 of a two-pass's rounding error. Blocks are merged with Chan et
 al.'s pairwise formula in double. Work is cut into items that depend on the shape only,
 never on the thread count; each item's partial result goes to its own slot and the slots
 are merged in item order, so the results are bit-identical for any number of threads.
 
+Where things live (the C is in real files; this module keeps partitions, merges, stages
+and dispatch):
+
+  cbn/src/cbn_simd.h      vector-extension lanes, shared by every loop
+  cbn/src/cbn_planes.h    C loops along runs of one channel (dtype/target template)
+  cbn/src/cbn_rows.h      C loops over blocks of rows with per-lane parameters (template)
+  cbn/src/cbn_ops.h       one (dtype, target)'s loops as a table, cbn_ops
+  cbn/src/cbn_kernels.h   the tables for each CPU target, and the choice among them
+  cbn/src/cbn_team.h      the adaptive thread count (contended cores)
+  cbn/src/cbn_cache.h     the last-level cache's size, read at import
+  _partition.pxi          Moments and Chan's merge; the planes and rows partitions; timed
+                          teams
+  _moments.pxi            the moments stage on both shapes
+  _passes.pxi             the element-wise passes and the backward reductions
+  _blocked.pxi            channel-blocked training passes, streaming stores and
+                          prefetch for inputs larger than the cache
+  _stages.pxi             the stages, the Call record and the run_* entries; the general
+                          path's defs; the stages one at a time for cbn/_stages.py
+  _plain.pxi              the plain-call fast path
+
+The operation x loop-shape table (ops(x) is the active target's cbn_ops for x's dtype):
+
+  operation            stage               planes                rows
+  moments              moments             runs_moments          cols_shifted_sums,
+                                                                 cols_dev (2nd pass)
+  sum dy, sum dy*xmu   backward_reduce     runs_sums             cols_sums
+  output pass          normalize           run_affine            cols_apply(op=0)
+  training dx          backward_elements   run_bwd               cols_apply(op=1)
+
+In cbn_rows.h each rows operation has two loop shapes with the same lane-wise arithmetic
+in the same order (so the same bits): fixed-width (fx_*, AVX-512 targets, the lane
+parameters in registers) and the general column loops (cols_*). Both stay: on AVX-512 the
+fixed-width loops took channels-last eval from 2-2.6 copies of the array to about 1.0 when
+they were added, and other targets have too few vector registers for them.
+
 Large inputs (see _blocked.pxi): a planes training forward or backward whose arrays do
-not fit the last-level cache (its size read at import, cbn/src/cbn_cache.h) runs channel
-by channel group: a group's statistics (the same units, merged in the same tree), its
-finish, then its output while its input is still in cache, groups as parallel items.
-Output passes larger than the cache store non-temporally, and reductions larger than
-half of it prefetch the next unit's runs. None of this changes a bit of any result.
+not fit the last-level cache runs channel group by channel group: a group's statistics
+(the same units, merged in the same tree), its finish, then its output while its input is
+still in cache, groups as parallel items. Output passes larger than the cache store
+non-temporally (run_affine_stream, run_bwd_stream), and reductions larger than half of it
+prefetch the next unit's runs. None of this changes a bit of any result.
 
-The loops over contiguous data are written with GCC/Clang vector-extension lanes (see the
-C block below): lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA
-contraction, so results do not depend on the instruction set either.
+The loops over contiguous data are written with GCC/Clang vector-extension lanes:
+lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA contraction, so results
+do not depend on the instruction set either. That is what lets cbn/src/cbn_kernels.h
+compile them once per CPU target (baseline, AVX2, AVX-512) and pick one at import.
 
-Nothing here validates its arguments: cbn.functional does that before calling in. The one
-exception is the plain-call fast path at the end (plain_forward, plain_backward,
-plain_affine): it only recognises calls whose arrays are already what the kernels need,
-and declines (returns None, having written nothing) everything else, which cbn.functional
-then validates. Scratch memory is allocated (and checked) with the GIL held, before any
-parallel region.
+Threads: each parallel loop has a serial twin taken when nthreads == 1, which enters no
+OpenMP region at all. That is not only cheaper for small inputs: a forked child, whose
+OpenMP pool did not survive the fork, runs every call that way (cbn._threads), and so does
+a process whose cores were found contended (cbn/src/cbn_team.h).
 """
 
 cimport cython
@@ -55,7 +89,6 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 cnp.import_array()
-
 
 
 cdef inline const cbn_ops* ops(const floating* tag) noexcept nogil:

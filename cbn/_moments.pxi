@@ -284,7 +284,7 @@ cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssiz
         rows_moments(x, C, K, PR, <double*>mem,
                      <floating*>(<char*>mem + rows_part_bytes(PR, C)),
                      <double*>(<char*>mem + rows_part_bytes(PR, C)
-                               + nthreads * 3 * PR.W * sizeof(floating)),
+                               + lanes_bytes(nthreads * 3 * PR.W * sizeof(floating))),
                      out, nthreads)
 
 
@@ -297,8 +297,14 @@ cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
         PP = planes_partition(M, C, K, BLOCK)
         return PP.items * C * sizeof(Moments)
     PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
-    return (rows_part_bytes(PR, C) + nthreads * 3 * PR.W * itemsize
+    return (rows_part_bytes(PR, C) + lanes_bytes(nthreads * 3 * PR.W * itemsize)
             + nthreads * 2 * C * sizeof(double))
+
+
+cdef inline Py_ssize_t lanes_bytes(Py_ssize_t n) noexcept nogil:
+    """n rounded up to a multiple of sizeof(double): the doubles that follow are aligned
+    (float32 lanes of an odd width would leave them misaligned; UBSan saw it)."""
+    return (n + 7) // 8 * 8
 
 
 cdef inline Py_ssize_t rows_part_bytes(Rows P, Py_ssize_t C) noexcept nogil:

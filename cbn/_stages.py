@@ -19,12 +19,14 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _kernels
-from . import functional as _f
+from . import _arrays, _kernels
+from . import functional as _functional
+from ._checks import COMPUTE
 from ._threads import resolve_num_threads
 
 __all__ = ["Moments", "Stats", "compute_dtype", "moments", "merge_moments", "finish",
-           "normalize", "backward_reduce", "backward_elements", "parameter_grads"]
+           "normalize", "backward_reduce", "backward_elements", "parameter_grads",
+           "biased_update"]
 
 
 class Moments(NamedTuple):
@@ -44,17 +46,17 @@ class Stats(NamedTuple):
 
 def compute_dtype(dtype) -> np.dtype:
     """float32 for float16/bfloat16/float32 inputs, float64 for float64."""
-    return _f._COMPUTE[np.dtype(dtype)]
+    return COMPUTE[np.dtype(dtype)]
 
 
 def _view(x, axis: int):
     """(x3, view, compute dtype) for an input in the public layout."""
-    x = _f._as_input(x, "input")
-    ax = _f._channel_axis(axis, x.ndim)
+    x = _arrays.as_input(x, "input")
+    ax = _arrays.channel_axis(axis, x.ndim)
     dt = compute_dtype(x.dtype)
     if x.dtype != dt:
         x = x.astype(dt)
-    view = _f._View(x, ax)
+    view = _arrays.View(x, ax)
     return view.read(x), view, x
 
 
@@ -82,8 +84,8 @@ def finish(mom: Moments, eps: float, *, dtype, weight=None, bias=None,
     the factor itself (the caller resolves PyTorch's None, the cumulative average)."""
     dt = np.dtype(dtype)
     C = mom.mean.shape[0]
-    w = _f._param(weight, "weight", C, dt)
-    b = _f._param(bias, "bias", C, dt)
+    w = _arrays.per_channel(weight, "weight", C, dt)
+    b = _arrays.per_channel(bias, "bias", C, dt)
     out = [np.empty(C, dt) for _ in range(4)]
     _kernels.finish(int(mom.count), mom.mean, mom.m2, float(eps), w, b, running_mean,
                     running_var, float(momentum), *out)
@@ -94,7 +96,7 @@ def normalize(x, stats: Stats, *, axis: int = 1, out: Optional[np.ndarray] = Non
               n_threads: Optional[int] = None, activation: Optional[str] = None,
               residual=None) -> np.ndarray:
     """The output pass: ``act((x - save_mean) * scale + shift + residual)``."""
-    return _f.normalize(x, stats.save_mean, stats.scale, stats.shift, axis=axis, out=out,
+    return _functional.normalize(x, stats.save_mean, stats.scale, stats.shift, axis=axis, out=out,
                         n_threads=n_threads, activation=activation, residual=residual)
 
 
@@ -105,13 +107,13 @@ def backward_reduce(grad_output, x, save_mean, *, axis: int = 1,
     by ReLU's backward where ``activation="relu"`` and ``output`` (the forward's output)."""
     x3, view, xc = _view(x, axis)
     dt = x3.dtype
-    g3 = view.read(_f._same_shape(grad_output, "grad_output", xc, dt))
+    g3 = view.read(_arrays.same_shape(grad_output, "grad_output", xc, dt))
     ym3 = None
-    if _f._check_activation(activation):
+    if _arrays.check_activation(activation):
         if output is None:
             raise ValueError("activation='relu' needs output (the forward's output)")
-        ym3 = view.read(_f._same_shape(output, "output", xc, dt))
-    mean = _f._param(save_mean, "save_mean", view.C, dt)
+        ym3 = view.read(_arrays.same_shape(output, "output", xc, dt))
+    mean = _arrays.per_channel(save_mean, "save_mean", view.C, dt)
     nt = resolve_num_threads(n_threads, x3.size)
     return _kernels.backward_reduce(g3, x3, mean, nt, ym3)
 
@@ -126,16 +128,16 @@ def backward_elements(grad_output, x, weight, save_mean, save_invstd, sum_dy, su
     x_in = x if isinstance(x, np.ndarray) else np.asarray(x)
     x3, view, xc = _view(x_in, axis)
     dt = x3.dtype
-    g3 = view.read(_f._same_shape(grad_output, "grad_output", xc, dt))
+    g3 = view.read(_arrays.same_shape(grad_output, "grad_output", xc, dt))
     ym3 = None
-    if _f._check_activation(activation):
+    if _arrays.check_activation(activation):
         if output is None:
             raise ValueError("activation='relu' needs output (the forward's output)")
-        ym3 = view.read(_f._same_shape(output, "output", xc, dt))
+        ym3 = view.read(_arrays.same_shape(output, "output", xc, dt))
     C = view.C
-    w = _f._param(weight, "weight", C, dt)
-    mean = _f._param(save_mean, "save_mean", C, dt)
-    inv = _f._param(save_invstd, "save_invstd", C, dt)
+    w = _arrays.per_channel(weight, "weight", C, dt)
+    mean = _arrays.per_channel(save_mean, "save_mean", C, dt)
+    inv = _arrays.per_channel(save_invstd, "save_invstd", C, dt)
     dx, dx3 = view.new(dt)
     nt = resolve_num_threads(n_threads, x3.size)
     _kernels.backward_elements(g3, x3, w, mean, inv, sum_dy, sum_dy_xmu, int(count), dx3,
@@ -155,3 +157,16 @@ def parameter_grads(sum_dy, sum_dy_xmu, save_invstd, dtype) -> Tuple[np.ndarray,
     inv = np.asarray(save_invstd, dtype=dt).astype(np.float64)
     return ((np.asarray(sum_dy_xmu, np.float64) * inv).astype(dt),
             np.asarray(sum_dy, np.float64).astype(dt))
+
+
+def biased_update(running_var: np.ndarray, m_var_unbiased: np.ndarray, momentum: float,
+                   n: int) -> None:
+    """``running_var = (1 - momentum) * running_var + momentum * var`` with the biased batch
+    variance, in place. ``m_var_unbiased`` is what the kernel's unbiased update wrote into a
+    vector of zeros, ``momentum * var * n / (n - 1)`` in the storage dtype; the update is done
+    as the kernel does its own: in float64, new term first, rounded once to the storage
+    dtype, with ``momentum * var = m_var_unbiased * ((n - 1) / n)``."""
+    if n < 2:
+        return                  # empty input: the kernel updated nothing (n == 1 raised)
+    new = m_var_unbiased.astype(np.float64) * ((n - 1) / n)
+    running_var[...] = new + (1.0 - momentum) * running_var.astype(np.float64)

@@ -1,39 +1,84 @@
-"""Thread-count resolution for cbn's kernels.
+"""Thread policy for cbn's kernels: the one place where a call's thread count is decided.
 
 At each call the count is, in order of precedence: the ``n_threads`` argument, the value
 given to :func:`set_num_threads`, then ``omp_get_max_threads()`` of the OpenMP runtime the
-kernels are linked to (which follows ``OMP_NUM_THREADS`` and threadpoolctl's limits).
-Inputs too small to pay for a thread team run on one thread whatever is asked.
+kernels are linked to (which follows ``OMP_NUM_THREADS`` and threadpoolctl's limits). Then:
+
+- counts above :data:`MAX_THREADS` are clipped to it (a team of thousands of threads only
+  exhausts memory or the address space, and libgomp then ends the process);
+- in a process forked after this one ran a kernel on more than one thread, every call runs
+  on one thread: libgomp's thread pool does not survive ``fork()``, and a child that enters a
+  parallel region waits forever for the parent's workers. A kernel on one thread never enters
+  an OpenMP region, so such a child computes the same bits, serially. Processes started with
+  ``spawn`` or ``forkserver`` (a fresh interpreter, or forked from one that never ran a
+  parallel region) are not affected;
+- inputs too small to pay for a thread team (under :data:`MIN_PARALLEL_SIZE` values) run on
+  one thread whatever is asked.
 """
 
 from __future__ import annotations
 
 import operator
+import os
+
+import numpy as np
 
 from . import _kernels
 
-__all__ = ["get_num_threads", "set_num_threads", "resolve_num_threads"]
+# (the constants MAX_THREADS and MIN_PARALLEL_SIZE are read as cbn._threads.NAME)
+__all__ = ["get_num_threads", "requested_num_threads", "resolve_num_threads", "call_threads",
+           "set_num_threads"]
 
 #: Below this many values per array, kernels run on one thread: waking a team of threads
 #: costs a few microseconds, more than a second core saves on so little data.
 MIN_PARALLEL_SIZE = 1 << 16
 
-_override: int | None = None
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):              # not Linux
+        return os.cpu_count() or 1
 
 
-def _check_count(n, name):
+#: The most threads one call uses: 4 per CPU this process may run on, and at least 16.
+#: Larger requests (``n_threads``, :func:`set_num_threads`, ``OMP_NUM_THREADS``) are clipped
+#: to it; results do not depend on the count.
+MAX_THREADS = max(16, 4 * _usable_cpus())
+
+_override: int | None = None        # set_num_threads' value, clipped; None: not set
+_ran_parallel = False               # this process ran a kernel on a team of threads
+_forked = False                     # a child forked after that: one thread from now on
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    if _ran_parallel:
+        _forked = True
+
+
+if hasattr(os, "register_at_fork"):                 # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_count(n, name: str) -> int:
+    """A thread count: an int (not bool) >= 1, clipped to MAX_THREADS."""
+    if isinstance(n, bool):
+        raise TypeError(f"{name} must be an int or None, got bool")
     try:
         n = operator.index(n)
     except TypeError:
         raise TypeError(f"{name} must be an int or None, got {type(n).__name__}") from None
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
-    return n
+    return min(n, MAX_THREADS)
 
 
 def set_num_threads(n: int | None) -> None:
     """Set the number of threads cbn's kernels use; ``None`` restores the default
-    (``omp_get_max_threads()``, i.e. OMP_NUM_THREADS or threadpoolctl's limit).
+    (``omp_get_max_threads()``, i.e. OMP_NUM_THREADS or threadpoolctl's limit). Counts above
+    ``cbn._threads.MAX_THREADS`` are clipped to it.
 
     A ``n_threads`` argument given to a call takes precedence. Results are bit-identical
     for any thread count. Raises TypeError if ``n`` is not an int or None, ValueError if it
@@ -55,8 +100,26 @@ def set_num_threads(n: int | None) -> None:
     _override = None if n is None else _check_count(n, "n")
 
 
+def requested_num_threads() -> int | None:
+    """The count set by :func:`set_num_threads` (clipped), or None when none is set.
+
+    Examples
+    --------
+    >>> import cbn
+    >>> from cbn._threads import requested_num_threads
+    >>> cbn.set_num_threads(2)
+    >>> requested_num_threads()
+    2
+    >>> cbn.set_num_threads(None)
+    >>> requested_num_threads() is None
+    True
+    """
+    return _override
+
+
 def get_num_threads() -> int:
-    """The number of threads a large enough call would use now.
+    """The number of threads a large enough call would use now: 1 in a process forked
+    after its parent ran a kernel on several threads (see the module's docstring).
 
     Examples
     --------
@@ -68,11 +131,14 @@ def get_num_threads() -> int:
     3
     >>> cbn.set_num_threads(None)
     """
-    return _override if _override is not None else _kernels.max_threads()
+    if _forked:
+        return 1
+    n = _override if _override is not None else _kernels.max_threads()
+    return n if n <= MAX_THREADS else MAX_THREADS
 
 
 def resolve_num_threads(n_threads: int | None, size: int) -> int:
-    """Threads for one call on an array of ``size`` values (validated).
+    """Threads for one call on an array of ``size`` values (``n_threads`` validated).
 
     Examples
     --------
@@ -80,5 +146,40 @@ def resolve_num_threads(n_threads: int | None, size: int) -> int:
     >>> resolve_num_threads(4, MIN_PARALLEL_SIZE), resolve_num_threads(4, 100)
     (4, 1)
     """
+    global _ran_parallel
     n = get_num_threads() if n_threads is None else _check_count(n_threads, "n_threads")
-    return 1 if size < MIN_PARALLEL_SIZE else n
+    if size < MIN_PARALLEL_SIZE or _forked:
+        return 1
+    if n > 1:
+        _ran_parallel = True
+    return n
+
+
+def call_threads(n_threads, x):
+    """The fast path's thread count for input ``x``, before the small-input rule (which the
+    kernels apply with :data:`MIN_PARALLEL_SIZE`): as :func:`resolve_num_threads` for None
+    or an int >= 1; anything else is returned unchanged, so that the fast path declines the
+    call and the general path validates it. (Called on every small call: kept lean.)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cbn._threads import MAX_THREADS, call_threads
+    >>> x = np.zeros((4, 3), np.float32)
+    >>> call_threads(2, x), call_threads(10**9, x) == MAX_THREADS, call_threads("2", x)
+    (2, True, '2')
+    """
+    global _ran_parallel
+    if n_threads is None:
+        n = _override if _override is not None else _kernels.max_threads()
+    elif type(n_threads) is int and n_threads >= 1:
+        n = n_threads
+    else:
+        return n_threads
+    if n == 1 or _forked:
+        return 1
+    if n > MAX_THREADS:
+        n = MAX_THREADS
+    if not _ran_parallel and type(x) is np.ndarray and x.size >= MIN_PARALLEL_SIZE:
+        _ran_parallel = True
+    return n

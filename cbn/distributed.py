@@ -66,7 +66,7 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from . import _stages
 from ._stages import Moments
-from .functional import _COMPUTE
+from ._checks import COMPUTE as _COMPUTE
 from .modules import BatchNorm
 
 __all__ = ["Communicator", "CollectiveError", "MPICommunicator", "TorchCommunicator",
@@ -720,21 +720,23 @@ class _Record(NamedTuple):
 class SyncBatchNorm(BatchNorm):
     """:class:`cbn.BatchNorm` whose training statistics are those of all ranks' batches.
 
-    Same parameters, buffers, state_dict, train/eval and explicit backward as
-    :class:`cbn.BatchNorm` (any input from 2D to 5D), plus ``comm``: see the
-    :mod:`cbn.distributed` docstring (None: mpi4py's ``MPI.COMM_WORLD``). Training-mode
-    :meth:`forward` and :meth:`backward` are collective: every rank calls them in the same
-    order (a rank may pass an empty batch, shape 0 along a non-channel axis).
+    Same parameters (``bias`` and ``unbiased`` included), buffers, state_dict, converters,
+    train/eval and explicit backward as :class:`cbn.BatchNorm` (any input from 2D to 5D),
+    plus ``comm``: see the :mod:`cbn.distributed` docstring (None: mpi4py's
+    ``MPI.COMM_WORLD``). Training-mode :meth:`forward` and :meth:`backward` are collective:
+    every rank calls them in the same order (a rank may pass an empty batch, shape 0 along a
+    non-channel axis).
 
     Training forward: local (count, mean, M2) in float64, one exchange, Chan's merge in
     rank order, then the running-statistic update (with the unbiased variance of the whole
-    batch) and the normalization; every rank holds bit-identical statistics. A global count
-    of one value per channel raises the same ValueError on every rank; a batch empty on
-    every rank returns an empty output and changes nothing. Backward: local ``sum(dy)`` and
-    ``sum(dy * (x - mean))``, one exchange summed in rank order, then the input gradient
-    with the global count. ``grad_weight``/``grad_bias`` are this rank's contributions, as
-    in PyTorch: sum them over the ranks with :func:`all_reduce_grads` (or together with
-    the other parameters' gradients, :func:`all_reduce`).
+    batch, or the biased one for ``unbiased=False``) and the normalization; every rank
+    holds bit-identical statistics. A global count of one value per channel raises the
+    same ValueError on every rank; a batch empty on every rank returns an empty output and
+    changes nothing. Backward: local ``sum(dy)`` and ``sum(dy * (x - mean))``, one exchange
+    summed in rank order, then the input gradient with the global count.
+    ``grad_weight``/``grad_bias`` are this rank's contributions, as in PyTorch: sum them
+    over the ranks with :func:`all_reduce_grads` (or together with the other parameters'
+    gradients, :func:`all_reduce`).
 
     Eval mode and a communicator of size 1 do no communication and are exactly
     :class:`cbn.BatchNorm` (eval without running statistics normalizes each rank with its
@@ -770,9 +772,10 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 dtype: DTypeLike = np.float32, axis: int = 1, comm: Any = None) -> None:
+                 dtype: DTypeLike = np.float32, axis: int = 1, bias: bool = True,
+                 unbiased: bool = True, comm: Any = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         dtype=dtype, axis=axis)
+                         dtype=dtype, axis=axis, bias=bias, unbiased=unbiased)
         self._comm: Optional[Communicator] = as_communicator(comm)
         self._sync: Optional[_Record] = None
 
@@ -816,7 +819,8 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError(f"SyncBatchNorm has no fused activation; bn has "
                              f"activation={bn.activation!r}")
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                  dtype=bn.dtype, axis=bn.axis, comm=comm)
+                  dtype=bn.dtype, axis=bn.axis, bias=bn.bias is not None,
+                  unbiased=bn.unbiased, comm=comm)
         for name in ("weight", "bias", "running_mean", "running_var", "grad_weight",
                      "grad_bias", "num_batches_tracked"):
             setattr(new, name, getattr(bn, name))
@@ -903,10 +907,16 @@ class SyncBatchNorm(BatchNorm):
         merged = _stages.merge_moments([Moments(counts[r], pay[r, :C], pay[r, C:])
                                         for r in range(ch.size)])
         track = self.track_running_stats
+        rv = self.running_var if track else None
+        # Biased convention (unbiased=False): as in BatchNorm.forward, the unbiased update
+        # goes to a scratch vector of zeros, then _stages.biased_update.
+        biased = None if self.unbiased or rv is None else np.zeros_like(rv)
         stats = _stages.finish(
             merged, self.eps, dtype=_COMPUTE[x.dtype], weight=self.weight, bias=self.bias,
             running_mean=self.running_mean if track else None,
-            running_var=self.running_var if track else None, momentum=factor)
+            running_var=rv if biased is None else biased, momentum=factor)
+        if biased is not None:
+            _stages.biased_update(rv, biased, factor, total)
         save_mean, save_invstd = stats.save_mean, stats.save_invstd
         if x.size:
             y = _stages.normalize(x, stats, axis=axis)
@@ -973,16 +983,17 @@ class SyncBatchNorm(BatchNorm):
                 dx = dx.astype(x.dtype)
         else:
             dx = np.empty_like(x)
-        if self.affine:
+        if self.weight is not None:
             if save_invstd is None:
                 gw = np.zeros(C, dtype=dtype)
             else:
                 gw = (sum_dy_xmu * save_invstd.astype(np.float64)).astype(dtype)
-            gb = sum_dy.astype(dtype)
             if self.grad_weight is None:
                 self.grad_weight = gw
             else:
                 self.grad_weight += gw
+        if self.bias is not None:
+            gb = sum_dy.astype(dtype)
             if self.grad_bias is None:
                 self.grad_bias = gb
             else:
@@ -1091,8 +1102,9 @@ def _common_comm(mods: List[BatchNorm], comm: Any, what: str) -> Optional[Commun
 def all_reduce_grads(modules: Any, comm: Any = None, *, average: bool = False) -> None:
     """Sum ``grad_weight``/``grad_bias`` of ``modules`` (a module or a sequence) over the
     ranks, in place and in one exchange (see :func:`all_reduce`); a gradient that is None
-    counts as zeros and is allocated. ``comm`` defaults to the SyncBatchNorm modules'
-    communicator (else ``MPI.COMM_WORLD``).
+    counts as zeros and is allocated (only for parameters the module has: none without
+    ``affine``, no ``grad_bias`` with ``bias=False``). ``comm`` defaults to the
+    SyncBatchNorm modules' communicator (else ``MPI.COMM_WORLD``).
 
     Examples
     --------
@@ -1130,11 +1142,12 @@ def all_reduce_grads(modules: Any, comm: Any = None, *, average: bool = False) -
     c = _common_comm(mods, comm, "all_reduce_grads")
     grads = []
     for m in mods:
-        if m.grad_weight is None:
-            m.grad_weight = np.zeros(m.num_features, m.dtype)
-        if m.grad_bias is None:
-            m.grad_bias = np.zeros(m.num_features, m.dtype)
-        grads += [m.grad_weight, m.grad_bias]
+        for name, param in (("grad_weight", m.weight), ("grad_bias", m.bias)):
+            if param is None:
+                continue
+            if getattr(m, name) is None:
+                setattr(m, name, np.zeros(m.num_features, m.dtype))
+            grads.append(getattr(m, name))
     all_reduce(grads, c, average=average)
 
 
@@ -1154,10 +1167,11 @@ class precise_statistics:
     input's (count, mean, M2) in float64 to that module's accumulator (Chan's merge, so
     batches of any size combine exactly). At the end of the block the accumulators are
     merged over the ranks (in rank order: every rank gets the same result) and each
-    module's ``running_mean`` and ``running_var`` (unbiased) are set to the statistics of
-    all values seen, on every rank; modules that saw no training call keep theirs.
-    ``num_batches_tracked`` counts the calls as usual; the running-statistic updates made
-    by the calls themselves are overwritten. Eval-mode calls are not counted.
+    module's ``running_mean`` and ``running_var`` (unbiased, or biased for a module with
+    ``unbiased=False``) are set to the statistics of all values seen, on every rank;
+    modules that saw no training call keep theirs. ``num_batches_tracked`` counts the calls
+    as usual; the running-statistic updates made by the calls themselves are overwritten.
+    Eval-mode calls are not counted.
 
     ``comm``: the communicator to merge over. None: the communicator of the SyncBatchNorm
     modules among ``modules`` (they must share one), or, when there are none, no
@@ -1270,15 +1284,16 @@ class precise_statistics:
                                  pay[r, off + 1 + C:off + 1 + 2 * C]) for r in range(ch.size)]
                 merged.append(_stages.merge_moments(parts))
                 off += 1 + 2 * C
-        for i, mom in enumerate(merged):
-            if mom.count == 1:
+        for i, (m, mom) in enumerate(zip(self._mods, merged)):
+            if mom.count == 1 and m.unbiased:
                 raise ValueError(f"precise_statistics: modules[{i}] saw 1 value per channel; "
                                  "the unbiased variance needs more")
         for m, mom in zip(self._mods, merged):
             if mom.count == 0:
                 continue
             m.running_mean[...] = mom.mean.astype(m.dtype)
-            m.running_var[...] = (mom.m2 / (mom.count - 1)).astype(m.dtype)
+            n = mom.count - 1 if m.unbiased else mom.count
+            m.running_var[...] = (mom.m2 / n).astype(m.dtype)
             if m.frozen:
                 m.freeze()
         self.moments = merged
@@ -1333,3 +1348,35 @@ def measure_overhead(shape: Sequence[int] = (32, 64, 28, 28), comm: Any = None, 
     t_bn, _ = med(bn)
     t_sync, t_comm = med(sbn)
     return {"batchnorm": t_bn, "sync": t_sync, "ratio": t_sync / t_bn, "comm": t_comm}
+
+
+def _overhead_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m cbn.distributed`` under mpiexec: SyncBatchNorm's overhead over BatchNorm
+    on every rank (measure_overhead); rank 0 prints the medians. ``python -m cbn bench
+    --sync-ranks 2,4`` launches it."""
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="mpiexec -n N python -m cbn.distributed",
+        description="SyncBatchNorm's overhead over BatchNorm: a training forward + backward "
+                    "on every rank, each on its own batch of --shape.")
+    p.add_argument("--shape", default="32x64x28x28", help="this rank's batch, NCHW "
+                   "(default 32x64x28x28)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeat", type=int, default=30, help="timed steps (default 30)")
+    args = p.parse_args(argv)
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    comm = as_communicator(None)
+    r = measure_overhead(shape, comm, dtype=np.dtype(args.dtype), repeat=args.repeat)
+    rows = comm.allgather(np.array([r["batchnorm"], r["sync"], r["comm"]]))
+    if comm.rank == 0:
+        print(f"{comm.size} ranks, {args.shape} {args.dtype} per rank, training forward + "
+              f"backward, medians of {args.repeat}")
+        print("rank  BatchNorm ms  SyncBatchNorm ms  ratio  in collectives ms")
+        for i, (bn, sync, c) in enumerate(rows):
+            print(f"{i:4d}  {bn * 1e3:12.3f}  {sync * 1e3:16.3f}  {sync / bn:5.2f}  "
+                  f"{c * 1e3:17.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_overhead_main())

@@ -21,7 +21,7 @@ broadcast strides) are copied once; outputs are allocated in the input's memory 
 from __future__ import annotations
 
 import math
-import numbers
+import sys
 from typing import Optional, Tuple
 
 import numpy as np
@@ -29,93 +29,29 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from . import _kernels
 from . import _threads
+from ._checks import COMPUTE as _COMPUTE
+from ._checks import check_eps as _check_eps
+from ._checks import check_momentum as _check_momentum
+from ._checks import is_half as _is_half
+from ._arrays import View as _View
+from ._arrays import as_input as _as_input
+from ._arrays import channel_axis as _channel_axis
+from ._arrays import check_activation as _check_activation
+from ._arrays import per_channel as _param
+from ._arrays import same_shape as _same_shape
 from ._threads import resolve_num_threads
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
            "normalize"]
 
-_ACTIVATIONS = (None, "relu")
-
-
-_F32 = np.dtype(np.float32)
-#: dtype of the computation for each supported input dtype (half types are computed in
-#: float32); the bfloat16 of ml_dtypes is added when that package is importable.
-_COMPUTE = {_F32: _F32, np.dtype(np.float64): np.dtype(np.float64),
-            np.dtype(np.float16): _F32}
-try:
-    import ml_dtypes as _ml_dtypes
-    _COMPUTE[np.dtype(_ml_dtypes.bfloat16)] = _F32
-except ImportError:                                  # optional
-    pass
-
-
-def _is_half(dtype: np.dtype) -> bool:
-    """float16, or bfloat16 from ml_dtypes: stored in half precision, computed in float32."""
-    return dtype in _COMPUTE and _COMPUTE[dtype] != dtype
-
-
 # --------------------------------------------------------------------------- validation
-
-
-def _as_input(a, name: str) -> np.ndarray:
-    x = a if isinstance(a, np.ndarray) else np.asarray(a)
-    if x.dtype not in _COMPUTE:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 array, "
-                        f"got dtype {x.dtype}")
-    if not 2 <= x.ndim <= 5:
-        raise ValueError(f"expected 2D to 5D input (got {x.ndim}D input)")
-    return x
-
-
-def _channel_axis(axis, ndim: int) -> int:
-    """The channel axis as a non-negative int; AxisError (a ValueError) if out of range."""
-    if type(axis) is int and -ndim <= axis < ndim:
-        return axis % ndim
-    if isinstance(axis, bool):
-        raise TypeError("axis must be an int, got bool")
-    try:
-        axis = np.lib.array_utils.normalize_axis_index(axis, ndim)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
-    return axis
-
-
-def _check_eps(eps) -> float:
-    if type(eps) is float and 0.0 <= eps < math.inf:
-        return eps
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not eps >= 0.0 or math.isinf(eps):
-        raise ValueError(f"eps must be a finite non-negative number, got {eps}")
-    return eps
-
-
-def _check_momentum(momentum) -> float:
-    if type(momentum) is float:
-        return momentum
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
-    return float(momentum)
-
-
-def _param(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
-    """A per-channel vector (weight, bias, saved stats): any array-like of C values."""
-    if a is None:
-        return None
-    if type(a) is np.ndarray and a.dtype == dtype and a.shape == (C,) and a.flags.c_contiguous:
-        return a
-    v = np.asarray(a)
-    if v.dtype.kind not in "fiub":
-        raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
-    if v.size != C:
-        raise ValueError(f"{name} should contain {C} elements not {v.size}")
-    return np.ascontiguousarray(v.reshape(C), dtype=dtype)
 
 
 def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     """A running statistic. Updated in place in training, so it must then be a writable
-    ndarray of the input's dtype; in eval it is only read and may be any array-like."""
+    ndarray of the input's compute dtype (or, for float32, float16/bfloat16: updated in
+    float32 and rounded back, as PyTorch does); in eval it is only read and may be any
+    array-like."""
     if a is None:
         return None
     if not update:
@@ -123,7 +59,7 @@ def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} is updated in place, so it must be a numpy.ndarray of "
                         f"dtype {dtype}, got {type(a).__name__}")
-    if a.dtype != dtype:
+    if a.dtype != dtype and not (_is_half(a.dtype) and _COMPUTE[a.dtype] == dtype):
         raise TypeError(f"{name} is updated in place, so its dtype must match the "
                         f"input's ({dtype}), got {a.dtype}")
     if a.size != C:
@@ -131,25 +67,6 @@ def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     if not a.flags.writeable:
         raise TypeError(f"{name} is updated in place, so it must be writable")
     return a
-
-
-def _check_activation(activation) -> bool:
-    """True for ReLU, False for none."""
-    if activation is None:
-        return False
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return activation == "relu"
-
-
-def _same_shape(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
-    """An array that accompanies the input (residual, output): same shape, float."""
-    v = a if isinstance(a, np.ndarray) else np.asarray(a)
-    if v.dtype.kind != "f" and not _is_half(v.dtype):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {v.dtype}")
-    if v.shape != x.shape:
-        raise ValueError(f"{name} has shape {v.shape}, expected the input's shape {x.shape}")
-    return v if v.dtype == dtype else v.astype(dtype)
 
 
 def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
@@ -164,55 +81,6 @@ def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
     if not out.flags.writeable:
         raise ValueError("out must be writable")
     return out
-
-
-# ----------------------------------------------------------------------- canonical view
-
-
-def _memory_order(x: np.ndarray) -> Tuple[int, ...]:
-    """Axes of ``x`` from the largest stride to the smallest (ties keep axis order)."""
-    return tuple(sorted(range(x.ndim), key=lambda i: (-abs(x.strides[i]), i)))
-
-
-class _View:
-    """How an input maps onto the kernels' C-contiguous (M, C, K) view."""
-
-    __slots__ = ("perm", "shape", "M", "C", "K")
-
-    def __init__(self, x: np.ndarray, axis: int):
-        shape = x.shape
-        if x.flags.c_contiguous:
-            self.perm = None                     # the common case: no permutation
-            self.shape = shape
-            p = axis
-        else:
-            perm = _memory_order(x)
-            self.perm = perm
-            self.shape = tuple(shape[i] for i in perm)
-            p = perm.index(axis)
-        self.M = math.prod(self.shape[:p])
-        self.C = shape[axis]
-        self.K = math.prod(self.shape[p + 1:])
-
-    def read(self, a: np.ndarray) -> np.ndarray:
-        """(M, C, K) view of ``a`` (same shape as the input), copying only if it must."""
-        t = a if self.perm is None else a.transpose(self.perm)
-        if not t.flags.c_contiguous:
-            t = np.ascontiguousarray(t)
-        return t.reshape(self.M, self.C, self.K)
-
-    def direct(self, out: np.ndarray) -> Optional[np.ndarray]:
-        """(M, C, K) view of ``out`` if it can be written directly, else None."""
-        t = out if self.perm is None else out.transpose(self.perm)
-        return t.reshape(self.M, self.C, self.K) if t.flags.c_contiguous else None
-
-    def new(self, dtype) -> Tuple[np.ndarray, np.ndarray]:
-        """A new array in the input's memory order: (array in input axes, its 3D view)."""
-        buf = np.empty(self.shape, dtype=dtype)
-        y3 = buf.reshape(self.M, self.C, self.K)
-        if self.perm is None:
-            return buf, y3
-        return buf.transpose(np.argsort(self.perm)), y3
 
 
 def _output(view: _View, x: np.ndarray, x3: np.ndarray, out: Optional[np.ndarray]):
@@ -258,12 +126,6 @@ def _is_relu(activation) -> bool:
     return type(activation) is str and activation == "relu"
 
 
-def _plain_threads(n_threads):
-    """The fast path's thread request: the argument, else set_num_threads' value (None:
-    the kernels use omp_get_max_threads())."""
-    return _threads._override if n_threads is None else n_threads
-
-
 # ---------------------------------------------------------------------------- public API
 
 
@@ -300,11 +162,20 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     out : array, keyword-only
         Where to write the output (may be ``input`` itself).
     n_threads : int, keyword-only
-        Threads for this call (default: :func:`cbn.get_num_threads`).
+        Threads for this call (default: :func:`cbn.get_num_threads`); counts above
+        ``cbn._threads.MAX_THREADS`` are clipped to it, and a process forked after a
+        parallel call runs on one thread (see :mod:`cbn._threads`).
     activation : None or "relu", keyword-only
         Applied to the output in the same pass: ``y = relu(bn(x) + residual)``.
     residual : array like ``input``, keyword-only
         Added to the normalized output before the activation, in the same pass.
+
+    Training statistics that overflow or underflow in the kernels (float64 values near
+    1e200, float32 near 1e20, a variance below the range with ``eps=0``) are recomputed
+    with scaling, so finite inputs give finite outputs wherever they are representable
+    (except in place, ``out=input``, where the input is gone by then); inf and NaN
+    propagate as IEEE arithmetic on the exact formula does (mean +inf for a channel
+    holding +inf).
 
     Returns
     -------
@@ -340,13 +211,26 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     >>> np.allclose(y, (x - save_mean) * save_invstd, atol=1e-6)
     True
     """
-    if activation is None or _is_relu(activation):
-        # The plain call (see _kernels.plain_forward) skips the general path below.
+    if ((activation is None or _is_relu(activation))
+            and type(momentum) is float and momentum - momentum == 0.0):
+        # The plain call (see _kernels.plain_forward) skips the general path below. A
+        # momentum that is not a finite float goes there too, to be refused.
+        if training is True:       # for _rescue, which needs the values before the call
+            rm0 = running_mean.tobytes() if type(running_mean) is np.ndarray else None
+            rv0 = running_var.tobytes() if type(running_var) is np.ndarray else None
         r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, axis, _plain_threads(n_threads),
+                                   momentum, eps, axis, _threads.call_threads(n_threads, input),
                                    _threads.MIN_PARALLEL_SIZE, residual,
                                    activation is not None, out)
         if r is not None:
+            if training is True and _suspect(r[2]):
+                x = input
+                ax = axis % x.ndim
+                shape3 = (math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:]))
+                _rescue(x.reshape(shape3), r[0].reshape(shape3),
+                        None if residual is None else residual.reshape(shape3),
+                        activation is not None, weight, bias, running_mean, running_var,
+                        rm0, rv0, r[1], r[2], momentum, eps)
             return r
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
@@ -384,19 +268,129 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
 
     x3, r3, y3, finish = _prepare(x, axis, r, out)
     if training:
-        # Running stats may be strided views: the kernel updates contiguous copies.
-        rm_k = None if rm is None else np.ascontiguousarray(rm).reshape(C)
-        rv_k = None if rv is None else np.ascontiguousarray(rv).reshape(C)
+        # Running stats of any shape and strides (C values, read in C order like the other
+        # per-channel vectors), half-precision ones too (updated through the compute
+        # dtype): the kernel updates contiguous (C,) copies, written back below.
+        rm_k = None if rm is None else np.ascontiguousarray(rm, dtype=dtype).reshape(C)
+        rv_k = None if rv is None else np.ascontiguousarray(rv, dtype=dtype).reshape(C)
+        rm0 = None if rm_k is None else rm_k.tobytes()
+        rv0 = None if rv_k is None else rv_k.tobytes()
         _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
                                momentum, eps, nt, r3, relu)
-        if rm_k is not rm and rm_k.base is not rm:
-            rm.reshape(-1)[...] = rm_k
-        if rv_k is not rv and rv_k.base is not rv:
-            rv.reshape(-1)[...] = rv_k
+        if _suspect(save_invstd):
+            _rescue(x3, y3, r3, relu, w, b, rm_k, rv_k, rm0, rv0, save_mean, save_invstd,
+                    momentum, eps)
+        if rm is not None and not np.shares_memory(rm, rm_k):
+            rm[...] = rm_k.reshape(rm.shape)
+        if rv is not None and not np.shares_memory(rv, rv_k):
+            rv[...] = rv_k.reshape(rv.shape)
     else:
         _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt, r3,
                               relu)
     return finish(), save_mean, save_invstd
+
+
+# ------------------------------------------------------------------ numerics at the edge
+#
+# The kernels compute in the data's dtype and in double with no scaling, so a channel whose
+# values are huge (float64 |x| ~ 1e200: squared deviations overflow) or whose variance
+# underflows (eps = 0) can come back with NaN or 0 for invstd although the exact mean,
+# invstd and output are representable; and a channel holding +inf gets a NaN mean where the
+# exact formula gives +inf. Such channels always show in the statistics: invstd NaN, 0 or
+# inf. After a training call where one invstd may be (`_suspect`: a look at the top byte of
+# each value), `_rescue` recomputes the suspect channels in float64, scaled by a power of two so that
+# nothing overflows, and rewrites their statistics, running statistics and output. Calls
+# whose output overwrote their input (``out=input``) keep the kernel's result: the input is
+# gone by then.
+
+#: The most significant byte (sign and top exponent bits) of a float32 or float64 that is
+#: positive, finite and neither tiny nor huge is one of these; 0x00 for 0, 0x7f or 0xff for
+#: inf and NaN, 0x80 and above for anything negative.
+_ORDINARY_TOP = bytes(range(1, 0x7F))
+_TOP = 1 if sys.byteorder == "little" else 0       # most significant byte: last or first
+
+
+def _suspect(save_invstd: np.ndarray) -> bool:
+    """True if some channel's invstd may be NaN, 0 or inf, the only ways an overflow, an
+    underflow or a non-finite input shows (also, harmlessly, for a value within a few
+    binades of the type's smallest normal or largest finite number). Reads the most
+    significant byte of each value: about 0.1 us, a fraction of a NumPy reduction."""
+    n = save_invstd.itemsize
+    top = save_invstd.tobytes()[n - 1::n] if _TOP else save_invstd.tobytes()[::n]
+    return len(top.translate(None, _ORDINARY_TOP)) > 0
+
+
+def _rescue(x3, y3, r3, relu, w, b, rm, rv, rm0, rv0, save_mean, save_invstd,
+            momentum: float, eps: float) -> None:
+    """Recompute the channels whose statistics the kernel could not represent.
+
+    ``x3``/``y3``/``r3``: (M, C, K) views of the input, the output and the residual (or
+    None) in the compute dtype; ``rm``/``rv``: the (C,) running statistics the kernel
+    updated, ``rm0``/``rv0`` their bytes before the call. A channel of finite values gets its exact
+    statistics computed on the values scaled by a power of two (max |x| in [0.5, 1)), and
+    its output and running statistics from them, wherever they are representable. A channel
+    holding inf or NaN gets what IEEE arithmetic on the exact formula gives: mean +inf or
+    -inf (NaN if it holds NaN or both infinities), invstd, output and running var NaN.
+    """
+    dtype = save_invstd.dtype
+    ok = np.isfinite(save_mean) & np.isfinite(save_invstd) & (save_invstd > 0)
+    cand = np.flatnonzero(~ok)
+    if cand.size == 0 or np.may_share_memory(x3, y3):
+        return
+    red = (0, 2)
+    xc = x3[:, cand, :].astype(np.float64)
+    n = xc.shape[0] * xc.shape[2]
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(xc).all(axis=red)
+        xz = np.where(finite[None, :, None], xc, 0.0)
+        e = np.frexp(np.abs(xz).max(axis=red))[1]             # max|x| = f * 2**e
+        xs = np.ldexp(xz, -e[None, :, None])                  # exact, |xs| < 1
+        mean_s = xs.mean(axis=red)
+        mean_s += (xs - mean_s[None, :, None]).mean(axis=red)
+        d = xs - mean_s[None, :, None]
+        var_s = (d * d).mean(axis=red)
+        sd = np.sqrt(var_s)
+        root_eps = math.sqrt(eps)
+        # invstd = 1/sqrt(var + eps); k = invstd * 2**e multiplies the scaled deviations
+        den = np.hypot(np.ldexp(sd, e), root_eps)
+        invstd = np.where(den == 0.0, 0.0, 1.0 / den)
+        den_s = np.hypot(sd, np.ldexp(root_eps, -e))
+        k = np.where(den_s == 0.0, 0.0, 1.0 / den_s)
+        mean = np.ldexp(mean_s, e)
+        uvar_m = np.ldexp(momentum * (var_s * (n / (n - 1.0))), 2 * e)   # momentum * var_u
+
+        pos = (xc == np.inf).any(axis=red)
+        neg = (xc == -np.inf).any(axis=red)
+        nan = np.isnan(xc).any(axis=red)
+        mean = np.where(finite, mean,
+                        np.where(nan | (pos & neg), np.nan, np.where(pos, np.inf, -np.inf)))
+        invstd = np.where(finite, invstd, np.nan)
+        uvar_m = np.where(finite, uvar_m, np.nan)
+
+        # rewrite only what differs (a constant channel with eps = 0 is already exact)
+        new_mean, new_invstd = mean.astype(dtype), invstd.astype(dtype)
+        same = finite & (new_mean == save_mean[cand]) & (new_invstd == save_invstd[cand])
+        sel = np.flatnonzero(~same)
+        if sel.size == 0:
+            return
+        idx = cand[sel]
+        save_mean[idx] = new_mean[sel]
+        save_invstd[idx] = new_invstd[sel]
+        if rm is not None:
+            old = np.frombuffer(rm0, dtype)[idx].astype(np.float64)
+            rm[idx] = (momentum * mean[sel] + (1.0 - momentum) * old).astype(dtype)
+        if rv is not None:
+            old = np.frombuffer(rv0, dtype)[idx].astype(np.float64)
+            rv[idx] = (uvar_m[sel] + (1.0 - momentum) * old).astype(dtype)
+        scale = k[sel] * (1.0 if w is None else np.asarray(w, np.float64)[idx])
+        shift = 0.0 if b is None else np.asarray(b, np.float64)[idx]
+        y = (d[:, sel, :] * scale[None, :, None] + np.asarray(shift)[..., None]).astype(dtype)
+        y[:, ~finite[sel], :] = np.nan
+        if r3 is not None:
+            y += r3[:, idx, :]
+        if relu:
+            y[y < 0] = 0
+        y3[:, idx, :] = y
 
 
 def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt: int):
@@ -479,7 +473,8 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     True
     """
     if activation is None or _is_relu(activation):
-        y = _kernels.plain_affine(input, mean, scale, shift, axis, _plain_threads(n_threads),
+        y = _kernels.plain_affine(input, mean, scale, shift, axis,
+                                  _threads.call_threads(n_threads, input),
                                   _threads.MIN_PARALLEL_SIZE, residual, activation is not None,
                                   out)
         if y is not None:
@@ -732,7 +727,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
             (activation is None and output is None)
             or (_is_relu(activation) and output is not None)):
         r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
-                                    training, axis, _plain_threads(n_threads),
+                                    training, axis, _threads.call_threads(n_threads, input),
                                     _threads.MIN_PARALLEL_SIZE, output, residual, out)
         if r is not None:
             return r

@@ -2,8 +2,12 @@
 
 A module holds parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
 ``num_batches_tracked``) and the ``training`` flag, and calls :mod:`cbn.functional` for all
-arithmetic; it never touches the kernels. The logic that picks batch or running statistics
-and the momentum is PyTorch's own (``torch.nn.modules.batchnorm._BatchNorm.forward``)::
+arithmetic on data (the biased running-variance convention, ``unbiased=False``, rescales
+the kernel's per-channel update: see ``cbn._stages.biased_update``); it never touches the
+kernels. State
+dicts, files, pickles and the Keras/ONNX converters are in :mod:`cbn._state`. The logic that
+picks batch or running statistics and the momentum is PyTorch's own
+(``torch.nn.modules.batchnorm._BatchNorm.forward``)::
 
     factor = 0.0 if momentum is None else momentum
     if training and track_running_stats:
@@ -29,75 +33,24 @@ assignment recording what :meth:`~BatchNorm.backward` needs, so after concurrent
 
 from __future__ import annotations
 
-import json
-import math
-import numbers
-import operator
-import os
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Optional, Tuple, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .functional import (_COMPUTE, _check_eps, batch_norm_backward, batch_norm_forward,
-                         eval_parameters, normalize)
+from . import _state
+from ._checks import FLOAT_DTYPES, HALF_DTYPES, check_eps, check_index, check_momentum
+from ._state import IncompatibleKeys, StateMixin, load
+from . import _stages
+from .functional import batch_norm_backward, batch_norm_forward, eval_parameters, normalize
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys", "load"]
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-#: input dtypes a float32 module also accepts: computed in float32, output in their dtype
-_HALF_DTYPES = tuple(d for d, compute in _COMPUTE.items() if d != compute)
-_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_FORMAT_VERSION = 1
 
 #: the type of ``self`` in methods that return it (``BatchNorm2d(...).eval()`` is a BatchNorm2d)
 _BN = TypeVar("_BN", bound="BatchNorm")
 
 
-class IncompatibleKeys(NamedTuple):
-    """What :meth:`BatchNorm.load_state_dict` returns (like PyTorch's ``_IncompatibleKeys``).
-
-    Examples
-    --------
-    >>> import cbn
-    >>> bn = cbn.BatchNorm1d(3)
-    >>> state = bn.state_dict()
-    >>> del state["bias"]
-    >>> state["extra"] = [0]
-    >>> bn.load_state_dict(state, strict=False)
-    IncompatibleKeys(missing_keys=['bias'], unexpected_keys=['extra'])
-    """
-
-    missing_keys: List[str]
-    unexpected_keys: List[str]
-
-
-def _check_momentum(momentum: Any) -> Optional[float]:
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError("momentum must be a real number or None (cumulative moving average), "
-                        f"got {type(momentum).__name__}")
-    momentum = float(momentum)
-    if not math.isfinite(momentum):
-        raise ValueError(f"momentum must be finite, got {momentum}")
-    return momentum
-
-
-def _to_numpy(value: Any, key: str) -> np.ndarray:
-    """A state-dict value as an ndarray: NumPy arrays, torch tensors or any array-like."""
-    if isinstance(value, np.ndarray):
-        return value
-    try:
-        if hasattr(value, "detach") and hasattr(value, "numpy"):    # torch.Tensor
-            return np.asarray(value.detach().cpu().numpy())
-        return np.asarray(value)
-    except Exception as e:  # noqa: BLE001 -- report any conversion failure with the key
-        raise TypeError(f"state_dict[{key!r}]: cannot convert {type(value).__name__} to a "
-                        f"NumPy array ({e})") from e
-
-
-class BatchNorm:
+class BatchNorm(StateMixin):
     """Batch normalization over the channel axis of 2D to 5D inputs, with PyTorch's state.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
@@ -124,6 +77,18 @@ class BatchNorm:
     activation : None or "relu", keyword-only
         Applied to the output in the same pass (``relu(bn(x))``); :meth:`backward` masks
         the gradient where the output was clipped.
+    bias : bool, keyword-only
+        With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
+        bias, as in PyTorch's ``BatchNorm2d(C, bias=False)``).
+    unbiased : bool, keyword-only
+        The running-variance convention. True (PyTorch's): the running variance is updated
+        with the unbiased batch variance, ``rv = (1 - m) * rv + m * var * n / (n - 1)``.
+        False (Keras', ONNX's): with the biased one, ``rv = (1 - m) * rv + m * var``. The
+        output is the same (it always uses the biased batch variance).
+
+    Modules also convert from and to Keras (:meth:`from_keras`, :meth:`to_keras`) and ONNX
+    (:meth:`from_onnx`, :meth:`to_onnx`); note that Keras' and ONNX's momentum is the weight
+    of the old value (Keras' 0.99 is cbn's and PyTorch's 0.01).
 
     A float32 module also takes float16 (and ml_dtypes' bfloat16) inputs: they are
     computed in float32 and the output has the input's dtype, as in PyTorch on the CPU.
@@ -136,8 +101,9 @@ class BatchNorm:
         Training batches seen (``state_dict`` gives it as an int64 0-d array).
     grad_weight, grad_bias : ndarray of shape (C,) or None
         Gradients accumulated by :meth:`backward` (None until the first one, and after
-        :meth:`zero_grad`); always None when ``affine`` is False.
+        :meth:`zero_grad`); always None for a missing ``weight`` or ``bias``.
     training : bool
+    unbiased : bool
 
     See Also
     --------
@@ -163,6 +129,18 @@ class BatchNorm:
     >>> expected = (x - bn.running_mean) / np.sqrt(bn.running_var + bn.eps)
     >>> np.allclose(y, expected, atol=1e-5)
     True
+
+    A weight without a bias, and Keras' (biased) running-variance update:
+
+    >>> bn = cbn.BatchNorm1d(2, momentum=1.0, dtype=np.float64, bias=False, unbiased=False)
+    >>> bn
+    BatchNorm1d(2, eps=1e-05, momentum=1.0, affine=True, bias=False,
+                track_running_stats=True, dtype=float64, unbiased=False)
+    >>> print(bn.bias)
+    None
+    >>> _ = bn(np.array([[1.0, 2.0], [3.0, 6.0]]))
+    >>> print(bn.running_var)                              # the biased batch variance
+    [1. 4.]
     """
 
     #: input ndims this class accepts, and how its error message names them
@@ -172,47 +150,41 @@ class BatchNorm:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
                  dtype: DTypeLike = np.float32, axis: int = 1,
-                 activation: Optional[str] = None) -> None:
-        if isinstance(num_features, bool):
-            raise TypeError("num_features must be an int, got bool")
-        try:
-            num_features = operator.index(num_features)
-        except TypeError:
-            raise TypeError(f"num_features must be an int, got "
-                            f"{type(num_features).__name__}") from None
+                 activation: Optional[str] = None, bias: bool = True,
+                 unbiased: bool = True) -> None:
+        num_features = check_index(num_features, "num_features")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         try:
             dt = np.dtype(dtype)
         except TypeError:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dt not in _FLOAT_DTYPES:
+        if dt not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
-        if isinstance(axis, bool):
-            raise TypeError("axis must be an int, got bool")
-        try:
-            axis = operator.index(axis)
-        except TypeError:
-            raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
+        axis = check_index(axis, "axis")
         max_ndim = max(self._ndims)
         if not -max_ndim <= axis < max_ndim:
             raise np.exceptions.AxisError(axis, max_ndim)
 
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        for name, flag in (("bias", bias), ("unbiased", unbiased)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.activation: Optional[str] = activation
         self.num_features: int = num_features
-        self.eps: float = _check_eps(eps)
-        self.momentum: Optional[float] = _check_momentum(momentum)
+        self.eps: float = check_eps(eps)
+        self.momentum: Optional[float] = check_momentum(momentum, allow_none=True)
         self.affine: bool = bool(affine)
         self.track_running_stats: bool = bool(track_running_stats)
         self.axis: int = axis
+        self.unbiased: bool = bool(unbiased)
         self._dtype: np.dtype = dt
         self.training: bool = True
 
         C = num_features
         self.weight: Optional[np.ndarray] = np.ones(C, dt) if self.affine else None
-        self.bias: Optional[np.ndarray] = np.zeros(C, dt) if self.affine else None
+        self.bias: Optional[np.ndarray] = np.zeros(C, dt) if self.affine and bias else None
         self.grad_weight: Optional[np.ndarray] = None
         self.grad_bias: Optional[np.ndarray] = None
         if self.track_running_stats:
@@ -246,22 +218,29 @@ class BatchNorm:
 
     def extra_repr(self) -> str:
         """The arguments shown by ``repr`` (those that differ from the defaults for dtype,
-        axis and activation), as in PyTorch.
+        axis, activation, bias and unbiased), as in PyTorch.
 
         Examples
         --------
         >>> import cbn
         >>> cbn.BatchNorm1d(8, momentum=None, activation="relu").extra_repr()
         "8, eps=1e-05, momentum=None, affine=True, track_running_stats=True, activation='relu'"
+        >>> cbn.BatchNorm1d(8, bias=False).extra_repr()
+        '8, eps=1e-05, momentum=0.1, affine=True, bias=False, track_running_stats=True'
         """
+        # PyTorch 2.13 shows bias= always; cbn only when a weight has no bias.
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-             f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+             f"affine={self.affine}, "
+             + ("bias=False, " if self.affine and self.bias is None else "")
+             + f"track_running_stats={self.track_running_stats}")
         if self._dtype != np.float32:
             s += f", dtype={self._dtype.name}"
         if self.axis != 1:
             s += f", axis={self.axis}"
         if self.activation is not None:
             s += f", activation={self.activation!r}"
+        if not self.unbiased:
+            s += ", unbiased=False"
         return s
 
     def __repr__(self) -> str:
@@ -332,8 +311,9 @@ class BatchNorm:
         [1. 1.] [0. 0.]
         """
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             self.weight.fill(1)
+        if self.bias is not None:
             self.bias.fill(0)
 
     # -------------------------------------------------------------------------- compute
@@ -343,8 +323,8 @@ class BatchNorm:
         nd = x.ndim
         if nd not in self._ndims:
             raise ValueError(f"expected {self._ndims_text} input (got {nd}D input)")
-        if x.dtype != self._dtype and not (self._dtype == np.float32 and x.dtype in _HALF_DTYPES):
-            if x.dtype in _FLOAT_DTYPES:
+        if x.dtype != self._dtype and not (self._dtype == np.float32 and x.dtype in HALF_DTYPES):
+            if x.dtype in FLOAT_DTYPES:
                 raise TypeError(
                     f"{type(self).__name__} holds {self._dtype.name} parameters but got a "
                     f"{x.dtype.name} input; convert the input (x.astype(numpy.{self._dtype.name}))"
@@ -411,9 +391,14 @@ class BatchNorm:
         bn_training = training or (rm is None and rv is None)
         if training and not self.track_running_stats:
             rm = rv = None
+        # Biased convention: the kernel's unbiased update goes to a scratch vector of zeros,
+        # which then holds momentum * var * n / (n - 1); see _stages.biased_update.
+        biased = None if self.unbiased or not training or rv is None else np.zeros_like(rv)
         y, save_mean, save_invstd = batch_norm_forward(
-            x, self.weight, self.bias, rm, rv, bn_training, factor, self.eps, axis=axis,
-            activation=self.activation)
+            x, self.weight, self.bias, rm, rv if biased is None else biased, bn_training,
+            factor, self.eps, axis=axis, activation=self.activation)
+        if biased is not None:
+            _stages.biased_update(rv, biased, factor, x.size // C)
         if nbt is not None:
             self.num_batches_tracked = nbt
         self._saved = (x, save_mean, save_invstd, bn_training, axis,
@@ -472,16 +457,17 @@ class BatchNorm:
         if g.shape != x.shape:
             raise ValueError(f"grad_output has shape {g.shape}, expected {x.shape} "
                              "(the shape of the last forward's input and output)")
-        if g.dtype not in _FLOAT_DTYPES and g.dtype not in _HALF_DTYPES:
+        if g.dtype not in FLOAT_DTYPES and g.dtype not in HALF_DTYPES:
             raise TypeError(f"grad_output must be a floating-point array, got dtype {g.dtype}")
         grad_input, grad_weight, grad_bias = batch_norm_backward(
             g, x, self.weight, save_mean, save_invstd, bn_training, axis=axis,
             activation=self.activation, output=output, out=out)
-        if self.affine:
+        if self.weight is not None:
             if self.grad_weight is None:
                 self.grad_weight = grad_weight
             else:
                 self.grad_weight += grad_weight
+        if self.bias is not None:
             if self.grad_bias is None:
                 self.grad_bias = grad_bias
             else:
@@ -597,170 +583,6 @@ class BatchNorm:
         from .fusion import fold
         return fold(weight, bias, self, transpose=transpose)
 
-    # ------------------------------------------------------------------------ state dict
-
-    def _state_keys(self) -> List[str]:
-        return [k for k in _STATE_KEYS if getattr(self, k) is not None]
-
-    def state_dict(self) -> Dict[str, np.ndarray]:
-        """Parameters and buffers under PyTorch's keys, as NumPy arrays (copies).
-
-        Keys, in PyTorch's order: ``weight``, ``bias`` (when ``affine``), ``running_mean``,
-        ``running_var``, ``num_batches_tracked`` (an int64 0-d array; when
-        ``track_running_stats``).
-
-        Examples
-        --------
-        >>> import cbn
-        >>> state = cbn.BatchNorm2d(3).state_dict()
-        >>> list(state)
-        ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
-        >>> state["running_var"], state["num_batches_tracked"]
-        (array([1., 1., 1.], dtype=float32), array(0))
-        """
-        d: Dict[str, np.ndarray] = {}
-        for k in self._state_keys():
-            v = getattr(self, k)
-            d[k] = np.array(v, dtype=np.int64) if k == "num_batches_tracked" else np.array(v)
-        return d
-
-    def _convert(self, key: str, value: Any) -> Union[np.ndarray, int]:
-        """A state-dict value checked and converted for this module (raises, changes nothing)."""
-        a = _to_numpy(value, key)
-        if key == "num_batches_tracked":
-            if a.shape != () and a.shape != (1,):
-                raise ValueError(f"size mismatch for num_batches_tracked: expected a scalar, "
-                                 f"got shape {a.shape}")
-            if a.dtype.kind not in "iu":
-                raise TypeError(f"num_batches_tracked must be an integer, got dtype {a.dtype}")
-            n = int(a.reshape(()))
-            if not 0 <= n <= np.iinfo(np.int64).max:
-                raise ValueError(f"num_batches_tracked must be a non-negative int64, got {n}")
-            return n
-        C = self.num_features
-        if a.shape != (C,):
-            raise ValueError(f"size mismatch for {key}: copying an array of shape {a.shape}, "
-                             f"the shape in this module is {(C,)}")
-        if a.dtype.kind not in "fiu":
-            raise TypeError(f"{key} must hold real numbers (float or int), got dtype {a.dtype}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = a.astype(self._dtype)          # always a new array
-        if a.dtype.kind == "f" and a.dtype.itemsize > out.dtype.itemsize:
-            overflow = np.isinf(out) & np.isfinite(a)
-            if overflow.any():
-                raise ValueError(f"{key} has values too large for {self._dtype.name}: "
-                                 f"{a[overflow][:3].tolist()}")
-        return out
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True
-                        ) -> IncompatibleKeys:
-        """Copy parameters and buffers from ``state_dict`` into this module.
-
-        Values may be NumPy arrays, torch tensors or any array-like; they are converted to
-        this module's dtype (integers and floats only; float64 values that overflow float32
-        are refused). With ``strict``, the keys must be exactly those of :meth:`state_dict`.
-        Arrays are copied into the existing ``weight``/``bias``/running statistics, so
-        references to them stay valid. Nothing is changed when an error is raised.
-
-        Raises ValueError for missing/unexpected keys (all listed) and shape mismatches,
-        TypeError for values of the wrong kind. Returns ``(missing_keys, unexpected_keys)``.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> import cbn
-        >>> src = cbn.BatchNorm1d(2, momentum=0.5)
-        >>> _ = src(np.array([[1.0, 2.0], [3.0, 6.0]], np.float32))
-        >>> dst = cbn.BatchNorm1d(2, dtype=np.float64)
-        >>> dst.load_state_dict(src.state_dict())
-        IncompatibleKeys(missing_keys=[], unexpected_keys=[])
-        >>> print(dst.running_mean, dst.running_mean.dtype, dst.num_batches_tracked)
-        [1. 2.] float64 1
-
-        Any array-like is accepted, e.g. a PyTorch module's ``state_dict()`` (tensors) or
-        lists:
-
-        >>> _ = dst.load_state_dict({"weight": [1, 2], "bias": [0, 0], "running_mean": [0, 0],
-        ...                          "running_var": [1, 1], "num_batches_tracked": 0})
-        >>> print(dst.weight)
-        [1. 2.]
-        """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-        expected = self._state_keys()
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        if strict and (missing or unexpected):
-            parts = []
-            if missing:
-                parts.append("missing key(s): " + ", ".join(map(repr, missing)))
-            if unexpected:
-                parts.append("unexpected key(s): " + ", ".join(map(repr, unexpected)))
-            raise ValueError(f"Error(s) in loading state_dict for {type(self).__name__}: "
-                             + "; ".join(parts))
-        new = {k: self._convert(k, state_dict[k]) for k in expected if k in state_dict}
-        # Everything is checked: now write (nothing below can fail).
-        for k, v in new.items():
-            if k == "num_batches_tracked":
-                self.num_batches_tracked = v
-                continue
-            cur = getattr(self, k)
-            if (isinstance(cur, np.ndarray) and cur.shape == v.shape and cur.dtype == v.dtype
-                    and cur.flags.writeable):
-                cur[...] = v
-            else:
-                setattr(self, k, v)
-        if self._frozen is not None:
-            self.freeze()
-        return IncompatibleKeys(missing, unexpected)
-
-    # --------------------------------------------------------------------- save and load
-
-    def _config(self) -> Dict[str, Any]:
-        return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum,
-                "affine": self.affine, "track_running_stats": self.track_running_stats,
-                "dtype": self._dtype.name, "axis": self.axis, "activation": self.activation,
-                "training": self.training}
-
-    def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
-        """Write this module to a ``.npz`` file (``.npz`` is appended when missing): the class
-        name, hyper-parameters, training flag and :meth:`state_dict`. Read it back with
-        :func:`cbn.load`. Returns the path written. No pickles are involved.
-
-        Examples
-        --------
-        >>> import os, tempfile
-        >>> import cbn
-        >>> bn = cbn.BatchNorm3d(5, momentum=None).eval()
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     path = bn.save(os.path.join(d, "bn"))
-        ...     print(os.path.basename(path), cbn.load(path))
-        bn.npz BatchNorm3d(5, eps=1e-05, momentum=None, affine=True, track_running_stats=True)
-        """
-        name = next(c.__name__ for c in type(self).__mro__ if c.__name__ in _CLASSES
-                    and _CLASSES[c.__name__] is c)
-        path = os.fspath(path)
-        if not path.endswith(".npz"):
-            path += ".npz"
-        arrays = {"__cbn_format__": np.array(_FORMAT_VERSION),
-                  "__class__": np.array(name),
-                  "__config__": np.array(json.dumps(self._config()))}
-        arrays.update(self.state_dict())
-        np.savez(path, **arrays)
-        return path
-
-    # ------------------------------------------------------------------- pickle and copy
-
-    def __getstate__(self) -> Dict[str, Any]:
-        # The backward record (a reference to the last input) is not part of the module's
-        # state, like PyTorch's autograd graph: pickles and deep copies leave it out.
-        state = self.__dict__.copy()
-        state["_saved"] = None
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
 
 class BatchNorm1d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs, like ``torch.nn.BatchNorm1d``.
@@ -821,43 +643,4 @@ class BatchNorm3d(BatchNorm):
     _ndims_text = "5D"
 
 
-_CLASSES = {c.__name__: c for c in (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)}
-
-
-def load(path: Union[str, "os.PathLike[str]"]) -> BatchNorm:
-    """Read a module written by :meth:`BatchNorm.save` (same class, hyper-parameters,
-    training flag, parameters and buffers). Raises ValueError for files cbn did not write.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> import numpy as np
-    >>> import cbn
-    >>> bn = cbn.BatchNorm2d(3, axis=-1)
-    >>> _ = bn(np.random.default_rng(0).standard_normal((4, 5, 5, 3)).astype(np.float32))
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     loaded = cbn.load(bn.save(os.path.join(d, "bn.npz")))
-    >>> loaded
-    BatchNorm2d(3, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, axis=-1)
-    >>> np.array_equal(loaded.running_var, bn.running_var), loaded.num_batches_tracked
-    (True, 1)
-    """
-    with np.load(path, allow_pickle=False) as f:
-        files = set(f.files)
-        if not {"__cbn_format__", "__class__", "__config__"} <= files:
-            raise ValueError(f"{os.fspath(path)!r} is not a module saved by cbn "
-                             "(BatchNorm.save writes __class__ and __config__ entries)")
-        version = int(f["__cbn_format__"])
-        if version > _FORMAT_VERSION:
-            raise ValueError(f"{os.fspath(path)!r} has format version {version}; this cbn "
-                             f"reads up to {_FORMAT_VERSION}")
-        name = str(f["__class__"])
-        config = json.loads(str(f["__config__"]))
-        state = {k: f[k] for k in f.files if not k.startswith("__")}
-    cls = _CLASSES.get(name)
-    if cls is None:
-        raise ValueError(f"unknown module class {name!r} in {os.fspath(path)!r}")
-    training = bool(config.pop("training", True))
-    module = cls(**config)
-    module.load_state_dict(state, strict=True)
-    return module.train(training)
+_state.register(BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)

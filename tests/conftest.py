@@ -8,11 +8,26 @@ input's dtype), finite differences (tests/test_gradients.py) and PyTorch
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 
 import cbn
+
+# Hypothesis profiles (tests/test_properties.py): "ci", the default, is fixed (derandomized)
+# and quick; CBN_HYPOTHESIS_PROFILE=soak runs many more random examples.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:                                  # the property tests skip
+    pass
+else:
+    settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None,
+                              print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("soak", max_examples=20000, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("CBN_HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [np.float32, np.float64]
 

@@ -787,3 +787,86 @@ def test_thread_communicator_arguments():
         ThreadCommunicator.create(0)
     with pytest.raises(TypeError, match="size must be an int"):
         ThreadCommunicator.create(2.0)
+
+
+# ------------------------------------------------- bias=False and unbiased=False (interop)
+
+
+@pytest.mark.parametrize("bias,unbiased", [(False, True), (True, False), (False, False)])
+def test_bias_and_variance_options_match_one_process(bias, unbiased):
+    x = data((9, 3, 4), 1, np.float64)
+    g = data((9, 3, 4), 1, np.float64, seed=9)
+    xs, gs = split(x, (5, 0, 4)), split(g, (5, 0, 4))
+    opts = dict(momentum=0.3, dtype=np.float64, bias=bias, unbiased=unbiased)
+
+    def rank(comm):
+        m = SyncBatchNorm(3, comm=comm, **opts)
+        y, dx = train_step(m, xs[comm.rank], gs[comm.rank])
+        D.all_reduce_grads(m)
+        return y, dx, snapshot(m), m
+
+    res = ok(run_ranks(3, rank))
+    bn = cbn.BatchNorm(3, **opts)
+    y_bn, dx_bn = train_step(bn, x, g)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in res]), y_bn, rtol=1e-13,
+                               atol=1e-13)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in res]), dx_bn, rtol=1e-12,
+                               atol=1e-12)
+    n, mean, var = exact_stats(x, 1)
+    expected_rv = 0.7 * 1.0 + 0.3 * (var if unbiased else var * (n - 1) / n)
+    for _, _, state, m in res:
+        assert list(state[1]) == list(bn.state_dict())
+        assert (m.bias is None) == (not bias) and m.unbiased == unbiased
+        np.testing.assert_allclose(state[1]["running_var"], expected_rv, rtol=1e-13)
+        np.testing.assert_allclose(state[2], bn.grad_weight, rtol=1e-12, atol=1e-12)
+        if bias:
+            np.testing.assert_allclose(state[3], bn.grad_bias, rtol=1e-12, atol=1e-12)
+        else:
+            assert state[3] is None                    # no bias, no gradient for it
+
+
+def test_biased_variance_on_one_rank_is_batchnorm_bit_for_bit():
+    x = data((7, 4, 5), 1, np.float32)
+
+    def rank(comm):
+        m = make_module(4, np.float32, 1, comm, unbiased=False)
+        m.forward(x if comm.rank == 1 else x[:0])
+        return m.running_var
+
+    res = ok(run_ranks(2, rank))
+    bn = make_module(4, np.float32, 1, None, cls=cbn.BatchNorm, unbiased=False)
+    bn.forward(x)
+    assert np.array_equal(res[0], bn.running_var) and np.array_equal(res[1], bn.running_var)
+
+
+def test_from_module_keeps_bias_and_variance_options():
+    bn = cbn.BatchNorm2d(4, dtype=np.float64, bias=False, unbiased=False)
+    s = SyncBatchNorm.from_module(bn, ThreadCommunicator.create(1)[0])
+    assert s.bias is None and s.unbiased is False
+    assert repr(s).replace("SyncBatchNorm", "BatchNorm2d") == repr(bn)
+
+
+def test_converters_build_sync_modules():
+    weights = [np.array([1.0, 2.0]), np.array([0.1, -0.1]), np.array([1.0, 4.0])]  # no beta
+    config = {"center": False, "momentum": 0.9}
+    comm = ThreadCommunicator.create(1)[0]
+    s = SyncBatchNorm.from_module(cbn.BatchNorm.from_keras(weights, config), comm)
+    assert s.bias is None and not s.unbiased and s.momentum == 0.1 and s.axis == -1
+    back, back_config = s.to_keras()
+    assert back_config["center"] is False
+    assert all(np.array_equal(a, b) for a, b in zip(back, weights))
+    pytest.importorskip("mpi4py")               # comm=None: MPI.COMM_WORLD
+    direct = SyncBatchNorm.from_keras(weights, config)
+    assert isinstance(direct, SyncBatchNorm)
+    assert repr(direct) == repr(s) and direct.state_dict().keys() == s.state_dict().keys()
+
+
+def test_precise_statistics_follow_the_variance_convention():
+    batches = _batches(3, (6, 11, 4), 3)
+    m = cbn.BatchNorm1d(3, dtype=np.float64, unbiased=False)
+    with cbn.precise_statistics(m):
+        for b in batches:
+            m(b)
+    n, mean, var = exact_stats(np.concatenate(batches), 1)
+    assert np.all(np.abs(m.running_mean - mean) <= 1e-12 * np.abs(mean))
+    assert np.all(np.abs(m.running_var - var * (n - 1) / n) <= 1e-12 * var)

@@ -263,15 +263,17 @@ static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const
    streaming loops store those one by one (the same values: lane-wise arithmetic). */
 #define CBN_TO_ALIGN(p) ((Py_ssize_t)(((32 - ((uintptr_t)(p) & 31)) & 31) / sizeof(CBN_T)))
 
-/* y = (x - a) * b + c (+ r if r) (ReLU if relu). y may be x itself. stream (a constant
-   in each caller): whole vectors are stored non-temporally from the first one aligned
-   to 32 bytes (if y is aligned to its element size; else as without stream). */
-static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* r, CBN_T* y,
-                                               Py_ssize_t n, CBN_T a, CBN_T b, CBN_T c,
-                                               int relu, int stream) {
+/* y = (x - mean) * scale + shift (+ residual) (ReLU if relu). y may be x itself. stream
+   (a constant in each caller): whole vectors are stored non-temporally from the first one
+   aligned to 32 bytes (if y is aligned to its element size; else as without stream). */
+static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* residual,
+                                               CBN_T* y, Py_ssize_t n, CBN_T mean,
+                                               CBN_T scale, CBN_T shift, int relu,
+                                               int stream) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
-    const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);
+    const V vmean = CBN_SPLAT(V, mean), vscale = CBN_SPLAT(V, scale);
+    const V vshift = CBN_SPLAT(V, shift);
     V x0, x1, r0, r1;
     Py_ssize_t i = 0, nv, head = 0;
     CBN_T v;
@@ -280,17 +282,18 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* r, C
         head = CBN_TO_ALIGN(y);
         if (head > n) head = n;
         for (; i < head; i++) {
-            v = (x[i] - a) * b + c;
-            if (r) v += r[i];
+            v = (x[i] - mean) * scale + shift;
+            if (residual) v += residual[i];
             y[i] = (relu && v < 0) ? 0 : v;
         }
     }
-    nv = head + (n - head) - (n - head) % (2 * CBN_L);
+    nv = n - (n - head) % (2 * CBN_L);
     for (; i < nv; i += 2 * CBN_L) {
         CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + CBN_L);
-        x0 = (x0 - va) * vb + vc; x1 = (x1 - va) * vb + vc;
-        if (r) {
-            CBN_VLOAD(r0, r + i); CBN_VLOAD(r1, r + i + CBN_L); x0 += r0; x1 += r1;
+        x0 = (x0 - vmean) * vscale + vshift; x1 = (x1 - vmean) * vscale + vshift;
+        if (residual) {
+            CBN_VLOAD(r0, residual + i); CBN_VLOAD(r1, residual + i + CBN_L);
+            x0 += r0; x1 += r1;
         }
         if (relu) { x0 = CBN_RELU(IV, V, x0); x1 = CBN_RELU(IV, V, x1); }
         if (stream) {
@@ -300,38 +303,40 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* r, C
         }
     }
     for (; i < n - (n - head) % CBN_L; i += CBN_L) {
-        CBN_VLOAD(x0, x + i); x0 = (x0 - va) * vb + vc;
-        if (r) { CBN_VLOAD(r0, r + i); x0 += r0; }
+        CBN_VLOAD(x0, x + i); x0 = (x0 - vmean) * vscale + vshift;
+        if (residual) { CBN_VLOAD(r0, residual + i); x0 += r0; }
         if (relu) x0 = CBN_RELU(IV, V, x0);
         CBN_VSTORE(y + i, x0);
     }
     for (; i < n; i++) {
-        v = (x[i] - a) * b + c;
-        if (r) v += r[i];
+        v = (x[i] - mean) * scale + shift;
+        if (residual) v += residual[i];
         y[i] = (relu && v < 0) ? 0 : v;
     }
 }
 
-static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* r, CBN_T* y, Py_ssize_t n,
-                                        CBN_T a, CBN_T b, CBN_T c, int relu) {
-    CBN_FN(run_affine_body)(x, r, y, n, a, b, c, relu, 0);
+static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
+                                      Py_ssize_t n, CBN_T mean, CBN_T scale, CBN_T shift,
+                                      int relu) {
+    CBN_FN(run_affine_body)(x, residual, y, n, mean, scale, shift, relu, 0);
 }
 
-static inline void CBN_FN(run_affine_stream)(const CBN_T* x, const CBN_T* r, CBN_T* y,
-                                               Py_ssize_t n, CBN_T a, CBN_T b, CBN_T c,
-                                               int relu) {
-    CBN_FN(run_affine_body)(x, r, y, n, a, b, c, relu, 1);
+static inline void CBN_FN(run_affine_stream)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
+                                             Py_ssize_t n, CBN_T mean, CBN_T scale,
+                                             CBN_T shift, int relu) {
+    CBN_FN(run_affine_body)(x, residual, y, n, mean, scale, shift, relu, 1);
 }
 
-/* y = (g - c - (x - a) * d) * b: the training backward's dx; g masked by ReLU's
-   backward first if ym (the forward output). stream: as in run_affine_body. */
+/* y = (g - gmean - (x - mean) * xcoef) * scale: the training backward's dx; g masked by
+   ReLU's backward first if ym (the forward output). stream: as in run_affine_body. */
 static CBN_INLINE void CBN_FN(run_bwd_body)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                            CBN_T* y, Py_ssize_t n, CBN_T a, CBN_T b,
-                                            CBN_T c, CBN_T d, int stream) {
+                                            CBN_T* y, Py_ssize_t n, CBN_T mean, CBN_T scale,
+                                            CBN_T gmean, CBN_T xcoef, int stream) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
-    const V va = CBN_SPLAT(V, a), vb = CBN_SPLAT(V, b), vc = CBN_SPLAT(V, c);
-    const V vd = CBN_SPLAT(V, d);
+    const V vmean = CBN_SPLAT(V, mean), vscale = CBN_SPLAT(V, scale);
+    const V vgmean = CBN_SPLAT(V, gmean);
+    const V vxcoef = CBN_SPLAT(V, xcoef);
     V x0, g0, y0;
     Py_ssize_t i = 0, nv, head = 0;
     CBN_T gv;
@@ -341,32 +346,33 @@ static CBN_INLINE void CBN_FN(run_bwd_body)(const CBN_T* x, const CBN_T* g, cons
         if (head > n) head = n;
         for (; i < head; i++) {
             gv = (ym && !(ym[i] > 0)) ? 0 : g[i];
-            y[i] = (gv - c - (x[i] - a) * d) * b;
+            y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
         }
     }
     nv = n - (n - head) % CBN_L;
     for (; i < nv; i += CBN_L) {
         CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
         if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }
-        x0 = (g0 - vc - (x0 - va) * vd) * vb;
+        x0 = (g0 - vgmean - (x0 - vmean) * vxcoef) * vscale;
         if (stream) CBN_VSTREAM(y + i, x0);
         else CBN_VSTORE(y + i, x0);
     }
     for (; i < n; i++) {
         gv = (ym && !(ym[i] > 0)) ? 0 : g[i];
-        y[i] = (gv - c - (x[i] - a) * d) * b;
+        y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
     }
 }
 
 static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym, CBN_T* y,
-                                     Py_ssize_t n, CBN_T a, CBN_T b, CBN_T c, CBN_T d) {
-    CBN_FN(run_bwd_body)(x, g, ym, y, n, a, b, c, d, 0);
+                                   Py_ssize_t n, CBN_T mean, CBN_T scale, CBN_T gmean,
+                                   CBN_T xcoef) {
+    CBN_FN(run_bwd_body)(x, g, ym, y, n, mean, scale, gmean, xcoef, 0);
 }
 
 static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                            CBN_T* y, Py_ssize_t n, CBN_T a, CBN_T b,
-                                            CBN_T c, CBN_T d) {
-    CBN_FN(run_bwd_body)(x, g, ym, y, n, a, b, c, d, 1);
+                                          CBN_T* y, Py_ssize_t n, CBN_T mean, CBN_T scale,
+                                          CBN_T gmean, CBN_T xcoef) {
+    CBN_FN(run_bwd_body)(x, g, ym, y, n, mean, scale, gmean, xcoef, 1);
 }
 
 #undef CBN_PART

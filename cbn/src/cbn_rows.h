@@ -77,23 +77,24 @@ static CBN_NOINLINE void CBN_FN(fx_sums##NV)(const CBN_T* g,                    
 
 /* y = (x - a) * b + c (+ q) (ReLU if RELU), rows of NV wide vectors */
 static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, int RELU, const CBN_T* x,
-                                          const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                                          const CBN_T* a, const CBN_T* b, const CBN_T* c) {
+                                          const CBN_T* residual, CBN_T* y, Py_ssize_t R,
+                                          const CBN_T* mean, const CBN_T* scale,
+                                          const CBN_T* shift) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
-    V va[8], vb[8], vc[8], v, r0;
+    V vmean[8], vscale[8], vshift[8], v, r0;
     Py_ssize_t i;
     int j;
     CBN_UNROLL for (j = 0; j < NV; j++) {
-        CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);
-        CBN_VLOAD(vc[j], c + j * L);
+        CBN_VLOAD(vmean[j], mean + j * L); CBN_VLOAD(vscale[j], scale + j * L);
+        CBN_VLOAD(vshift[j], shift + j * L);
     }
-    for (i = 0; i < R; i++, x += NV * L, y += NV * L, q += HASQ ? NV * L : 0) {
+    for (i = 0; i < R; i++, x += NV * L, y += NV * L, residual += HASQ ? NV * L : 0) {
         CBN_UNROLL for (j = 0; j < NV; j++) {
             CBN_VLOAD(v, x + j * L);
-            v = (v - va[j]) * vb[j] + vc[j];
-            if (HASQ) { CBN_VLOAD(r0, q + j * L); v += r0; }
+            v = (v - vmean[j]) * vscale[j] + vshift[j];
+            if (HASQ) { CBN_VLOAD(r0, residual + j * L); v += r0; }
             if (RELU) v = CBN_RELU(IV, V, v);
             CBN_VSTORE(y + j * L, v);
         }
@@ -102,21 +103,21 @@ static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, int RELU, const CB
 
 /* The same over rows wider than 8 vectors, in memory order, the lane parameters
    loaded from L1 with each vector */
-static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* q, CBN_T* y,
-                                                  Py_ssize_t n, const CBN_T* a,
-                                                  const CBN_T* b, const CBN_T* c, int relu,
-                                                  Py_ssize_t w) {
+static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
+                                                  Py_ssize_t n, const CBN_T* mean,
+                                                  const CBN_T* scale, const CBN_T* shift,
+                                                  int relu, Py_ssize_t w) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
-    V v, va, vb, vc, r0;
+    V v, vmean, vscale, vshift, r0;
     Py_ssize_t i, t;
     for (i = 0; i < n; i += w) {
         for (t = 0; t < w; t += L) {
-            CBN_VLOAD(v, x + i + t); CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t);
-            CBN_VLOAD(vc, c + t);
-            v = (v - va) * vb + vc;
-            if (q) { CBN_VLOAD(r0, q + i + t); v += r0; }
+            CBN_VLOAD(v, x + i + t); CBN_VLOAD(vmean, mean + t); CBN_VLOAD(vscale, scale + t);
+            CBN_VLOAD(vshift, shift + t);
+            v = (v - vmean) * vscale + vshift;
+            if (residual) { CBN_VLOAD(r0, residual + i + t); v += r0; }
             if (relu) v = CBN_RELU(IV, V, v);
             CBN_VSTORE(y + i + t, v);
         }
@@ -124,22 +125,23 @@ static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* q, 
 }
 
 /* y = (g - c - (x - a) * d) * b over rows wider than 8 vectors, in memory order */
-static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_T* x, const CBN_T* g, const CBN_T* q,
-                                               CBN_T* y, Py_ssize_t n, const CBN_T* a,
-                                               const CBN_T* b, const CBN_T* c, const CBN_T* d,
-                                               Py_ssize_t w) {
+static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
+                                               CBN_T* y, Py_ssize_t n, const CBN_T* mean,
+                                               const CBN_T* scale, const CBN_T* gmean,
+                                               const CBN_T* xcoef, Py_ssize_t w) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
-    V v, u, r0, va, vb, vc, vd;
+    V v, u, r0, vmean, vscale, vgmean, vxcoef;
     Py_ssize_t i, t;
     for (i = 0; i < n; i += w) {
         for (t = 0; t < w; t += L) {
             CBN_VLOAD(v, x + i + t); CBN_VLOAD(u, g + i + t);
-            if (q) { CBN_VLOAD(r0, q + i + t); u = CBN_MASK(IV, V, u, r0); }
-            CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);
-            CBN_VLOAD(vd, d + t);
-            v = (u - vc - (v - va) * vd) * vb;
+            if (ym) { CBN_VLOAD(r0, ym + i + t); u = CBN_MASK(IV, V, u, r0); }
+            CBN_VLOAD(vmean, mean + t); CBN_VLOAD(vscale, scale + t);
+            CBN_VLOAD(vgmean, gmean + t);
+            CBN_VLOAD(vxcoef, xcoef + t);
+            v = (u - vgmean - (v - vmean) * vxcoef) * vscale;
             CBN_VSTORE(y + i + t, v);
         }
     }
@@ -179,25 +181,25 @@ static CBN_NOINLINE void CBN_FN(fx_sums_wide)(const CBN_T* g, const CBN_T* x, Py
 
 /* y = (g - c - (x - a) * d) * b, g masked by ReLU's backward from q if HASQ */
 static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, int HASQ, const CBN_T* x, const CBN_T* g,
-                                           const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                                           const CBN_T* a, const CBN_T* b, const CBN_T* c,
-                                           const CBN_T* d) {
+                                           const CBN_T* ym, CBN_T* y, Py_ssize_t R,
+                                           const CBN_T* mean, const CBN_T* scale,
+                                           const CBN_T* gmean, const CBN_T* xcoef) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
-    V va[8], vb[8], vc[8], vd[8], v, u, r0;
+    V vmean[8], vscale[8], vgmean[8], vxcoef[8], v, u, r0;
     Py_ssize_t i;
     int j;
     CBN_UNROLL for (j = 0; j < NV; j++) {
-        CBN_VLOAD(va[j], a + j * L); CBN_VLOAD(vb[j], b + j * L);
-        CBN_VLOAD(vc[j], c + j * L); CBN_VLOAD(vd[j], d + j * L);
+        CBN_VLOAD(vmean[j], mean + j * L); CBN_VLOAD(vscale[j], scale + j * L);
+        CBN_VLOAD(vgmean[j], gmean + j * L); CBN_VLOAD(vxcoef[j], xcoef + j * L);
     }
     for (i = 0; i < R; i++, x += NV * L, g += NV * L, y += NV * L,
-                           q += HASQ ? NV * L : 0) {
+                           ym += HASQ ? NV * L : 0) {
         CBN_UNROLL for (j = 0; j < NV; j++) {
             CBN_VLOAD(v, x + j * L); CBN_VLOAD(u, g + j * L);
-            if (HASQ) { CBN_VLOAD(r0, q + j * L); u = CBN_MASK(IV, V, u, r0); }
-            v = (u - vc[j] - (v - va[j]) * vd[j]) * vb[j];
+            if (HASQ) { CBN_VLOAD(r0, ym + j * L); u = CBN_MASK(IV, V, u, r0); }
+            v = (u - vgmean[j] - (v - vmean[j]) * vxcoef[j]) * vscale[j];
             CBN_VSTORE(y + j * L, v);
         }
     }
@@ -270,9 +272,9 @@ static int CBN_FN(fx_affine)(const CBN_T* x, const CBN_T* q, CBN_T* y, Py_ssize_
     }
     return 1;
 }
-static int CBN_FN(fx_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                            Py_ssize_t w, const CBN_T* a, const CBN_T* b, const CBN_T* c,
-                            const CBN_T* d) {
+static int CBN_FN(fx_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* q, CBN_T* y,
+                          Py_ssize_t R, Py_ssize_t w, const CBN_T* a, const CBN_T* b,
+                          const CBN_T* c, const CBN_T* d) {
     if (CBN_FN(fx_wide)(w)) {
         CBN_FN(fx_bwd_wide)(x, g, q, y, R * w, a, b, c, d, w);
         return 1;

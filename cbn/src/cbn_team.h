@@ -11,7 +11,8 @@
  * calls run on one thread (no OpenMP region at all) for a back-off period: 10 ms, growing
  * fourfold while the parallel regions that probe the cores after it keep stalling, up to
  * 2 s, and halving after each region that ran well (so a quiet machine gets its threads
- * back at the first probe). Results do not depend on the thread count, so this changes only the time.
+ * back at the first probe). Results do not depend on the thread count, so this changes
+ * only the time.
  * CBN_ADAPTIVE_THREADS=0 (read at import) turns it off.
  *
  * The state is process-wide and touched with relaxed atomics: calls from several Python

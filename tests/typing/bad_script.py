@@ -21,3 +21,6 @@ bn.num_features = "three"  # E
 same: cbn.BatchNorm2d = cbn.BatchNorm1d(3).eval()  # E
 state: list[int] = bn.state_dict()  # E
 cbn.fold(np.eye(3), None, bn, True)  # E (transpose is keyword-only)
+cbn.BatchNorm2d(3, bias="no")  # E
+keras_bn: cbn.BatchNorm2d = cbn.BatchNorm1d.from_keras([], {})  # E
+loaded = cbn.load(3)  # E

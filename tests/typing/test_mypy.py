@@ -1,10 +1,10 @@
 """cbn's type information as a user sees it: ``mypy --strict`` on small user programs.
 
 user_script.py exercises the public API (functional calls, modules, state_dict, backward,
-fold, threads) and must type-check cleanly; it is also run, so what it asserts about the
-values is true. bad_script.py misuses the API: mypy must report exactly its marked lines,
-which shows that it reads cbn's annotations and the compiled module's stub (``_kernels.pyi``)
-rather than ``Any``. cbn's own modules are analysed with ``--follow-imports=silent``, as
+fold, the Keras converters, threads) and must type-check cleanly; it is also run, so what
+it asserts about the values is true. bad_script.py misuses the API: mypy must report exactly
+its marked lines, which shows that it reads cbn's annotations and the compiled module's stub
+(``_kernels.pyi``) rather than ``Any``. cbn's own modules are analysed with ``--follow-imports=silent``, as
 mypy treats an installed package: their annotations count, their internals are not judged.
 The mypy tests skip when mypy is not installed (it is in the ``test`` extra).
 """

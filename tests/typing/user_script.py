@@ -82,6 +82,17 @@ def fold(C: int) -> Tuple[np.ndarray, np.ndarray]:
     return W_fused, b_fused
 
 
+def converters(C: int) -> cbn.BatchNorm2d:
+    """A bias-free module with Keras' variance convention, to Keras and back (no Keras
+    needed: the weights and config are plain values)."""
+    bn = cbn.BatchNorm2d(C, momentum=0.01, axis=-1, bias=False, unbiased=False)
+    weights: List[np.ndarray]
+    weights, config = bn.to_keras()
+    back: cbn.BatchNorm2d = cbn.BatchNorm2d.from_keras(weights, config)  # keeps the class
+    assert back.bias is None and not back.unbiased and back.momentum == 0.01
+    return back
+
+
 def threads() -> int:
     """Thread settings."""
     cbn.set_num_threads(1)
@@ -98,6 +109,7 @@ def main() -> None:
     functional(x)
     modules(x)
     fold(3)
+    converters(3)
     threads()
     print("user script ok")
 

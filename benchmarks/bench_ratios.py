@@ -1,0 +1,85 @@
+"""cbn's time as a fraction of another's, measured inside one benchmark (``track_*``).
+
+A ratio of two times taken in the same process, interleaved (the median of the ratios of
+samples taken one after the other), is far steadier on a shared machine than two separate
+asv timings: these are the figures to watch across commits.
+Each is cbn's median time over the other's, so lower is better, as for a time, and asv's
+"increase = regression" reads them the right way round (the ``track_speedup_*`` that
+these replace were NumPy time / cbn time, and asv listed their improvements as
+regressions).
+
+``CbnOverNumpy``: over the NumPy reference (single-threaded, float64 inside).
+``CbnOverCopy``: over ``np.copyto`` of the input into a preallocated array, the memory
+bandwidth floor; the figure is cbn's cost in copies of its input (ideal: eval about 1,
+training forward 1.5, backward 2.5). The forward writes into a preallocated ``out=``, so
+neither side allocates and the figure is the kernels' alone (the backward, which has no
+``out=`` in every commit, allocates its grad_input). Noise from other tenants' memory
+traffic hits both sides alike, so this is the steadiest figure of the suite.
+
+cbn runs on one thread (``common.THREADS``).
+"""
+
+import numpy as np
+
+from . import common
+from .common import DTYPES, EPS, LAYOUTS, MOMENTUM, SHAPES, THREADS
+
+
+def _forward(d, impl, training, out=None):
+    fwd = common.FORWARD[impl]
+    rm, rv = common.running_stats(d)
+    if out is not None:
+        return lambda: fwd(d.x, d.w, d.b, rm, rv, training, MOMENTUM, EPS, axis=d.axis,
+                           n_threads=THREADS, out=out)
+    return lambda: fwd(d.x, d.w, d.b, rm, rv, training, MOMENTUM, EPS, axis=d.axis,
+                       n_threads=THREADS)
+
+
+def _backward(d, impl):
+    bwd = common.BACKWARD[impl]
+    return lambda: bwd(d.g, d.x, d.w, d.save_mean, d.save_invstd, True, axis=d.axis,
+                       n_threads=THREADS)
+
+
+class CbnOverNumpy:
+    params = [SHAPES, DTYPES, LAYOUTS]
+    param_names = ["shape", "dtype", "layout"]
+    unit = "cbn time / numpy time"
+    timeout = 180
+
+    def setup(self, shape, dtype, layout):
+        self.d = common.case(shape, dtype, layout)
+
+    def track_cbn_over_numpy_training_forward(self, shape, dtype, layout):
+        return common.paired_ratio(_forward(self.d, "cbn", True),
+                                   _forward(self.d, "numpy", True))
+
+    def track_cbn_over_numpy_eval_forward(self, shape, dtype, layout):
+        return common.paired_ratio(_forward(self.d, "cbn", False),
+                                   _forward(self.d, "numpy", False))
+
+    def track_cbn_over_numpy_backward(self, shape, dtype, layout):
+        return common.paired_ratio(_backward(self.d, "cbn"),
+                                   _backward(self.d, "numpy"))
+
+
+class CbnOverCopy:
+    params = [SHAPES, DTYPES, LAYOUTS]
+    param_names = ["shape", "dtype", "layout"]
+    unit = "copies"
+    timeout = 120
+
+    def setup(self, shape, dtype, layout):
+        self.d = common.case(shape, dtype, layout)
+        buf = np.empty_like(self.d.x)
+        self.out = np.empty_like(self.d.x)
+        self.copy = lambda: np.copyto(buf, self.d.x)
+
+    def track_cbn_over_copy_training_forward(self, shape, dtype, layout):
+        return common.paired_ratio(_forward(self.d, "cbn", True, self.out), self.copy)
+
+    def track_cbn_over_copy_eval_forward(self, shape, dtype, layout):
+        return common.paired_ratio(_forward(self.d, "cbn", False, self.out), self.copy)
+
+    def track_cbn_over_copy_backward(self, shape, dtype, layout):
+        return common.paired_ratio(_backward(self.d, "cbn"), self.copy)

@@ -32,7 +32,8 @@ def test_sync_ranks_prints_a_row_per_rank():
     assert [r[0] for r in rows] == ["0", "1"]
     for r in rows:
         bn, sync, ratio = float(r[1]), float(r[2]), float(r[3])
-        assert bn > 0 and sync > 0 and ratio == pytest.approx(sync / bn, rel=0.02, abs=0.01)
+        # (times printed to 1 us, the ratio to 0.01: compare loosely)
+        assert bn > 0 and sync > 0 and ratio == pytest.approx(sync / bn, rel=0.1, abs=0.05)
 
 
 @pytest.mark.parametrize("bad", ["0", "two", ""])

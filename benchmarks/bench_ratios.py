@@ -83,3 +83,35 @@ class CbnOverCopy:
 
     def track_cbn_over_copy_backward(self, shape, dtype, layout):
         return common.paired_ratio(_backward(self.d, "cbn"), self.copy)
+
+
+#: inputs of 20 MB and more, where the training passes meet the memory floor (channel-blocked
+#: planes, streaming stores): docs/performance.md, "Training at the memory floor"
+FLOOR_SHAPES = ["32x64x56x56", "64x128x28x28", "32x3x224x224", "16x32x16x32x32"]
+
+
+class MemoryFloor:
+    """cbn's training forward and backward on large inputs, both writing into out=, in
+    copies of the same array (lower is better; the floors are about 1.05 and 1.5)."""
+    params = [FLOOR_SHAPES, ["float32"], LAYOUTS]
+    param_names = ["shape", "dtype", "layout"]
+    unit = "copies"
+    timeout = 300
+
+    def setup(self, shape, dtype, layout):
+        self.d = common.case(shape, dtype, layout)
+        buf = np.empty_like(self.d.x)
+        self.out = np.empty_like(self.d.x)
+        self.copy = lambda: np.copyto(buf, self.d.x)
+
+    def track_floor_training_forward(self, shape, dtype, layout):
+        return common.paired_ratio(_forward(self.d, "cbn", True, self.out), self.copy)
+
+    def track_floor_backward(self, shape, dtype, layout):
+        d, out = self.d, self.out
+        cbn_bwd = common.BACKWARD["cbn"]
+
+        def run():
+            cbn_bwd(d.g, d.x, d.w, d.save_mean, d.save_invstd, True, axis=d.axis,
+                    n_threads=THREADS, out=out)
+        return common.paired_ratio(run, self.copy)

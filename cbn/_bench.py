@@ -60,8 +60,10 @@ CASES: List[tuple] = [
     (64, 128, 28, 28),
     (16, 256, 14, 14),
     (8, 3, 224, 224),
+    (32, 3, 224, 224),     # the memory-floor cases (channel-blocked passes)
     (256, 1024),
     (4, 32, 16, 32, 32),
+    (16, 32, 16, 32, 32),
     (8, 16),          # per-call overhead
     (2, 8, 4, 4),     # per-call overhead
 ]

@@ -80,18 +80,33 @@ cdef object plain_out(object out, object x, int typ):
     return None
 
 
-cdef int plain_threads(object n_threads, Py_ssize_t size, Py_ssize_t min_parallel) except -2:
-    """Threads for a call (n_threads None: omp_get_max_threads()); -1 (not plain) unless
-    n_threads is an int from 1 to 4096, so that an odd count reaches the general path
-    exactly as before rather than being clipped here."""
-    cdef int n
-    if n_threads is None:
-        n = cbn_max_threads()
-    elif type(n_threads) is int and 1 <= n_threads <= 4096:
-        n = n_threads
-    else:
+#: cbn._threads.call_threads, registered by cbn._threads at import: the one home of the
+#: thread policy (set_num_threads, OMP_NUM_THREADS, forked children, the clip)
+cdef object thread_resolver = None
+
+
+def _set_thread_resolver(resolver):
+    """Register the function that resolves a plain call's thread count (cbn._threads)."""
+    global thread_resolver
+    thread_resolver = resolver
+
+
+cdef int plain_threads(object n_threads, object x, Py_ssize_t size,
+                       Py_ssize_t min_parallel) except -2:
+    """Threads for a plain call; -1 (not plain) unless n_threads is None or an int >= 1.
+    Inputs under min_parallel values run on one thread, which is right whatever the policy
+    says (so small calls do not pay for asking); larger ones ask cbn._threads."""
+    cdef object n
+    if n_threads is not None and not (type(n_threads) is int and n_threads >= 1):
         return -1
-    return 1 if size < min_parallel else n
+    if size < min_parallel:
+        return 1
+    n = thread_resolver(n_threads, x) if thread_resolver is not None else n_threads
+    if n is None:
+        return cbn_max_threads()
+    if type(n) is not int or not 1 <= n <= 4096:
+        return -1
+    return n
 
 
 cdef inline Call plain_call(object x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, int nt):
@@ -103,11 +118,17 @@ cdef inline Call plain_call(object x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, 
     return k
 
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint32_t, uint64_t
+
+
 def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                   axis, n_threads, Py_ssize_t min_parallel, residual=None, bint relu=False,
                   out=None):
     """batch_norm_forward's plain call: (y, save_mean, save_invstd), or None when the call
-    is not plain (then nothing was computed or written). n_threads None means
+    is not plain (then nothing was computed or written). A training call where some
+    channel's invstd came out 0, NaN or inf returns (y, save_mean, save_invstd,
+    running_mean_before, running_var_before) (bytes, or None) for the edge rescue. n_threads None means
     omp_get_max_threads(); inputs under min_parallel values run on one thread. A residual
     must be a plain array of the input's shape and dtype; so must out, which may be x
     itself but must not otherwise overlap it."""
@@ -137,7 +158,7 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
             return None
     else:
         return None
-    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    nt = plain_threads(n_threads, x, M * C * K, min_parallel)
     y = None if nt < 0 else plain_out(out, x, typ)
     if y is None:
         return None
@@ -157,8 +178,42 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     k.running_var = data(running_var)
     k.save_mean = data(sm)
     k.save_invstd = data(si)
-    run_forward(&k)
-    return y, sm, si
+    if not k.training:
+        run_forward(&k)
+        return y, sm, si
+    # Training: the running statistics as they were, in case a channel needs the edge
+    # rescue of cbn.functional (which recomputes its running update from them).
+    cdef Py_ssize_t rbytes = C * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
+    cdef char* before = <char*>alloc(2 * rbytes)
+    try:
+        if k.running_mean != NULL:
+            memcpy(before, k.running_mean, rbytes)
+        if k.running_var != NULL:
+            memcpy(before + rbytes, k.running_var, rbytes)
+        run_forward(&k)
+        if not any_suspect(k.save_invstd, C, typ):
+            return y, sm, si
+        return (y, sm, si,
+                PyBytes_FromStringAndSize(before, rbytes) if k.running_mean != NULL else None,
+                PyBytes_FromStringAndSize(before + rbytes, rbytes)
+                if k.running_var != NULL else None)
+    finally:
+        free(before)
+
+
+cdef bint any_suspect(const void* invstd, Py_ssize_t C, int typ) noexcept nogil:
+    """Whether some channel's invstd may be 0, NaN or inf (cbn.functional._suspect's test,
+    on the most significant byte: sign and top exponent bits outside 0x01-0x7e)."""
+    cdef Py_ssize_t c
+    cdef unsigned int top
+    for c in range(C):
+        if typ == cnp.NPY_FLOAT32:
+            top = (<const uint32_t*>invstd)[c] >> 24
+        else:
+            top = <unsigned int>((<const uint64_t*>invstd)[c] >> 56)
+        if top == 0 or top >= 0x7F:
+            return True
+    return False
 
 
 cdef inline bint disjoint(object a, object b):
@@ -201,7 +256,7 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
                      or cnp.PyArray_DATA(<cnp.ndarray>out)
                      == cnp.PyArray_DATA(<cnp.ndarray>grad_output))):
             return None
-    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    nt = plain_threads(n_threads, x, M * C * K, min_parallel)
     if nt < 0:
         return None
     cdef cnp.npy_intp nc = C
@@ -242,7 +297,7 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
         return None
     if not plain_like(residual, x, typ):
         return None
-    nt = plain_threads(n_threads, M * C * K, min_parallel)
+    nt = plain_threads(n_threads, x, M * C * K, min_parallel)
     y = None if nt < 0 else plain_out(out, x, typ)
     if y is None:
         return None

@@ -81,10 +81,12 @@ cdef int stage_normalize(const floating* x, floating* y, const floating* mean,
                          Py_ssize_t K, int nthreads, void* scratch=NULL) except -1:
     """y = act((x - mean) * scale + shift + residual); y may be x. scratch: NULL, or
     apply_scratch_bytes(...) bytes the caller allocated."""
-    cdef Py_ssize_t nbytes = apply_scratch_bytes(M, C, K, sizeof(floating))
+    cdef Py_ssize_t nbytes
     cdef void* lanes = scratch
-    if lanes == NULL and nbytes > 0:
-        lanes = alloc(nbytes)
+    if lanes == NULL:           # (planes need none; rows need their lane parameters)
+        nbytes = apply_scratch_bytes(M, C, K, sizeof(floating))
+        if nbytes > 0:
+            lanes = alloc(nbytes)
     with nogil:
         apply(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)), x, NULL, residual, y,
               M, C, K, mean, scale, shift, NULL, <floating*>lanes, relu, nthreads)
@@ -159,14 +161,21 @@ cdef void stage_backward_finish(const Sums* sums, const floating* invstd, double
 cdef int stage_backward_elements(const floating* g, const floating* x, const floating* ym,
                                  floating* dx, const floating* mean, const floating* scale,
                                  const floating* k1, const floating* k2, Py_ssize_t M,
-                                 Py_ssize_t C, Py_ssize_t K, int nthreads) except -1:
-    """dx = (g - k1 - (x - mean) * k2) * scale, g masked by ReLU's backward where ym."""
-    cdef Py_ssize_t nbytes = apply_scratch_bytes(M, C, K, sizeof(floating))
-    cdef void* lanes = alloc(nbytes) if nbytes > 0 else NULL
+                                 Py_ssize_t C, Py_ssize_t K, int nthreads,
+                                 void* scratch=NULL) except -1:
+    """dx = (g - k1 - (x - mean) * k2) * scale, g masked by ReLU's backward where ym.
+    scratch: NULL, or apply_scratch_bytes(...) bytes the caller allocated."""
+    cdef Py_ssize_t nbytes
+    cdef void* lanes = scratch
+    if lanes == NULL:           # (planes need none; rows need their lane parameters)
+        nbytes = apply_scratch_bytes(M, C, K, sizeof(floating))
+        if nbytes > 0:
+            lanes = alloc(nbytes)
     with nogil:
         apply(OP_BWD_TRAIN | stream_flag(M * C * K * sizeof(floating)), x, g, ym, dx, M,
               C, K, mean, scale, k1, k2, <floating*>lanes, False, nthreads)
-    free(lanes)
+    if lanes != scratch:
+        free(lanes)
     return 0
 
 
@@ -298,7 +307,10 @@ cdef int backward_impl(const floating* x, Call* k) except -1:
                              if k.training else 0)
     cdef Py_ssize_t rbytes = (C * (sizeof(Sums) + sizeof(Py_ssize_t)) if gsize > 0 else
                               reduce_scratch_bytes(k.M, C, k.K, sizeof(floating), k.nthreads))
-    cdef char* mem = <char*>alloc(pbytes + rbytes)
+    cdef Py_ssize_t abytes = (apply_scratch_bytes(k.M, C, k.K, sizeof(floating))
+                              if k.training and gsize == 0 else 0)
+    rbytes = (rbytes + 63) // 64 * 64
+    cdef char* mem = <char*>alloc(pbytes + rbytes + abytes)
     cdef Sums* sums = <Sums*>mem
     cdef floating* scale = <floating*>(sums + C)
     cdef floating* k1 = scale + C
@@ -324,7 +336,7 @@ cdef int backward_impl(const floating* x, Call* k) except -1:
         if k.training:
             stage_backward_elements(g, x, ym, <floating*>k.grad_input,
                                     <floating*>k.save_mean, scale, k1, k2, k.M, C, k.K,
-                                    k.nthreads)
+                                    k.nthreads, mem + pbytes + rbytes if abytes > 0 else NULL)
     finally:
         free(mem)
     return 0

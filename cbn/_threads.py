@@ -183,3 +183,8 @@ def call_threads(n_threads, x):
     if not _ran_parallel and type(x) is np.ndarray and x.size >= MIN_PARALLEL_SIZE:
         _ran_parallel = True
     return n
+
+
+# The plain-call fast path (cbn/_plain.pxi) asks this module for the thread count of every
+# call large enough to use threads.
+_kernels._set_thread_resolver(call_threads)

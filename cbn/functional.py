@@ -215,22 +215,20 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
             and type(momentum) is float and momentum - momentum == 0.0):
         # The plain call (see _kernels.plain_forward) skips the general path below. A
         # momentum that is not a finite float goes there too, to be refused.
-        if training is True:       # for _rescue, which needs the values before the call
-            rm0 = running_mean.tobytes() if type(running_mean) is np.ndarray else None
-            rv0 = running_var.tobytes() if type(running_var) is np.ndarray else None
         r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, axis, _threads.call_threads(n_threads, input),
+                                   momentum, eps, axis, n_threads,
                                    _threads.MIN_PARALLEL_SIZE, residual,
                                    activation is not None, out)
         if r is not None:
-            if training is True and _suspect(r[2]):
+            if len(r) > 3:      # a suspect channel (see _suspect); r[3:]: running stats before
                 x = input
                 ax = axis % x.ndim
                 shape3 = (math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:]))
                 _rescue(x.reshape(shape3), r[0].reshape(shape3),
                         None if residual is None else residual.reshape(shape3),
                         activation is not None, weight, bias, running_mean, running_var,
-                        rm0, rv0, r[1], r[2], momentum, eps)
+                        r[3], r[4], r[1], r[2], momentum, eps)
+                r = r[:3]
             return r
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
@@ -474,7 +472,7 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     """
     if activation is None or _is_relu(activation):
         y = _kernels.plain_affine(input, mean, scale, shift, axis,
-                                  _threads.call_threads(n_threads, input),
+                                  n_threads,
                                   _threads.MIN_PARALLEL_SIZE, residual, activation is not None,
                                   out)
         if y is not None:
@@ -727,7 +725,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
             (activation is None and output is None)
             or (_is_relu(activation) and output is not None)):
         r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
-                                    training, axis, _threads.call_threads(n_threads, input),
+                                    training, axis, n_threads,
                                     _threads.MIN_PARALLEL_SIZE, output, residual, out)
         if r is not None:
             return r

@@ -98,7 +98,7 @@ def _declined_forward():
         "int momentum": dict(momentum=1),
         "zero threads": dict(n_threads=0),
         "float threads": dict(n_threads=1.0),
-        "implausible thread count": dict(n_threads=10 ** 6),
+        "bool threads": dict(n_threads=True),
         "one value per channel": dict(x=x[:1]),
     }
     for name, change in variants.items():
@@ -129,24 +129,31 @@ def test_plain_backward_declines():
         assert _kernels.plain_backward(*args, MIN_PARALLEL_SIZE) is None, (i, bad)
 
 
-def test_plain_path_follows_set_num_threads(monkeypatch):
-    # Large enough to run in parallel: set_num_threads reaches the fast path, and the
-    # result does not depend on the count.
+def test_plain_path_follows_set_num_threads():
+    # Large enough to run in parallel: the fast path asks cbn._threads (the one home of the
+    # thread policy) for the count, set_num_threads reaches it, and the result does not
+    # depend on the count. Small inputs do not ask: they run on one thread.
+    from cbn import _threads
     x = make_input((64, 8, 128), 1, np.float32)
     assert x.size >= MIN_PARALLEL_SIZE
     w, b, rm, rv = make_params(8, np.float32)
     seen = []
-    real = _kernels.plain_forward
 
-    def spy(*args):
-        seen.append(args[9])
-        return real(*args)
+    def spy(n_threads, a):
+        n = _threads.call_threads(n_threads, a)
+        seen.append(n)
+        return n
 
-    monkeypatch.setattr(_kernels, "plain_forward", spy)
-    cbn.set_num_threads(2)
-    y2 = cbn.batch_norm(x, None, None, w, b, training=True)
-    cbn.set_num_threads(1)
-    y1 = cbn.batch_norm(x, None, None, w, b, training=True)
+    _kernels._set_thread_resolver(spy)
+    try:
+        cbn.set_num_threads(2)
+        y2 = cbn.batch_norm(x, None, None, w, b, training=True)
+        cbn.set_num_threads(1)
+        y1 = cbn.batch_norm(x, None, None, w, b, training=True)
+        cbn.batch_norm(x[:2, :, :2], None, None, w, b, training=True)      # small
+    finally:
+        _kernels._set_thread_resolver(_threads.call_threads)
+        cbn.set_num_threads(None)
     assert seen == [2, 1]
     np.testing.assert_array_equal(y1, y2)
 

@@ -109,13 +109,13 @@ cdef int plain_threads(object n_threads, object x, Py_ssize_t size,
     return n
 
 
-cdef inline Call plain_call(object x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, int nt):
-    """The record of a plain call on x viewed as (M, C, K)."""
-    cdef Call k = new_call(<cnp.ndarray>x, nt)
+cdef inline void plain_call(Call* k, object x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                            int nt):
+    """Fill *k as the record of a plain call on x viewed as (M, C, K)."""
+    init_call(k, <cnp.ndarray>x, nt)
     k.M = M
     k.C = C
     k.K = K
-    return k
 
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -165,7 +165,8 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     cdef cnp.npy_intp nc = C
     cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, typ, 0)
-    cdef Call k = plain_call(x, M, C, K, nt)
+    cdef Call k
+    plain_call(&k, x, M, C, K, nt)
     k.training = training is True
     k.momentum = mom
     k.eps = e
@@ -269,7 +270,8 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
     if residual:
         gr = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
                                cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
-    cdef Call k = plain_call(x, M, C, K, nt)
+    cdef Call k
+    plain_call(&k, x, M, C, K, nt)
     k.training = training is True
     k.grad_output = data(grad_output)
     k.grad_input = data(gx)
@@ -301,7 +303,8 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
     y = None if nt < 0 else plain_out(out, x, typ)
     if y is None:
         return None
-    cdef Call k = plain_call(x, M, C, K, nt)
+    cdef Call k
+    plain_call(&k, x, M, C, K, nt)
     k.relu = relu
     k.y = data(y)
     k.residual = data(residual)

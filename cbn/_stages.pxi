@@ -217,12 +217,11 @@ cdef inline void* data(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef inline Call new_call(cnp.ndarray x, int nthreads):
-    """A record for the (M, C, K) view x (or an (M, C, K) shape given by a plain call's
-    caller, which overwrites M, C, K), every pointer NULL. The thread count is what the
-    adaptive team allows (cbn/src/cbn_team.h): 1 while the cores are found contended."""
-    cdef Call k
-    memset(&k, 0, sizeof(Call))
+cdef inline void init_call(Call* k, cnp.ndarray x, int nthreads):
+    """Fill *k as the record for the (M, C, K) view x (or an (M, C, K) shape given by a
+    plain call's caller, which then sets M, C, K), every pointer NULL. The thread count is
+    what the adaptive team allows (cbn/src/cbn_team.h): 1 while the cores are contended."""
+    memset(k, 0, sizeof(Call))
     k.dtype = cnp.PyArray_TYPE(x)
     k.x = cnp.PyArray_DATA(x)
     k.nthreads = cbn_team_size(nthreads)
@@ -230,7 +229,6 @@ cdef inline Call new_call(cnp.ndarray x, int nthreads):
         k.M = cnp.PyArray_DIM(x, 0)
         k.C = cnp.PyArray_DIM(x, 1)
         k.K = cnp.PyArray_DIM(x, 2)
-    return k
 
 
 cdef int forward_impl(const floating* x, Call* k) except -1:
@@ -358,7 +356,8 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, runn
     """Training forward on (M, C, K) arrays: batch statistics, running-statistics update
     (arrays that are None are skipped), y = act(normalize(x) + residual). All arrays
     C-contiguous, of x's dtype (checked by the caller)."""
-    cdef Call k = new_call(x, nthreads)
+    cdef Call k
+    init_call(&k, x, nthreads)
     k.training = True
     k.momentum = momentum
     k.eps = eps
@@ -380,7 +379,8 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running
     """Eval forward on (M, C, K) arrays: invstd, scale and shift from the running
     statistics, then y = act((x - running_mean) * scale + shift + residual) in one pass;
     save_mean = running_mean."""
-    cdef Call k = new_call(x, nthreads)
+    cdef Call k
+    init_call(&k, x, nthreads)
     k.eps = eps
     k.relu = relu
     k.y = data(y)
@@ -398,7 +398,8 @@ def affine(cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean, cnp.ndarray scale,
            cnp.ndarray shift, residual, bint relu, int nthreads):
     """y = act((x - mean) * scale + shift + residual) on (M, C, K) arrays: the eval
     forward once scale = weight * invstd and shift = bias are known."""
-    cdef Call k = new_call(x, nthreads)
+    cdef Call k
+    init_call(&k, x, nthreads)
     k.relu = relu
     k.y = data(y)
     k.residual = data(residual)
@@ -419,7 +420,8 @@ def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, wei
     With `output` (the forward's ReLU output), dy is masked where output <= 0 inside those
     passes; `grad_residual`, if given, receives the (masked) dy in the first pass.
     """
-    cdef Call k = new_call(x, nthreads)
+    cdef Call k
+    init_call(&k, x, nthreads)
     k.training = training
     k.grad_output = data(grad_output)
     k.grad_input = data(grad_input)
@@ -443,7 +445,8 @@ def eval_params(weight, bias, cnp.ndarray running_var, double eps, cnp.ndarray s
     """Per-channel parameters of the eval forward: invstd = 1/sqrt(rv + eps) (0 where
     rv + eps == 0), scale = weight * invstd, shift = bias (weight/bias None: 1, 0).
     Contiguous (C,) arrays of one dtype (checked by the caller)."""
-    cdef Call k = new_call(running_var, 1)
+    cdef Call k
+    init_call(&k, running_var, 1)
     k.C = cnp.PyArray_DIM(running_var, 0)
     k.eps = eps
     k.bias = data(bias)
@@ -476,7 +479,8 @@ cdef int moments_typed(const floating* x, Call* k, Moments* out) except -1:
 def moments(cnp.ndarray x, int nthreads):
     """(count, mean, m2) of each channel of the (M, C, K) array x: count an int, mean and
     m2 (the sum of squared deviations from the mean) float64 (C,) arrays."""
-    cdef Call k = new_call(x, nthreads)
+    cdef Call k
+    init_call(&k, x, nthreads)
     cdef Py_ssize_t c, n = k.M * k.K
     cdef Moments* mom = <Moments*>alloc(k.C * sizeof(Moments))
     cdef cnp.npy_intp nc = k.C
@@ -562,7 +566,8 @@ def finish(Py_ssize_t count, mean, m2, double eps, weight, bias, running_mean, r
     cdef Moments* mom = <Moments*>alloc(C * sizeof(Moments))
     cdef double* pm = <double*>cnp.PyArray_DATA(am)
     cdef double* p2 = <double*>cnp.PyArray_DATA(a2)
-    cdef Call k = new_call(save_mean, 1)
+    cdef Call k
+    init_call(&k, save_mean, 1)
     k.C = C
     k.eps = eps
     k.momentum = momentum
@@ -595,7 +600,8 @@ def backward_reduce(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray mean, in
     """(sum_dy, sum_dy_xmu): float64 (C,) arrays of sum(dy) and sum(dy * (x - mean)) per
     channel of the (M, C, K) arrays, dy masked by ReLU's backward where `output` (the
     forward's ReLU output) is given."""
-    cdef Call k = new_call(x, nthreads)
+    cdef Call k
+    init_call(&k, x, nthreads)
     cdef Py_ssize_t c
     cdef char* mem = <char*>alloc(k.C * (sizeof(Sums) + cnp.PyArray_ITEMSIZE(x)))
     cdef Sums* sums = <Sums*>mem
@@ -652,7 +658,8 @@ def backward_elements(cnp.ndarray grad_output, cnp.ndarray x, weight, cnp.ndarra
     """The training backward's element pass with global sums: grad_input = (dy - k1 -
     (x - mean) * k2) * weight * invstd, k1 = sum_dy / count, k2 = invstd^2 * sum_dy_xmu /
     count, exactly as the fused backward computes it when count is the local count."""
-    cdef Call k = new_call(x, nthreads)
+    cdef Call k
+    init_call(&k, x, nthreads)
     cdef cnp.ndarray s1 = np_copy_f64(sum_dy), s2 = np_copy_f64(sum_dy_xmu)
     k.weight = data(weight)
     k.save_mean = data(mean)

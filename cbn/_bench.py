@@ -10,8 +10,9 @@ machine hits them all alike. The implementations:
              relative to one copy of an array of the input's size).
 ``cbn``      ``cbn.batch_norm_forward`` / ``cbn.batch_norm_backward`` as a user calls them
              (output allocated by the call), ``n_threads=`` the thread count of the row.
-``cbn_out``  forward only: the same call writing into a preallocated ``out=``, which is
-             the figure to hold against ``copy`` (neither allocates).
+``cbn_out``  the same call writing into a preallocated ``out=`` (the input gradient for
+             the backward), which is the figure to hold against ``copy`` (neither
+             allocates).
 ``torch``    ``torch.ops.aten.native_batch_norm`` / ``native_batch_norm_backward`` on tensors
              sharing the NumPy arrays' memory (channels-last: the NHWC array permuted to
              NCHW, i.e. PyTorch's channels_last memory format), ``torch.set_num_threads``.
@@ -225,6 +226,10 @@ def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
         if "cbn" in impls:
             fns["cbn"] = lambda: cbn.batch_norm_backward(g, x, w, sm, si, True, axis=axis,
                                                          n_threads=threads)[0]
+        if "cbn_out" in impls:
+            gout = np.empty_like(x)
+            fns["cbn_out"] = lambda: cbn.batch_norm_backward(g, x, w, sm, si, True, axis=axis,
+                                                             n_threads=threads, out=gout)[0]
         if "torch" in impls and torch is not None:
             tg, tx = _to_torch_view(torch, g, layout), _to_torch_view(torch, x, layout)
             tw, tsm, tsi = (torch.from_numpy(a.copy()) for a in (w, sm, si))
@@ -486,7 +491,7 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
             "settings": {"min_time": min_time, "min_repeat": min_repeat,
                          "numpy_repeat": numpy_repeat, "eps": EPS, "momentum": MOMENTUM},
             "notes": {"copy": "np.copyto(preallocated, x): the memory-bandwidth floor",
-                      "cbn_out": "cbn forward writing into a preallocated out=",
+                      "cbn_out": "cbn writing into a preallocated out=",
                       "ratios": "ratios of medians; torch/cbn > 1 means cbn is faster"},
         },
         "rows": rows,

@@ -100,11 +100,9 @@ def normalize(x, stats: Stats, *, axis: int = 1, out: Optional[np.ndarray] = Non
                         n_threads=n_threads, activation=activation, residual=residual)
 
 
-def backward_reduce(grad_output, x, save_mean, *, axis: int = 1,
-                    n_threads: Optional[int] = None, activation: Optional[str] = None,
-                    output=None) -> Tuple[np.ndarray, np.ndarray]:
-    """(sum_dy, sum_dy_xmu): float64 (C,) sums of dy and dy * (x - mean), with dy masked
-    by ReLU's backward where ``activation="relu"`` and ``output`` (the forward's output)."""
+def _backward_views(grad_output, x, axis: int, activation, output):
+    """(x3, view, g3, ym3): the (M, C, K) views of a backward's input, upstream gradient
+    and (for ReLU) the forward's output, in the compute dtype."""
     x3, view, xc = _view(x, axis)
     dt = x3.dtype
     g3 = view.read(_arrays.same_shape(grad_output, "grad_output", xc, dt))
@@ -113,7 +111,16 @@ def backward_reduce(grad_output, x, save_mean, *, axis: int = 1,
         if output is None:
             raise ValueError("activation='relu' needs output (the forward's output)")
         ym3 = view.read(_arrays.same_shape(output, "output", xc, dt))
-    mean = _arrays.per_channel(save_mean, "save_mean", view.C, dt)
+    return x3, view, g3, ym3
+
+
+def backward_reduce(grad_output, x, save_mean, *, axis: int = 1,
+                    n_threads: Optional[int] = None, activation: Optional[str] = None,
+                    output=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(sum_dy, sum_dy_xmu): float64 (C,) sums of dy and dy * (x - mean), with dy masked
+    by ReLU's backward where ``activation="relu"`` and ``output`` (the forward's output)."""
+    x3, view, g3, ym3 = _backward_views(grad_output, x, axis, activation, output)
+    mean = _arrays.per_channel(save_mean, "save_mean", view.C, x3.dtype)
     nt = resolve_num_threads(n_threads, x3.size)
     return _kernels.backward_reduce(g3, x3, mean, nt, ym3)
 
@@ -126,14 +133,8 @@ def backward_elements(grad_output, x, weight, save_mean, save_invstd, sum_dy, su
     channel: ``dx = (dy - sum_dy/count - (x - mean) * invstd^2 * sum_dy_xmu/count) *
     weight * invstd``."""
     x_in = x if isinstance(x, np.ndarray) else np.asarray(x)
-    x3, view, xc = _view(x_in, axis)
+    x3, view, g3, ym3 = _backward_views(grad_output, x_in, axis, activation, output)
     dt = x3.dtype
-    g3 = view.read(_arrays.same_shape(grad_output, "grad_output", xc, dt))
-    ym3 = None
-    if _arrays.check_activation(activation):
-        if output is None:
-            raise ValueError("activation='relu' needs output (the forward's output)")
-        ym3 = view.read(_arrays.same_shape(output, "output", xc, dt))
     C = view.C
     w = _arrays.per_channel(weight, "weight", C, dt)
     mean = _arrays.per_channel(save_mean, "save_mean", C, dt)

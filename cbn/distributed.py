@@ -830,27 +830,9 @@ class SyncBatchNorm(BatchNorm):
     # --------------------------------------------------------------------------- compute
 
     def _check_train_input(self, x: np.ndarray) -> int:
-        """Validate a training input; returns the channel axis (non-negative)."""
-        nd = x.ndim
-        if not 2 <= nd <= 5:
-            raise ValueError(f"expected 2D to 5D input (got {nd}D input)")
-        dt = self.dtype
-        if x.dtype != dt and not (dt == np.float32 and x.dtype in _COMPUTE
-                                  and _COMPUTE[x.dtype] != x.dtype):
-            if x.dtype in _FLOATS:
-                raise TypeError(
-                    f"{type(self).__name__} holds {dt.name} parameters but got a "
-                    f"{x.dtype.name} input; convert the input (x.astype(numpy.{dt.name}))"
-                    f" or create the module with dtype=numpy.{x.dtype.name}")
-            raise TypeError(f"expected a {dt.name} input, got dtype {x.dtype}")
-        axis = self.axis
-        if not -nd <= axis < nd:
-            raise np.exceptions.AxisError(axis, nd)
-        if x.shape[axis] != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} channels (num_features) along axis {axis}, "
-                f"got input of shape {x.shape}")
-        return axis % nd
+        """Validate a training input as BatchNorm does; returns the channel axis."""
+        self._check_input(x)
+        return self.axis % x.ndim
 
     def forward(self, input: ArrayLike) -> np.ndarray:
         """Normalize ``input``: see the class docstring; collective in training mode when

@@ -17,7 +17,7 @@ import numpy as np
 from ._checks import COMPUTE, is_half
 
 __all__ = ["ACTIVATIONS", "View", "as_input", "channel_axis", "check_activation",
-           "memory_order", "per_channel", "same_shape"]
+           "contiguous", "memory_order", "per_channel", "same_shape"]
 
 #: the fused activations the kernels know
 ACTIVATIONS = (None, "relu")
@@ -49,14 +49,17 @@ def per_channel(a, name: str, C: int, dtype) -> Optional[np.ndarray]:
     """A per-channel vector (weight, bias, saved stats): any array-like of C values."""
     if a is None:
         return None
-    if type(a) is np.ndarray and a.dtype == dtype and a.shape == (C,) and a.flags.c_contiguous:
+    if (type(a) is np.ndarray and a.dtype == dtype and a.shape == (C,)
+            and a.flags.c_contiguous and a.flags.aligned):
         return a
     v = np.asarray(a)
     if v.dtype.kind not in "fiub" and not is_half(v.dtype):
         raise TypeError(f"{name} must hold real numbers, got dtype {v.dtype}")
     if v.size != C:
         raise ValueError(f"{name} should contain {C} elements not {v.size}")
-    return np.ascontiguousarray(v.reshape(C), dtype=dtype)
+    return contiguous(v.reshape(C), dtype)
+
+
 def check_activation(activation) -> bool:
     """True for ReLU, False for none."""
     if activation is None:
@@ -77,6 +80,13 @@ def same_shape(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
 def memory_order(x: np.ndarray) -> Tuple[int, ...]:
     """Axes of ``x`` from the largest stride to the smallest (ties keep axis order)."""
     return tuple(sorted(range(x.ndim), key=lambda i: (-abs(x.strides[i]), i)))
+
+
+def contiguous(a: np.ndarray, dtype=None) -> np.ndarray:
+    """``a`` as a C-contiguous array aligned to its element size, of ``dtype`` (default:
+    its own), copied only if it is not one already."""
+    t = np.ascontiguousarray(a, dtype=dtype)
+    return t if t.flags.aligned else np.array(t, order="C", copy=True)
 
 
 class View:
@@ -100,16 +110,21 @@ class View:
         self.K = math.prod(self.shape[p + 1:])
 
     def read(self, a: np.ndarray) -> np.ndarray:
-        """(M, C, K) view of ``a`` (same shape as the input), copying only if it must."""
+        """(M, C, K) view of ``a`` (same shape as the input), copying only if it must: when
+        its layout is not a permutation of a contiguous block, or its data is not aligned
+        to its element size (the kernels' C loops need aligned elements)."""
         t = a if self.perm is None else a.transpose(self.perm)
-        if not t.flags.c_contiguous:
-            t = np.ascontiguousarray(t)
+        if not t.flags.c_contiguous or not t.flags.aligned:
+            t = np.array(t, order="C", copy=True)
         return t.reshape(self.M, self.C, self.K)
 
     def direct(self, out: np.ndarray) -> Optional[np.ndarray]:
-        """(M, C, K) view of ``out`` if it can be written directly, else None."""
+        """(M, C, K) view of ``out`` if it can be written directly (contiguous in the
+        input's memory order, aligned), else None."""
         t = out if self.perm is None else out.transpose(self.perm)
-        return t.reshape(self.M, self.C, self.K) if t.flags.c_contiguous else None
+        if not (t.flags.c_contiguous and t.flags.aligned):
+            return None
+        return t.reshape(self.M, self.C, self.K)
 
     def new(self, dtype) -> Tuple[np.ndarray, np.ndarray]:
         """A new array in the input's memory order: (array in input axes, its 3D view)."""

@@ -9,10 +9,13 @@
 # cbn.functional takes its general path, which validates and raises its usual errors.
 
 cdef inline bint plain_array(object a, int typenum):
-    """A C-contiguous ndarray (not a subclass) of typenum in native byte order."""
+    """A C-contiguous, aligned ndarray (not a subclass) of typenum in native byte order
+    (the C loops read and write elements in place: a misaligned one is undefined
+    behaviour in C, so such arrays take the general path, which copies them)."""
     return (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a)
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>a))
 
 
 cdef inline bint plain_vec(object a, Py_ssize_t C, int typenum, bint writeable):

@@ -37,6 +37,7 @@ from ._arrays import View as _View
 from ._arrays import as_input as _as_input
 from ._arrays import channel_axis as _channel_axis
 from ._arrays import check_activation as _check_activation
+from ._arrays import contiguous as _contiguous
 from ._arrays import per_channel as _param
 from ._arrays import same_shape as _same_shape
 from ._threads import resolve_num_threads
@@ -269,8 +270,8 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         # Running stats of any shape and strides (C values, read in C order like the other
         # per-channel vectors), half-precision ones too (updated through the compute
         # dtype): the kernel updates contiguous (C,) copies, written back below.
-        rm_k = None if rm is None else np.ascontiguousarray(rm, dtype=dtype).reshape(C)
-        rv_k = None if rv is None else np.ascontiguousarray(rv, dtype=dtype).reshape(C)
+        rm_k = None if rm is None else _contiguous(rm, dtype).reshape(C)
+        rv_k = None if rv is None else _contiguous(rv, dtype).reshape(C)
         rm0 = None if rm_k is None else rm_k.tobytes()
         rv0 = None if rv_k is None else rv_k.tobytes()
         _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,

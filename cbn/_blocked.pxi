@@ -207,10 +207,13 @@ cdef void rows_of_group(int op, const floating* x, const floating* g, const floa
                            (m * C + c1) * nch, pa, pb, pc, pd, relu)
 
 
-cdef inline void group_channels(Py_ssize_t grp, Py_ssize_t gsize, Py_ssize_t C,
-                                Py_ssize_t* c0, Py_ssize_t* c1) noexcept nogil:
-    c0[0] = grp * gsize
-    c1[0] = c0[0] + gsize if c0[0] + gsize < C else C
+cdef inline Py_ssize_t group_end(Py_ssize_t grp, Py_ssize_t gsize,
+                                 Py_ssize_t C) noexcept nogil:
+    """One past the last channel of group grp (which starts at grp * gsize). The channel
+    range is assigned in the loop body, never through a pointer: Cython makes a prange
+    variable private only when the body assigns it (through &c0 both threads shared one
+    c0/c1, and a group could run another's channels)."""
+    return (grp + 1) * gsize if (grp + 1) * gsize < C else C
 
 
 cdef void forward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Moments* mom,
@@ -255,13 +258,15 @@ cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments*
     P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating))
     if nthreads == 1:
         for grp in range(ngroups):
-            group_channels(grp, gsize, k.C, &c0, &c1)
+            c0 = grp * gsize
+            c1 = group_end(grp, gsize, k.C)
             forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
         return
     team_begin(&T, nthreads)
     for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
         t_item = cbn_now_ns()
-        group_channels(grp, gsize, k.C, &c0, &c1)
+        c0 = grp * gsize
+        c1 = group_end(grp, gsize, k.C)
         forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
         team_add(&T, threadid(), t_item)
     team_end(&T)
@@ -310,13 +315,15 @@ cdef void blocked_backward(const floating* x, Call* k, Py_ssize_t gsize,
     P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating) * (3 if k.output != NULL else 2))
     if nthreads == 1:
         for grp in range(ngroups):
-            group_channels(grp, gsize, k.C, &c0, &c1)
+            c0 = grp * gsize
+            c1 = group_end(grp, gsize, k.C)
             backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         return
     team_begin(&T, nthreads)
     for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
         t_item = cbn_now_ns()
-        group_channels(grp, gsize, k.C, &c0, &c1)
+        c0 = grp * gsize
+        c1 = group_end(grp, gsize, k.C)
         backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         team_add(&T, threadid(), t_item)
     team_end(&T)

@@ -300,13 +300,9 @@ cdef int backward_impl(const floating* x, Call* k) except -1:
     # one allocation: the per-channel sums and parameters, then the reduction's scratch
     cdef Py_ssize_t C = k.C, c
     cdef Py_ssize_t pbytes = (C * (sizeof(Sums) + 3 * sizeof(floating)) + 63) // 64 * 64
-    # The channel-blocked backward runs on one thread only for now: on two threads its
-    # results differed from the two-pass path's under the sanitizer build (ASan/UBSan) in
-    # 2 of 110 forced cases, never in the normal build; until that is understood, teams
-    # take the two-pass backward, whose bits are the corpus's.
     cdef Py_ssize_t gsize = (block_channels(k.M, C, k.K, sizeof(floating),
                                             3 if k.output != NULL else 2, k.nthreads)
-                             if k.training and k.nthreads == 1 else 0)
+                             if k.training else 0)
     cdef Py_ssize_t rbytes = (C * (sizeof(Sums) + sizeof(Py_ssize_t)) if gsize > 0 else
                               reduce_scratch_bytes(k.M, C, k.K, sizeof(floating), k.nthreads))
     cdef Py_ssize_t abytes = (apply_scratch_bytes(k.M, C, k.K, sizeof(floating))

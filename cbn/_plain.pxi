@@ -188,7 +188,9 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     # Training: the running statistics as they were, in case a channel needs the edge
     # rescue of cbn.functional (which recomputes its running update from them).
     cdef Py_ssize_t rbytes = C * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
-    cdef char* before = <char*>alloc(2 * rbytes)
+    cdef char* before = NULL
+    if k.running_mean != NULL or k.running_var != NULL:    # else there is nothing to keep
+        before = <char*>alloc(2 * rbytes)
     try:
         if k.running_mean != NULL:
             memcpy(before, k.running_mean, rbytes)

@@ -1353,10 +1353,10 @@ def _overhead_main(argv: Optional[Sequence[str]] = None) -> int:
     if comm.rank == 0:
         print(f"{comm.size} ranks, {args.shape} {args.dtype} per rank, training forward + "
               f"backward, medians of {args.repeat}")
-        print("rank  BatchNorm ms  SyncBatchNorm ms  ratio  in collectives ms")
+        print("rank  BatchNorm us  SyncBatchNorm us  ratio  in collectives us")
         for i, (bn, sync, c) in enumerate(rows):
-            print(f"{i:4d}  {bn * 1e3:12.3f}  {sync * 1e3:16.3f}  {sync / bn:5.2f}  "
-                  f"{c * 1e3:17.3f}")
+            print(f"{i:4d}  {bn * 1e6:12.1f}  {sync * 1e6:16.1f}  {sync / bn:5.2f}  "
+                  f"{c * 1e6:17.1f}")
     return 0
 
 

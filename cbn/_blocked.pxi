@@ -23,10 +23,18 @@
 # come from memory (see block_channels); the group holds as many channels as fit a share
 # of the last-level cache (cbn/src/cbn_cache.h).
 #
+# On one thread, reduce-then-write per group gains little: the core reads memory while
+# it reduces a group and writes memory while it writes one, never both at once, so the
+# forward costs about 1.4 copies of the array. The chained forward (forward_chain, for
+# long planes) reduces each group in the loop that writes the previous group's output
+# (cbn_carry: the reduction's loop carries the output pass), so reads and writes overlap
+# as in a copy: 1.0 to 1.25 copies on the 20-30 MB cases. The same chain for the backward
+# (two arrays reduced while dx is written) measured slower than reduce-then-write, and
+# is not built.
+#
 # Also here, for the same large inputs, blocked or not: non-temporal stores in the planes
 # output passes (stream_flag) and prefetching in the planes reductions (prefetch_flag).
-# Measured on the project's 2-core machine (docs/performance.md): on one thread the
-# streaming stores carry the gain and blocking adds nothing measurable; on two threads
+# Measured on the project's 2-core machine (docs/performance.md): on two threads
 # blocking pays on every large case.
 
 cdef enum:
@@ -37,6 +45,7 @@ cdef enum:
 cdef int blocking_mode = BLOCKING_AUTO
 cdef long long blocking_budget = 0      # bytes per group; 0: from the cache size
 cdef int blocking_stream = OP_STREAM    # non-temporal stores for large outputs (or 0)
+cdef int chain_mode = 1                 # one-thread forwards as chains (or 0)
 
 
 cdef long long group_budget(int nthreads) noexcept nogil:
@@ -73,22 +82,39 @@ cdef inline int prefetch_flag(long long nbytes) noexcept nogil:
     return 1 if blocking_mode == BLOCKING_FORCE or 2 * nbytes > cbn_cache_size else 0
 
 
+cdef inline bint chained(Py_ssize_t K, int nthreads, bint forward) noexcept nogil:
+    """Whether a blocked training pass runs as a chain (forward_chain): the forward, on
+    one thread, planes of one unit per batch entry (planes_partition's mb == 1: K > BLOCK
+    / 2). Shorter planes are reduced several batch entries at a time, and carrying their
+    output measured slower than reduce-then-write (64x128x28x28: 1.48 against 1.25
+    copies in float32, 1.97 against 1.52 in float64)."""
+    return forward and chain_mode != 0 and nthreads == 1 and 2 * K > BLOCK
+
+
 cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                               Py_ssize_t itemsize, int narrays,
-                               int nthreads) noexcept nogil:
+                               Py_ssize_t itemsize, int narrays, int nthreads,
+                               bint forward=False) noexcept nogil:
     """Channels per group of a channel-blocked training pass reading narrays arrays of
-    the (M, C, K) shape, or 0 where the two-pass path is to run: rows layouts; inputs
-    whose arrays fit the cache (their second read is from cache already, and small
-    inputs must not pay for the group bookkeeping); a channel larger than a group's
-    budget; fewer groups than threads, or a split that leaves threads idle for more than
-    an eighth of the call (3 groups on 2 threads measured slower than two passes).
-    ("Fit": what the pass reads and writes together.)"""
+    the (M, C, K) shape (forward: the training forward's), or 0 where the two-pass path
+    is to run: rows layouts; inputs whose arrays fit the cache (their second read is from
+    cache already, and small inputs must not pay for the group bookkeeping); a channel
+    larger than a group's budget; fewer groups than threads, or a split that leaves
+    threads idle for more than an eighth of the call (3 groups on 2 threads measured
+    slower than two passes). ("Fit": what the pass reads and writes together.)
+
+    A chain (see chained) holds two groups in the cache at once, the one being reduced
+    and the one being written: half the budget each, or a group of one channel where a
+    channel fits the budget but not half of it."""
     cdef long long per_channel = <long long>M * K * itemsize * narrays
     cdef long long budget = group_budget(nthreads)
     cdef Py_ssize_t g, ngroups, rounds
     if blocking_mode == BLOCKING_OFF or K < PLANE_MIN_K or C < 1 or M * K == 0:
         return 0
     g = <Py_ssize_t>(budget // per_channel) if per_channel > 0 else C
+    if g >= 1 and chained(K, nthreads, forward):
+        g = <Py_ssize_t>(budget // (2 * per_channel)) if per_channel > 0 else C
+        if g < 1:
+            g = 1
     if blocking_mode == BLOCKING_FORCE:
         if g < 1:
             g = 1
@@ -130,10 +156,22 @@ cdef void moments_begin(Py_ssize_t c0, Py_ssize_t c1, Moments* out, Moments* par
 
 
 cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t c0,
-                       Py_ssize_t c1, Moments* out, Moments* part,
-                       Py_ssize_t* cur) noexcept nogil:
-    cdef Py_ssize_t c, b, u, it, off, cc, nruns, n
+                       Py_ssize_t c1, Moments* out, Moments* part, Py_ssize_t* cur,
+                       const Call* k, Py_ssize_t back, const floating* scale,
+                       const floating* shift) noexcept nogil:
+    """Step mblk of the reduction of channels c0..c1. If k is not NULL, the same loop
+    writes the forward's output of the same units back channels earlier (channel c's unit
+    carries channel c - back's; see cbn_carry): the previous group's."""
+    cdef Py_ssize_t c, b, u, it, off, cc, nruns, n, poff
+    cdef cbn_carry a
+    cdef const cbn_carry* carry = &a if k != NULL else NULL
+    if k != NULL:
+        a.relu = k.relu
     for c in range(c0, c1):
+        if k != NULL:
+            a.mean = (<const floating*>k.save_mean)[c - back]
+            a.scale = scale[c - back]
+            a.shift = shift[c - back]
         for b in range(P.nblk):
             u = (mblk * P.C + c) * P.nblk + b
             it = unit_item(P, u)
@@ -142,7 +180,12 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
                 zero_moments(&part[c], 1)
                 cur[c] = it
             off = planes_unit(P, u, &cc, &nruns, &n)
-            merge(&part[c], runs_moments(x + off, nruns, n, P.C * P.K, P.pf))
+            if k != NULL:
+                poff = off - back * P.K
+                a.x = x + poff
+                a.residual = shifted(<const floating*>k.residual, poff)
+                a.y = <floating*>k.y + poff
+            merge(&part[c], runs_moments(x + off, nruns, n, P.C * P.K, P.pf, carry))
 
 
 cdef void moments_end(Py_ssize_t c0, Py_ssize_t c1, Moments* out,
@@ -235,11 +278,43 @@ cdef void forward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_
     cdef Py_ssize_t j
     moments_begin(c0, c1, mom, part, cur)
     for j in range(P.nmb):
-        moments_step(x, P, j, c0, c1, mom, part, cur)
+        moments_step(x, P, j, c0, c1, mom, part, cur, NULL, 0, NULL, NULL)
     moments_end(c0, c1, mom, part)
     forward_finish(k, c0, c1, mom, x, scale, shift)
     rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
                   k.M, k.C, k.K, c0, c1, <floating*>k.save_mean, scale, shift, NULL,
+                  k.relu)
+    if stream:
+        cbn_sfence()
+
+
+cdef void forward_chain(const floating* x, Call* k, Planes P, Py_ssize_t gsize,
+                        Moments* mom, Moments* part, Py_ssize_t* cur, floating* scale,
+                        floating* shift, int stream) noexcept nogil:
+    """All groups in order on one thread, each group's statistics taken in the loop that
+    writes the previous group's output (a0..a1: the channels whose output is pending).
+    One core then reads memory (the group reduced) while it writes (the group before),
+    as a copy does; reduce-then-write per group leaves the bus idle one way at a time."""
+    cdef Py_ssize_t grp, j, c0, c1, a0 = 0, a1 = 0
+    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize
+    cdef Call* carry
+    for grp in range(ngroups):
+        c0 = grp * gsize
+        c1 = group_end(grp, gsize, k.C)
+        carry = k if a1 > a0 else NULL
+        moments_begin(c0, c1, mom, part, cur)
+        for j in range(P.nmb):
+            moments_step(x, P, j, c0, c1, mom, part, cur, carry, c0 - a0, scale, shift)
+        moments_end(c0, c1, mom, part)
+        forward_finish(k, c0, c1, mom, x, scale, shift)
+        if carry != NULL and a0 + (c1 - c0) < a1:    # pending channels not carried
+            rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual,
+                          <floating*>k.y, 0, k.M, k.C, k.K, a0 + (c1 - c0), a1,
+                          <floating*>k.save_mean, scale, shift, NULL, k.relu)
+        a0 = c0
+        a1 = c1
+    rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
+                  k.M, k.C, k.K, a0, a1, <floating*>k.save_mean, scale, shift, NULL,
                   k.relu)
     if stream:
         cbn_sfence()
@@ -257,6 +332,9 @@ cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments*
     cdef int nthreads = k.nthreads
     P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating))
     if nthreads == 1:
+        if chained(k.K, 1, True) and stream and <size_t>k.y % sizeof(floating) == 0:
+            forward_chain(x, k, P, gsize, mom, part, cur, scale, shift, stream)
+            return
         for grp in range(ngroups):
             c0 = grp * gsize
             c1 = group_end(grp, gsize, k.C)
@@ -339,16 +417,17 @@ def cache_info():
             "sharing": cbn_cache_sharing, "source": cbn_cache_source.decode()}
 
 
-def _blocking(mode=None, budget=None, stream=None):
+def _blocking(mode=None, budget=None, stream=None, chain=None):
     """Set the channel-blocked passes' mode ("auto", "off" or "force": blocked wherever
     the layout allows, whatever the size) and the bytes of input per group (0: from the
-    cache size) and whether the output pass stores non-temporally; None keeps a setting.
-    Returns the previous (mode, budget, stream). For tests and measurements; not
-    thread-safe against calls running meanwhile."""
-    global blocking_mode, blocking_budget, blocking_stream
+    cache size) and whether the output pass stores non-temporally and whether one-thread
+    forwards run as chains (see chained); None keeps a setting. Returns the previous
+    (mode, budget, stream, chain). For tests and measurements; not thread-safe against
+    calls running meanwhile."""
+    global blocking_mode, blocking_budget, blocking_stream, chain_mode
     names = {"off": BLOCKING_OFF, "auto": BLOCKING_AUTO, "force": BLOCKING_FORCE}
     old = ({v: n for n, v in names.items()}[blocking_mode], blocking_budget,
-           blocking_stream != 0)
+           blocking_stream != 0, chain_mode != 0)
     if mode is not None:
         if mode not in names:
             raise ValueError(f"blocking mode must be one of {sorted(names)}, got {mode!r}")
@@ -359,14 +438,16 @@ def _blocking(mode=None, budget=None, stream=None):
         blocking_budget = budget
     if stream is not None:
         blocking_stream = OP_STREAM if stream else 0
+    if chain is not None:
+        chain_mode = 1 if chain else 0
     return old
 
 
 def _block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t itemsize,
-                    int narrays, int nthreads):
-    """Channels per group a training pass over narrays (M, C, K) arrays would use now
-    (0: the two-pass path)."""
-    return block_channels(M, C, K, itemsize, narrays, nthreads)
+                    int narrays, int nthreads, bint forward=False):
+    """Channels per group a training pass over narrays (M, C, K) arrays (forward: the
+    training forward) would use now (0: the two-pass path)."""
+    return block_channels(M, C, K, itemsize, narrays, nthreads, forward)
 
 
 cbn_cache_probe()

@@ -18,10 +18,17 @@ cdef extern from *:
 cdef extern from "cbn_kernels.h" nogil:
     # One CPU target's C loops for one dtype; data pointers untyped, scalars widened to
     # double (see cbn/src/cbn_kernels.h and cbn_ops.h for each loop's contract).
+    ctypedef struct cbn_carry:
+        const void* x
+        const void* residual
+        void* y
+        double mean, scale, shift
+        int relu
+
     ctypedef struct cbn_ops:
         void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n,
-                             Py_ssize_t stride, double* mean, double* m2,
-                             int pf) noexcept nogil
+                             Py_ssize_t stride, double* mean, double* m2, int pf,
+                             const cbn_carry* carry) noexcept nogil
         void (*runs_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
                           Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean,
                           double scale, double* sg, double* sgx, int pf) noexcept nogil

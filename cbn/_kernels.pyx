@@ -65,9 +65,12 @@ they were added, and other targets have too few vector registers for them.
 Large inputs (see _blocked.pxi): a planes training forward or backward whose arrays do
 not fit the last-level cache runs channel group by channel group: a group's statistics
 (the same units, merged in the same tree), its finish, then its output while its input is
-still in cache, groups as parallel items. Output passes larger than the cache store
-non-temporally (run_affine_stream, run_bwd_stream), and reductions larger than half of it
-prefetch the next unit's runs. None of this changes a bit of any result.
+still in cache, groups as parallel items. On one thread the forward over long planes is
+a chain: each group's statistics are taken in the loop that writes the previous group's
+output (runs_moments with a cbn_carry), so that the core reads and writes memory at once.
+Output passes larger than the cache store non-temporally, whole lines
+(run_affine_stream, run_bwd_stream), and reductions larger than half of it prefetch the
+next unit's runs. None of this changes a bit of any result.
 
 The loops over contiguous data are written with GCC/Clang vector-extension lanes:
 lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA contraction, so results

@@ -236,8 +236,8 @@ cdef int forward_impl(const floating* x, Call* k) except -1:
     cdef Py_ssize_t C = k.C
     cdef Py_ssize_t pbytes = C * (sizeof(Moments) + 2 * sizeof(floating))
     cdef Py_ssize_t abytes = apply_scratch_bytes(k.M, C, k.K, sizeof(floating))
-    cdef Py_ssize_t gsize = (block_channels(k.M, C, k.K, sizeof(floating), 1, k.nthreads)
-                             if k.training else 0)
+    cdef Py_ssize_t gsize = (block_channels(k.M, C, k.K, sizeof(floating), 1, k.nthreads,
+                                            True) if k.training else 0)
     cdef Py_ssize_t mbytes = 0
     if gsize > 0:       # channel-blocked (see _blocked.pxi): per-channel partials, items
         mbytes = C * (sizeof(Moments) + sizeof(Py_ssize_t))

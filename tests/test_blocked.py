@@ -24,8 +24,8 @@ import _corpus
 
 
 @contextlib.contextmanager
-def blocking(mode, budget=0, stream=True):
-    old = _kernels._blocking(mode, budget, stream)
+def blocking(mode, budget=0, stream=True, chain=True):
+    old = _kernels._blocking(mode, budget, stream, chain)
     try:
         yield
     finally:
@@ -119,6 +119,73 @@ def test_blocked_in_place_forward_and_backward():
         assert gw.tobytes() == want[6].tobytes() and gb.tobytes() == want[7].tobytes()
 
 
+# Long planes (K > 2048: one unit per batch entry), where a one-thread forward runs as a
+# chain: each group reduced in the loop that writes the previous group's output.
+CHAIN_SHAPES = [
+    (4, 7, 2100),             # groups of g and a shorter last one
+    (3, 5, 4096 + 100),       # two blocks per plane
+    (2, 4, 3001),             # an odd plane length: each run's lines start elsewhere
+]
+
+
+def _chain_groups(shape, itemsize, channels):
+    """The force-mode budget that gives a chain `channels` channels per group, and the
+    group size block_channels then picks (the channels spread evenly over the groups)."""
+    M, C, K = shape
+    budget = 2 * channels * M * K * itemsize
+    ngroups = -(-C // min(channels, C))
+    return budget, -(-C // ngroups)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=["x".join(map(str, s)) for s in CHAIN_SHAPES])
+def test_chained_forward_equals_two_pass_bit_for_bit(shape, dtype):
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = (rng.standard_normal(shape) * 3.0 - 1.0).astype(dtype)
+    x[1, 2, :8] += np.linspace(0, 80, 8).astype(dtype)      # a far-off first estimate
+    item = np.dtype(dtype).itemsize
+    M, C, K = shape
+    for relu, residual in [(False, False), (True, False), (False, True), (True, True)]:
+        with blocking("off", 0, False):
+            want = _train_step(x, 1, relu, residual)
+        for channels in range(1, C + 1):
+            budget, g = _chain_groups(shape, item, channels)
+            with blocking("force", budget):
+                assert _kernels._block_channels(M, C, K, item, 1, 1, True) == g
+                got = _train_step(x, 1, relu, residual)
+            with blocking("force", budget, chain=False):
+                unchained = _train_step(x, 1, relu, residual)
+            for i, (a, u, e) in enumerate(zip(got, unchained, want)):
+                assert a.tobytes() == e.tobytes(), (relu, residual, channels, i)
+                assert u.tobytes() == e.tobytes(), (relu, residual, channels, i)
+
+
+def test_chained_forward_in_place_and_into_offset_outputs():
+    # out=x: a group's output is written while the next group is reduced, never over a
+    # channel not yet reduced. Outputs at any element-aligned offset: the non-temporal
+    # stores take whole lines only, the values around them ordinary stores; an output not
+    # aligned to its element size is not chained.
+    rng = np.random.default_rng(21)
+    shape = (3, 6, 2600)
+    for dtype, shift in [(np.float32, 0), (np.float32, 4), (np.float32, 36),
+                         (np.float64, 8), (np.float64, 40), (np.float64, 3)]:
+        item = np.dtype(dtype).itemsize
+        x = rng.standard_normal(shape).astype(dtype)
+        with blocking("off", 0, False):
+            want = _train_step(x, 1, True, True)
+        budget, _ = _chain_groups(shape, item, 2)
+        n = math.prod(shape)
+        buf = np.zeros(n * item + 64, np.uint8)
+        out = np.frombuffer(buf.data, dtype=dtype, count=n, offset=shift).reshape(shape)
+        with blocking("force", budget):
+            got = _train_step(x, 1, True, True, out=out)
+            xi = x.copy()
+            inplace = _train_step(xi, 1, True, True, out=xi)
+        assert got[0] is out and inplace[0] is xi
+        assert out.tobytes() == want[0].tobytes(), (dtype, shift)
+        assert xi.tobytes() == want[0].tobytes(), dtype
+
+
 def test_streamed_output_of_unaligned_and_misaligned_views():
     # Non-temporal stores start at the first 32-byte boundary; outputs that start
     # anywhere (and a float64 array not aligned to 8 bytes) get the same values.
@@ -175,6 +242,13 @@ def test_block_channels_decides_by_size():
                 assert -(-C // g) >= nt          # every thread gets a group
         # one channel larger than a group's budget: two passes
         assert _kernels._block_channels(2, 2, info["size"], 4, 2, 1) == 0
+        # a one-thread forward over long planes is chained: two groups in the cache at
+        # once, so half the budget per group, or one channel that fits the budget
+        M, K = 8, max(4096, int(4 * info["size"] // (C * 4 * 8)))
+        g = _kernels._block_channels(M, C, K, 4, 1, 1, True)
+        assert 1 <= g <= C
+        assert g * M * K * 4 <= max(info["size"] // 4, M * K * 4)
+        assert g <= _kernels._block_channels(M, C, K, 4, 1, 1, False)
 
 
 def test_blocking_setting_rejects_bad_values():
@@ -188,20 +262,24 @@ def test_blocked_and_streamed_bits_on_every_cpu_target():
     # The non-temporal stores and prefetches are per-target code (AVX stream stores, SSE2
     # pairs): every target this CPU runs gives the two-pass bits of the default target.
     targets = [name for name, ok in _kernels.cpu_targets() if ok]
+    # Long planes on one thread run the chained forward (its carried output loop is
+    # per-target code too).
     rng = np.random.default_rng(13)
     x = (rng.standard_normal((40, 6, 203)) * 2 + 3).astype(np.float32)
-    xd = x.astype(np.float64)
+    xl = (rng.standard_normal((3, 5, 2333)) * 2 - 3).astype(np.float32)
+    arrays = [(x, 2), (x.astype(np.float64), 2), (xl, 1), (xl.astype(np.float64), 1)]
     before = _kernels.cpu_target()
     try:
         with blocking("off", 0, False):
-            want = [_train_step(a, 1, True, True) for a in (x, xd)]
+            want = [_train_step(a, 1, True, True) for a, _ in arrays]
         for name in targets:
             _kernels.select_cpu_target(name)
-            for budget in (1, 1 << 30):
+            for budget in (1, 1 << 16, 1 << 30):
                 with blocking("force", budget):
-                    for a, w in zip((x, xd), want):
-                        got = _train_step(a, 2, True, True)
+                    for (a, nt), w in zip(arrays, want):
+                        got = _train_step(a, nt, True, True)
                         for i, (u, v) in enumerate(zip(got, w)):
-                            assert u.tobytes() == v.tobytes(), (name, budget, a.dtype, i)
+                            assert u.tobytes() == v.tobytes(), (name, budget, a.shape,
+                                                                a.dtype, i)
     finally:
         _kernels.select_cpu_target(before)

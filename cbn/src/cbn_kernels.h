@@ -19,11 +19,25 @@
 
 #include "cbn_simd.h"
 
+/* The forward's output pass carried along by a planes reduction (runs_moments), over a
+   unit of the reduced unit's shape (x, y and residual at its first run, the same stride),
+   done in the reduction's loop: y = (x - mean) * scale + shift (+ residual) (ReLU if
+   relu). The scalars are values of the element type; y, aligned to the element size, is
+   stored non-temporally (whole lines). */
+typedef struct cbn_carry {
+    const void* x;
+    const void* residual;   /* or NULL */
+    void* y;
+    double mean, scale, shift;
+    int relu;
+} cbn_carry;
+
 typedef struct cbn_ops {
     /* planes: runs of one channel */
-    /* pf: prefetch the next unit's runs (inputs larger than the cache) */
+    /* pf: prefetch the next unit's runs (inputs larger than the cache); carry: NULL, or
+       the forward's output pass done in the same loop (runs_moments) */
     void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
-                         double* mean, double* m2, int pf);
+                         double* mean, double* m2, int pf, const cbn_carry* carry);
     void (*runs_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
                       Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean,
                       double scale, double* sg, double* sgx, int pf);

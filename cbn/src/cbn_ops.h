@@ -8,8 +8,9 @@
  */
 
 static void CBN_FN(op_runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n,
-                                    Py_ssize_t stride, double* mean, double* m2, int pf) {
-    CBN_FN(runs_moments)((const CBN_T*)p, nruns, n, stride, mean, m2, pf);
+                                    Py_ssize_t stride, double* mean, double* m2, int pf,
+                                    const cbn_carry* carry) {
+    CBN_FN(runs_moments)((const CBN_T*)p, nruns, n, stride, mean, m2, pf, carry);
 }
 
 static void CBN_FN(op_runs_sums)(const void* g, const void* x, const void* ym, void* dx,

@@ -66,24 +66,108 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
     } while (0)
 
 
+/* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
+   the line goes to memory without being read first and without taking a place in the
+   cache. The stored value is the same as CBN_VSTORE's. Such stores are weakly ordered:
+   a pass that uses them ends with cbn_sfence() (cbn_kernels.h) before its results are
+   read elsewhere. */
+#if defined(__AVX__)
+#if CBN_L == 8
+#define CBN_VSTREAM(p, v) _mm256_stream_ps((float*)(p), (__m256)(v))
+#else
+#define CBN_VSTREAM(p, v) _mm256_stream_pd((double*)(p), (__m256d)(v))
+#endif
+#elif defined(__SSE2__)
+#if CBN_L == 8
+#define CBN_VSTREAM(p, v) do {                                                          \
+        __m128 h_[2]; memcpy(h_, &(v), sizeof(h_));                                     \
+        _mm_stream_ps((float*)(p), h_[0]); _mm_stream_ps((float*)(p) + 4, h_[1]);      \
+    } while (0)
+#else
+#define CBN_VSTREAM(p, v) do {                                                          \
+        __m128d h_[2]; memcpy(h_, &(v), sizeof(h_));                                    \
+        _mm_stream_pd((double*)(p), h_[0]); _mm_stream_pd((double*)(p) + 2, h_[1]);    \
+    } while (0)
+#endif
+#else
+#define CBN_VSTREAM(p, v) CBN_VSTORE(p, v)
+#endif
+
+/* How many values before p + i reaches the start of a cache line (64 bytes). The
+   streaming loops store those with ordinary stores, then whole lines non-temporally
+   (two vectors per line), then the rest of the run with ordinary stores again, so that
+   no line gets both kinds of store: a non-temporal store into a line that an ordinary
+   store has brought into the cache, or the reverse, costs a partial write-combining
+   flush (measured: with outputs 16 bytes off a line, the carried output pass of the
+   blocked forward lost most of its gain). The values are the same either way. */
+#define CBN_TO_ALIGN(p) ((Py_ssize_t)(((64 - ((uintptr_t)(p) & 63)) & 63) / sizeof(CBN_T)))
+
+/* run_affine_body without streaming, out of line (the few values of a carried run
+   before its first line boundary and after its last whole lines). */
+static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* residual,
+                                                 CBN_T* y, Py_ssize_t n, CBN_T mean,
+                                                 CBN_T scale, CBN_T shift, int relu);
+
+/* One vector of a carried output pass (see runs_shifted_sums) at offset o: the same
+   arithmetic as run_affine_body's. */
+#define CBN_CARRY_STEP(o) do {                                                          \
+        V c_, r_;                                                                       \
+        CBN_VLOAD(c_, cx + (o)); c_ = (c_ - cmean) * cscale + cshift;                   \
+        if (res) { CBN_VLOAD(r_, cres + (o)); c_ += r_; }                               \
+        if (relu) c_ = CBN_RELU(IV, V, c_);                                             \
+        CBN_VSTREAM(cy + (o), c_);                                                      \
+    } while (0)
+
 /* s1 = sum of d = x - shift and s2 = sum of d*d over nruns runs of n >= 1 values, run j
    at p + j*stride: four vector accumulators per sum, a run's last n % CBN_L values
    padded with the shift (d = 0 there), lanes combined in a fixed order. pf: prefetch
-   the next unit (CBN_PREFETCH_NEXT). */
+   the next unit (CBN_PREFETCH_NEXT).
+
+   carry (NULL in all but runs_moments_carry's calls): an output pass over another unit
+   of the same shape (carry->x, ->y, ->residual at its first run, the same stride), done
+   in the same loop, a vector's worth of output per vector read; carry->y aligned to the
+   element size, stored non-temporally from each run's first line boundary; res and
+   relu: carry->residual is not NULL, carry->relu (constants in each copy, like pf: the
+   loop then has no tests, and no accumulator is spilled to memory). The channel-blocked
+   forward reduces one group while writing the previous group's output, so that one core
+   reads memory while it writes (cbn/_blocked.pxi). The carried output is
+   run_affine_body's, value for value; the sums do not change. */
 static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nruns,
                                                  Py_ssize_t n, Py_ssize_t stride,
                                                  CBN_T shift, double* s1, double* s2,
-                                                 int pf) {
+                                                 int pf, const cbn_carry* carry,
+                                                 const int res, const int relu) {
     typedef CBN_FN(v) V;
+    typedef CBN_FN(m) IV;
     const Py_ssize_t B = 4 * CBN_L, nv = n - n % B, n1 = n - n % CBN_L;
     const V vm = CBN_SPLAT(V, shift);
     V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     V x0, x1, x2, x3;
-    Py_ssize_t i, j, k;
+    Py_ssize_t i, j, k, head = 0, cend = 0;
     double s = 0.0, ss = 0.0;
     CBN_T pad[CBN_L];
     const CBN_T* q;
+    const CBN_T *cx = NULL, *cres = NULL;
+    CBN_T* cy = NULL;
+    CBN_T cm = 0, cs = 0, ch = 0;
+    V cmean = {0}, cscale = {0}, cshift = {0};
+    if (carry) {
+        cx = (const CBN_T*)carry->x;
+        cres = res ? (const CBN_T*)carry->residual : NULL;
+        cy = (CBN_T*)carry->y;
+        cm = (CBN_T)carry->mean; cs = (CBN_T)carry->scale; ch = (CBN_T)carry->shift;
+        cmean = CBN_SPLAT(V, cm); cscale = CBN_SPLAT(V, cs); cshift = CBN_SPLAT(V, ch);
+    }
     for (k = 0, q = p; k < nruns; k++, q += stride) {
+        if (carry) {
+            /* the carried run's non-temporal stores start at its first line boundary
+               (head values before it) and end at cend, whole lines (B values are two
+               lines at least); the values outside, ordinary stores (run_affine_edge) */
+            head = CBN_TO_ALIGN(cy);
+            if (head > n) head = n;
+            cend = head + (n - head) / B * B;
+            if (head > 0) CBN_FN(run_affine_edge)(cx, cres, cy, head, cm, cs, ch, relu);
+        }
         for (i = 0; i < nv; i += B) {
             if (pf) CBN_PREFETCH_NEXT(q + n + i);
             CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + CBN_L);
@@ -91,6 +175,10 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
             x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;
             a0 += x0; a1 += x1; a2 += x2; a3 += x3;
             b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;
+            if (carry && head + i < cend) {     /* (cend - head <= nv) */
+                CBN_CARRY_STEP(head + i); CBN_CARRY_STEP(head + i + CBN_L);
+                CBN_CARRY_STEP(head + i + 2 * CBN_L); CBN_CARRY_STEP(head + i + 3 * CBN_L);
+            }
         }
         for (; i < n1; i += CBN_L) {
             CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;
@@ -98,6 +186,13 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
         if (i < n) {            /* the last values, padded with the shift */
             CBN_PART(x1, vm, q + i, n - i, pad);
             x1 -= vm; a1 += x1; b1 += x1 * x1;
+        }
+        if (carry) {
+            if (cend < n)
+                CBN_FN(run_affine_edge)(cx + cend, cres ? cres + cend : NULL, cy + cend,
+                                        n - cend, cm, cs, ch, relu);
+            cx += stride; cy += stride;
+            if (cres) cres += stride;
         }
     }
     a0 = (a0 + a1) + (a2 + a3);
@@ -107,15 +202,34 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
     *s2 = ss;
 }
 
+/* runs_shifted_sums with a carry, one copy of the loop per (pf, residual, ReLU). */
+static CBN_NOINLINE void CBN_FN(runs_shifted_sums_carry)(const CBN_T* p, Py_ssize_t nruns,
+                                                         Py_ssize_t n, Py_ssize_t stride,
+                                                         CBN_T shift, double* s1,
+                                                         double* s2, int pf,
+                                                         const cbn_carry* carry) {
+#define CBN_CARRY_CASE(PF, RES, RELU)                                                   \
+    if (pf == PF && (carry->residual != NULL) == RES && (carry->relu != 0) == RELU) {   \
+        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, shift, s1, s2, PF, carry, RES,   \
+                                  RELU);                                                \
+        return;                                                                         \
+    }
+    CBN_CARRY_CASE(0, 0, 0) CBN_CARRY_CASE(0, 0, 1) CBN_CARRY_CASE(0, 1, 0)
+    CBN_CARRY_CASE(0, 1, 1) CBN_CARRY_CASE(1, 0, 0) CBN_CARRY_CASE(1, 0, 1)
+    CBN_CARRY_CASE(1, 1, 0) CBN_CARRY_CASE(1, 1, 1)
+#undef CBN_CARRY_CASE
+}
+
 /* Moments of nruns >= 1 runs of n >= 1 values, run j at p + j*stride. One pass sums
    d = x - shift and d*d, the shift being the mean of the first (up to) CBN_L values
    rounded to CBN_T: m2 = S2 - S1^2/n. Where S1^2/n > S2/2 (the shift was off by more than
    about a standard deviation, which costs accuracy) a second pass around the mean found,
    the corrected two-pass formula, gives the result. pf: prefetch the next unit's runs
-   during the first pass (inputs larger than the cache). */
+   during the first pass (inputs larger than the cache). carry: an output pass done
+   during the first pass (see runs_shifted_sums), or NULL. */
 static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssize_t n,
                                         Py_ssize_t stride, double* mean, double* m2,
-                                        int pf) {
+                                        int pf, const cbn_carry* carry) {
     const Py_ssize_t np = n < CBN_L ? n : CBN_L;
     const double cnt = (double)nruns * n;
     double s = 0.0, ss;
@@ -123,13 +237,17 @@ static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssi
     CBN_T m;
     for (i = 1; i < np; i++) s += p[i] - p[0];
     m = (CBN_T)(p[0] + s / np);      /* p[0] exactly on a constant channel */
-    if (pf && nruns > 1)        /* a constant in each inlined copy of the loop */
-        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 1);
-    else
-        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 0);
+    if (carry) {
+        CBN_FN(runs_shifted_sums_carry)(p, nruns, n, stride, m, &s, &ss, pf && nruns > 1,
+                                        carry);
+    } else if (pf && nruns > 1) {    /* a constant in each inlined copy of the loop */
+        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 1, NULL, 0, 0);
+    } else {
+        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 0, NULL, 0, 0);
+    }
     if (s * s / cnt > 0.5 * ss) {    /* far off: a second pass, around the mean */
         m = (CBN_T)(m + s / cnt);
-        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 0);
+        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, m, &s, &ss, 0, NULL, 0, 0);
     }
     *mean = m + s / cnt;
     ss -= s * s / cnt;
@@ -232,40 +350,10 @@ static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const
         CBN_FN(runs_sums_pf)(g, x, ym, dx, gr, nruns, n, stride, mean, scale, sg, sgx, 0);
 }
 
-/* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
-   the line goes to memory without being read first and without taking a place in the
-   cache. The stored value is the same as CBN_VSTORE's. Such stores are weakly ordered:
-   a pass that uses them ends with cbn_sfence() (cbn_kernels.h) before its results are
-   read elsewhere. */
-#if defined(__AVX__)
-#if CBN_L == 8
-#define CBN_VSTREAM(p, v) _mm256_stream_ps((float*)(p), (__m256)(v))
-#else
-#define CBN_VSTREAM(p, v) _mm256_stream_pd((double*)(p), (__m256d)(v))
-#endif
-#elif defined(__SSE2__)
-#if CBN_L == 8
-#define CBN_VSTREAM(p, v) do {                                                          \
-        __m128 h_[2]; memcpy(h_, &(v), sizeof(h_));                                     \
-        _mm_stream_ps((float*)(p), h_[0]); _mm_stream_ps((float*)(p) + 4, h_[1]);      \
-    } while (0)
-#else
-#define CBN_VSTREAM(p, v) do {                                                          \
-        __m128d h_[2]; memcpy(h_, &(v), sizeof(h_));                                    \
-        _mm_stream_pd((double*)(p), h_[0]); _mm_stream_pd((double*)(p) + 2, h_[1]);    \
-    } while (0)
-#endif
-#else
-#define CBN_VSTREAM(p, v) CBN_VSTORE(p, v)
-#endif
-
-/* How many values before p + i reaches an address aligned to a vector (32 bytes): the
-   streaming loops store those one by one (the same values: lane-wise arithmetic). */
-#define CBN_TO_ALIGN(p) ((Py_ssize_t)(((32 - ((uintptr_t)(p) & 31)) & 31) / sizeof(CBN_T)))
-
 /* y = (x - mean) * scale + shift (+ residual) (ReLU if relu). y may be x itself. stream
-   (a constant in each caller): whole vectors are stored non-temporally from the first one
-   aligned to 32 bytes (if y is aligned to its element size; else as without stream). */
+   (a constant in each caller): whole cache lines are stored non-temporally, from the first
+   line boundary (if y is aligned to its element size; else as without stream), the values
+   before and after with ordinary stores (see CBN_TO_ALIGN). */
 static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* residual,
                                                CBN_T* y, Py_ssize_t n, CBN_T mean,
                                                CBN_T scale, CBN_T shift, int relu,
@@ -315,6 +403,12 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* resi
     }
 }
 
+static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* residual,
+                                                 CBN_T* y, Py_ssize_t n, CBN_T mean,
+                                                 CBN_T scale, CBN_T shift, int relu) {
+    CBN_FN(run_affine_body)(x, residual, y, n, mean, scale, shift, relu, 0);
+}
+
 static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
                                       Py_ssize_t n, CBN_T mean, CBN_T scale, CBN_T shift,
                                       int relu) {
@@ -349,13 +443,19 @@ static CBN_INLINE void CBN_FN(run_bwd_body)(const CBN_T* x, const CBN_T* g, cons
             y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
         }
     }
-    nv = n - (n - head) % CBN_L;
+    nv = n - (n - head) % (stream ? 2 * CBN_L : CBN_L);    /* whole lines if stream */
     for (; i < nv; i += CBN_L) {
         CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
         if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }
         x0 = (g0 - vgmean - (x0 - vmean) * vxcoef) * vscale;
         if (stream) CBN_VSTREAM(y + i, x0);
         else CBN_VSTORE(y + i, x0);
+    }
+    for (; i < n - (n - head) % CBN_L; i += CBN_L) {
+        CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
+        if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }
+        x0 = (g0 - vgmean - (x0 - vmean) * vxcoef) * vscale;
+        CBN_VSTORE(y + i, x0);
     }
     for (; i < n; i++) {
         gv = (ym && !(ym[i] > 0)) ? 0 : g[i];
@@ -379,4 +479,5 @@ static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const 
 #undef CBN_PREFETCH_NEXT
 #undef CBN_VSTREAM
 #undef CBN_TO_ALIGN
+#undef CBN_CARRY_STEP
 #undef CBN_SUMS_STEP

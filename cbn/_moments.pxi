@@ -302,11 +302,14 @@ cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
 
 
 cdef inline Py_ssize_t lanes_bytes(Py_ssize_t n) noexcept nogil:
-    """n rounded up to a multiple of sizeof(double): the doubles that follow are aligned
-    (float32 lanes of an odd width would leave them misaligned; UBSan saw it)."""
-    return (n + 7) // 8 * 8
+    """n rounded up to a multiple of a cache line (64 bytes): what follows in the scratch
+    (itself aligned to a line, see alloc) starts on a line. The doubles that follow must
+    be aligned (float32 lanes of an odd width would leave them misaligned; UBSan saw it),
+    and lane arrays off a line split every 64-byte vector load in two."""
+    return (n + 63) // 64 * 64
 
 
 cdef inline Py_ssize_t rows_part_bytes(Rows P, Py_ssize_t C) noexcept nogil:
-    """Item partials of rows_moments: (count, C means, C m2s) per item, at least one."""
-    return (P.items if P.items > 0 else 1) * (2 * C + 1) * sizeof(double)
+    """Item partials of rows_moments: (count, C means, C m2s) per item, at least one;
+    rounded up to a cache line (the lanes that follow start on one)."""
+    return lanes_bytes((P.items if P.items > 0 else 1) * (2 * C + 1) * sizeof(double))

@@ -127,7 +127,7 @@ cdef int stage_backward_reduce(const floating* g, const floating* x, const float
             planes_sums(g, x, ym, dx_eval, gr, PP, mean, scale, <Sums*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
-        lmean = <floating*>(mem + PR.items * C * sizeof(Sums))
+        lmean = <floating*>(mem + lanes_bytes(PR.items * C * sizeof(Sums)))
         with nogil:
             expand_lanes(mean, lmean, PR.W, C, K)
             expand_lanes(scale, lmean + PR.W, PR.W, C, K)
@@ -146,7 +146,7 @@ cdef Py_ssize_t reduce_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     if K >= PLANE_MIN_K:
         return planes_partition(M, C, K, BLOCK).items * C * sizeof(Sums)
     PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
-    return PR.items * C * sizeof(Sums) + (nthreads * 2 + 2) * PR.W * itemsize
+    return lanes_bytes(PR.items * C * sizeof(Sums)) + (nthreads * 2 + 2) * PR.W * itemsize
 
 
 cdef void stage_backward_finish(const Sums* sums, const floating* invstd, double n,

@@ -53,6 +53,9 @@ cdef extern from "cbn_kernels.h" nogil:
         void (*run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
                                Py_ssize_t n, double mean, double scale, double gmean,
                                double xcoef) noexcept nogil
+        void (*rows_stream)(int op, const void* x, const void* g, const void* q, void* y,
+                            Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
+                            const void* c, const void* d, int relu) noexcept nogil
 
     const cbn_ops* cbn_ops_f() noexcept
     const cbn_ops* cbn_ops_d() noexcept

@@ -6,7 +6,7 @@ cdef enum:
     OP_AFFINE = 0     # y = (x - a) * b + c  (+ q, a residual) (ReLU if relu)
     OP_BWD_TRAIN = 1  # y = (g - c - (x - a) * d) * b, g = grad_output masked by ReLU's
                       # backward where q (the forward output) is given
-    OP_STREAM = 2     # flag (planes only): store y with non-temporal stores, same values
+    OP_STREAM = 2     # flag: store y with non-temporal stores where it can, same values
 
 
 cdef inline void run_apply(int op, const floating* x, const floating* g, const floating* q,
@@ -86,6 +86,15 @@ cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize
             t += K
 
 
+cdef void expand_lanes_from(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
+                            Py_ssize_t K, Py_ssize_t h) noexcept nogil:
+    """lane[t] = v[((t + h) // K) % C] for t < W: the lanes of a stream of rows that
+    starts h values into the data."""
+    cdef Py_ssize_t t
+    for t in range(W):
+        lane[t] = v[((t + h) // K) % C]
+
+
 cdef void expand_lanes_d(const double* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
                          Py_ssize_t K) noexcept nogil:
     """lane[t] = v[(t // K) % C] rounded to the data type, for t < W."""
@@ -138,6 +147,75 @@ cdef void rows_apply(int op, const floating* x, const floating* g, const floatin
                   q + off if q != NULL else NULL, y + off, 1, P.tail, la, lb, lc, ld, relu)
 
 
+cdef inline Py_ssize_t line_head(const floating* y, Py_ssize_t W) noexcept nogil:
+    """Values of y before its first cache line where a rows pass over rows of W values
+    can store whole lines non-temporally from there (rows_apply_stream), or -1: y not
+    aligned to its element size, or rows that are not whole lines."""
+    if <size_t>y % sizeof(floating) != 0 or (W * sizeof(floating)) % 64 != 0:
+        return -1
+    return ((64 - <Py_ssize_t>(<size_t>y % 64)) % 64) // sizeof(floating)
+
+
+cdef void rows_apply_stream(int op, const floating* x, const floating* g,
+                            const floating* q, floating* y, Py_ssize_t M, Py_ssize_t C,
+                            Py_ssize_t K, Py_ssize_t W, Py_ssize_t h, const floating* pa,
+                            const floating* pb, const floating* pc, const floating* pd,
+                            const floating* lanes, bint relu, int nthreads) noexcept nogil:
+    """rows_apply with non-temporal stores (outputs larger than the cache): the h values
+    before y's first line with ordinary stores, then rows of W values from there (lanes:
+    expanded from h on, see expand_lanes_from), whole lines streamed, then the rest with
+    ordinary stores. The same values as rows_apply."""
+    cdef Team T
+    cdef int64_t t_item
+    cdef floating hl[64]            # the head's lanes: 4 x at most 16 values
+    cdef Py_ssize_t total = M * C * K, t, n, nrows, tail, R, nblocks, blk, r0, nr, off
+    cdef const floating* la = lanes
+    cdef const floating* lb = lanes + W
+    cdef const floating* lc = lanes + 2 * W
+    cdef const floating* ld = lanes + 3 * W
+    op = op & ~OP_STREAM
+    if h > total:
+        h = total
+    if h > 0:
+        for t in range(h):
+            hl[t] = pa[(t // K) % C]
+            hl[16 + t] = pb[(t // K) % C]
+            hl[32 + t] = pc[(t // K) % C]
+            hl[48 + t] = pd[(t // K) % C] if pd != NULL else 0
+        row_apply(op, x, g, q, y, 1, h, hl, hl + 16, hl + 32, hl + 48, relu)
+    x = x + h
+    g = g + h if g != NULL else NULL
+    q = q + h if q != NULL else NULL
+    y = y + h
+    n = total - h
+    nrows = n // W
+    tail = n % W
+    R = CHUNK // W if CHUNK // W > ROW_MIN_ROWS else ROW_MIN_ROWS
+    nblocks = (nrows + R - 1) // R
+    if nthreads == 1:
+        ops(x).rows_stream(op, x, g, q, y, nrows, W, la, lb, lc, ld, relu)
+    else:
+        team_begin(&T, nthreads)
+        for blk in prange(nblocks, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
+            r0 = blk * R
+            nr = nrows - r0
+            if nr > R:
+                nr = R
+            off = r0 * W
+            ops(x).rows_stream(op, x + off, g + off if g != NULL else NULL,
+                               q + off if q != NULL else NULL, y + off, nr, W, la, lb,
+                               lc, ld, relu)
+            cbn_sfence()        # each thread orders its own non-temporal stores
+            team_add(&T, threadid(), t_item)
+        team_end(&T)
+    if tail:
+        off = nrows * W
+        row_apply(op, x + off, g + off if g != NULL else NULL,
+                  q + off if q != NULL else NULL, y + off, 1, tail, la, lb, lc, ld, relu)
+    cbn_sfence()
+
+
 cdef Py_ssize_t apply_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
                                     Py_ssize_t itemsize):
     if K >= PLANE_MIN_K:
@@ -149,14 +227,24 @@ cdef void apply(int op, const floating* x, const floating* g, const floating* q,
                 floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, const floating* pa,
                 const floating* pb, const floating* pc, const floating* pd, floating* lanes,
                 bint relu, int nthreads) noexcept nogil:
-    """Dispatch an element-wise pass to the planes or rows kernel (OP_STREAM: planes
-    only, ignored by the rows kernels)."""
-    cdef Py_ssize_t W
+    """Dispatch an element-wise pass to the planes or rows kernel (OP_STREAM: stored
+    non-temporally where the rows allow it, see line_head)."""
+    cdef Py_ssize_t W, h
     if K >= PLANE_MIN_K:
         planes_apply(op, x, g, q, y, M, C, K, pa, pb, pc, pd, relu, nthreads)
         return
-    op = op & ~OP_STREAM
     W = rows_partition(M, C, K, CHUNK, M, sizeof(floating)).W
+    h = line_head(y, W) if op & OP_STREAM else -1
+    if h >= 0:
+        expand_lanes_from(pa, lanes, W, C, K, h)
+        expand_lanes_from(pb, lanes + W, W, C, K, h)
+        expand_lanes_from(pc, lanes + 2 * W, W, C, K, h)
+        if pd != NULL:
+            expand_lanes_from(pd, lanes + 3 * W, W, C, K, h)
+        rows_apply_stream(op, x, g, q, y, M, C, K, W, h, pa, pb, pc, pd, lanes, relu,
+                          nthreads)
+        return
+    op = op & ~OP_STREAM
     expand_lanes(pa, lanes, W, C, K)
     expand_lanes(pb, lanes + W, W, C, K)
     expand_lanes(pc, lanes + 2 * W, W, C, K)

@@ -186,6 +186,39 @@ def test_chained_forward_in_place_and_into_offset_outputs():
         assert xi.tobytes() == want[0].tobytes(), dtype
 
 
+# Rows layouts (K < 16, channels-last among them): outputs larger than the cache are
+# stored non-temporally from y's first cache line on, the glued rows' lanes rotated to
+# start there (rows_apply_stream).
+ROWS_SHAPES = [(300, 7, 3), (200, 64, 1), (97, 16, 2), (64, 128, 1), (5, 3, 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", ROWS_SHAPES, ids=["x".join(map(str, s)) for s in ROWS_SHAPES])
+def test_streamed_rows_passes_equal_ordinary_stores(shape, dtype):
+    rng = np.random.default_rng(sum(shape) + 7)
+    x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(dtype)
+    item = np.dtype(dtype).itemsize
+    n = math.prod(shape)
+    for relu, residual in [(False, False), (True, True)]:
+        with blocking("off", 0, False):
+            want = _train_step(x, 1, relu, residual)
+            want_eval = cbn.batch_norm_forward(x, None, None, want[3], want[4], False, 0.1,
+                                               1e-5)[0]
+        for shift in (0, item, 5 * item, 64 - item):
+            for nt in (1, 2):
+                buf = np.zeros(n * item + 64, np.uint8)
+                out = np.frombuffer(buf.data, dtype=dtype, count=n,
+                                    offset=shift).reshape(shape)
+                with blocking("force", 0):
+                    got = _train_step(x, nt, relu, residual, out=out)
+                    ev = cbn.batch_norm_forward(x, None, None, want[3], want[4], False,
+                                                0.1, 1e-5, n_threads=nt)[0]
+                assert got[0] is out
+                for i, (a, e) in enumerate(zip(got, want)):
+                    assert a.tobytes() == e.tobytes(), (relu, residual, shift, nt, i)
+                assert ev.tobytes() == want_eval.tobytes(), (shift, nt)
+
+
 def test_streamed_output_of_unaligned_and_misaligned_views():
     # Non-temporal stores start at the first 32-byte boundary; outputs that start
     # anywhere (and a float64 array not aligned to 8 bytes) get the same values.
@@ -262,12 +295,14 @@ def test_blocked_and_streamed_bits_on_every_cpu_target():
     # The non-temporal stores and prefetches are per-target code (AVX stream stores, SSE2
     # pairs): every target this CPU runs gives the two-pass bits of the default target.
     targets = [name for name, ok in _kernels.cpu_targets() if ok]
-    # Long planes on one thread run the chained forward (its carried output loop is
-    # per-target code too).
+    # Long planes on one thread run the chained forward, rows layouts the streamed rows
+    # pass (per-target code too).
     rng = np.random.default_rng(13)
     x = (rng.standard_normal((40, 6, 203)) * 2 + 3).astype(np.float32)
     xl = (rng.standard_normal((3, 5, 2333)) * 2 - 3).astype(np.float32)
-    arrays = [(x, 2), (x.astype(np.float64), 2), (xl, 1), (xl.astype(np.float64), 1)]
+    xr = (rng.standard_normal((301, 24, 1)) * 2 - 3).astype(np.float32)     # rows
+    arrays = [(x, 2), (x.astype(np.float64), 2), (xl, 1), (xl.astype(np.float64), 1),
+              (xr, 2), (xr.astype(np.float64), 1)]
     before = _kernels.cpu_target()
     try:
         with blocking("off", 0, False):

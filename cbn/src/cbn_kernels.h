@@ -62,6 +62,10 @@ typedef struct cbn_ops {
     void (*run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
                            Py_ssize_t n, double mean, double scale, double gmean,
                            double xcoef);
+    /* rows, non-temporal stores: w a multiple of a line's values, y on a line */
+    void (*rows_stream)(int op, const void* x, const void* g, const void* q, void* y,
+                        Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
+                        const void* c, const void* d, int relu);
 } cbn_ops;
 
 /* The targets. CBN_MULTI_TARGET is defined by the build on x86-64 with GCC (setup.py). */

@@ -76,9 +76,17 @@ static void CBN_FN(op_cols_apply)(int op, const void* x, const void* g, const vo
                        (const CBN_T*)d, relu);
 }
 
+static void CBN_FN(op_rows_stream)(int op, const void* x, const void* g, const void* q,
+                                   void* y, Py_ssize_t R, Py_ssize_t w, const void* a,
+                                   const void* b, const void* c, const void* d, int relu) {
+    CBN_FN(rows_stream)(op, (const CBN_T*)x, (const CBN_T*)g, (const CBN_T*)q, (CBN_T*)y,
+                        R, w, (const CBN_T*)a, (const CBN_T*)b, (const CBN_T*)c,
+                        (const CBN_T*)d, relu);
+}
+
 static const cbn_ops CBN_FN(ops) = {
     CBN_FN(op_runs_moments), CBN_FN(op_runs_sums), CBN_FN(op_run_affine),
     CBN_FN(op_run_bwd), CBN_FN(op_cols_shifted_sums), CBN_FN(op_cols_dev),
     CBN_FN(op_cols_sums), CBN_FN(op_cols_apply), CBN_FN(op_run_affine_stream),
-    CBN_FN(op_run_bwd_stream),
+    CBN_FN(op_run_bwd_stream), CBN_FN(op_rows_stream),
 };

@@ -70,7 +70,7 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
    the line goes to memory without being read first and without taking a place in the
    cache. The stored value is the same as CBN_VSTORE's. Such stores are weakly ordered:
    a pass that uses them ends with cbn_sfence() (cbn_kernels.h) before its results are
-   read elsewhere. */
+   read elsewhere. (cbn_rows.h uses it too, and undefines it.) */
 #if defined(__AVX__)
 #if CBN_L == 8
 #define CBN_VSTREAM(p, v) _mm256_stream_ps((float*)(p), (__m256)(v))
@@ -477,7 +477,6 @@ static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const 
 
 #undef CBN_PART
 #undef CBN_PREFETCH_NEXT
-#undef CBN_VSTREAM
 #undef CBN_TO_ALIGN
 #undef CBN_CARRY_STEP
 #undef CBN_SUMS_STEP

@@ -504,6 +504,56 @@ static CBN_NOINLINE void CBN_FN(cols_apply)(int op, const CBN_T* x, const CBN_T*
     }
 }
 
+/* cols_apply's pass in memory order, every line of y stored non-temporally (outputs
+   larger than the cache: no read of y's lines first, and they do not evict the input):
+   R rows of w values, w a multiple of a line's values (2 * CBN_L), y on a line; the
+   lane parameters loaded with each vector (from L1). The same values as cols_apply. */
+static CBN_INLINE void CBN_FN(rows_stream_body)(int op, const CBN_T* x, const CBN_T* g,
+                                                const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                                                Py_ssize_t w, const CBN_T* a,
+                                                const CBN_T* b, const CBN_T* c,
+                                                const CBN_T* d, int relu) {
+    typedef CBN_FN(v) V;
+    typedef CBN_FN(m) IV;
+    Py_ssize_t r, t, j, o;
+    V va, vb, vc, vd, vx, vg, vq;
+    for (r = 0, o = 0; r < R; r++, o += w) {
+        for (t = 0; t < w; t += 2 * CBN_L) {
+            for (j = t; j < t + 2 * CBN_L; j += CBN_L) {
+                CBN_VLOAD(vx, x + o + j);
+                CBN_VLOAD(va, a + j); CBN_VLOAD(vb, b + j); CBN_VLOAD(vc, c + j);
+                if (op) {
+                    CBN_VLOAD(vd, d + j); CBN_VLOAD(vg, g + o + j);
+                    if (q) { CBN_VLOAD(vq, q + o + j); vg = CBN_MASK(IV, V, vg, vq); }
+                    vx = (vg - vc - (vx - va) * vd) * vb;
+                } else {
+                    vx = (vx - va) * vb + vc;
+                    if (q) { CBN_VLOAD(vq, q + o + j); vx += vq; }
+                    if (relu) vx = CBN_RELU(IV, V, vx);
+                }
+                CBN_VSTREAM(y + o + j, vx);
+            }
+        }
+    }
+}
+
+static CBN_NOINLINE void CBN_FN(rows_stream)(int op, const CBN_T* x, const CBN_T* g,
+                                             const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                                             Py_ssize_t w, const CBN_T* a, const CBN_T* b,
+                                             const CBN_T* c, const CBN_T* d, int relu) {
+    if (op) {
+        if (q) CBN_FN(rows_stream_body)(1, x, g, q, y, R, w, a, b, c, d, 0);
+        else CBN_FN(rows_stream_body)(1, x, g, NULL, y, R, w, a, b, c, d, 0);
+    } else if (q) {
+        if (relu) CBN_FN(rows_stream_body)(0, x, NULL, q, y, R, w, a, b, c, d, 1);
+        else CBN_FN(rows_stream_body)(0, x, NULL, q, y, R, w, a, b, c, d, 0);
+    } else {
+        if (relu) CBN_FN(rows_stream_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);
+        else CBN_FN(rows_stream_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);
+    }
+}
+
+#undef CBN_VSTREAM
 #undef CBN_FX
 #undef CBN_WL
 #undef CBN_FX_INSTANCES

@@ -303,7 +303,7 @@ cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
 
 cdef inline Py_ssize_t lanes_bytes(Py_ssize_t n) noexcept nogil:
     """n rounded up to a multiple of a cache line (64 bytes): what follows in the scratch
-    (itself aligned to a line, see alloc) starts on a line. The doubles that follow must
+    (itself aligned to a line unless small, see alloc) starts on a line. The doubles that follow must
     be aligned (float32 lanes of an odd width would leave them misaligned; UBSan saw it),
     and lane arrays off a line split every 64-byte vector load in two."""
     return (n + 63) // 64 * 64

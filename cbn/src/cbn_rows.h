@@ -484,6 +484,21 @@ static inline void CBN_FN(cols_apply_body)(int op, const CBN_T* x, const CBN_T* 
     }
 }
 
+/* BODY(op, x, g, q, y, R, w, a, b, c, d, relu) called with op, whether q is given and
+   relu as constants: one inlined copy of its loop per case, no tests inside it. */
+#define CBN_APPLY_CASES(BODY) do {                                                      \
+        if (op) {                                                                       \
+            if (q) BODY(1, x, g, q, y, R, w, a, b, c, d, 0);                            \
+            else BODY(1, x, g, NULL, y, R, w, a, b, c, d, 0);                           \
+        } else if (q) {                                                                 \
+            if (relu) BODY(0, x, NULL, q, y, R, w, a, b, c, d, 1);                      \
+            else BODY(0, x, NULL, q, y, R, w, a, b, c, d, 0);                           \
+        } else {                                                                        \
+            if (relu) BODY(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);                   \
+            else BODY(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);                        \
+        }                                                                               \
+    } while (0)
+
 /* cbn_cols_apply_body with op, q and relu made constants, one copy per case: a
    separate function whose loop keeps every pointer in a register. */
 static CBN_NOINLINE void CBN_FN(cols_apply)(int op, const CBN_T* x, const CBN_T* g,
@@ -492,16 +507,7 @@ static CBN_NOINLINE void CBN_FN(cols_apply)(int op, const CBN_T* x, const CBN_T*
                                              const CBN_T* c, const CBN_T* d, int relu) {
     if (!op && CBN_FN(fx_affine)(x, q, y, R, w, a, b, c, relu)) return;
     if (op && CBN_FN(fx_bwd)(x, g, q, y, R, w, a, b, c, d)) return;
-    if (op) {
-        if (q) CBN_FN(cols_apply_body)(1, x, g, q, y, R, w, a, b, c, d, 0);
-        else CBN_FN(cols_apply_body)(1, x, g, NULL, y, R, w, a, b, c, d, 0);
-    } else if (q) {
-        if (relu) CBN_FN(cols_apply_body)(0, x, NULL, q, y, R, w, a, b, c, d, 1);
-        else CBN_FN(cols_apply_body)(0, x, NULL, q, y, R, w, a, b, c, d, 0);
-    } else {
-        if (relu) CBN_FN(cols_apply_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);
-        else CBN_FN(cols_apply_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);
-    }
+    CBN_APPLY_CASES(CBN_FN(cols_apply_body));
 }
 
 /* cols_apply's pass in memory order, every line of y stored non-temporally (outputs
@@ -541,18 +547,10 @@ static CBN_NOINLINE void CBN_FN(rows_stream)(int op, const CBN_T* x, const CBN_T
                                              const CBN_T* q, CBN_T* y, Py_ssize_t R,
                                              Py_ssize_t w, const CBN_T* a, const CBN_T* b,
                                              const CBN_T* c, const CBN_T* d, int relu) {
-    if (op) {
-        if (q) CBN_FN(rows_stream_body)(1, x, g, q, y, R, w, a, b, c, d, 0);
-        else CBN_FN(rows_stream_body)(1, x, g, NULL, y, R, w, a, b, c, d, 0);
-    } else if (q) {
-        if (relu) CBN_FN(rows_stream_body)(0, x, NULL, q, y, R, w, a, b, c, d, 1);
-        else CBN_FN(rows_stream_body)(0, x, NULL, q, y, R, w, a, b, c, d, 0);
-    } else {
-        if (relu) CBN_FN(rows_stream_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);
-        else CBN_FN(rows_stream_body)(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);
-    }
+    CBN_APPLY_CASES(CBN_FN(rows_stream_body));
 }
 
+#undef CBN_APPLY_CASES
 #undef CBN_VSTREAM
 #undef CBN_FX
 #undef CBN_WL

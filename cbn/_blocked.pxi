@@ -45,7 +45,7 @@ cdef enum:
 cdef int blocking_mode = BLOCKING_AUTO
 cdef long long blocking_budget = 0      # bytes per group; 0: from the cache size
 cdef int blocking_stream = OP_STREAM    # non-temporal stores for large outputs (or 0)
-cdef int chain_mode = 1                 # one-thread forwards as chains (or 0)
+cdef int chain_mode = 1                 # forwards over long planes as chains (or 0)
 
 
 cdef long long group_budget(int nthreads) noexcept nogil:
@@ -82,13 +82,20 @@ cdef inline int prefetch_flag(long long nbytes) noexcept nogil:
     return 1 if blocking_mode == BLOCKING_FORCE or 2 * nbytes > cbn_cache_size else 0
 
 
-cdef inline bint chained(Py_ssize_t K, int nthreads, bint forward) noexcept nogil:
-    """Whether a blocked training pass runs as a chain (forward_chain): the forward, on
-    one thread, planes of one unit per batch entry (planes_partition's mb == 1: K > BLOCK
-    / 2). Shorter planes are reduced several batch entries at a time, and carrying their
-    output measured slower than reduce-then-write (64x128x28x28: 1.48 against 1.25
-    copies in float32, 1.97 against 1.52 in float64)."""
-    return forward and chain_mode != 0 and nthreads == 1 and 2 * K > BLOCK
+cdef enum:
+    CHAINS_PER_THREAD = 2   # chains per thread of a parallel chained forward (dynamic
+                            # schedule: a thread whose core is taken away for a time
+                            # slice leaves its second chain to the others)
+
+
+cdef inline bint chained(Py_ssize_t K, bint forward) noexcept nogil:
+    """Whether a blocked training pass runs as chains (forward_chain): the forward, over
+    planes of one unit per batch entry (planes_partition's mb == 1: K > BLOCK / 2); on
+    one thread one chain, on several CHAINS_PER_THREAD per thread. Shorter planes are
+    reduced several batch entries at a time, and carrying their output measured slower
+    than reduce-then-write (64x128x28x28, one thread: 1.48 against 1.25 copies in
+    float32, 1.97 against 1.52 in float64)."""
+    return forward and chain_mode != 0 and 2 * K > BLOCK
 
 
 cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
@@ -104,14 +111,16 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
 
     A chain (see chained) holds two groups in the cache at once, the one being reduced
     and the one being written: half the budget each, or a group of one channel where a
-    channel fits the budget but not half of it."""
+    channel fits the budget but not half of it. On several threads the parallel items
+    are then chains of groups, CHAINS_PER_THREAD per thread."""
     cdef long long per_channel = <long long>M * K * itemsize * narrays
     cdef long long budget = group_budget(nthreads)
-    cdef Py_ssize_t g, ngroups, rounds
+    cdef bint chain = chained(K, forward)
+    cdef Py_ssize_t g, ngroups, rounds, per_round = nthreads
     if blocking_mode == BLOCKING_OFF or K < PLANE_MIN_K or C < 1 or M * K == 0:
         return 0
     g = <Py_ssize_t>(budget // per_channel) if per_channel > 0 else C
-    if g >= 1 and chained(K, nthreads, forward):
+    if g >= 1 and chain:
         g = <Py_ssize_t>(budget // (2 * per_channel)) if per_channel > 0 else C
         if g < 1:
             g = 1
@@ -125,12 +134,15 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
         g = C
     ngroups = (C + g - 1) // g
     if nthreads > 1:
-        # as many groups as possible in whole rounds of the team
-        rounds = (ngroups + nthreads - 1) // nthreads
-        if rounds * nthreads <= C:
-            ngroups = rounds * nthreads
+        # as many groups as possible in whole rounds of the team's items (groups, or
+        # chains of groups)
+        if chain:
+            per_round = nthreads * CHAINS_PER_THREAD
+        rounds = (ngroups + per_round - 1) // per_round
+        if rounds * per_round <= C:
+            ngroups = rounds * per_round
         if blocking_mode != BLOCKING_FORCE:
-            if ngroups < nthreads or 8 * ngroups < 7 * rounds * nthreads:
+            if ngroups < nthreads or 8 * ngroups < 7 * rounds * per_round:
                 return 0
     return (C + ngroups - 1) // ngroups
 
@@ -289,16 +301,17 @@ cdef void forward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_
 
 
 cdef void forward_chain(const floating* x, Call* k, Planes P, Py_ssize_t gsize,
-                        Moments* mom, Moments* part, Py_ssize_t* cur, floating* scale,
-                        floating* shift, int stream) noexcept nogil:
-    """All groups in order on one thread, each group's statistics taken in the loop that
-    writes the previous group's output (a0..a1: the channels whose output is pending).
+                        Py_ssize_t g0, Py_ssize_t g1, Moments* mom, Moments* part,
+                        Py_ssize_t* cur, floating* scale, floating* shift,
+                        int stream) noexcept nogil:
+    """Groups g0..g1 in order on the calling thread, each group's statistics taken in the
+    loop that writes the previous group's output (a0..a1: the channels whose output is
+    pending).
     One core then reads memory (the group reduced) while it writes (the group before),
     as a copy does; reduce-then-write per group leaves the bus idle one way at a time."""
     cdef Py_ssize_t grp, j, c0, c1, a0 = 0, a1 = 0
-    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize
     cdef Call* carry
-    for grp in range(ngroups):
+    for grp in range(g0, g1):
         c0 = grp * gsize
         c1 = group_end(grp, gsize, k.C)
         carry = k if a1 > a0 else NULL
@@ -331,22 +344,34 @@ cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments*
     cdef int64_t t_item
     cdef int nthreads = k.nthreads
     P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating))
+    cdef bint chain = (chained(k.K, True) and stream != 0
+                       and <size_t>k.y % sizeof(floating) == 0)
+    cdef Py_ssize_t nch = nthreads * CHAINS_PER_THREAD
     if nthreads == 1:
-        if chained(k.K, 1, True) and stream and <size_t>k.y % sizeof(floating) == 0:
-            forward_chain(x, k, P, gsize, mom, part, cur, scale, shift, stream)
+        if chain:
+            forward_chain(x, k, P, gsize, 0, ngroups, mom, part, cur, scale, shift, stream)
             return
         for grp in range(ngroups):
             c0 = grp * gsize
             c1 = group_end(grp, gsize, k.C)
             forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
         return
+    if nch > ngroups:
+        nch = ngroups
     team_begin(&T, nthreads)
-    for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
-        t_item = cbn_now_ns()
-        c0 = grp * gsize
-        c1 = group_end(grp, gsize, k.C)
-        forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
-        team_add(&T, threadid(), t_item)
+    if chain:       # chains of consecutive groups as the items
+        for grp in prange(nch, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
+            forward_chain(x, k, P, gsize, grp * ngroups // nch, (grp + 1) * ngroups // nch,
+                          mom, part, cur, scale, shift, stream)
+            team_add(&T, threadid(), t_item)
+    else:
+        for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
+            t_item = cbn_now_ns()
+            c0 = grp * gsize
+            c1 = group_end(grp, gsize, k.C)
+            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
+            team_add(&T, threadid(), t_item)
     team_end(&T)
 
 
@@ -420,8 +445,8 @@ def cache_info():
 def _blocking(mode=None, budget=None, stream=None, chain=None):
     """Set the channel-blocked passes' mode ("auto", "off" or "force": blocked wherever
     the layout allows, whatever the size) and the bytes of input per group (0: from the
-    cache size) and whether the output pass stores non-temporally and whether one-thread
-    forwards run as chains (see chained); None keeps a setting. Returns the previous
+    cache size) and whether the output pass stores non-temporally and whether forwards
+    over long planes run as chains (see chained); None keeps a setting. Returns the previous
     (mode, budget, stream, chain). For tests and measurements; not thread-safe against
     calls running meanwhile."""
     global blocking_mode, blocking_budget, blocking_stream, chain_mode

@@ -119,8 +119,9 @@ def test_blocked_in_place_forward_and_backward():
         assert gw.tobytes() == want[6].tobytes() and gb.tobytes() == want[7].tobytes()
 
 
-# Long planes (K > 2048: one unit per batch entry), where a one-thread forward runs as a
-# chain: each group reduced in the loop that writes the previous group's output.
+# Long planes (K > 2048: one unit per batch entry), where the training forward runs as
+# chains: each group reduced in the loop that writes the previous group's output; on
+# several threads, chains of groups are the parallel items.
 CHAIN_SHAPES = [
     (4, 7, 2100),             # groups of g and a shorter last one
     (3, 5, 4096 + 100),       # two blocks per plane
@@ -150,14 +151,16 @@ def test_chained_forward_equals_two_pass_bit_for_bit(shape, dtype):
             want = _train_step(x, 1, relu, residual)
         for channels in range(1, C + 1):
             budget, g = _chain_groups(shape, item, channels)
-            with blocking("force", budget):
-                assert _kernels._block_channels(M, C, K, item, 1, 1, True) == g
-                got = _train_step(x, 1, relu, residual)
-            with blocking("force", budget, chain=False):
-                unchained = _train_step(x, 1, relu, residual)
-            for i, (a, u, e) in enumerate(zip(got, unchained, want)):
-                assert a.tobytes() == e.tobytes(), (relu, residual, channels, i)
-                assert u.tobytes() == e.tobytes(), (relu, residual, channels, i)
+            for nt in (1, 2, 3):        # one chain, or chains of groups as parallel items
+                with blocking("force", budget):
+                    if nt == 1:
+                        assert _kernels._block_channels(M, C, K, item, 1, 1, True) == g
+                    got = _train_step(x, nt, relu, residual)
+                with blocking("force", budget, chain=False):
+                    unchained = _train_step(x, nt, relu, residual)
+                for i, (a, u, e) in enumerate(zip(got, unchained, want)):
+                    assert a.tobytes() == e.tobytes(), (relu, residual, channels, nt, i)
+                    assert u.tobytes() == e.tobytes(), (relu, residual, channels, nt, i)
 
 
 def test_chained_forward_in_place_and_into_offset_outputs():

@@ -16,8 +16,9 @@
 #
 # Traversal: batch index outermost, so that each step reads a contiguous run of g*K values
 # (g channels' planes of one batch entry); one channel at a time (M strided runs per
-# channel) defeats the prefetchers. Groups are parallel work items (dynamic schedule);
-# one group is reduced and written by one thread.
+# channel) defeats the prefetchers. Groups (or, chained, chains of consecutive groups)
+# are parallel work items (dynamic schedule); one group is reduced and written by one
+# thread.
 #
 # When: training, planes layout, and the input large enough that the second read would
 # come from memory (see block_channels); the group holds as many channels as fit a share
@@ -28,9 +29,10 @@
 # forward costs about 1.4 copies of the array. The chained forward (forward_chain, for
 # long planes) reduces each group in the loop that writes the previous group's output
 # (cbn_carry: the reduction's loop carries the output pass), so reads and writes overlap
-# as in a copy: 1.0 to 1.25 copies on the 20-30 MB cases. The same chain for the backward
-# (two arrays reduced while dx is written) measured slower than reduce-then-write, and
-# is not built.
+# as in a copy: 1.0 to 1.25 copies on the 20-30 MB cases on one thread, 0.9 to 1.0 on
+# two (chains of groups as the parallel items). The same chain for the backward (two
+# arrays reduced while dx is written) measured slower than reduce-then-write, and is
+# not built.
 #
 # Also here, for the same large inputs, blocked or not: non-temporal stores in the planes
 # output passes (stream_flag) and prefetching in the planes reductions (prefetch_flag).

@@ -65,9 +65,10 @@ they were added, and other targets have too few vector registers for them.
 Large inputs (see _blocked.pxi): a planes training forward or backward whose arrays do
 not fit the last-level cache runs channel group by channel group: a group's statistics
 (the same units, merged in the same tree), its finish, then its output while its input is
-still in cache, groups as parallel items. On one thread the forward over long planes is
-a chain: each group's statistics are taken in the loop that writes the previous group's
-output (runs_moments with a cbn_carry), so that the core reads and writes memory at once.
+still in cache, groups as parallel items. The forward over long planes runs as chains:
+each group's statistics are taken in the loop that writes the previous group's output
+(runs_moments with a cbn_carry), so that a core reads and writes memory at once; on
+several threads chains of consecutive groups are the parallel items.
 Output passes larger than the cache store non-temporally, whole lines
 (run_affine_stream, run_bwd_stream), and reductions larger than half of it prefetch the
 next unit's runs. None of this changes a bit of any result.

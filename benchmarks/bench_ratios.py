@@ -35,8 +35,11 @@ def _forward(d, impl, training, out=None):
                        n_threads=THREADS)
 
 
-def _backward(d, impl):
+def _backward(d, impl, out=None):
     bwd = common.BACKWARD[impl]
+    if out is not None:
+        return lambda: bwd(d.g, d.x, d.w, d.save_mean, d.save_invstd, True, axis=d.axis,
+                           n_threads=THREADS, out=out)
     return lambda: bwd(d.g, d.x, d.w, d.save_mean, d.save_invstd, True, axis=d.axis,
                        n_threads=THREADS)
 
@@ -63,17 +66,22 @@ class CbnOverNumpy:
                                    _backward(self.d, "numpy"))
 
 
-class CbnOverCopy:
-    params = [SHAPES, DTYPES, LAYOUTS]
+class _CopyBaseline:
+    """setup for the ratios over a copy: the case, a preallocated output, and the copy
+    (``np.copyto`` of the input into an array of its size). No benchmarks of its own."""
     param_names = ["shape", "dtype", "layout"]
     unit = "copies"
-    timeout = 120
 
     def setup(self, shape, dtype, layout):
         self.d = common.case(shape, dtype, layout)
         buf = np.empty_like(self.d.x)
         self.out = np.empty_like(self.d.x)
         self.copy = lambda: np.copyto(buf, self.d.x)
+
+
+class CbnOverCopy(_CopyBaseline):
+    params = [SHAPES, DTYPES, LAYOUTS]
+    timeout = 120
 
     def track_cbn_over_copy_training_forward(self, shape, dtype, layout):
         return common.paired_ratio(_forward(self.d, "cbn", True, self.out), self.copy)
@@ -90,21 +98,13 @@ class CbnOverCopy:
 FLOOR_SHAPES = ["32x64x56x56", "64x128x28x28", "32x3x224x224", "16x32x16x32x32"]
 
 
-class MemoryFloor:
+class MemoryFloor(_CopyBaseline):
     """cbn's training forward, eval forward and backward on large inputs, all writing into
     out=, in copies of the same array (lower is better; the issue's targets: channels-first
     training 1.10 and backward 1.6, channels-last training 1.6, backward 2.7 and eval 1.15;
     see docs/performance.md)."""
     params = [FLOOR_SHAPES, ["float32", "float64"], LAYOUTS]
-    param_names = ["shape", "dtype", "layout"]
-    unit = "copies"
     timeout = 300
-
-    def setup(self, shape, dtype, layout):
-        self.d = common.case(shape, dtype, layout)
-        buf = np.empty_like(self.d.x)
-        self.out = np.empty_like(self.d.x)
-        self.copy = lambda: np.copyto(buf, self.d.x)
 
     def track_floor_training_forward(self, shape, dtype, layout):
         return common.paired_ratio(_forward(self.d, "cbn", True, self.out), self.copy)
@@ -113,10 +113,4 @@ class MemoryFloor:
         return common.paired_ratio(_forward(self.d, "cbn", False, self.out), self.copy)
 
     def track_floor_backward(self, shape, dtype, layout):
-        d, out = self.d, self.out
-        cbn_bwd = common.BACKWARD["cbn"]
-
-        def run():
-            cbn_bwd(d.g, d.x, d.w, d.save_mean, d.save_invstd, True, axis=d.axis,
-                    n_threads=THREADS, out=out)
-        return common.paired_ratio(run, self.copy)
+        return common.paired_ratio(_backward(self.d, "cbn", self.out), self.copy)

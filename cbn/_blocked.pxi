@@ -308,9 +308,9 @@ cdef void forward_chain(const floating* x, Call* k, Planes P, Py_ssize_t gsize,
                         int stream) noexcept nogil:
     """Groups g0..g1 in order on the calling thread, each group's statistics taken in the
     loop that writes the previous group's output (a0..a1: the channels whose output is
-    pending).
-    One core then reads memory (the group reduced) while it writes (the group before),
-    as a copy does; reduce-then-write per group leaves the bus idle one way at a time."""
+    pending). One core then reads memory (the group reduced) while it writes (the group
+    before), as a copy does; reduce-then-write per group leaves the bus idle one way at a
+    time."""
     cdef Py_ssize_t grp, j, c0, c1, a0 = 0, a1 = 0
     cdef Call* carry
     for grp in range(g0, g1):

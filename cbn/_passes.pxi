@@ -76,23 +76,24 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
 
 
 cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
-                       Py_ssize_t K) noexcept nogil:
-    """lane[t] = v[(t // K) % C] for t < W (W a multiple of C*K)."""
-    cdef Py_ssize_t t = 0, c, kk
+                       Py_ssize_t K, Py_ssize_t h=0) noexcept nogil:
+    """lane[t] = v[((t + h) // K) % C] for t < W: the lanes of rows that start h values
+    into the data (h = 0: at its start). One period (C*K lanes) is filled, the rest
+    copied from it."""
+    cdef Py_ssize_t t, c = (h // K) % C, kk = h % K, period = C * K
+    cdef Py_ssize_t n = W if W < period else period
+    for t in range(n):
+        lane[t] = v[c]
+        kk += 1
+        if kk == K:
+            kk = 0
+            c += 1
+            if c == C:
+                c = 0
+    t = n
     while t < W:
-        for c in range(C):
-            for kk in range(K):
-                lane[t + kk] = v[c]
-            t += K
-
-
-cdef void expand_lanes_from(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
-                            Py_ssize_t K, Py_ssize_t h) noexcept nogil:
-    """lane[t] = v[((t + h) // K) % C] for t < W: the lanes of a stream of rows that
-    starts h values into the data."""
-    cdef Py_ssize_t t
-    for t in range(W):
-        lane[t] = v[((t + h) // K) % C]
+        memcpy(lane + t, lane, (n if W - t > n else W - t) * sizeof(floating))
+        t += n
 
 
 cdef void expand_lanes_d(const double* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
@@ -163,12 +164,12 @@ cdef void rows_apply_stream(int op, const floating* x, const floating* g,
                             const floating* lanes, bint relu, int nthreads) noexcept nogil:
     """rows_apply with non-temporal stores (outputs larger than the cache): the h values
     before y's first line with ordinary stores, then rows of W values from there (lanes:
-    expanded from h on, see expand_lanes_from), whole lines streamed, then the rest with
+    expanded from h on, see expand_lanes), whole lines streamed, then the rest with
     ordinary stores. The same values as rows_apply."""
     cdef Team T
     cdef int64_t t_item
     cdef floating hl[64]            # the head's lanes: 4 x at most 16 values
-    cdef Py_ssize_t total = M * C * K, t, n, nrows, tail, R, nblocks, blk, r0, nr, off
+    cdef Py_ssize_t total = M * C * K, n, nrows, tail, R, nblocks, blk, r0, nr, off
     cdef const floating* la = lanes
     cdef const floating* lb = lanes + W
     cdef const floating* lc = lanes + 2 * W
@@ -177,11 +178,11 @@ cdef void rows_apply_stream(int op, const floating* x, const floating* g,
     if h > total:
         h = total
     if h > 0:
-        for t in range(h):
-            hl[t] = pa[(t // K) % C]
-            hl[16 + t] = pb[(t // K) % C]
-            hl[32 + t] = pc[(t // K) % C]
-            hl[48 + t] = pd[(t // K) % C] if pd != NULL else 0
+        expand_lanes(pa, hl, h, C, K)
+        expand_lanes(pb, hl + 16, h, C, K)
+        expand_lanes(pc, hl + 32, h, C, K)
+        if pd != NULL:
+            expand_lanes(pd, hl + 48, h, C, K)
         row_apply(op, x, g, q, y, 1, h, hl, hl + 16, hl + 32, hl + 48, relu)
     x = x + h
     g = g + h if g != NULL else NULL
@@ -234,23 +235,17 @@ cdef void apply(int op, const floating* x, const floating* g, const floating* q,
         planes_apply(op, x, g, q, y, M, C, K, pa, pb, pc, pd, relu, nthreads)
         return
     W = rows_partition(M, C, K, CHUNK, M, sizeof(floating)).W
-    h = line_head(y, W) if op & OP_STREAM else -1
+    h = line_head(y, W) if op & OP_STREAM else -1      # -1: ordinary stores
+    expand_lanes(pa, lanes, W, C, K, h if h > 0 else 0)
+    expand_lanes(pb, lanes + W, W, C, K, h if h > 0 else 0)
+    expand_lanes(pc, lanes + 2 * W, W, C, K, h if h > 0 else 0)
+    if pd != NULL:
+        expand_lanes(pd, lanes + 3 * W, W, C, K, h if h > 0 else 0)
     if h >= 0:
-        expand_lanes_from(pa, lanes, W, C, K, h)
-        expand_lanes_from(pb, lanes + W, W, C, K, h)
-        expand_lanes_from(pc, lanes + 2 * W, W, C, K, h)
-        if pd != NULL:
-            expand_lanes_from(pd, lanes + 3 * W, W, C, K, h)
         rows_apply_stream(op, x, g, q, y, M, C, K, W, h, pa, pb, pc, pd, lanes, relu,
                           nthreads)
-        return
-    op = op & ~OP_STREAM
-    expand_lanes(pa, lanes, W, C, K)
-    expand_lanes(pb, lanes + W, W, C, K)
-    expand_lanes(pc, lanes + 2 * W, W, C, K)
-    if pd != NULL:
-        expand_lanes(pd, lanes + 3 * W, W, C, K)
-    rows_apply(op, x, g, q, y, M, C, K, lanes, relu, nthreads)
+    else:
+        rows_apply(op & ~OP_STREAM, x, g, q, y, M, C, K, lanes, relu, nthreads)
 
 
 # ----------------------------------------------------------------- backward reductions

@@ -123,7 +123,7 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* re
    padded with the shift (d = 0 there), lanes combined in a fixed order. pf: prefetch
    the next unit (CBN_PREFETCH_NEXT).
 
-   carry (NULL in all but runs_moments_carry's calls): an output pass over another unit
+   carry (NULL in all but runs_shifted_sums_carry's calls): an output pass over another unit
    of the same shape (carry->x, ->y, ->residual at its first run, the same stride), done
    in the same loop, a vector's worth of output per vector read; carry->y aligned to the
    element size, stored non-temporally from each run's first line boundary; res and
@@ -443,19 +443,13 @@ static CBN_INLINE void CBN_FN(run_bwd_body)(const CBN_T* x, const CBN_T* g, cons
             y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
         }
     }
-    nv = n - (n - head) % (stream ? 2 * CBN_L : CBN_L);    /* whole lines if stream */
-    for (; i < nv; i += CBN_L) {
-        CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
-        if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }
-        x0 = (g0 - vgmean - (x0 - vmean) * vxcoef) * vscale;
-        if (stream) CBN_VSTREAM(y + i, x0);
-        else CBN_VSTORE(y + i, x0);
-    }
+    nv = n - (n - head) % (2 * CBN_L);     /* if stream: whole lines before nv */
     for (; i < n - (n - head) % CBN_L; i += CBN_L) {
         CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
         if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }
         x0 = (g0 - vgmean - (x0 - vmean) * vxcoef) * vscale;
-        CBN_VSTORE(y + i, x0);
+        if (stream && i < nv) CBN_VSTREAM(y + i, x0);
+        else CBN_VSTORE(y + i, x0);
     }
     for (; i < n; i++) {
         gv = (ym && !(ym[i] > 0)) ? 0 : g[i];

@@ -521,24 +521,22 @@ static CBN_INLINE void CBN_FN(rows_stream_body)(int op, const CBN_T* x, const CB
                                                 const CBN_T* d, int relu) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
-    Py_ssize_t r, t, j, o;
+    Py_ssize_t r, t, o;
     V va, vb, vc, vd, vx, vg, vq;
     for (r = 0, o = 0; r < R; r++, o += w) {
-        for (t = 0; t < w; t += 2 * CBN_L) {
-            for (j = t; j < t + 2 * CBN_L; j += CBN_L) {
-                CBN_VLOAD(vx, x + o + j);
-                CBN_VLOAD(va, a + j); CBN_VLOAD(vb, b + j); CBN_VLOAD(vc, c + j);
-                if (op) {
-                    CBN_VLOAD(vd, d + j); CBN_VLOAD(vg, g + o + j);
-                    if (q) { CBN_VLOAD(vq, q + o + j); vg = CBN_MASK(IV, V, vg, vq); }
-                    vx = (vg - vc - (vx - va) * vd) * vb;
-                } else {
-                    vx = (vx - va) * vb + vc;
-                    if (q) { CBN_VLOAD(vq, q + o + j); vx += vq; }
-                    if (relu) vx = CBN_RELU(IV, V, vx);
-                }
-                CBN_VSTREAM(y + o + j, vx);
+        for (t = 0; t < w; t += CBN_L) {
+            CBN_VLOAD(vx, x + o + t);
+            CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);
+            if (op) {
+                CBN_VLOAD(vd, d + t); CBN_VLOAD(vg, g + o + t);
+                if (q) { CBN_VLOAD(vq, q + o + t); vg = CBN_MASK(IV, V, vg, vq); }
+                vx = (vg - vc - (vx - va) * vd) * vb;
+            } else {
+                vx = (vx - va) * vb + vc;
+                if (q) { CBN_VLOAD(vq, q + o + t); vx += vq; }
+                if (relu) vx = CBN_RELU(IV, V, vx);
             }
+            CBN_VSTREAM(y + o + t, vx);
         }
     }
 }

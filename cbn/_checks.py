@@ -13,8 +13,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-__all__ = ["COMPUTE", "FLOAT_DTYPES", "HALF_DTYPES", "check_eps", "check_index",
-           "check_momentum", "is_half"]
+__all__ = ["COMPUTE", "FLOAT_DTYPES", "HALF_DTYPES", "check_eps", "check_float_dtype",
+           "check_index", "check_momentum", "is_half"]
 
 _F32 = np.dtype(np.float32)
 #: dtypes of parameters and buffers, and the dtypes the kernels compute in
@@ -30,6 +30,29 @@ except ImportError:                                  # optional
     pass
 #: half-precision dtypes: stored in 16 bits, computed (and converted exactly) in float32
 HALF_DTYPES = tuple(d for d, compute in COMPUTE.items() if d != compute)
+
+
+def check_float_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as one of FLOAT_DTYPES (parameters, buffers, the compute dtypes), else a
+    TypeError naming it.
+
+    Examples
+    --------
+    >>> from cbn._checks import check_float_dtype
+    >>> check_float_dtype("float64")
+    dtype('float64')
+    >>> check_float_dtype("float16")
+    Traceback (most recent call last):
+        ...
+    TypeError: dtype must be float32 or float64, got float16
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
 
 
 def is_half(dtype: np.dtype) -> bool:

@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import _kernels
 from . import _threads
 from ._checks import COMPUTE as _COMPUTE
+from ._checks import check_float_dtype as _check_float_dtype
 from ._checks import check_eps as _check_eps
 from ._checks import check_momentum as _check_momentum
 from ._checks import is_half as _is_half
@@ -405,7 +406,9 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-channel vectors of the eval forward: ``(invstd, scale, shift)`` with
     ``invstd = 1/sqrt(running_var + eps)`` (0 where that is 0), ``scale = weight * invstd``
-    and ``shift = bias``, in ``dtype``, computed exactly as the eval forward does.
+    and ``shift = bias``, in ``dtype`` (float32 or float64: the compute dtype of the
+    inputs they will normalize, float32 for half ones), computed exactly as the eval
+    forward does.
 
     See Also
     --------
@@ -421,7 +424,7 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
     >>> scale.dtype
     dtype('float32')
     """
-    dtype = np.dtype(dtype)
+    dtype = _check_float_dtype(dtype)
     rv = _param(running_var, "running_var", np.size(running_var), dtype)
     C = rv.size
     w = _param(weight, "weight", C, dtype)

@@ -39,7 +39,8 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from . import _state
-from ._checks import FLOAT_DTYPES, HALF_DTYPES, check_eps, check_index, check_momentum
+from ._checks import (FLOAT_DTYPES, HALF_DTYPES, check_eps, check_float_dtype, check_index,
+                      check_momentum)
 from ._state import IncompatibleKeys, StateMixin, load
 from . import _stages
 from .functional import batch_norm_backward, batch_norm_forward, eval_parameters, normalize
@@ -155,12 +156,7 @@ class BatchNorm(StateMixin):
         num_features = check_index(num_features, "num_features")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dt not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        dt = check_float_dtype(dtype)
         axis = check_index(axis, "axis")
         max_ndim = max(self._ndims)
         if not -max_ndim <= axis < max_ndim:

@@ -7,6 +7,10 @@ implementation that wrote before validating would be caught.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -340,3 +344,32 @@ def test_bad_set_num_threads(n, exc):
     with pytest.raises(exc):
         cbn.set_num_threads(n)
     assert cbn.get_num_threads() == 2         # the setting is unchanged
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int32", "complex64", "V2", "object"])
+def test_eval_parameters_refuses_dtypes_it_cannot_compute_in(dtype):
+    # Once, a float16 dtype here made the kernel write doubles into 2-byte arrays (heap
+    # corruption: the process aborted some calls later). Run in a child, so that a
+    # regression shows as a failed test rather than a dead test session.
+    code = ("import numpy as np\n"
+            "from cbn.functional import eval_parameters\n"
+            "try:\n"
+            "    import ml_dtypes\n"
+            "except ImportError:\n"
+            "    ml_dtypes = None\n"
+            f"dt = {dtype!r}\n"
+            "if dt == 'bfloat16':\n"
+            "    dt = ml_dtypes.bfloat16 if ml_dtypes else np.float16\n"
+            "for _ in range(50):\n"
+            "    try:\n"
+            "        eval_parameters(np.ones(37), None, np.ones(37), 1e-5, dt)\n"
+            "    except TypeError as e:\n"
+            "        msg = str(e)\n"
+            "    else:\n"
+            "        raise SystemExit('accepted')\n"
+            "    [bytearray(1000) for _ in range(100)]\n"
+            "print(msg)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, MALLOC_CHECK_="3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("dtype must be float32 or float64, got "), r.stdout

@@ -86,6 +86,23 @@ THREAD_COUNTS = (1, 2, 3)
 PARALLEL_SIZE = 1 << 16
 
 _DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16}
+try:
+    import ml_dtypes as _ml_dtypes
+except ImportError:                                  # the bfloat16 cases are not enumerated
+    _ml_dtypes = None
+else:
+    _DTYPES["bf16"] = _ml_dtypes.bfloat16
+#: half storage with parameters and running statistics of its own dtype ("f16h", "bf16h");
+#: "f16" and "bf16" have float32 ones (PyTorch's mixed mode)
+for _h in ("f16", "bf16"):
+    if _h in _DTYPES:
+        _DTYPES[_h + "h"] = _DTYPES[_h]
+HALF = ("f16", "bf16", "f16h", "bf16h")
+
+
+def param_dtype(dtype: str):
+    """The dtype of a case's weight, bias and running statistics."""
+    return np.float32 if dtype in ("f16", "bf16") else _DTYPES[dtype]
 
 
 # ------------------------------------------------------------------------------ cases
@@ -93,7 +110,7 @@ _DTYPES = {"f32": np.float32, "f64": np.float64, "f16": np.float16}
 
 @dataclass(frozen=True)
 class Case:
-    """One input: shape, channel axis, dtype ("f32", "f64", "f16"), kind of data and
+    """One input: shape, channel axis, dtype ("f32", "f64", or a half one of HALF), kind of data and
     memory layout ("C", "F", "cl" channels-last memory, "sliced", "sub" subclass)."""
 
     shape: Tuple[int, ...]
@@ -252,6 +269,14 @@ def cases() -> List[Case]:
         add(shape, axis, dtypes=("f16",))
     add((4, 6, 14, 14), 1, dtypes=("f16",), data=("offset",))
     add((4, 6, 14, 14), 1, dtypes=("f16",), layouts=("cl",))
+    # bfloat16 (ml_dtypes), and both half types with half parameters: every loop shape
+    halves = tuple(d for d in HALF if d != "f16" and d in _DTYPES)
+    for shape, axis in [((96, 16), 1), ((4, 6, 14, 14), 1), ((37, 7), 1), ((8, 3, 17), 1),
+                        ((3, 5, 6, 4), -1), ((7, 5, 5, 64), -1), (_big((4, 6, 14, 14)), 1),
+                        (_big((96, 16)), 1), ((2, 3, 4, 3, 5), 1)]:
+        add(shape, axis, dtypes=halves)
+    add((4, 6, 14, 14), 1, dtypes=halves, data=("offset", "special"))
+    add((3, 5, 6, 4), -1, dtypes=halves, data=("ramp",), layouts=("cl", "F"))
 
     ids = [c.id for c in out]
     assert len(set(ids)) == len(ids), "duplicate case ids"
@@ -337,7 +362,7 @@ def make_inputs(case: Case) -> Inputs:
     elif case.data != "normal":
         raise ValueError(f"unknown data {case.data!r}")
 
-    pdtype = np.float32 if case.dtype == "f16" else _DTYPES[case.dtype]
+    pdtype = param_dtype(case.dtype)
     weight = rng.uniform(0.5, 1.5, C) * rng.choice([-1.0, 1.0], C)
     bias = rng.uniform(-1.0, 1.0, C)
     rm = rng.uniform(-1.0, 1.0, C)
@@ -359,12 +384,15 @@ def digest(a, nans: bool = True) -> str:
     """SHA-256 of an array's dtype, shape and values in C order, NaNs made canonical
     (``nans=False``: the caller knows there are none)."""
     a = np.asarray(a)
-    if nans and a.dtype.kind == "f" and np.isnan(a).any():
-        a = np.where(np.isnan(a), np.array(np.nan, a.dtype), a)
+    ml = a.dtype.kind == "V"            # ml_dtypes' bfloat16: named by its name, not "<V2"
+    if nans and (a.dtype.kind == "f" or ml):
+        nan = np.isnan(a.astype(np.float32) if ml else a)
+        if nan.any():
+            a = np.where(nan, np.array(np.nan, a.dtype), a)
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.data)
+    h = hashlib.sha256(f"{a.dtype.name if ml else a.dtype.str}{a.shape}".encode())
+    h.update(a.view(np.uint8).data if ml else a.data)
     return h.hexdigest()
 
 
@@ -474,7 +502,7 @@ def compute(case: Case, inp: Inputs, n_threads: int) -> Dict[str, np.ndarray]:
         backward("bwd_eval_res", g, x, None, em, ei, False, residual=True)
 
     # functional's eval building blocks
-    pdtype = w.dtype
+    pdtype = np.float64 if w.dtype == np.float64 else np.float32   # the compute dtype
     invstd, scale, shift = F.eval_parameters(wl, b, rv, 1e-5, pdtype)
     res.update({"eval_parameters.invstd": invstd, "eval_parameters.scale": scale,
                 "eval_parameters.shift": shift})
@@ -486,8 +514,9 @@ def compute(case: Case, inp: Inputs, n_threads: int) -> Dict[str, np.ndarray]:
         res["normalize_bare.y"] = F.normalize(x, rm, s0, h0, axis=axis, n_threads=nt,
                                               out=x.copy(order="K"))
 
-    # modules (threads through set_num_threads): momentum=None, frozen eval, ReLU
-    if not full:
+    # modules (threads through set_num_threads): momentum=None, frozen eval, ReLU; their
+    # parameters are float32 or float64
+    if not full or pdtype not in (np.float32, np.float64):
         return res
     cls = _MODULES[x.ndim]
     cbn.set_num_threads(n_threads)

@@ -24,7 +24,9 @@ SAVED = _corpus.load()["cases"]
 def test_corpus_holds_every_case():
     ids = {c.id for c in CASES}
     missing = sorted(ids - set(SAVED))
-    extra = sorted(set(SAVED) - ids)
+    # the bfloat16 cases are enumerated only where ml_dtypes is installed
+    extra = sorted(k for k in set(SAVED) - ids
+                   if "bf16" in _corpus._DTYPES or "-bf16" not in k)
     assert not missing and not extra, (
         f"cases not in the saved corpus: {missing}; saved cases no longer enumerated: "
         f"{extra}")

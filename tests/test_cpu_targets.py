@@ -31,24 +31,48 @@ def restore_target():
     _kernels.select_cpu_target(before)
 
 
-def _everything(shape, axis, dtype):
-    x, w, b, rm, rv, g, r = _data(shape, axis, dtype)
+def _everything(shape, axis, dtype, params=None):
+    """Every output on 2 threads; ``params``: the dtype of the per-channel vectors (default
+    the input's: a half input then has half parameters; float32 is PyTorch's mixed mode)."""
+    x, w, b, rm, rv, g, r = _data(shape, axis, np.float64)
+    x, g, r = (a.astype(dtype) for a in (x, g, r))
+    w, b, rm, rv = (a.astype(params or dtype) for a in (w, b, rm, rv))
     return _run(x, w, b, rm, rv, g, r, axis, 2)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,axis,what", PATHS, ids=PATH_IDS)
-def test_every_target_gives_the_same_bits(shape, axis, what, dtype, restore_target):
+def _half(name):
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(name)
+
+
+def _same_bits_on_every_target(what, compute):
     _kernels.select_cpu_target("base")
-    want = _everything(shape, axis, dtype)
+    want = compute()
     for target in SUPPORTED:
         _kernels.select_cpu_target(target)
-        got = _everything(shape, axis, dtype)
+        got = compute()
         assert got.keys() == want.keys()
         for key, b in want.items():
             a = got[key]
             assert a.dtype == b.dtype and a.shape == b.shape
             assert a.tobytes() == b.tobytes(), f"target {target}, {key}: {what}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis,what", PATHS, ids=PATH_IDS)
+def test_every_target_gives_the_same_bits(shape, axis, what, dtype, restore_target):
+    _same_bits_on_every_target(what, lambda: _everything(shape, axis, dtype))
+
+
+@pytest.mark.parametrize("params", ["half", "float32"], ids=["half_params", "f32_params"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape,axis,what", PATHS, ids=PATH_IDS)
+def test_every_target_gives_the_same_bits_in_half_precision(shape, axis, what, dtype, params,
+                                                             restore_target):
+    dt = _half(dtype)
+    pdt = dt if params == "half" else np.dtype(np.float32)
+    _same_bits_on_every_target(what, lambda: _everything(shape, axis, dt, pdt))
 
 
 def test_the_best_supported_target_is_chosen(restore_target):

@@ -6,8 +6,8 @@ Functions: :func:`batch_norm` (the arguments of ``torch.nn.functional.batch_norm
 :func:`batch_norm_forward` and :func:`batch_norm_backward` (ATen's ``native_batch_norm``
 and its backward), :func:`fold`; modules :class:`BatchNorm1d`, :class:`BatchNorm2d`,
 :class:`BatchNorm3d` and :class:`BatchNorm` with PyTorch's state, :func:`load`; threads:
-:func:`set_num_threads`, :func:`get_num_threads`, :func:`openmp_enabled`; the build:
-:func:`show_config`.
+:func:`set_num_threads`, :func:`get_num_threads`, :func:`openmp_enabled`; memory:
+:func:`output_pool`; the build: :func:`show_config`.
 
 Examples
 --------
@@ -22,7 +22,7 @@ True
 """
 
 from ._config import show_config
-from ._kernels import openmp_enabled
+from ._kernels import openmp_enabled, output_pool
 from ._state import load
 from ._threads import get_num_threads, set_num_threads
 from .distributed import SyncBatchNorm, precise_statistics
@@ -46,6 +46,7 @@ __all__ = [
     "get_num_threads",
     "load",
     "openmp_enabled",
+    "output_pool",
     "precise_statistics",
     "set_num_threads",
     "show_config",

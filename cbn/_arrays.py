@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from . import _kernels
 from ._checks import COMPUTE, is_half
 
 __all__ = ["ACTIVATIONS", "View", "as_input", "channel_axis", "check_activation",
@@ -128,7 +129,7 @@ class View:
 
     def new(self, dtype) -> Tuple[np.ndarray, np.ndarray]:
         """A new array in the input's memory order: (array in input axes, its 3D view)."""
-        buf = np.empty(self.shape, dtype=dtype)
+        buf = _kernels.empty(self.shape, dtype)          # large ones: the output pool
         y3 = buf.reshape(self.M, self.C, self.K)
         if self.perm is None:
             return buf, y3

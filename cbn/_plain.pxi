@@ -70,8 +70,8 @@ cdef object plain_out(object out, object x, int typ):
     cdef char* b
     cdef Py_ssize_t n
     if out is None:
-        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                                 cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+        return pool_empty(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
+                          typ)
     if not (plain_array(out, typ) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
             and cnp.PyArray_SAMESHAPE(<cnp.ndarray>out, <cnp.ndarray>x)):
         return None
@@ -267,14 +267,14 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
         return None
     cdef cnp.npy_intp nc = C
     cdef cnp.ndarray gx = (<cnp.ndarray>out if out is not None else
-                           cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                                             cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0))
+                           pool_empty(cnp.PyArray_NDIM(<cnp.ndarray>x),
+                                      cnp.PyArray_DIMS(<cnp.ndarray>x), typ))
     cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef cnp.ndarray gb = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef object gr = None
     if residual:
-        gr = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
-                               cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
+        gr = pool_empty(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
+                        typ)
     cdef Call k
     plain_call(&k, x, M, C, K, nt)
     k.training = training is True

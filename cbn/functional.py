@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
+from . import _arrays
 from . import _kernels
 from . import _threads
 from ._checks import COMPUTE as _COMPUTE
@@ -70,18 +71,117 @@ def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     return a
 
 
-def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
+def _check_out(out, x: np.ndarray, name: str = "out") -> Optional[np.ndarray]:
+    """An output like the input (``out``, ``out[0]``, ``out[3]``): an ndarray of its
+    shape and dtype, writable."""
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray or an array with __dlpack__, "
+                        f"got {type(out).__name__}")
     if out.shape != x.shape:
-        raise ValueError(f"out has shape {out.shape}, expected the input's shape {x.shape}")
+        raise ValueError(f"{name} has shape {out.shape}, expected the input's shape {x.shape}")
     if out.dtype != x.dtype:
-        raise ValueError(f"out has dtype {out.dtype}, expected the input's dtype {x.dtype}")
+        raise ValueError(f"{name} has dtype {out.dtype}, expected the input's dtype {x.dtype}")
     if not out.flags.writeable:
-        raise ValueError("out must be writable")
+        raise ValueError(f"{name} must be writable")
     return out
+
+
+def _check_vector_out(out, name: str, C: int, dtype) -> Optional[np.ndarray]:
+    """An entry of ``out`` for a per-channel result (save_mean, grad_weight, ...): an
+    ndarray of shape (C,) and the compute dtype, writable."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or an array with __dlpack__, "
+                        f"got {type(out).__name__}")
+    if out.shape != (C,):
+        raise ValueError(f"{name} has shape {out.shape}, expected ({C},)")
+    if out.dtype != dtype:
+        raise ValueError(f"{name} has dtype {out.dtype}, expected {np.dtype(dtype)}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return out
+
+
+def _deliver(results, outs) -> tuple:
+    """The results, each copied into its entry of ``out`` where one was given (the entry
+    is then returned). Entries the kernel wrote directly are returned as they are."""
+    return tuple(r if o is None or o is r else _finish(r, o) for r, o in zip(results, outs))
+
+
+def _check_unbiased(unbiased) -> bool:
+    if unbiased is True or unbiased is False:
+        return unbiased
+    if isinstance(unbiased, np.bool_):
+        return bool(unbiased)
+    raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
+
+
+def _biased_update(running_var: np.ndarray, m_var_unbiased: np.ndarray, momentum: float,
+                   n: int) -> None:
+    """``running_var = (1 - momentum) * running_var + momentum * var`` with the biased
+    batch variance, in place, from ``m_var_unbiased``: what the kernel's (unbiased) update
+    wrote into a vector of zeros, ``momentum * var * n / (n - 1)``. Computed in float64,
+    rounded once to ``running_var``'s dtype, as ``cbn._stages.biased_update`` does for the
+    modules."""
+    new = m_var_unbiased.astype(np.float64) * ((n - 1) / n)
+    old = running_var.reshape(-1).astype(np.float64)
+    running_var[...] = (new + (1.0 - momentum) * old).reshape(running_var.shape)
+
+
+# ------------------------------------------------------------- arrays of other libraries
+#
+# A call with an array of another library (torch, JAX, anything with __dlpack__) reads it
+# through a NumPy view of its memory (cbn._arrays.to_numpy: no copy), makes the same call
+# on the views (which then takes the plain path when it can) and gives the results the
+# input's type (cbn._arrays.result_type); entries of ``out`` are returned as given.
+
+
+def _any_foreign(*arrays) -> bool:
+    for a in arrays:
+        if type(a) is tuple:
+            if any(map(_arrays.foreign, a)):
+                return True
+        elif _arrays.foreign(a):
+            return True
+    return False
+
+
+def _numpy_out(out, n: int):
+    """``out`` with its entries as NumPy views (written in place), and the entries as
+    given (returned as the results)."""
+    given = _arrays.split_out(out, n)
+    names = _arrays.out_names(out, n)
+    views = [_arrays.to_numpy(o, names[i], writable=True) for i, o in enumerate(given)]
+    return (tuple(views) if type(out) is tuple else views[0]), given
+
+
+def _typed(results, given, wrap) -> tuple:
+    """Results in the caller's types: an entry of ``out`` as given, else wrapped."""
+    return tuple(g if g is not None else (r if wrap is None else wrap(r))
+                 for r, g in zip(results, given))
+
+
+def _foreign_forward(input, weight, bias, running_mean, running_var, training, momentum,
+                     eps, axis, out, n_threads, activation, residual, unbiased, nout: int):
+    """batch_norm_forward (nout 3) or batch_norm (nout 1) on foreign arrays."""
+    wrap = _arrays.result_type(input)
+    conv = _arrays.to_numpy
+    update = bool(training)
+    if nout == 1:
+        out_np, given = _numpy_out(out, 1)
+        if type(out_np) is tuple:
+            out_np += (None, None)
+    else:
+        out_np, given = _numpy_out(out, 3)
+    res = batch_norm_forward(
+        conv(input, "input"), conv(weight, "weight"), conv(bias, "bias"),
+        conv(running_mean, "running_mean", update), conv(running_var, "running_var", update),
+        training, momentum, eps, axis=axis, out=out_np, n_threads=n_threads,
+        activation=activation, residual=conv(residual, "residual"), unbiased=unbiased)
+    return _typed(res[:nout], given, wrap)
 
 
 def _output(view: _View, x: np.ndarray, x3: np.ndarray, out: Optional[np.ndarray]):
@@ -133,10 +233,11 @@ def _is_relu(activation) -> bool:
 def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Optional[ArrayLike],
                        running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray],
                        training: bool, momentum: float, eps: float, *, axis: int = 1,
-                       out: Optional[np.ndarray] = None, n_threads: Optional[int] = None,
+                       out: Union[None, Any, Tuple[Any, ...]] = None,
+                       n_threads: Optional[int] = None,
                        activation: Optional[str] = None,
-                       residual: Optional[ArrayLike] = None,
-                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       residual: Optional[ArrayLike] = None, unbiased: bool = True,
+                       ) -> Tuple[Any, Any, Any]:
     """Batch normalization returning what the backward needs, like ATen's ``native_batch_norm``.
 
     Parameters
@@ -212,7 +313,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     >>> np.allclose(y, (x - save_mean) * save_invstd, atol=1e-6)
     True
     """
-    if ((activation is None or _is_relu(activation))
+    if ((activation is None or _is_relu(activation)) and unbiased is True
             and type(momentum) is float and momentum - momentum == 0.0):
         # The plain call (see _kernels.plain_forward) skips the general path below. A
         # momentum that is not a finite float goes there too, to be refused.
@@ -231,6 +332,12 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
                         r[3], r[4], r[1], r[2], momentum, eps)
                 r = r[:3]
             return r
+    if _any_foreign(input, weight, bias, running_mean, running_var, residual, out):
+        return _foreign_forward(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps, axis, out, n_threads, activation, residual,
+                                unbiased, 3)
+    outs = _arrays.split_out(out, 3)
+    names = _arrays.out_names(out, 3)
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -238,13 +345,16 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
     relu = _check_activation(activation)
+    unbiased = _check_unbiased(unbiased)
     dtype = _COMPUTE[x.dtype]
     w = _param(weight, "weight", C, dtype)
     b = _param(bias, "bias", C, dtype)
     rm = _running(running_mean, "running_mean", C, dtype, update=training)
     rv = _running(running_var, "running_var", C, dtype, update=training)
     r = None if residual is None else _same_shape(residual, "residual", x, dtype)
-    out = _check_out(out, x)
+    out = _check_out(outs[0], x, names[0])
+    outs[1] = _check_vector_out(outs[1], names[1], C, dtype)
+    outs[2] = _check_vector_out(outs[2], names[2], C, dtype)
     if training:
         if x.size == C and math.prod(x.shape[:axis] + x.shape[axis + 1:]) == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
@@ -252,6 +362,10 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     elif rm is None or rv is None:
         raise ValueError("running_mean and running_var must be given when training=False")
     nt = resolve_num_threads(n_threads, x.size)
+    biased_rv = None
+    if training and not unbiased and rv is not None:
+        # the kernel's unbiased update goes to a vector of zeros (see _biased_update)
+        biased_rv, rv = rv, np.zeros(C, dtype=dtype)
 
     save_mean = np.empty(C, dtype=dtype)
     save_invstd = np.empty(C, dtype=dtype)
@@ -263,7 +377,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         else:
             save_mean[:] = rm
             _kernels.invstd(rv, eps, save_invstd)
-        return y, save_mean, save_invstd
+        return _deliver((y, save_mean, save_invstd), outs)
 
     x3, r3, y3, finish = _prepare(x, axis, r, out)
     if training:
@@ -286,7 +400,9 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     else:
         _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt, r3,
                               relu)
-    return finish(), save_mean, save_invstd
+    if biased_rv is not None:
+        _biased_update(biased_rv, rv, momentum, x.size // C)
+    return _deliver((finish(), save_mean, save_invstd), outs)
 
 
 # ------------------------------------------------------------------ numerics at the edge
@@ -498,9 +614,9 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
                running_var: Optional[np.ndarray], weight: Optional[ArrayLike] = None,
                bias: Optional[ArrayLike] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
-               out: Optional[np.ndarray] = None, n_threads: Optional[int] = None,
-               activation: Optional[str] = None,
-               residual: Optional[ArrayLike] = None) -> np.ndarray:
+               out: Union[None, Any, Tuple[Any]] = None,
+               n_threads: Optional[int] = None, activation: Optional[str] = None,
+               residual: Optional[ArrayLike] = None, unbiased: bool = True) -> Any:
     """Batch normalization with the arguments of ``torch.nn.functional.batch_norm``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
@@ -617,9 +733,18 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     >>> np.allclose(y_nhwc.transpose(0, 3, 1, 2), y)
     True
     """
+    if type(input) is not np.ndarray and _arrays.foreign(input):
+        return _foreign_forward(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps, axis, out, n_threads, activation, residual,
+                                unbiased, 1)[0]
+    if type(out) is tuple:                      # one array (or None) per returned value
+        (out,) = _arrays.split_out(out, 1)
+        if out is not None:
+            out = (out, None, None)             # so that errors name it out[0]
     return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                               momentum, eps, axis=axis, out=out, n_threads=n_threads,
-                              activation=activation, residual=residual)[0]
+                              activation=activation, residual=residual,
+                              unbiased=unbiased)[0]
 
 
 def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Optional[ArrayLike],

@@ -184,6 +184,20 @@ def _foreign_forward(input, weight, bias, running_mean, running_var, training, m
     return _typed(res[:nout], given, wrap)
 
 
+def _foreign_backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
+                      n_threads, activation, output, residual, out):
+    """batch_norm_backward on foreign arrays: results in the type of ``input``."""
+    wrap = _arrays.result_type(input)
+    conv = _arrays.to_numpy
+    out_np, given = _numpy_out(out, 4 if bool(residual) else 3)
+    res = batch_norm_backward(
+        conv(grad_output, "grad_output"), conv(input, "input"), conv(weight, "weight"),
+        conv(save_mean, "save_mean"), conv(save_invstd, "save_invstd"), training,
+        axis=axis, n_threads=n_threads, activation=activation,
+        output=conv(output, "output"), residual=residual, out=out_np)
+    return _typed(res, given, wrap)
+
+
 def _output(view: _View, x: np.ndarray, x3: np.ndarray, out: Optional[np.ndarray]):
     """Choose where the kernel writes: ``out`` itself when its layout allows (including
     ``out is input``), else a new array. Returns (result, its 3D view, out to copy into)."""
@@ -537,6 +551,12 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
     >>> scale.dtype
     dtype('float32')
     """
+    if _any_foreign(weight, bias, running_var):
+        wrap = _arrays.result_type(running_var)
+        conv = _arrays.to_numpy
+        res = eval_parameters(conv(weight, "weight"), conv(bias, "bias"),
+                              conv(running_var, "running_var"), eps, dtype)
+        return res if wrap is None else tuple(map(wrap, res))
     dtype = np.dtype(dtype)
     rv = _param(running_var, "running_var", np.size(running_var), dtype)
     C = rv.size
@@ -549,9 +569,9 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
 
 
 def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayLike, *,
-              axis: int = 1, out: Optional[np.ndarray] = None,
+              axis: int = 1, out: Union[None, Any, Tuple[Any]] = None,
               n_threads: Optional[int] = None, activation: Optional[str] = None,
-              residual: Optional[ArrayLike] = None) -> np.ndarray:
+              residual: Optional[ArrayLike] = None) -> Any:
     """``y = act((x - mean) * scale + shift + residual)`` per channel, in one pass.
 
     The eval forward once its per-channel vectors are known (``scale = weight * invstd``,
@@ -594,6 +614,19 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
                                   out)
         if y is not None:
             return y
+    if _any_foreign(input, mean, scale, shift, residual, out):
+        wrap = _arrays.result_type(input)
+        conv = _arrays.to_numpy
+        out_np, given = _numpy_out(out, 1)
+        y = normalize(conv(input, "input"), conv(mean, "mean"), conv(scale, "scale"),
+                      conv(shift, "shift"), axis=axis, out=out_np, n_threads=n_threads,
+                      activation=activation, residual=conv(residual, "residual"))
+        return _typed((y,), given, wrap)[0]
+    if type(out) is tuple:
+        (out,) = _arrays.split_out(out, 1)
+        name = "out[0]"
+    else:
+        name = "out"
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -603,7 +636,7 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     scale = _param(scale, "scale", C, dtype)
     shift = _param(shift, "shift", C, dtype)
     r = None if residual is None else _same_shape(residual, "residual", x, dtype)
-    out = _check_out(out, x)
+    out = _check_out(out, x, name)
     if x.size == 0:
         return np.empty_like(x) if out is None else out
     return _affine(x, axis, mean, scale, shift, r, relu, out,
@@ -752,7 +785,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
                         *, axis: int = 1, n_threads: Optional[int] = None,
                         activation: Optional[str] = None, output: Optional[ArrayLike] = None,
                         residual: bool = False,
-                        out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
+                        out: Union[None, Any, Tuple[Any, ...]] = None) -> Tuple[Any, ...]:
     """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
 
     ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in
@@ -855,6 +888,9 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
                                     _threads.MIN_PARALLEL_SIZE, output, residual, out)
         if r is not None:
             return r
+    if _any_foreign(grad_output, input, weight, save_mean, save_invstd, output, out):
+        return _foreign_backward(grad_output, input, weight, save_mean, save_invstd, training,
+                                 axis, n_threads, activation, output, residual, out)
     x = _as_input(input, "input")
     dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
     if dy.dtype.kind != "f" and not _is_half(dy.dtype):
@@ -876,9 +912,16 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     if not relu and output is not None:
         raise ValueError("output= is only used with activation='relu'")
     ym = None if output is None else _same_shape(output, "output", x, dtype)
-    out = _check_out(out, x)
     training = bool(training)
     residual = bool(residual)
+    nout = 4 if residual else 3
+    outs = _arrays.split_out(out, nout)
+    names = _arrays.out_names(out, nout)
+    out = _check_out(outs[0], x, names[0])
+    outs[1] = _check_vector_out(outs[1], names[1], C, dtype)
+    outs[2] = _check_vector_out(outs[2], names[2], C, dtype)
+    if residual:
+        outs[3] = _check_out(outs[3], x, names[3])
     nt = resolve_num_threads(n_threads, x.size)
     if dy.dtype != dtype:
         dy = dy.astype(dtype)
@@ -891,20 +934,36 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         grad_weight.fill(0)
         grad_bias.fill(0)
         empty = np.empty(x.shape, dtype=_input_dtype(input))
-        return ((empty if out is None else out, grad_weight, grad_bias)
-                + ((empty.copy(),) if residual else ()))
+        return _deliver((empty if out is None else out, grad_weight, grad_bias)
+                        + ((empty.copy(),) if residual else ()), outs)
     view = _View(x, axis)
     x3 = view.read(x)
     dy3 = view.read(dy)
     ym3 = None if ym is None else view.read(ym)
     dx, dx3, copy_into = _grad_output_target(view, out, half, dtype, x3, dy3, ym3)
-    gr, gr3 = view.new(dtype) if residual else (None, None)
+    gr, gr3 = (_grad_residual_target(view, outs[3], half, x3, dy3, ym3, dx3) if residual
+               else (None, None))
     _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt,
                       ym3, gr3)
     if half:
         dx = dx.astype(_input_dtype(input))
         gr = None if gr is None else gr.astype(dx.dtype)
-    return (_finish(dx, copy_into), grad_weight, grad_bias) + ((gr,) if residual else ())
+    return _deliver((_finish(dx, copy_into), grad_weight, grad_bias)
+                    + ((gr,) if residual else ()), outs)
+
+
+def _grad_residual_target(view: _View, out: Optional[np.ndarray], half: bool,
+                          x3: np.ndarray, dy3: np.ndarray, ym3: Optional[np.ndarray],
+                          dx3: np.ndarray):
+    """Where the backward writes grad_residual: ``out[3]`` itself when its layout allows
+    and it shares no memory with the arrays read or with grad_input; else a new array
+    (copied into ``out[3]`` at the end)."""
+    if out is not None and not half:
+        o3 = view.direct(out)
+        if o3 is not None and not any(np.may_share_memory(o3, a)
+                                      for a in (x3, dy3, ym3, dx3) if a is not None):
+            return out, o3
+    return view.new(dy3.dtype)
 
 
 def _grad_output_target(view: _View, out: Optional[np.ndarray], half: bool, dtype,

@@ -18,7 +18,7 @@ import numpy as np
 from ._checks import COMPUTE, is_half
 
 __all__ = ["ACTIVATIONS", "View", "as_input", "channel_axis", "check_activation",
-           "contiguous", "foreign", "memory_order", "per_channel", "result_type",
+           "contiguous", "foreign", "memory_order", "per_channel", "read_input", "result_type",
            "same_shape", "split_out", "to_numpy"]
 
 #: the fused activations the kernels know
@@ -51,7 +51,7 @@ def foreign(a: Any) -> bool:
 
 def _torch_view(a, name: str, torch) -> np.ndarray:
     """NumPy view of a CPU torch tensor (bfloat16 through ml_dtypes), never a copy."""
-    if a.device.type != "cpu":
+    if not a.is_cpu:
         raise TypeError(f"{name} is a torch tensor on device {a.device}; cbn computes on "
                         f"the CPU: pass {name}.cpu()")
     if a.requires_grad:
@@ -86,11 +86,22 @@ def to_numpy(a: Any, name: str, writable: bool = False) -> Any:
     (``out``, running statistics updated in place), a read-only array (a JAX array, which
     is immutable) is refused too.
     """
-    if not foreign(a):
+    if a is None or type(a) is np.ndarray:
         return a
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(a, torch.Tensor):
+        if not writable:
+            try:
+                # the common case, about 0.5 us; numpy() refuses a tensor that requires
+                # grad, is not on the CPU or is bfloat16: _torch_view explains or reads it
+                return a.numpy()
+            except (RuntimeError, TypeError):
+                pass
         v = _torch_view(a, name, torch)
+        if not writable:
+            return v
+    elif not foreign(a):
+        return a
     else:
         try:
             dev, dev_id = a.__dlpack_device__()
@@ -121,6 +132,17 @@ def to_numpy(a: Any, name: str, writable: bool = False) -> Any:
     return v
 
 
+def read_input(a: Any, name: str = "input") -> Tuple[Any, Optional[Callable[[np.ndarray], Any]]]:
+    """``(to_numpy(a, name), result_type(a))`` in one look at ``a``."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        try:
+            return a.numpy(), _to_torch           # as in to_numpy
+        except (RuntimeError, TypeError):
+            return _torch_view(a, name, torch), _to_torch
+    return to_numpy(a, name), result_type(a)
+
+
 def result_type(a: Any) -> Optional[Callable[[np.ndarray], Any]]:
     """How a call's results take the type of its input ``a``: None for NumPy (and for
     anything that is not a foreign array), else a function from a NumPy result to the
@@ -149,10 +171,11 @@ def result_type(a: Any) -> Optional[Callable[[np.ndarray], Any]]:
 
 
 def _to_torch(y: np.ndarray):
+    """A torch tensor of ``y``'s memory (bfloat16 for ml_dtypes' bfloat16)."""
     torch = sys.modules["torch"]
-    if y.dtype.kind == "V" or y.dtype.name == "bfloat16":      # ml_dtypes' bfloat16
-        return torch.from_numpy(y.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(y)
+    if y.dtype.kind != "V":
+        return torch.from_numpy(y)
+    return torch.from_numpy(y.view(np.int16)).view(torch.bfloat16)      # bfloat16
 
 
 def split_out(out: Any, n: int) -> List[Any]:

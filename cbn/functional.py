@@ -152,6 +152,8 @@ def _any_foreign(*arrays) -> bool:
 def _numpy_out(out, n: int):
     """``out`` with its entries as NumPy views (written in place), and the entries as
     given (returned as the results)."""
+    if out is None:
+        return None, (None,) * n
     given = _arrays.split_out(out, n)
     names = _arrays.out_names(out, n)
     views = [_arrays.to_numpy(o, names[i], writable=True) for i, o in enumerate(given)]
@@ -160,14 +162,18 @@ def _numpy_out(out, n: int):
 
 def _typed(results, given, wrap) -> tuple:
     """Results in the caller's types: an entry of ``out`` as given, else wrapped."""
-    return tuple(g if g is not None else (r if wrap is None else wrap(r))
-                 for r, g in zip(results, given))
+    if len(results) == 1:                       # batch_norm, normalize: the common case
+        g = given[0]
+        return (results[0] if wrap is None else wrap(results[0])) if g is None else g,
+    if wrap is None:
+        return tuple(r if g is None else g for r, g in zip(results, given))
+    return tuple(wrap(r) if g is None else g for r, g in zip(results, given))
 
 
 def _foreign_forward(input, weight, bias, running_mean, running_var, training, momentum,
                      eps, axis, out, n_threads, activation, residual, unbiased, nout: int):
     """batch_norm_forward (nout 3) or batch_norm (nout 1) on foreign arrays."""
-    wrap = _arrays.result_type(input)
+    x, wrap = _arrays.read_input(input)
     conv = _arrays.to_numpy
     update = bool(training)
     if nout == 1:
@@ -177,7 +183,7 @@ def _foreign_forward(input, weight, bias, running_mean, running_var, training, m
     else:
         out_np, given = _numpy_out(out, 3)
     res = batch_norm_forward(
-        conv(input, "input"), conv(weight, "weight"), conv(bias, "bias"),
+        x, conv(weight, "weight"), conv(bias, "bias"),
         conv(running_mean, "running_mean", update), conv(running_var, "running_var", update),
         training, momentum, eps, axis=axis, out=out_np, n_threads=n_threads,
         activation=activation, residual=conv(residual, "residual"), unbiased=unbiased)

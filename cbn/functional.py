@@ -16,6 +16,12 @@ axes after it into K, so the data is a C-contiguous (M, C, K) array: NCHW is (N,
 channels-last (NHWC, or NCHW in PyTorch's channels_last format) is (N*H*W, C, 1). Inputs
 whose memory order is not a plain permutation of a contiguous block (sliced, negative or
 broadcast strides) are copied once; outputs are allocated in the input's memory order.
+
+Arrays of other libraries (torch, JAX, anything with ``__dlpack__``) are read through NumPy
+views of their memory (:func:`cbn._arrays.to_numpy`); the call is then made again on the
+views (taking the plain path when it can) and its results take the input's type
+(:func:`cbn._arrays.result_type`). ``out=`` is one array for the first output or a tuple
+with one entry per returned value; the entries given are returned.
 """
 
 from __future__ import annotations
@@ -265,7 +271,10 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     input : array, 2D to 5D, float16, bfloat16, float32 or float64
         ``(N, C, *)`` with ``axis=1``, ``(N, *, C)`` with ``axis=-1``. Half-precision
         inputs (float16; bfloat16 from ml_dtypes) are computed in float32, as PyTorch does
-        on the CPU: their statistics and parameters are float32, the output is half.
+        on the CPU: their statistics and parameters are float32, the output is half. A
+        NumPy array, or a CPU array of another library (torch, JAX, anything with
+        ``__dlpack__``; torch bfloat16 through ml_dtypes), read without a copy; the results
+        take its type (see :func:`batch_norm`).
     weight, bias : array-like of C values or None
         Affine parameters (gamma, beta); None means 1 and 0.
     running_mean, running_var : arrays of C values or None
@@ -281,8 +290,11 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         Added to the variance; 0 is allowed (a constant channel then gets invstd 0).
     axis : int, keyword-only
         The channel axis.
-    out : array, keyword-only
-        Where to write the output (may be ``input`` itself).
+    out : array or tuple of 3 arrays or None, keyword-only
+        Where to write the output (may be ``input`` itself); or, as NumPy's multi-output
+        ufuncs take it, one array or None per returned value: ``(y, save_mean,
+        save_invstd)``, the last two of shape (C,) and the compute dtype. The entries
+        given are returned.
     n_threads : int, keyword-only
         Threads for this call (default: :func:`cbn.get_num_threads`); counts above
         ``cbn._threads.MAX_THREADS`` are clipped to it, and a process forked after a
@@ -291,6 +303,9 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         Applied to the output in the same pass: ``y = relu(bn(x) + residual)``.
     residual : array like ``input``, keyword-only
         Added to the normalized output before the activation, in the same pass.
+    unbiased : bool, keyword-only
+        The running-variance convention (default True, PyTorch's); False updates it with
+        the biased variance, ``rv = (1 - momentum) * rv + momentum * var`` (Keras', ONNX's).
 
     Training statistics that overflow or underflow in the kernels (float64 values near
     1e200, float32 near 1e20, a variance below the range with ``eps=0``) are recomputed
@@ -303,6 +318,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     -------
     y : array like ``input``
     save_mean : (C,) array
+        All three of the input's array type (entries of ``out`` as given).
         Batch mean in training, the running mean in eval.
     save_invstd : (C,) array
         ``1 / sqrt(var + eps)`` of the batch (biased var) in training, of the running var
@@ -596,8 +612,8 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
 
     Returns
     -------
-    y : ndarray
-        Same shape and dtype as ``input`` (``out`` when given).
+    y : array
+        Same shape and dtype as ``input``, of its array type (``out`` when given).
 
     Examples
     --------
@@ -668,7 +684,14 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         ``(N, C, *)`` with ``axis=1`` (NCHW), ``(N, *, C)`` with ``axis=-1``
         (channels-last). Any strides. Half-precision inputs (float16; bfloat16 from
         ml_dtypes) are computed in float32, as PyTorch does on the CPU: their statistics and
-        parameters are float32, the output is half.
+        parameters are float32, the output is half. A NumPy array, anything NumPy reads
+        (the buffer protocol, ``__array__``), or a CPU array of another library (a torch
+        tensor, a JAX array, anything with ``__dlpack__``), read through a NumPy view of its
+        memory, not a copy; a torch bfloat16 tensor is read as ml_dtypes' bfloat16. The
+        result has the input's type: NumPy in, NumPy out; torch in, torch out; JAX in, JAX
+        out; another array-API array through its namespace's ``from_dlpack``; an object
+        with ``__dlpack__`` only gives NumPy. The other array arguments may be such arrays
+        too.
     running_mean, running_var : ndarray of C values, or None
         Running statistics. In training they are updated in place (see Notes), so they must
         then be writable ndarrays of the compute dtype (the input's, float32 for half
@@ -685,9 +708,11 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         ``invstd`` 0, so its output is ``bias``).
     axis : int, optional, keyword-only
         The channel axis (default 1; -1 for channels-last).
-    out : ndarray, optional, keyword-only
-        Where to write the output: same shape and dtype as ``input``, writable; it may be
-        ``input`` itself (normalization in place).
+    out : array or 1-tuple, optional, keyword-only
+        Where to write the output: same shape and dtype as ``input``, writable (a NumPy
+        array, or a CPU array of another library, such as a torch tensor; not a JAX array,
+        which is immutable); it may be ``input`` itself (normalization in place). A tuple
+        ``(out,)`` is taken too, as NumPy's ufuncs do.
     n_threads : int, optional, keyword-only
         Threads for this call (default: :func:`cbn.get_num_threads`). Results are
         bit-identical for any thread count.
@@ -696,11 +721,15 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     residual : array_like, optional, keyword-only
         Same shape as ``input``: added to the normalized output before the activation, in
         the same pass (``y = relu(bn(x) + residual)``).
+    unbiased : bool, optional, keyword-only
+        The running-variance convention: True (default, PyTorch's) updates it with the
+        unbiased batch variance, False with the biased one (Keras', ONNX's; see Notes).
 
     Returns
     -------
-    y : ndarray
-        Same shape and dtype as ``input``, in the input's memory order (``out`` when given).
+    y : array
+        Same shape and dtype as ``input``, in the input's memory order, of the input's
+        array type (``out`` when given).
 
     Raises
     ------
@@ -708,7 +737,9 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         An argument of the wrong kind: an input that is not a floating-point array of a
         supported dtype, an ``axis``, ``eps`` or ``momentum`` that is not a number, a
         running statistic that is not a writable ndarray of the compute dtype when it is to
-        be updated, an ``out`` that is not an ndarray.
+        be updated, an ``out`` that is not an ndarray; a torch tensor that requires grad,
+        an array on a device other than the CPU, a bfloat16 tensor without ml_dtypes, a
+        JAX array to be written (running statistics in training, ``out``).
     ValueError
         A value out of range: an input that is not 2D to 5D, an ``axis`` out of range
         (:class:`numpy.exceptions.AxisError`), a negative or infinite ``eps``, a per-channel
@@ -732,6 +763,8 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
 
         running_mean = (1 - momentum) * running_mean + momentum * mean
         running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+
+    or, with ``unbiased=False``, ``momentum * var`` for the last term.
 
     The statistics are reduced in a fixed order (per-block partial results merged in double
     precision), so the result is bit-identical for any number of threads.
@@ -833,15 +866,18 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         The forward's output, with ``activation="relu"``.
     residual : bool, optional, keyword-only
         Also return the residual's gradient.
-    out : ndarray, optional, keyword-only
+    out : array or tuple, optional, keyword-only
         Where to write ``grad_input``: the input's shape and dtype, writable; may be
         ``grad_output`` itself. One that shares memory with the inputs otherwise gets the
-        right values too (computed aside and copied in).
+        right values too (computed aside and copied in). Or a tuple with one array or None
+        per returned value, ``(grad_input, grad_weight, grad_bias[, grad_residual])``;
+        the entries given are returned.
 
     Returns
     -------
-    grad_input : ndarray
-        The input's shape and dtype (``out`` when given).
+    grad_input : array
+        The input's shape and dtype (``out`` when given). All results have the array
+        type of ``input`` (see :func:`batch_norm`).
     grad_weight, grad_bias : ndarray of shape (C,)
         In the compute dtype (float32 for half inputs).
     grad_residual : ndarray

@@ -90,14 +90,12 @@ def to_numpy(a: Any, name: str, writable: bool = False) -> Any:
         return a
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(a, torch.Tensor):
-        if not writable:
-            try:
-                # the common case, about 0.5 us; numpy() refuses a tensor that requires
-                # grad, is not on the CPU or is bfloat16: _torch_view explains or reads it
-                return a.numpy()
-            except (RuntimeError, TypeError):
-                pass
-        v = _torch_view(a, name, torch)
+        try:
+            # the common case, about 0.5 us; numpy() refuses a tensor that requires grad,
+            # is not on the CPU or is bfloat16: _torch_view explains or reads it
+            v = a.numpy()
+        except (RuntimeError, TypeError):
+            v = _torch_view(a, name, torch)
         if not writable:
             return v
     elif not foreign(a):
@@ -126,9 +124,13 @@ def to_numpy(a: Any, name: str, writable: bool = False) -> Any:
             else:
                 raise TypeError(f"{name}: cbn cannot read this {type(a).__name__} through "
                                 f"DLPack ({e})") from None
-    if writable and not v.flags.writeable:
-        raise TypeError(f"{name} is written in place, but this {type(a).__name__} is "
-                        f"read-only (JAX arrays are immutable)")
+    if writable:
+        if not v.flags.writeable:
+            raise TypeError(f"{name} is written in place, but this {type(a).__name__} is "
+                            f"read-only (JAX arrays are immutable)")
+        if v.size > 1 and 0 in v.strides:
+            raise TypeError(f"{name} is written in place, but several of its elements share "
+                            f"one memory location (an expanded or broadcast array)")
     return v
 
 

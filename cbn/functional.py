@@ -182,7 +182,9 @@ def _foreign_forward(input, weight, bias, running_mean, running_var, training, m
     x, wrap = _arrays.read_input(input)
     conv = _arrays.to_numpy
     update = bool(training)
-    if nout == 1:
+    if out is None:
+        out_np = given = None
+    elif nout == 1:
         out_np, given = _numpy_out(out, 1)
         if type(out_np) is tuple:
             out_np += (None, None)
@@ -193,17 +195,21 @@ def _foreign_forward(input, weight, bias, running_mean, running_var, training, m
         conv(running_mean, "running_mean", update), conv(running_var, "running_var", update),
         training, momentum, eps, axis=axis, out=out_np, n_threads=n_threads,
         activation=activation, residual=conv(residual, "residual"), unbiased=unbiased)
+    if given is None:                             # the common case, kept short
+        if wrap is None:
+            return res[:nout]
+        return (wrap(res[0]),) if nout == 1 else (wrap(res[0]), wrap(res[1]), wrap(res[2]))
     return _typed(res[:nout], given, wrap)
 
 
 def _foreign_backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
                       n_threads, activation, output, residual, out):
     """batch_norm_backward on foreign arrays: results in the type of ``input``."""
-    wrap = _arrays.result_type(input)
+    x, wrap = _arrays.read_input(input)
     conv = _arrays.to_numpy
     out_np, given = _numpy_out(out, 4 if bool(residual) else 3)
     res = batch_norm_backward(
-        conv(grad_output, "grad_output"), conv(input, "input"), conv(weight, "weight"),
+        conv(grad_output, "grad_output"), x, conv(weight, "weight"),
         conv(save_mean, "save_mean"), conv(save_invstd, "save_invstd"), training,
         axis=axis, n_threads=n_threads, activation=activation,
         output=conv(output, "output"), residual=residual, out=out_np)

@@ -284,3 +284,18 @@ def test_jax_bfloat16_input():
     assert y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y),
                                   cbn.batch_norm(np.asarray(x), None, None, training=True))
+
+
+def test_torch_expanded_tensor_is_not_written():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(8, 3)
+    rv = torch.ones(1).expand(3)                 # three elements, one memory location
+    with pytest.raises(TypeError, match="running_var is written in place, but several"):
+        cbn.batch_norm(x, torch.zeros(3), rv, training=True)
+    with pytest.raises(TypeError, match="out is written in place, but several"):
+        cbn.batch_norm(x, None, None, training=True, out=torch.zeros(1, 3).expand(8, 3))
+    assert rv[0].item() == 1.0
+    # only read (eval): an expanded tensor is fine
+    y = cbn.batch_norm(x, torch.zeros(3), rv)
+    np.testing.assert_array_equal(y.numpy(), cbn.batch_norm(x.numpy(), np.zeros(3, np.float32),
+                                                            np.ones(3, np.float32)))

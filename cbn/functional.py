@@ -323,8 +323,8 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     Returns
     -------
     y : array like ``input``
+        Of the input's array type, as the two others (entries of ``out`` as given).
     save_mean : (C,) array
-        All three of the input's array type (entries of ``out`` as given).
         Batch mean in training, the running mean in eval.
     save_invstd : (C,) array
         ``1 / sqrt(var + eps)`` of the batch (biased var) in training, of the running var

@@ -49,6 +49,10 @@ from ._arrays import per_channel as _param
 from ._arrays import same_shape as _same_shape
 from ._threads import resolve_num_threads
 
+#: what the public functions return: a NumPy array, or an array of the input's library
+#: (a torch tensor, a JAX array, ...), which a static type cannot name
+_Result = Union[np.ndarray, Any]
+
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
            "normalize"]
 
@@ -269,7 +273,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
                        n_threads: Optional[int] = None,
                        activation: Optional[str] = None,
                        residual: Optional[ArrayLike] = None, unbiased: bool = True,
-                       ) -> Tuple[Any, Any, Any]:
+                       ) -> Tuple[_Result, _Result, _Result]:
     """Batch normalization returning what the backward needs, like ATen's ``native_batch_norm``.
 
     Parameters
@@ -560,7 +564,7 @@ def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt
 
 def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
                     running_var: ArrayLike, eps: float, dtype: DTypeLike = np.float32,
-                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> Tuple[_Result, _Result, _Result]:
     """Per-channel vectors of the eval forward: ``(invstd, scale, shift)`` with
     ``invstd = 1/sqrt(running_var + eps)`` (0 where that is 0), ``scale = weight * invstd``
     and ``shift = bias``, in ``dtype``, computed exactly as the eval forward does.
@@ -599,7 +603,7 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
 def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayLike, *,
               axis: int = 1, out: Union[None, Any, Tuple[Any]] = None,
               n_threads: Optional[int] = None, activation: Optional[str] = None,
-              residual: Optional[ArrayLike] = None) -> Any:
+              residual: Optional[ArrayLike] = None) -> _Result:
     """``y = act((x - mean) * scale + shift + residual)`` per channel, in one pass.
 
     The eval forward once its per-channel vectors are known (``scale = weight * invstd``,
@@ -677,7 +681,7 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
                momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
                out: Union[None, Any, Tuple[Any]] = None,
                n_threads: Optional[int] = None, activation: Optional[str] = None,
-               residual: Optional[ArrayLike] = None, unbiased: bool = True) -> Any:
+               residual: Optional[ArrayLike] = None, unbiased: bool = True) -> _Result:
     """Batch normalization with the arguments of ``torch.nn.functional.batch_norm``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
@@ -830,7 +834,8 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
                         *, axis: int = 1, n_threads: Optional[int] = None,
                         activation: Optional[str] = None, output: Optional[ArrayLike] = None,
                         residual: bool = False,
-                        out: Union[None, Any, Tuple[Any, ...]] = None) -> Tuple[Any, ...]:
+                        out: Union[None, Any, Tuple[Any, ...]] = None,
+                        ) -> Tuple[_Result, ...]:
     """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
 
     ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in

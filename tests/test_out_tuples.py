@@ -237,3 +237,14 @@ def test_unbiased_errors_write_nothing():
         cbn.batch_norm(x, rm, np.ones(3, np.float32), training=True, unbiased=False)
     np.testing.assert_array_equal(rm, 0.0)
     np.testing.assert_array_equal(rv, 1.0)
+
+
+def test_unbiased_false_through_the_edge_rescue():
+    # float32 values near 1e19: squared deviations overflow float32, so the kernel's
+    # statistics are recomputed with scaling (functional._rescue); the biased update
+    # follows the rescued unbiased one
+    x = (np.random.default_rng(4).standard_normal((64, 3)) * 1e19).astype(np.float32)
+    rv = np.ones(3, np.float32)
+    y = cbn.batch_norm(x, None, rv, training=True, momentum=0.5, unbiased=False)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(rv, _biased_reference(x, 1, np.ones(3), 0.5), rtol=2e-6)

@@ -52,6 +52,7 @@ from ._threads import resolve_num_threads
 #: what the public functions return: a NumPy array, or an array of the input's library
 #: (a torch tensor, a JAX array, ...), which a static type cannot name
 _Result = Union[np.ndarray, Any]
+_ndarray = np.ndarray                          # one global lookup on the plain path
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
            "normalize"]
@@ -815,7 +816,12 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     >>> np.allclose(y_nhwc.transpose(0, 3, 1, 2), y)
     True
     """
-    if type(input) is not np.ndarray and _arrays.foreign(input):
+    if type(input) is _ndarray and unbiased is True and type(out) is not tuple:
+        # the common call, with nothing to convert (kept short: it is the plain path)
+        return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
+                                  momentum, eps, axis=axis, out=out, n_threads=n_threads,
+                                  activation=activation, residual=residual)[0]
+    if _arrays.foreign(input):
         return _foreign_forward(input, weight, bias, running_mean, running_var, training,
                                 momentum, eps, axis, out, n_threads, activation, residual,
                                 unbiased, 1)[0]

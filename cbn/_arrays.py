@@ -139,7 +139,8 @@ def read_input(a: Any, name: str = "input") -> Tuple[Any, Optional[Callable[[np.
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(a, torch.Tensor):
         try:
-            return a.numpy(), _to_torch           # as in to_numpy
+            # as in to_numpy; the results of a float input are float: from_numpy itself
+            return a.numpy(), torch.from_numpy
         except (RuntimeError, TypeError):
             return _torch_view(a, name, torch), _to_torch
     return to_numpy(a, name), result_type(a)

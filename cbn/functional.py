@@ -195,11 +195,19 @@ def _foreign_forward(input, weight, bias, running_mean, running_var, training, m
             out_np += (None, None)
     else:
         out_np, given = _numpy_out(out, 3)
+    # (None and NumPy arrays are passed on without a call: this path is timed in us)
     res = batch_norm_forward(
-        x, conv(weight, "weight"), conv(bias, "bias"),
-        conv(running_mean, "running_mean", update), conv(running_var, "running_var", update),
+        x,
+        weight if weight is None or type(weight) is _ndarray else conv(weight, "weight"),
+        bias if bias is None or type(bias) is _ndarray else conv(bias, "bias"),
+        running_mean if running_mean is None or type(running_mean) is _ndarray
+        else conv(running_mean, "running_mean", update),
+        running_var if running_var is None or type(running_var) is _ndarray
+        else conv(running_var, "running_var", update),
         training, momentum, eps, axis=axis, out=out_np, n_threads=n_threads,
-        activation=activation, residual=conv(residual, "residual"), unbiased=unbiased)
+        activation=activation,
+        residual=residual if residual is None else conv(residual, "residual"),
+        unbiased=unbiased)
     if given is None:                             # the common case, kept short
         if wrap is None:
             return res[:nout]
@@ -821,7 +829,7 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                                   momentum, eps, axis=axis, out=out, n_threads=n_threads,
                                   activation=activation, residual=residual)[0]
-    if _arrays.foreign(input):
+    if type(input) is not _ndarray:             # any other input: NumPy or foreign results
         return _foreign_forward(input, weight, bias, running_mean, running_var, training,
                                 momentum, eps, axis, out, n_threads, activation, residual,
                                 unbiased, 1)[0]

@@ -222,10 +222,14 @@ def _foreign_backward(grad_output, input, weight, save_mean, save_invstd, traini
     conv = _arrays.to_numpy
     out_np, given = _numpy_out(out, 4 if bool(residual) else 3)
     res = batch_norm_backward(
-        conv(grad_output, "grad_output"), x, conv(weight, "weight"),
+        conv(grad_output, "grad_output"), x,
+        weight if weight is None or type(weight) is _ndarray else conv(weight, "weight"),
         conv(save_mean, "save_mean"), conv(save_invstd, "save_invstd"), training,
         axis=axis, n_threads=n_threads, activation=activation,
-        output=conv(output, "output"), residual=residual, out=out_np)
+        output=output if output is None else conv(output, "output"), residual=residual,
+        out=out_np)
+    if wrap is None and out is None:
+        return res
     return _typed(res, given, wrap)
 
 

@@ -16,17 +16,24 @@ axes after it into K, so the data is a C-contiguous (M, C, K) array: NCHW is (N,
 channels-last (NHWC, or NCHW in PyTorch's channels_last format) is (N*H*W, C, 1). Inputs
 whose memory order is not a plain permutation of a contiguous block (sliced, negative or
 broadcast strides) are copied once; outputs are allocated in the input's memory order.
+
+Arrays of other libraries (torch, JAX, anything with ``__dlpack__``) are read through NumPy
+views of their memory (:func:`cbn._arrays.to_numpy`); the call is then made again on the
+views (taking the plain path when it can) and its results take the input's type
+(:func:`cbn._arrays.result_type`). ``out=`` is one array for the first output or a tuple
+with one entry per returned value; the entries given are returned.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
+from . import _arrays
 from . import _kernels
 from . import _threads
 from ._checks import COMPUTE as _COMPUTE
@@ -42,6 +49,11 @@ from ._arrays import contiguous as _contiguous
 from ._arrays import per_channel as _param
 from ._arrays import same_shape as _same_shape
 from ._threads import resolve_num_threads
+
+#: what the public functions return: a NumPy array, or an array of the input's library
+#: (a torch tensor, a JAX array, ...), which a static type cannot name
+_Result = Union[np.ndarray, Any]
+_ndarray = np.ndarray                          # one global lookup on the plain path
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "eval_parameters",
            "normalize"]
@@ -71,18 +83,155 @@ def _running(a, name: str, C: int, dtype, update: bool) -> Optional[np.ndarray]:
     return a
 
 
-def _check_out(out, x: np.ndarray) -> Optional[np.ndarray]:
+def _check_out(out, x: np.ndarray, name: str = "out") -> Optional[np.ndarray]:
+    """An output like the input (``out``, ``out[0]``, ``out[3]``): an ndarray of its
+    shape and dtype, writable."""
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray or an array with __dlpack__, "
+                        f"got {type(out).__name__}")
     if out.shape != x.shape:
-        raise ValueError(f"out has shape {out.shape}, expected the input's shape {x.shape}")
+        raise ValueError(f"{name} has shape {out.shape}, expected the input's shape {x.shape}")
     if out.dtype != x.dtype:
-        raise ValueError(f"out has dtype {out.dtype}, expected the input's dtype {x.dtype}")
+        raise ValueError(f"{name} has dtype {out.dtype}, expected the input's dtype {x.dtype}")
     if not out.flags.writeable:
-        raise ValueError("out must be writable")
+        raise ValueError(f"{name} must be writable")
     return out
+
+
+def _check_vector_out(out, name: str, C: int, dtype) -> Optional[np.ndarray]:
+    """An entry of ``out`` for a per-channel result (save_mean, grad_weight, ...): an
+    ndarray of shape (C,) and the compute dtype, writable."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or an array with __dlpack__, "
+                        f"got {type(out).__name__}")
+    if out.shape != (C,):
+        raise ValueError(f"{name} has shape {out.shape}, expected ({C},)")
+    if out.dtype != dtype:
+        raise ValueError(f"{name} has dtype {out.dtype}, expected {np.dtype(dtype)}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return out
+
+
+def _deliver(results, outs) -> tuple:
+    """The results, each copied into its entry of ``out`` where one was given (the entry
+    is then returned). Entries the kernel wrote directly are returned as they are."""
+    return tuple(r if o is None or o is r else _finish(r, o) for r, o in zip(results, outs))
+
+
+def _check_unbiased(unbiased) -> bool:
+    if unbiased is True or unbiased is False:
+        return unbiased
+    if isinstance(unbiased, np.bool_):
+        return bool(unbiased)
+    raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
+
+
+def _biased_update(running_var: np.ndarray, m_var_unbiased: np.ndarray, momentum: float,
+                   n: int) -> None:
+    """``running_var = (1 - momentum) * running_var + momentum * var`` with the biased
+    batch variance, in place, from ``m_var_unbiased``: what the kernel's (unbiased) update
+    wrote into a vector of zeros, ``momentum * var * n / (n - 1)``. Computed in float64,
+    rounded once to ``running_var``'s dtype, as ``cbn._stages.biased_update`` does for the
+    modules."""
+    new = m_var_unbiased.astype(np.float64) * ((n - 1) / n)
+    old = running_var.reshape(-1).astype(np.float64)
+    running_var[...] = (new + (1.0 - momentum) * old).reshape(running_var.shape)
+
+
+# ------------------------------------------------------------- arrays of other libraries
+#
+# A call with an array of another library (torch, JAX, anything with __dlpack__) reads it
+# through a NumPy view of its memory (cbn._arrays.to_numpy: no copy), makes the same call
+# on the views (which then takes the plain path when it can) and gives the results the
+# input's type (cbn._arrays.result_type); entries of ``out`` are returned as given.
+
+
+def _any_foreign(*arrays) -> bool:
+    for a in arrays:
+        if type(a) is tuple:
+            if any(map(_arrays.foreign, a)):
+                return True
+        elif _arrays.foreign(a):
+            return True
+    return False
+
+
+def _numpy_out(out, n: int):
+    """``out`` with its entries as NumPy views (written in place), and the entries as
+    given (returned as the results)."""
+    if out is None:
+        return None, (None,) * n
+    given = _arrays.split_out(out, n)
+    names = _arrays.out_names(out, n)
+    views = [_arrays.to_numpy(o, names[i], writable=True) for i, o in enumerate(given)]
+    return (tuple(views) if type(out) is tuple else views[0]), given
+
+
+def _typed(results, given, wrap) -> tuple:
+    """Results in the caller's types: an entry of ``out`` as given, else wrapped."""
+    if len(results) == 1:                       # batch_norm, normalize: the common case
+        g = given[0]
+        return (results[0] if wrap is None else wrap(results[0])) if g is None else g,
+    if wrap is None:
+        return tuple(r if g is None else g for r, g in zip(results, given))
+    return tuple(wrap(r) if g is None else g for r, g in zip(results, given))
+
+
+def _foreign_forward(input, weight, bias, running_mean, running_var, training, momentum,
+                     eps, axis, out, n_threads, activation, residual, unbiased, nout: int):
+    """batch_norm_forward (nout 3) or batch_norm (nout 1) on foreign arrays."""
+    x, wrap = _arrays.read_input(input)
+    conv = _arrays.to_numpy
+    update = bool(training)
+    if out is None:
+        out_np = given = None
+    elif nout == 1:
+        out_np, given = _numpy_out(out, 1)
+        if type(out_np) is tuple:
+            out_np += (None, None)
+    else:
+        out_np, given = _numpy_out(out, 3)
+    # (None and NumPy arrays are passed on without a call: this path is timed in us)
+    res = batch_norm_forward(
+        x,
+        weight if weight is None or type(weight) is _ndarray else conv(weight, "weight"),
+        bias if bias is None or type(bias) is _ndarray else conv(bias, "bias"),
+        running_mean if running_mean is None or type(running_mean) is _ndarray
+        else conv(running_mean, "running_mean", update),
+        running_var if running_var is None or type(running_var) is _ndarray
+        else conv(running_var, "running_var", update),
+        training, momentum, eps, axis=axis, out=out_np, n_threads=n_threads,
+        activation=activation,
+        residual=residual if residual is None else conv(residual, "residual"),
+        unbiased=unbiased)
+    if given is None:                             # the common case, kept short
+        if wrap is None:
+            return res[:nout]
+        return (wrap(res[0]),) if nout == 1 else (wrap(res[0]), wrap(res[1]), wrap(res[2]))
+    return _typed(res[:nout], given, wrap)
+
+
+def _foreign_backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
+                      n_threads, activation, output, residual, out):
+    """batch_norm_backward on foreign arrays: results in the type of ``input``."""
+    x, wrap = _arrays.read_input(input)
+    conv = _arrays.to_numpy
+    out_np, given = _numpy_out(out, 4 if bool(residual) else 3)
+    res = batch_norm_backward(
+        conv(grad_output, "grad_output"), x,
+        weight if weight is None or type(weight) is _ndarray else conv(weight, "weight"),
+        conv(save_mean, "save_mean"), conv(save_invstd, "save_invstd"), training,
+        axis=axis, n_threads=n_threads, activation=activation,
+        output=output if output is None else conv(output, "output"), residual=residual,
+        out=out_np)
+    if wrap is None and out is None:
+        return res
+    return _typed(res, given, wrap)
 
 
 def _output(view: _View, x: np.ndarray, x3: np.ndarray, out: Optional[np.ndarray]):
@@ -134,10 +283,11 @@ def _is_relu(activation) -> bool:
 def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Optional[ArrayLike],
                        running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray],
                        training: bool, momentum: float, eps: float, *, axis: int = 1,
-                       out: Optional[np.ndarray] = None, n_threads: Optional[int] = None,
+                       out: Union[None, Any, Tuple[Any, ...]] = None,
+                       n_threads: Optional[int] = None,
                        activation: Optional[str] = None,
-                       residual: Optional[ArrayLike] = None,
-                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       residual: Optional[ArrayLike] = None, unbiased: bool = True,
+                       ) -> Tuple[_Result, _Result, _Result]:
     """Batch normalization returning what the backward needs, like ATen's ``native_batch_norm``.
 
     Parameters
@@ -145,7 +295,10 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     input : array, 2D to 5D, float16, bfloat16, float32 or float64
         ``(N, C, *)`` with ``axis=1``, ``(N, *, C)`` with ``axis=-1``. Half-precision
         inputs (float16; bfloat16 from ml_dtypes) are computed in float32, as PyTorch does
-        on the CPU: their statistics and parameters are float32, the output is half.
+        on the CPU: their statistics and parameters are float32, the output is half. A
+        NumPy array, or a CPU array of another library (torch, JAX, anything with
+        ``__dlpack__``; torch bfloat16 through ml_dtypes), read without a copy; the results
+        take its type (see :func:`batch_norm`).
     weight, bias : array-like of C values or None
         Affine parameters (gamma, beta); None means 1 and 0.
     running_mean, running_var : arrays of C values or None
@@ -161,8 +314,11 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         Added to the variance; 0 is allowed (a constant channel then gets invstd 0).
     axis : int, keyword-only
         The channel axis.
-    out : array, keyword-only
-        Where to write the output (may be ``input`` itself).
+    out : array or tuple of 3 arrays or None, keyword-only
+        Where to write the output (may be ``input`` itself); or, as NumPy's multi-output
+        ufuncs take it, one array or None per returned value: ``(y, save_mean,
+        save_invstd)``, the last two of shape (C,) and the compute dtype. The entries
+        given are returned.
     n_threads : int, keyword-only
         Threads for this call (default: :func:`cbn.get_num_threads`); counts above
         ``cbn._threads.MAX_THREADS`` are clipped to it, and a process forked after a
@@ -171,6 +327,9 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         Applied to the output in the same pass: ``y = relu(bn(x) + residual)``.
     residual : array like ``input``, keyword-only
         Added to the normalized output before the activation, in the same pass.
+    unbiased : bool, keyword-only
+        The running-variance convention (default True, PyTorch's); False updates it with
+        the biased variance, ``rv = (1 - momentum) * rv + momentum * var`` (Keras', ONNX's).
 
     Training statistics that overflow or underflow in the kernels (float64 values near
     1e200, float32 near 1e20, a variance below the range with ``eps=0``) are recomputed
@@ -182,6 +341,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     Returns
     -------
     y : array like ``input``
+        Of the input's array type, as the two others (entries of ``out`` as given).
     save_mean : (C,) array
         Batch mean in training, the running mean in eval.
     save_invstd : (C,) array
@@ -213,7 +373,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     >>> np.allclose(y, (x - save_mean) * save_invstd, atol=1e-6)
     True
     """
-    if ((activation is None or _is_relu(activation))
+    if ((activation is None or _is_relu(activation)) and unbiased is True
             and type(momentum) is float and momentum - momentum == 0.0):
         # The plain call (see _kernels.plain_forward) skips the general path below. A
         # momentum that is not a finite float goes there too, to be refused.
@@ -232,6 +392,12 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
                         r[3], r[4], r[1], r[2], momentum, eps)
                 r = r[:3]
             return r
+    if _any_foreign(input, weight, bias, running_mean, running_var, residual, out):
+        return _foreign_forward(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps, axis, out, n_threads, activation, residual,
+                                unbiased, 3)
+    outs = _arrays.split_out(out, 3)
+    names = _arrays.out_names(out, 3)
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -239,13 +405,16 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
     relu = _check_activation(activation)
+    unbiased = _check_unbiased(unbiased)
     dtype = _COMPUTE[x.dtype]
     w = _param(weight, "weight", C, dtype)
     b = _param(bias, "bias", C, dtype)
     rm = _running(running_mean, "running_mean", C, dtype, update=training)
     rv = _running(running_var, "running_var", C, dtype, update=training)
     r = None if residual is None else _same_shape(residual, "residual", x, dtype)
-    out = _check_out(out, x)
+    out = _check_out(outs[0], x, names[0])
+    outs[1] = _check_vector_out(outs[1], names[1], C, dtype)
+    outs[2] = _check_vector_out(outs[2], names[2], C, dtype)
     if training:
         if x.size == C and math.prod(x.shape[:axis] + x.shape[axis + 1:]) == 1:
             raise ValueError("Expected more than 1 value per channel when training, "
@@ -253,6 +422,10 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     elif rm is None or rv is None:
         raise ValueError("running_mean and running_var must be given when training=False")
     nt = resolve_num_threads(n_threads, x.size)
+    biased_rv = None
+    if training and not unbiased and rv is not None:
+        # the kernel's unbiased update goes to a vector of zeros (see _biased_update)
+        biased_rv, rv = rv, np.zeros(C, dtype=dtype)
 
     save_mean = np.empty(C, dtype=dtype)
     save_invstd = np.empty(C, dtype=dtype)
@@ -264,7 +437,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         else:
             save_mean[:] = rm
             _kernels.invstd(rv, eps, save_invstd)
-        return y, save_mean, save_invstd
+        return _deliver((y, save_mean, save_invstd), outs)
 
     x3, r3, y3, finish = _prepare(x, axis, r, out)
     if training:
@@ -287,7 +460,9 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     else:
         _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt, r3,
                               relu)
-    return finish(), save_mean, save_invstd
+    if biased_rv is not None:
+        _biased_update(biased_rv, rv, momentum, x.size // C)
+    return _deliver((finish(), save_mean, save_invstd), outs)
 
 
 # ------------------------------------------------------------------ numerics at the edge
@@ -403,7 +578,7 @@ def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt
 
 def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
                     running_var: ArrayLike, eps: float, dtype: DTypeLike = np.float32,
-                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> Tuple[_Result, _Result, _Result]:
     """Per-channel vectors of the eval forward: ``(invstd, scale, shift)`` with
     ``invstd = 1/sqrt(running_var + eps)`` (0 where that is 0), ``scale = weight * invstd``
     and ``shift = bias``, in ``dtype`` (float32 or float64: the compute dtype of the
@@ -424,6 +599,12 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
     >>> scale.dtype
     dtype('float32')
     """
+    if _any_foreign(weight, bias, running_var):
+        wrap = _arrays.result_type(running_var)
+        conv = _arrays.to_numpy
+        res = eval_parameters(conv(weight, "weight"), conv(bias, "bias"),
+                              conv(running_var, "running_var"), eps, dtype)
+        return res if wrap is None else tuple(map(wrap, res))
     dtype = _check_float_dtype(dtype)
     rv = _param(running_var, "running_var", np.size(running_var), dtype)
     C = rv.size
@@ -436,9 +617,9 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
 
 
 def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayLike, *,
-              axis: int = 1, out: Optional[np.ndarray] = None,
+              axis: int = 1, out: Union[None, Any, Tuple[Any]] = None,
               n_threads: Optional[int] = None, activation: Optional[str] = None,
-              residual: Optional[ArrayLike] = None) -> np.ndarray:
+              residual: Optional[ArrayLike] = None) -> _Result:
     """``y = act((x - mean) * scale + shift + residual)`` per channel, in one pass.
 
     The eval forward once its per-channel vectors are known (``scale = weight * invstd``,
@@ -457,8 +638,8 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
 
     Returns
     -------
-    y : ndarray
-        Same shape and dtype as ``input`` (``out`` when given).
+    y : array
+        Same shape and dtype as ``input``, of its array type (``out`` when given).
 
     Examples
     --------
@@ -481,6 +662,19 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
                                   out)
         if y is not None:
             return y
+    if _any_foreign(input, mean, scale, shift, residual, out):
+        wrap = _arrays.result_type(input)
+        conv = _arrays.to_numpy
+        out_np, given = _numpy_out(out, 1)
+        y = normalize(conv(input, "input"), conv(mean, "mean"), conv(scale, "scale"),
+                      conv(shift, "shift"), axis=axis, out=out_np, n_threads=n_threads,
+                      activation=activation, residual=conv(residual, "residual"))
+        return _typed((y,), given, wrap)[0]
+    if type(out) is tuple:
+        (out,) = _arrays.split_out(out, 1)
+        name = "out[0]"
+    else:
+        name = "out"
     x = _as_input(input, "input")
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
@@ -490,7 +684,7 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     scale = _param(scale, "scale", C, dtype)
     shift = _param(shift, "shift", C, dtype)
     r = None if residual is None else _same_shape(residual, "residual", x, dtype)
-    out = _check_out(out, x)
+    out = _check_out(out, x, name)
     if x.size == 0:
         return np.empty_like(x) if out is None else out
     return _affine(x, axis, mean, scale, shift, r, relu, out,
@@ -501,9 +695,9 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
                running_var: Optional[np.ndarray], weight: Optional[ArrayLike] = None,
                bias: Optional[ArrayLike] = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
-               out: Optional[np.ndarray] = None, n_threads: Optional[int] = None,
-               activation: Optional[str] = None,
-               residual: Optional[ArrayLike] = None) -> np.ndarray:
+               out: Union[None, Any, Tuple[Any]] = None,
+               n_threads: Optional[int] = None, activation: Optional[str] = None,
+               residual: Optional[ArrayLike] = None, unbiased: bool = True) -> _Result:
     """Batch normalization with the arguments of ``torch.nn.functional.batch_norm``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
@@ -516,7 +710,14 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         ``(N, C, *)`` with ``axis=1`` (NCHW), ``(N, *, C)`` with ``axis=-1``
         (channels-last). Any strides. Half-precision inputs (float16; bfloat16 from
         ml_dtypes) are computed in float32, as PyTorch does on the CPU: their statistics and
-        parameters are float32, the output is half.
+        parameters are float32, the output is half. A NumPy array, anything NumPy reads
+        (the buffer protocol, ``__array__``), or a CPU array of another library (a torch
+        tensor, a JAX array, anything with ``__dlpack__``), read through a NumPy view of its
+        memory, not a copy; a torch bfloat16 tensor is read as ml_dtypes' bfloat16. The
+        result has the input's type: NumPy in, NumPy out; torch in, torch out; JAX in, JAX
+        out; another array-API array through its namespace's ``from_dlpack``; an object
+        with ``__dlpack__`` only gives NumPy. The other array arguments may be such arrays
+        too.
     running_mean, running_var : ndarray of C values, or None
         Running statistics. In training they are updated in place (see Notes), so they must
         then be writable ndarrays of the compute dtype (the input's, float32 for half
@@ -533,9 +734,11 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         ``invstd`` 0, so its output is ``bias``).
     axis : int, optional, keyword-only
         The channel axis (default 1; -1 for channels-last).
-    out : ndarray, optional, keyword-only
-        Where to write the output: same shape and dtype as ``input``, writable; it may be
-        ``input`` itself (normalization in place).
+    out : array or 1-tuple, optional, keyword-only
+        Where to write the output: same shape and dtype as ``input``, writable (a NumPy
+        array, or a CPU array of another library, such as a torch tensor; not a JAX array,
+        which is immutable); it may be ``input`` itself (normalization in place). A tuple
+        ``(out,)`` is taken too, as NumPy's ufuncs do.
     n_threads : int, optional, keyword-only
         Threads for this call (default: :func:`cbn.get_num_threads`). Results are
         bit-identical for any thread count.
@@ -544,11 +747,15 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     residual : array_like, optional, keyword-only
         Same shape as ``input``: added to the normalized output before the activation, in
         the same pass (``y = relu(bn(x) + residual)``).
+    unbiased : bool, optional, keyword-only
+        The running-variance convention: True (default, PyTorch's) updates it with the
+        unbiased batch variance, False with the biased one (Keras', ONNX's; see Notes).
 
     Returns
     -------
-    y : ndarray
-        Same shape and dtype as ``input``, in the input's memory order (``out`` when given).
+    y : array
+        Same shape and dtype as ``input``, in the input's memory order, of the input's
+        array type (``out`` when given).
 
     Raises
     ------
@@ -556,7 +763,9 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
         An argument of the wrong kind: an input that is not a floating-point array of a
         supported dtype, an ``axis``, ``eps`` or ``momentum`` that is not a number, a
         running statistic that is not a writable ndarray of the compute dtype when it is to
-        be updated, an ``out`` that is not an ndarray.
+        be updated, an ``out`` that is not an ndarray; a torch tensor that requires grad,
+        an array on a device other than the CPU, a bfloat16 tensor without ml_dtypes, a
+        JAX array to be written (running statistics in training, ``out``).
     ValueError
         A value out of range: an input that is not 2D to 5D, an ``axis`` out of range
         (:class:`numpy.exceptions.AxisError`), a negative or infinite ``eps``, a per-channel
@@ -580,6 +789,8 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
 
         running_mean = (1 - momentum) * running_mean + momentum * mean
         running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+
+    or, with ``unbiased=False``, ``momentum * var`` for the last term.
 
     The statistics are reduced in a fixed order (per-block partial results merged in double
     precision), so the result is bit-identical for any number of threads.
@@ -620,9 +831,23 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     >>> np.allclose(y_nhwc.transpose(0, 3, 1, 2), y)
     True
     """
+    if type(input) is _ndarray and unbiased is True and type(out) is not tuple:
+        # the common call, with nothing to convert (kept short: it is the plain path)
+        return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
+                                  momentum, eps, axis=axis, out=out, n_threads=n_threads,
+                                  activation=activation, residual=residual)[0]
+    if type(input) is not _ndarray:             # any other input: NumPy or foreign results
+        return _foreign_forward(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps, axis, out, n_threads, activation, residual,
+                                unbiased, 1)[0]
+    if type(out) is tuple:                      # one array (or None) per returned value
+        (out,) = _arrays.split_out(out, 1)
+        if out is not None:
+            out = (out, None, None)             # so that errors name it out[0]
     return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                               momentum, eps, axis=axis, out=out, n_threads=n_threads,
-                              activation=activation, residual=residual)[0]
+                              activation=activation, residual=residual,
+                              unbiased=unbiased)[0]
 
 
 def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Optional[ArrayLike],
@@ -630,7 +855,8 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
                         *, axis: int = 1, n_threads: Optional[int] = None,
                         activation: Optional[str] = None, output: Optional[ArrayLike] = None,
                         residual: bool = False,
-                        out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, ...]:
+                        out: Union[None, Any, Tuple[Any, ...]] = None,
+                        ) -> Tuple[_Result, ...]:
     """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
 
     ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in
@@ -672,15 +898,18 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         The forward's output, with ``activation="relu"``.
     residual : bool, optional, keyword-only
         Also return the residual's gradient.
-    out : ndarray, optional, keyword-only
+    out : array or tuple, optional, keyword-only
         Where to write ``grad_input``: the input's shape and dtype, writable; may be
         ``grad_output`` itself. One that shares memory with the inputs otherwise gets the
-        right values too (computed aside and copied in).
+        right values too (computed aside and copied in). Or a tuple with one array or None
+        per returned value, ``(grad_input, grad_weight, grad_bias[, grad_residual])``;
+        the entries given are returned.
 
     Returns
     -------
-    grad_input : ndarray
-        The input's shape and dtype (``out`` when given).
+    grad_input : array
+        The input's shape and dtype (``out`` when given). All results have the array
+        type of ``input`` (see :func:`batch_norm`).
     grad_weight, grad_bias : ndarray of shape (C,)
         In the compute dtype (float32 for half inputs).
     grad_residual : ndarray
@@ -733,6 +962,9 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
                                     _threads.MIN_PARALLEL_SIZE, output, residual, out)
         if r is not None:
             return r
+    if _any_foreign(grad_output, input, weight, save_mean, save_invstd, output, out):
+        return _foreign_backward(grad_output, input, weight, save_mean, save_invstd, training,
+                                 axis, n_threads, activation, output, residual, out)
     x = _as_input(input, "input")
     dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
     if dy.dtype.kind != "f" and not _is_half(dy.dtype):
@@ -754,9 +986,16 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     if not relu and output is not None:
         raise ValueError("output= is only used with activation='relu'")
     ym = None if output is None else _same_shape(output, "output", x, dtype)
-    out = _check_out(out, x)
     training = bool(training)
     residual = bool(residual)
+    nout = 4 if residual else 3
+    outs = _arrays.split_out(out, nout)
+    names = _arrays.out_names(out, nout)
+    out = _check_out(outs[0], x, names[0])
+    outs[1] = _check_vector_out(outs[1], names[1], C, dtype)
+    outs[2] = _check_vector_out(outs[2], names[2], C, dtype)
+    if residual:
+        outs[3] = _check_out(outs[3], x, names[3])
     nt = resolve_num_threads(n_threads, x.size)
     if dy.dtype != dtype:
         dy = dy.astype(dtype)
@@ -769,20 +1008,36 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         grad_weight.fill(0)
         grad_bias.fill(0)
         empty = np.empty(x.shape, dtype=_input_dtype(input))
-        return ((empty if out is None else out, grad_weight, grad_bias)
-                + ((empty.copy(),) if residual else ()))
+        return _deliver((empty if out is None else out, grad_weight, grad_bias)
+                        + ((empty.copy(),) if residual else ()), outs)
     view = _View(x, axis)
     x3 = view.read(x)
     dy3 = view.read(dy)
     ym3 = None if ym is None else view.read(ym)
     dx, dx3, copy_into = _grad_output_target(view, out, half, dtype, x3, dy3, ym3)
-    gr, gr3 = view.new(dtype) if residual else (None, None)
+    gr, gr3 = (_grad_residual_target(view, outs[3], half, x3, dy3, ym3, dx3) if residual
+               else (None, None))
     _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt,
                       ym3, gr3)
     if half:
         dx = dx.astype(_input_dtype(input))
         gr = None if gr is None else gr.astype(dx.dtype)
-    return (_finish(dx, copy_into), grad_weight, grad_bias) + ((gr,) if residual else ())
+    return _deliver((_finish(dx, copy_into), grad_weight, grad_bias)
+                    + ((gr,) if residual else ()), outs)
+
+
+def _grad_residual_target(view: _View, out: Optional[np.ndarray], half: bool,
+                          x3: np.ndarray, dy3: np.ndarray, ym3: Optional[np.ndarray],
+                          dx3: np.ndarray):
+    """Where the backward writes grad_residual: ``out[3]`` itself when its layout allows
+    and it shares no memory with the arrays read or with grad_input; else a new array
+    (copied into ``out[3]`` at the end)."""
+    if out is not None and not half:
+        o3 = view.direct(out)
+        if o3 is not None and not any(np.may_share_memory(o3, a)
+                                      for a in (x3, dy3, ym3, dx3) if a is not None):
+            return out, o3
+    return view.new(dy3.dtype)
 
 
 def _grad_output_target(view: _View, out: Optional[np.ndarray], half: bool, dtype,

@@ -97,15 +97,17 @@ def test_forward_and_batch_norm(shape, axis, lay, dtype, activation):
     w, b, rm, rv = make_params(C, cd)
     res, res64 = _zoo(shape, axis, "C", dtype, seed=7)
     kw = _act_kwargs(activation)
-    for training in (True, False):
+    for training, unbiased in ((True, True), (True, False), (False, True)):
         for residual in (None, res):
-            msg = f"training={training} residual={residual is not None}"
+            msg = (f"training={training} unbiased={unbiased} "
+                   f"residual={residual is not None}")
             rm1, rv1, rm2, rv2 = rm.copy(), rv.copy(), rm.copy(), rv.copy()
             y, sm, si = cbn.batch_norm_forward(x, w, b, rm1, rv1, training, 0.1, 1e-5,
-                                               axis=axis, residual=residual, **kw)
+                                               axis=axis, residual=residual,
+                                               unbiased=unbiased, **kw)
             ey, esm, esi = ref.batch_norm_forward(
                 x64, w, b, rm2, rv2, training, 0.1, 1e-5, axis=axis,
-                residual=None if residual is None else res64, **kw)
+                residual=None if residual is None else res64, unbiased=unbiased, **kw)
             assert y.dtype == dtype and y.shape == shape, msg
             assert sm.dtype == si.dtype == cd, msg
             scale = forward_scale(x64, axis, esi, w, b) + (0 if residual is None
@@ -117,7 +119,7 @@ def test_forward_and_batch_norm(shape, axis, lay, dtype, activation):
             _assert_close(rv1, rv2, cd, n, err_msg=msg)
             # batch_norm is the same forward, returning the output only
             y2 = cbn.batch_norm(x, rm.copy(), rv.copy(), w, b, training, 0.1, 1e-5,
-                                axis=axis, residual=residual, **kw)
+                                axis=axis, residual=residual, unbiased=unbiased, **kw)
             np.testing.assert_array_equal(np.asarray(y2, np.float64),
                                           np.asarray(y, np.float64), err_msg=msg)
 

@@ -255,3 +255,21 @@ def call_threads(n_threads, x):
 # The plain-call fast path (cbn/_plain.pxi) asks this module for the thread count of every
 # call large enough to use threads.
 _kernels._set_thread_resolver(call_threads)
+
+
+def _read_adaptive_env() -> None:
+    """CBN_ADAPTIVE_THREADS: 0/false/no/off turns the adaptive team off (any case), 1/true/
+    yes/on or nothing keeps it on; anything else warns and keeps it on."""
+    raw = os.environ.get("CBN_ADAPTIVE_THREADS")
+    if raw is None:
+        return
+    value = raw.strip().lower()
+    if value in ("0", "false", "no", "off"):
+        _kernels._team_reset(False)
+    elif value not in ("", "1", "true", "yes", "on"):
+        warnings.warn(f"CBN_ADAPTIVE_THREADS ignored: {raw!r} is not one of 0, 1, false, "
+                      "true, no, yes, off, on (the adaptive team stays on)", RuntimeWarning,
+                      stacklevel=2)
+
+
+_read_adaptive_env()

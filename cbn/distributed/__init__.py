@@ -40,16 +40,26 @@ channels, input dtype, eps, momentum, operation or position in the call sequence
 buffers of equal length, see the disagreement in the headers and all raise
 :class:`CollectiveError`: none is left waiting in a collective. A rank whose input fails
 validation takes part in the exchange with an error flag before raising its own error, so
-the others raise :class:`CollectiveError` instead of waiting. What no protocol can help is a
-rank that never calls at all (it crashed, or skipped a step): run MPI programs with
-``python -m mpi4py script.py`` so that an uncaught exception aborts every rank.
+the others raise :class:`CollectiveError` instead of waiting. What no header can carry is a
+rank that never calls at all (it crashed, skipped a step, or is in eval mode while the others
+train): there the others wait until the communicator's timeout (``ThreadCommunicator``: 60 s;
+:class:`MPICommunicator`: :data:`MPI_TIMEOUT` = 1800 s, or ``timeout=``) and then raise
+:class:`CollectiveError`; an MPI communicator is spent after that (end the job). Run MPI
+programs with ``python -m mpi4py script.py`` so that an uncaught exception aborts every rank.
+Every setting that changes the shared statistics (channels, dtype, eps, momentum factor,
+``unbiased``, ``track_running_stats``) is in the header, so ranks that differ raise at once.
+
+The package's files hold one concern each: ``_adapters`` (communicators), ``_exchange``
+(the protocol and the per-communicator bookkeeping, freed with the communicator), ``_sync``
+(SyncBatchNorm), ``_reduce`` (all_reduce), ``_precise`` (PreciseBN), ``_overhead`` (the timing
+CLI, ``python -m cbn.distributed``).
 
 Payloads larger than ``FIRST_BLOCK`` values (more than 256 channels) take a second,
 exact-size collective after the headers have been checked.
 """
 
-from ._adapters import (CollectiveError, Communicator, MPICommunicator, ThreadCommunicator,
-                        TorchCommunicator, as_communicator)
+from ._adapters import (MPI_TIMEOUT, CollectiveError, Communicator, MPICommunicator,  # noqa: F401
+                        ThreadCommunicator, TorchCommunicator, as_communicator)
 from ._exchange import FIRST_BLOCK, communication_time  # noqa: F401
 from ._sync import SyncBatchNorm
 from ._reduce import all_reduce, all_reduce_grads

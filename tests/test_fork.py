@@ -273,3 +273,30 @@ def test_multiprocessing_fork_pool_after_torch_region():
                          timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_child_runs_on_one_thread_when_the_pool_cannot_be_released():
+    # A libgomp without omp_pause_resource_all (or a fork inside a parallel region): the
+    # pool may survive in the child, so a child of a process with foreign threads computes
+    # serially; with nothing to fear it keeps its threads.
+    if not cbn.openmp_enabled():
+        pytest.skip("cbn built without OpenMP")
+    code = textwrap.dedent("""
+        import os, sys
+        sys.path.insert(0, sys.argv[1])
+        import cbn, cbn._threads as T
+        T._loaded_libgomps = lambda: [lambda kind: -1]        # pausing fails
+        T._foreign_threads = lambda: sys.argv[2] == "threads"
+        cbn.set_num_threads(2)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(cbn.get_num_threads())
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
+    for threads, want in (("threads", "1"), ("none", "2")):
+        out = subprocess.run([sys.executable, "-c", code, root, threads], capture_output=True,
+                             text=True, timeout=TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == want

@@ -598,50 +598,10 @@ def _calibrate_together(fn, barrier):
     return calibrate(fn)
 
 
-def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTION_OPS,
-               threads=None, rounds: int = 3, min_time: float = 0.05, min_repeat: int = 3,
-               busy_thread: bool = False, file=None) -> dict:
-    """cbn in ``processes`` processes at once, against cbn alone on one thread.
-
-    Quiet phase first: this process times each row alone with ``n_threads=1`` (nothing
-    else of this script runs). Then ``processes`` processes are started (``spawn``), each
-    calling cbn with ``n_threads=threads`` (None: each process's default thread count)
-    and, with ``busy_thread``, running :func:`_busy_loop` in a thread beside it. They time
-    every row in ``rounds`` rounds, each round started together at a barrier and lasting
-    ``min_time`` seconds and ``min_repeat`` samples at least. Prints, per row, the quiet
-    median, each process's median per call over its rounds, the worst round (the largest
-    round median of any process), and both as ratios to the quiet median. ``cases`` is a
-    list of (NCHW shape, layout) with layout "nchw", "nhwc" or "2d" (default
-    CONTENTION_CASES). Returns the JSON document.
-    """
-    if processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    cases = list(CONTENTION_CASES if cases is None else cases)
-    rows = [(tuple(shape), layout, op) for shape, layout in cases for op in ops]
-    out = file or sys.stdout
-    emit = _Printer(out)
-    v = _versions()
-    itemsize = np.dtype(dtype).itemsize
-    emit(f"cbn {v['cbn']} (OpenMP {'on' if cbn.openmp_enabled() else 'off'}), numpy "
-         f"{v['numpy']}, Python {v['python']}; CPU: {_cpu_model()}, os.cpu_count() = "
-         f"{os.cpu_count()}")
-    emit(f"contention: {processes} process(es) (spawn), each cbn at n_threads="
-         f"{'default' if threads is None else threads}"
-         + (" plus one busy non-OpenMP thread" if busy_thread else "")
-         + f"; {rounds} round(s) started together; {dtype}; times per call")
-    emit("quiet = this process alone, n_threads=1, measured first; p<i> = median of "
-         "process i over its rounds; worst = largest round median of any process")
-    emit("")
-
-    quiet = []
-    for shape, layout, op in rows:
-        fn = _contention_call(shape, layout, dtype, op, 1)
-        quiet.append(measure({"cbn": fn}, min_time=min_time, min_repeat=max(min_repeat, 5))
-                     ["cbn"]["median"])
-        del fn
-
+def _contention_phase(processes, rows, dtype, threads, rounds, min_time, min_repeat,
+                      busy_thread, emit) -> Dict[int, dict]:
+    """Start ``processes`` spawned workers (:func:`_contention_worker`) at ``threads`` and
+    collect their results (raises RuntimeError naming the processes that failed)."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes)
     queue = ctx.Queue()
@@ -675,13 +635,69 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
         for i, msg in sorted(errors.items()):
             emit(f"process {i} failed: {msg}")
         raise RuntimeError("contention run failed: " + "; ".join(errors.values()))
+    return results  # type: ignore[return-value]
+
+
+def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTION_OPS,
+               threads=None, rounds: int = 3, min_time: float = 0.05, min_repeat: int = 3,
+               busy_thread: bool = False, file=None) -> dict:
+    """cbn in ``processes`` processes at once, against cbn alone on one thread.
+
+    Quiet phase first: this process times each row alone with ``n_threads=1`` (nothing
+    else of this script runs). Then ``processes`` processes are started (``spawn``), each
+    calling cbn with ``n_threads=threads`` (None: each process's default thread count)
+    and, with ``busy_thread``, running :func:`_busy_loop` in a thread beside it. They time
+    every row in ``rounds`` rounds, each round started together at a barrier and lasting
+    ``min_time`` seconds and ``min_repeat`` samples at least. Prints, per row, the quiet
+    median, each process's median per call over its rounds, the worst round (the largest
+    round median of any process), and both as ratios to the quiet median; then the worst
+    round again with every process forced to one thread ("1t worst"; the same phase when
+    the processes ran on one thread already) and the worst round's ratio to it. ``cases`` is a
+    list of (NCHW shape, layout) with layout "nchw", "nhwc" or "2d" (default
+    CONTENTION_CASES). Returns the JSON document.
+    """
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    cases = list(CONTENTION_CASES if cases is None else cases)
+    rows = [(tuple(shape), layout, op) for shape, layout in cases for op in ops]
+    out = file or sys.stdout
+    emit = _Printer(out)
+    v = _versions()
+    itemsize = np.dtype(dtype).itemsize
+    emit(f"cbn {v['cbn']} (OpenMP {'on' if cbn.openmp_enabled() else 'off'}), numpy "
+         f"{v['numpy']}, Python {v['python']}; CPU: {_cpu_model()}, os.cpu_count() = "
+         f"{os.cpu_count()}")
+    emit(f"contention: {processes} process(es) (spawn), each cbn at n_threads="
+         f"{'default' if threads is None else threads}"
+         + (" plus one busy non-OpenMP thread" if busy_thread else "")
+         + f"; {rounds} round(s) started together; {dtype}; times per call")
+    emit("quiet = this process alone, n_threads=1, measured first; p<i> = median of "
+         "process i over its rounds; worst = largest round median of any process; "
+         "1t worst = the same with every process forced to n_threads=1")
+    emit("")
+
+    quiet = []
+    for shape, layout, op in rows:
+        fn = _contention_call(shape, layout, dtype, op, 1)
+        quiet.append(measure({"cbn": fn}, min_time=min_time, min_repeat=max(min_repeat, 5))
+                     ["cbn"]["median"])
+        del fn
+
+    results = _contention_phase(processes, rows, dtype, threads, rounds, min_time,
+                                min_repeat, busy_thread, emit)
     worker_threads = sorted({results[i]["threads"] for i in range(processes)})
+    # The same N processes, each forced to one thread: what a careful user would pick.
+    one = (results if worker_threads == [1] else
+           _contention_phase(processes, rows, dtype, 1, rounds, min_time, min_repeat,
+                             busy_thread, emit))
 
     titles = (["case", "layout", "MB", "op", "quiet"] + [f"p{i}" for i in range(processes)]
-              + ["worst", "p/quiet", "worst/quiet"])
-    table = Table(titles, align=["<", "<", ">", "<"] + [">"] * (processes + 4),
+              + ["worst", "1t worst", "p/quiet", "worst/quiet", "worst/1t"])
+    table = Table(titles, align=["<", "<", ">", "<"] + [">"] * (processes + 6),
                   widths=[max(len(case_name(s)) for s, _, _ in rows), 6, 5,
-                          max(len(op) for op in ops)] + [_TIME_WIDTH] * (processes + 4),
+                          max(len(op) for op in ops)] + [_TIME_WIDTH] * (processes + 6),
                   file=out)
     before = list(emit.lines)
     table.header()
@@ -690,16 +706,19 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
         per = [results[i]["rows"][k] for i in range(processes)]
         medians = [p["median"] for p in per]
         worst = max(max(p["rounds"]) for p in per)
+        worst1 = max(max(one[i]["rows"][k]["rounds"]) for i in range(processes))
         ratio, worst_ratio = max(medians) / quiet[k], worst / quiet[k]
         mb = math.prod(shape) * itemsize / 1e6
         table.row([case_name(shape), layout, f"{mb:.1f}", op, fmt_time(quiet[k])]
                   + [fmt_time(m) for m in medians]
-                  + [fmt_time(worst), fmt_ratio(ratio), fmt_ratio(worst_ratio)])
+                  + [fmt_time(worst), fmt_time(worst1), fmt_ratio(ratio),
+                     fmt_ratio(worst_ratio), fmt_ratio(worst / worst1)])
         doc_rows.append({"case": case_name(shape), "shape": list(shape), "layout": layout,
                          "op": op, "dtype": dtype, "megabytes": mb, "quiet_s": quiet[k],
                          "median_s": medians, "rounds_s": [p["rounds"] for p in per],
                          "samples": [p["samples"] for p in per], "worst_s": worst,
-                         "ratio": ratio, "worst_ratio": worst_ratio})
+                         "ratio": ratio, "worst_ratio": worst_ratio,
+                         "one_thread_worst_s": worst1, "worst_vs_one_thread": worst / worst1})
     emit.lines = []
     emit("")
     top = max(doc_rows, key=lambda r: r["ratio"])
@@ -721,7 +740,10 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
                       "median_s": "per process: median per call over all its rounds",
                       "worst_s": "largest round median of any process",
                       "ratio": "largest process median / quiet",
-                      "worst_ratio": "worst / quiet"},
+                      "worst_ratio": "worst / quiet",
+                      "one_thread_worst_s": "worst, with every process forced to one "
+                                            "thread (n_threads=1)",
+                      "worst_vs_one_thread": "worst / one_thread_worst_s"},
         },
         "rows": doc_rows,
         "table": "\n".join(before + table.render() + emit.lines),

@@ -389,6 +389,19 @@ class StateMixin:
             path += ".npz"
         config = self._config()
         version = 2 if {"bias", "unbiased"} & set(config) else 1
+        for k in self._state_keys():
+            v = getattr(self, k)
+            if k == "num_batches_tracked":
+                continue
+            if not isinstance(v, np.ndarray) or v.dtype != self._dtype or \
+                    v.shape != (self.num_features,):
+                what = (f"dtype {v.dtype}, shape {v.shape}" if isinstance(v, np.ndarray)
+                        else f"type {type(v).__name__}")
+                raise ValueError(f"cannot save: {k} has {what}; the module's arrays must be "
+                                 f"{self._dtype.name} of shape {(self.num_features,)} (load "
+                                 f"would refuse this file): assign "
+                                 f"{k}.astype(numpy.{self._dtype.name}), or use "
+                                 "load_state_dict, which converts")
         arrays = {"__cbn_format__": np.array(version),
                   "__class__": np.array(name),
                   "__config__": np.array(json.dumps(config))}
@@ -403,6 +416,10 @@ class StateMixin:
         # state, like PyTorch's autograd graph: pickles and deep copies leave it out.
         state = self.__dict__.copy()
         state["_saved"] = None
+        # Inside a precise_statistics block, ``forward`` is an instance attribute that feeds
+        # that block's accumulator: a copy or a pickle is a module of its own, outside it.
+        if getattr(state.get("forward"), "_cbn_precise", False):
+            del state["forward"]
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -632,7 +649,18 @@ class StateMixin:
         if isinstance(initializers, Mapping):
             found = dict(initializers)
         else:
-            found = {t.name: t for t in initializers}
+            try:
+                items = list(initializers)
+            except TypeError:
+                raise TypeError("initializers must be a mapping of names to arrays or an "
+                                "iterable of onnx.TensorProto, got "
+                                f"{type(initializers).__name__}") from None
+            for i, t in enumerate(items):
+                if not isinstance(t, onnx.TensorProto):
+                    raise TypeError(f"initializers[{i}] is a {type(t).__name__}: a sequence "
+                                    "of initializers holds onnx.TensorProto (pass a mapping "
+                                    "of names to arrays for NumPy arrays)")
+            found = {t.name: t for t in items}
         roles = dict(zip(("scale", "B", "input_mean", "input_var"), inputs[1:]))
         arrays = {}
         for role, name in roles.items():
@@ -641,13 +669,24 @@ class StateMixin:
                                  "initializers")
             v = found[name]
             if isinstance(v, onnx.TensorProto):
-                v = onnx.numpy_helper.to_array(v)
+                if v.data_location == onnx.TensorProto.EXTERNAL:
+                    raise ValueError(f"the node's {role} initializer {name!r} keeps its data "
+                                     "in an external file: load the model with its external "
+                                     "data (onnx.load(path, load_external_data=True))")
+                try:
+                    v = onnx.numpy_helper.to_array(v)
+                except Exception as e:  # noqa: BLE001 -- onnx's own error types vary
+                    raise ValueError(f"the node's {role} initializer {name!r} cannot be "
+                                     f"read: {e}") from None
             arrays[role] = _to_numpy(v, name)
         C = arrays["scale"].size
         for role, a in arrays.items():
             if a.shape != (C,):
                 raise ValueError(f"ONNX {role} {roles[role]!r} has shape {a.shape}, "
                                  f"expected {(C,)}")
+        mode = attrs.get("training_mode", 0)
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (0, 1):
+            raise ValueError(f"the node's training_mode must be 0 or 1, got {mode!r}")
         if dtype is None:
             dtype = np.float64 if arrays["scale"].dtype == np.float64 else np.float32
         eps = _nice(attrs.get("epsilon", 1e-5))
@@ -658,7 +697,7 @@ class StateMixin:
                                 "running_mean": arrays["input_mean"],
                                 "running_var": arrays["input_var"],
                                 "num_batches_tracked": np.array(0)})
-        module.train(bool(attrs.get("training_mode", 0)))  # type: ignore[attr-defined]
+        module.train(bool(mode))  # type: ignore[attr-defined]
         return module
 
     def to_onnx(self, input: str = "X", output: str = "Y", *, prefix: str = "bn",
@@ -909,6 +948,9 @@ def load(path: Union[str, "os.PathLike[str]", BinaryIO]) -> BatchNorm:
     if isinstance(path, (str, bytes, os.PathLike)):
         name = os.fsdecode(path)
         source: Any = name
+    elif not callable(getattr(path, "read", None)):
+        raise TypeError("path must be a file name (str, bytes, os.PathLike) or a binary file "
+                        f"object open for reading, got {type(path).__name__}")
     else:
         name, source = str(getattr(path, "name", f"<{type(path).__name__}>")), path
 

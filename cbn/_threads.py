@@ -12,14 +12,25 @@ kernels are linked to (which follows ``OMP_NUM_THREADS`` and threadpoolctl's lim
   an OpenMP region, so such a child computes the same bits, serially. Processes started with
   ``spawn`` or ``forkserver`` (a fresh interpreter, or forked from one that never ran a
   parallel region) are not affected;
+- before every ``os.fork()`` (and so every ``multiprocessing`` "fork" child), the forking
+  thread's libgomp pool is released with ``omp_pause_resource_all`` in every libgomp loaded
+  in the process, whoever created it (PyTorch, NumPy's BLAS, any library linked to libgomp):
+  the child then starts a fresh pool instead of waiting for the parent's workers. Where
+  that is not possible (a libgomp older than OpenMP 5.0, or the fork happens inside a
+  parallel region), a child of a process that holds threads besides its Python threads
+  runs every call on one thread, as above. (A ``fork()`` made from C, not through Python's
+  ``os.fork``, runs no Python hook: call :func:`cbn._threads.before_fork` first there.)
 - inputs too small to pay for a thread team (under :data:`MIN_PARALLEL_SIZE` values) run on
   one thread whatever is asked.
 """
 
 from __future__ import annotations
 
+import ctypes
 import operator
 import os
+import threading
+import warnings
 
 import numpy as np
 
@@ -50,16 +61,72 @@ MAX_THREADS = max(16, 4 * _usable_cpus())
 _override: int | None = None        # set_num_threads' value, clipped; None: not set
 _ran_parallel = False               # this process ran a kernel on a team of threads
 _forked = False                     # a child forked after that: one thread from now on
+_pause_failed = False               # the last before_fork could not release every pool
+
+#: omp_pause_hard (OpenMP 5.0): release the thread pool and its threads
+_OMP_PAUSE_HARD = 2
+_GOMP: dict = {}                    # path of a loaded libgomp -> its omp_pause_resource_all
+
+
+def _loaded_libgomps() -> list:
+    """``omp_pause_resource_all`` of every libgomp mapped in this process (None for one
+    that lacks it), found in /proc/self/maps: PyTorch's bundled copy, the system's, ..."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[-1].strip() for line in f if "libgomp" in line}
+    except OSError:                                # not Linux: LLVM's libomp handles fork
+        return []
+    found = []
+    for path in sorted(p for p in paths if os.path.basename(p).startswith("libgomp")):
+        if path not in _GOMP:
+            try:
+                fn = ctypes.CDLL(path).omp_pause_resource_all
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
+            _GOMP[path] = fn
+        found.append(_GOMP[path])
+    return found
+
+
+def _foreign_threads() -> bool:
+    """Whether this process holds OS threads that are not Python threads (a thread pool of
+    some library, perhaps libgomp's)."""
+    try:
+        n = len(os.listdir("/proc/self/task"))
+    except OSError:
+        return True
+    return n > threading.active_count()
+
+
+def before_fork() -> None:
+    """Release the calling thread's OpenMP pool in every libgomp of the process, so that a
+    child forked next can run parallel regions (libgomp's workers do not survive fork).
+    Registered with ``os.register_at_fork``; call it yourself before a ``fork()`` made from
+    C. Costs the parent nothing but the pool's restart at its next parallel region.
+
+    Examples
+    --------
+    >>> from cbn._threads import before_fork
+    >>> before_fork()
+    """
+    global _pause_failed
+    failed = False
+    for fn in _loaded_libgomps():
+        # -1: the calling thread is inside a parallel region (its pool is in use)
+        if fn is None or fn(_OMP_PAUSE_HARD) != 0:
+            failed = True
+    _pause_failed = failed and _foreign_threads()
 
 
 def _after_fork_in_child() -> None:
     global _forked
-    if _ran_parallel:
+    if _ran_parallel or _pause_failed:
         _forked = True
 
 
 if hasattr(os, "register_at_fork"):                 # POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=before_fork, after_in_child=_after_fork_in_child)
 
 
 def _check_count(n, name: str) -> int:
@@ -188,3 +255,21 @@ def call_threads(n_threads, x):
 # The plain-call fast path (cbn/_plain.pxi) asks this module for the thread count of every
 # call large enough to use threads.
 _kernels._set_thread_resolver(call_threads)
+
+
+def _read_adaptive_env() -> None:
+    """CBN_ADAPTIVE_THREADS: 0/false/no/off turns the adaptive team off (any case), 1/true/
+    yes/on or nothing keeps it on; anything else warns and keeps it on."""
+    raw = os.environ.get("CBN_ADAPTIVE_THREADS")
+    if raw is None:
+        return
+    value = raw.strip().lower()
+    if value in ("0", "false", "no", "off"):
+        _kernels._team_reset(False)
+    elif value not in ("", "1", "true", "yes", "on"):
+        warnings.warn(f"CBN_ADAPTIVE_THREADS ignored: {raw!r} is not one of 0, 1, false, "
+                      "true, no, yes, off, on (the adaptive team stays on)", RuntimeWarning,
+                      stacklevel=2)
+
+
+_read_adaptive_env()

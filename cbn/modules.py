@@ -51,6 +51,10 @@ __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Incompatib
 _BN = TypeVar("_BN", bound="BatchNorm")
 
 
+#: where num_batches_tracked stops (the int64 of PyTorch's buffer and of state dicts)
+_COUNTER_MAX = 2**63 - 1
+
+
 class BatchNorm(StateMixin):
     """Batch normalization over the channel axis of 2D to 5D inputs, with PyTorch's state.
 
@@ -374,22 +378,14 @@ class BatchNorm(StateMixin):
         if C != self.num_features:
             self._check_input(x)
 
-        momentum = self.momentum
         training = self.training
-        nbt = None
-        if training and self.track_running_stats and self.num_batches_tracked is not None:
-            nbt = self.num_batches_tracked + 1
-            factor = 1.0 / nbt if momentum is None else momentum
-        else:
-            factor = 0.0 if momentum is None else momentum
+        nbt, factor = self._step_factor()
         rm = self.running_mean
         rv = self.running_var
         bn_training = training or (rm is None and rv is None)
         if training and not self.track_running_stats:
             rm = rv = None
-        # Biased convention: the kernel's unbiased update goes to a scratch vector of zeros,
-        # which then holds momentum * var * n / (n - 1); see _stages.biased_update.
-        biased = None if self.unbiased or not training or rv is None else np.zeros_like(rv)
+        biased = self._biased_scratch(rv) if training and not self.unbiased else None
         y, save_mean, save_invstd = batch_norm_forward(
             x, self.weight, self.bias, rm, rv if biased is None else biased, bn_training,
             factor, self.eps, axis=axis, activation=self.activation)
@@ -458,6 +454,37 @@ class BatchNorm(StateMixin):
         grad_input, grad_weight, grad_bias = batch_norm_backward(
             g, x, self.weight, save_mean, save_invstd, bn_training, axis=axis,
             activation=self.activation, output=output, out=out)
+        self._accumulate_grads(grad_weight, grad_bias)
+        return grad_input
+
+    # ------------------------------------------- shared with SyncBatchNorm (one home each)
+
+    def _step_factor(self) -> Tuple[Optional[int], float]:
+        """``(num_batches_tracked after this call or None, momentum factor)`` for a forward
+        in the current mode: the factor is ``1/num_batches_tracked`` for ``momentum=None``
+        (a cumulative average). The counter stops at the largest int64, where it stays (a
+        state dict must still hold it)."""
+        momentum = self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            nbt = self.num_batches_tracked + 1
+            if nbt > _COUNTER_MAX:
+                nbt = _COUNTER_MAX
+            return nbt, (1.0 / nbt if momentum is None else momentum)
+        return None, (0.0 if momentum is None else momentum)
+
+    def _biased_scratch(self, running_var: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """For ``unbiased=False`` (and a running variance to update): the scratch vector of
+        zeros that receives the kernels' unbiased update, which then holds
+        ``momentum * var * n / (n - 1)``; :func:`cbn._stages.biased_update` finishes it.
+        None otherwise (the kernels update ``running_var`` directly)."""
+        if self.unbiased or running_var is None:
+            return None
+        return np.zeros_like(running_var)
+
+    def _accumulate_grads(self, grad_weight: Optional[np.ndarray],
+                          grad_bias: Optional[np.ndarray]) -> None:
+        """Add one backward's parameter gradients: set them after construction or
+        :meth:`zero_grad`, add in place afterwards (parameters the module lacks: nothing)."""
         if self.weight is not None:
             if self.grad_weight is None:
                 self.grad_weight = grad_weight
@@ -468,7 +495,6 @@ class BatchNorm(StateMixin):
                 self.grad_bias = grad_bias
             else:
                 self.grad_bias += grad_bias
-        return grad_input
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``grad_weight``/``grad_bias``: set them to None (default, like PyTorch) or

@@ -225,8 +225,23 @@ def test_contention_mode_runs_processes_and_reports_ratios(tmp_path, capsys):
         assert r["worst_s"] == max(max(x) for x in r["rounds_s"])
         assert r["ratio"] == pytest.approx(max(r["median_s"]) / r["quiet_s"])
         assert r["worst_ratio"] == pytest.approx(r["worst_s"] / r["quiet_s"])
+        assert r["worst_vs_one_thread"] == 1.0          # the processes ran on one thread
     out = capsys.readouterr().out
     assert "p0" in out and "p1" in out and "worst/quiet" in out
+
+
+def test_contention_mode_adds_the_forced_one_thread_phase(tmp_path, capsys):
+    path = tmp_path / "contention.json"
+    assert _bench.main(["--processes", "2", "--case", "2x8x4x4", "--layout", "nchw",
+                        "--op", "train", "--rounds", "2", "--min-time", "0.001",
+                        "--repeat", "1", "--threads", "2", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["settings"]["worker_threads"] == [2]
+    (r,) = doc["rows"]
+    assert r["one_thread_worst_s"] > 0
+    assert r["worst_vs_one_thread"] == pytest.approx(r["worst_s"] / r["one_thread_worst_s"])
+    out = capsys.readouterr().out
+    assert "1t worst" in out and "worst/1t" in out
 
 
 def test_busy_thread_burns_cpu_outside_the_gil():

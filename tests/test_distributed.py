@@ -20,6 +20,7 @@ import pytest
 import cbn
 from cbn import distributed as D
 from cbn.distributed import CollectiveError, SyncBatchNorm, ThreadCommunicator
+from cbn.distributed._exchange import _channel
 
 from conftest import assert_close, assert_close_sums, forward_scale, make_params
 
@@ -320,7 +321,7 @@ def test_communicator_of_size_one_is_batchnorm():
     for (ys, dxs), (yb, dxb) in zip(s.out, b.out):
         assert np.array_equal(ys, yb) and np.array_equal(dxs, dxb)
     assert_same_state(snapshot(s), snapshot(b))
-    assert D.communication_time(comm) == 0.0 and D._channel(comm).calls == 0
+    assert D.communication_time(comm) == 0.0 and _channel(comm).calls == 0
 
 
 class _Silent:
@@ -378,7 +379,7 @@ def test_global_empty_batch_returns_empty_and_changes_nothing():
         y = m.forward(x)
         after = snapshot(m)
         dx = m.backward(np.zeros_like(x))
-        return y, dx, before, after, D._channel(comm).calls
+        return y, dx, before, after, _channel(comm).calls
 
     for y, dx, before, after, calls in ok(run_ranks(2, rank)):
         assert y.shape == dx.shape == x.shape
@@ -494,7 +495,7 @@ def test_large_channel_count_takes_a_second_exchange():
     def rank(comm):
         m = SyncBatchNorm(C, momentum=1.0, dtype=np.float64, comm=comm)
         m.forward(xs[comm.rank])
-        return m.running_mean, m.running_var, D._channel(comm).calls
+        return m.running_mean, m.running_var, _channel(comm).calls
 
     res = ok(run_ranks(3, rank))
     _, mean, var = exact_stats(x, 1)

@@ -111,3 +111,12 @@ def test_gloo_through_the_torch_adapter():
     res = _run(runs)
     for r, (rc, out) in enumerate(res):
         assert rc == 0 and f"rank {r}: ok" in out, out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("mode", ["eval", "skip", "settings"])
+def test_mpi_ranks_that_disagree_do_not_wait_forever(mode, n, tmp_path):
+    # one rank in eval mode or skipping a call: the others raise CollectiveError after the
+    # communicator's timeout (2 s here); different `unbiased`: every rank raises at once
+    out = run_mpi(n, SCRIPTS / "hang_check.py", mode, str(tmp_path), timeout=90)
+    assert _ranks_ok(out) == list(range(n)), out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import pkgutil
 
 import numpy as np
 import pytest
@@ -22,6 +23,9 @@ import cbn
 #: module classes inherit, and cbn.load)
 MODULES = ["cbn", "cbn.functional", "cbn.modules", "cbn._state", "cbn.fusion", "cbn._threads",
            "cbn.distributed", "cbn._config"]
+#: cbn.distributed is a package: its files' docstrings are documentation too
+MODULES += ["cbn.distributed." + m.name for m in pkgutil.iter_modules(
+    importlib.import_module("cbn.distributed").__path__) if m.name != "__main__"]
 
 #: public names whose docstring is not in a Python module: openmp_enabled is defined in the
 #: compiled cbn/_kernels.pyx; the package docstring (cbn.__doc__) shows it in use.

@@ -198,3 +198,105 @@ def test_fork_before_any_parallel_call_keeps_threads():
                          timeout=TIMEOUT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+# ------------------------------------------------------- another library's OpenMP region
+
+_FOREIGN = textwrap.dedent("""
+    import ctypes, os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    if sys.argv[2] == "torch":
+        import torch
+    import cbn
+    if sys.argv[2] == "torch":
+        (torch.randn(1000, 1000) * 2 + 1).sum()       # torch's own parallel region
+    else:
+        # a parallel region of 2 threads run by the libgomp cbn is linked to, through
+        # ctypes: cbn has run nothing
+        path = next(line.split()[-1] for line in open("/proc/self/maps")
+                    if "libgomp" in line)
+        gomp = ctypes.CDLL(path)
+        hits = []
+        body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(
+            lambda _: hits.append(gomp.omp_get_thread_num()))
+        gomp.GOMP_parallel(body, None, 2, 0)
+        assert sorted(hits) == [0, 1], hits
+    x = np.random.default_rng(0).standard_normal((64, 16, 32, 32)).astype(np.float32)
+    want = cbn.batch_norm(x, None, None, training=True, n_threads=1)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)                   # a hung child dies instead of waiting forever
+        y = cbn.batch_norm(x, None, None, training=True, n_threads=2)
+        os._exit(0 if y.tobytes() == want.tobytes() else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+""")
+
+
+@pytest.mark.parametrize("library", ["libgomp", "torch"])
+def test_fork_after_another_librarys_openmp_region_completes(library):
+    # The parent ran a parallel region in the libgomp cbn uses, but not through cbn: the
+    # child's first multi-threaded call must still return, with the same bits.
+    if not cbn.openmp_enabled():
+        pytest.skip("cbn built without OpenMP")
+    if library == "torch":
+        pytest.importorskip("torch")
+    elif not any("libgomp" in line for line in open("/proc/self/maps")):
+        pytest.skip("cbn is not linked to libgomp here")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
+    out = subprocess.run([sys.executable, "-c", _FOREIGN, root, library],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["child", "0"], (out.stdout, out.stderr)
+
+
+def test_multiprocessing_fork_pool_after_torch_region():
+    torch = pytest.importorskip("torch")
+    if not cbn.openmp_enabled():
+        pytest.skip("cbn built without OpenMP")
+    code = textwrap.dedent("""
+        import multiprocessing, sys
+        sys.path.insert(0, sys.argv[1])
+        import torch, numpy as np, cbn
+        x = np.random.default_rng(0).standard_normal((32, 16, 32, 32)).astype(np.float32)
+        def work(n):
+            return cbn.batch_norm(x, None, None, training=True, n_threads=n).tobytes()
+        if __name__ == "__main__":
+            (torch.randn(1000, 1000) * 2 + 1).sum()
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                got = pool.map_async(work, [2, 2]).get(60)
+            print(all(g == work(1) for g in got))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
+    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
+def test_child_runs_on_one_thread_when_the_pool_cannot_be_released():
+    # A libgomp without omp_pause_resource_all (or a fork inside a parallel region): the
+    # pool may survive in the child, so a child of a process with foreign threads computes
+    # serially; with nothing to fear it keeps its threads.
+    if not cbn.openmp_enabled():
+        pytest.skip("cbn built without OpenMP")
+    code = textwrap.dedent("""
+        import os, sys
+        sys.path.insert(0, sys.argv[1])
+        import cbn, cbn._threads as T
+        T._loaded_libgomps = lambda: [lambda kind: -1]        # pausing fails
+        T._foreign_threads = lambda: sys.argv[2] == "threads"
+        cbn.set_num_threads(2)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(cbn.get_num_threads())
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cbn.__file__)))
+    for threads, want in (("threads", "1"), ("none", "2")):
+        out = subprocess.run([sys.executable, "-c", code, root, threads], capture_output=True,
+                             text=True, timeout=TIMEOUT)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == want

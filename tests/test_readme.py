@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-OPTIONAL = {"torch", "ml_dtypes", "sklearn", "threadpoolctl"}
+OPTIONAL = {"torch", "ml_dtypes", "sklearn", "threadpoolctl", "mpi4py", "onnx", "keras", "jax",
+            "numba", "matplotlib", "scipy"}
 
 
 def _snippets():

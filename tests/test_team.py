@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -72,3 +73,31 @@ def test_turned_off_by_the_environment():
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["False", "2"]
+
+
+def test_a_quiet_process_keeps_its_team():
+    # Region timings of repeated short calls on a quiet 2-core machine (a 256x1024 training
+    # forward: 25-80 us regions): starting and joining the team cost about what the second
+    # thread saves, so busy / wall is near 1, but no thread lost a scheduling delay. Such
+    # regions must not send the process to one thread (main 5126ec6 did, every time).
+    stalls = _kernels.team_state()["stalls"]
+    for wall, busy in [(50_000, 52_000), (25_000, 24_000), (78_000, 80_000),
+                       (120_000, 110_000), (200_000, 150_000)] * 20:
+        _kernels._team_report(wall, busy, 2)
+        assert _kernels._team_size(2) == 2
+    st = _kernels.team_state()
+    assert st["stalls"] == stalls and st["serial_for"] == 0
+
+
+def test_a_cold_probe_after_a_back_off_keeps_the_team():
+    # A real stall (a thread not scheduled for 0.9 ms), then, once the back-off is over,
+    # the first region wakes cold threads: slower than warm, but not a stall.
+    _kernels._team_report(1_000_000, 200_000, 2)
+    assert _kernels._team_size(2) == 1
+    backoff = _kernels.team_state()["backoff"]
+    deadline = time.monotonic() + 5
+    while _kernels._team_size(2) == 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    _kernels._team_report(150_000, 140_000, 2)          # 80 us lost per thread: waking up
+    assert _kernels._team_size(2) == 2
+    assert _kernels.team_state()["backoff"] == backoff  # not grown: it was no stall

@@ -7,8 +7,15 @@
  *
  * So every parallel region is timed: its wall time, and the time its threads spent in
  * work items. When the region ran no faster than that work would have run on one thread
- * (busy / wall below CBN_TEAM_MIN_SPEEDUP), the cores are contended, and the following
- * calls run on one thread (no OpenMP region at all) for a back-off period: 10 ms, growing
+ * (busy / wall below CBN_TEAM_MIN_SPEEDUP) AND its threads lost a scheduling delay's worth
+ * of time waiting (wall - busy / nthreads at least CBN_TEAM_MIN_LOST_NS, 250 us: a thread
+ * that was not scheduled for part of a time slice), the cores are contended, and the
+ * following calls run on one thread (no OpenMP region at all) for a back-off period. A short
+ * region on a quiet machine can also run no faster than one thread (waking the team and the
+ * join cost a few microseconds, comparable to the work), but it loses far less than that:
+ * such a region says nothing, so a quiet process keeps its team (issue 21: 256x1024 never
+ * got its second thread, and a probe after a back-off, its threads cold, sent other rows
+ * back to one thread). The back-off is 10 ms, growing
  * fourfold while the parallel regions that probe the cores after it keep stalling, up to
  * 2 s, and halving after each region that ran well (so a quiet machine gets its threads
  * back at the first probe). Results do not depend on the thread count, so this changes
@@ -28,6 +35,7 @@
 #define CBN_TEAM_MAX_BACKOFF_NS 2000000000LL    /* 2 s */
 #define CBN_TEAM_MIN_SPEEDUP 1.15
 #define CBN_TEAM_MIN_WALL_NS 20000LL            /* shorter regions say nothing */
+#define CBN_TEAM_MIN_LOST_NS 250000LL           /* per thread: less is not a stall */
 
 static int cbn_team_adaptive = 1;
 static int64_t cbn_team_serial_until = 0;       /* monotonic ns */
@@ -54,6 +62,8 @@ static void cbn_team_report(int64_t wall, int64_t busy, int nthreads) {
     if (nthreads <= 1 || wall < CBN_TEAM_MIN_WALL_NS) return;
     backoff = __atomic_load_n(&cbn_team_backoff, __ATOMIC_RELAXED);
     if ((double)busy < CBN_TEAM_MIN_SPEEDUP * (double)wall) {
+        /* slow, but by less than a scheduling delay: the overhead of a short region */
+        if ((double)wall - (double)busy / nthreads < (double)CBN_TEAM_MIN_LOST_NS) return;
         __atomic_store_n(&cbn_team_serial_until, cbn_now_ns() + backoff, __ATOMIC_RELAXED);
         backoff *= 4;
         if (backoff > CBN_TEAM_MAX_BACKOFF_NS) backoff = CBN_TEAM_MAX_BACKOFF_NS;

@@ -171,7 +171,7 @@ cdef void moments_begin(Py_ssize_t c0, Py_ssize_t c1, Moments* out, Moments* par
 
 cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t c0,
                        Py_ssize_t c1, Moments* out, Moments* part, Py_ssize_t* cur,
-                       const Call* k, Py_ssize_t back, const floating* scale,
+                       const cbn_forward_args* k, Py_ssize_t back, const floating* scale,
                        const floating* shift) noexcept nogil:
     """Step mblk of the reduction of channels c0..c1. If k is not NULL, the same loop
     writes the forward's output of the same units back channels earlier (channel c's unit
@@ -180,7 +180,7 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
     cdef cbn_carry a
     cdef const cbn_carry* carry = &a if k != NULL else NULL
     if k != NULL:
-        a.relu = k.relu
+        a.relu = k.act.kind == CBN_ACT_RELU
     for c in range(c0, c1):
         if k != NULL:
             a.mean = (<const floating*>k.save_mean)[c - back]
@@ -273,11 +273,11 @@ cdef inline Py_ssize_t group_end(Py_ssize_t grp, Py_ssize_t gsize,
     return (grp + 1) * gsize if (grp + 1) * gsize < C else C
 
 
-cdef void forward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Moments* mom,
-                         const floating* tag, floating* scale,
-                         floating* shift) noexcept nogil:
+cdef void forward_finish(const cbn_desc* d, const cbn_forward_args* k, Py_ssize_t c0,
+                         Py_ssize_t c1, const Moments* mom, const floating* tag,
+                         floating* scale, floating* shift) noexcept nogil:
     """stage_finish for channels c0..c1 (tag: the dtype)."""
-    stage_finish(mom + c0, c1 - c0, <double>k.M * k.K, shifted(<floating*>k.weight, c0),
+    stage_finish(mom + c0, c1 - c0, <double>d.M * d.K, shifted(<floating*>k.weight, c0),
                  shifted(<floating*>k.bias, c0),
                  <floating*>shifted(<floating*>k.running_mean, c0),
                  <floating*>shifted(<floating*>k.running_var, c0), k.momentum, k.eps,
@@ -285,24 +285,26 @@ cdef void forward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Moments* m
                  shift + c0)
 
 
-cdef void forward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_ssize_t c1,
-                        Moments* mom, Moments* part, Py_ssize_t* cur, floating* scale,
+cdef void forward_group(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+                        Planes P, Py_ssize_t c0, Py_ssize_t c1, Moments* mom,
+                        Moments* part, Py_ssize_t* cur, floating* scale,
                         floating* shift, int stream) noexcept nogil:
-    """Statistics, finish and output of channels c0..c1 (see forward_impl's stages)."""
+    """Statistics, finish and output of channels c0..c1 (see forward_t's stages)."""
     cdef Py_ssize_t j
     moments_begin(c0, c1, mom, part, cur)
     for j in range(P.nmb):
         moments_step(x, P, j, c0, c1, mom, part, cur, NULL, 0, NULL, NULL)
     moments_end(c0, c1, mom, part)
-    forward_finish(k, c0, c1, mom, x, scale, shift)
+    forward_finish(d, k, c0, c1, mom, x, scale, shift)
     rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
-                  k.M, k.C, k.K, c0, c1, <floating*>k.save_mean, scale, shift, NULL,
-                  k.relu)
+                  d.M, d.C, d.K, c0, c1, <floating*>k.save_mean, scale, shift, NULL,
+                  k.act.kind == CBN_ACT_RELU)
     if stream:
         cbn_sfence()
 
 
-cdef void forward_chain(const floating* x, Call* k, Planes P, Py_ssize_t gsize,
+cdef void forward_chain(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+                        Planes P, Py_ssize_t gsize,
                         Py_ssize_t g0, Py_ssize_t g1, Moments* mom, Moments* part,
                         Py_ssize_t* cur, floating* scale, floating* shift,
                         int stream) noexcept nogil:
@@ -312,51 +314,53 @@ cdef void forward_chain(const floating* x, Call* k, Planes P, Py_ssize_t gsize,
     before), as a copy does; reduce-then-write per group leaves the bus idle one way at a
     time."""
     cdef Py_ssize_t grp, j, c0, c1, a0 = 0, a1 = 0
-    cdef Call* carry
+    cdef const cbn_forward_args* carry
     for grp in range(g0, g1):
         c0 = grp * gsize
-        c1 = group_end(grp, gsize, k.C)
+        c1 = group_end(grp, gsize, d.C)
         carry = k if a1 > a0 else NULL
         moments_begin(c0, c1, mom, part, cur)
         for j in range(P.nmb):
             moments_step(x, P, j, c0, c1, mom, part, cur, carry, c0 - a0, scale, shift)
         moments_end(c0, c1, mom, part)
-        forward_finish(k, c0, c1, mom, x, scale, shift)
+        forward_finish(d, k, c0, c1, mom, x, scale, shift)
         if carry != NULL and a0 + (c1 - c0) < a1:    # pending channels not carried
             rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual,
-                          <floating*>k.y, 0, k.M, k.C, k.K, a0 + (c1 - c0), a1,
-                          <floating*>k.save_mean, scale, shift, NULL, k.relu)
+                          <floating*>k.y, 0, d.M, d.C, d.K, a0 + (c1 - c0), a1,
+                          <floating*>k.save_mean, scale, shift, NULL,
+                          k.act.kind == CBN_ACT_RELU)
         a0 = c0
         a1 = c1
     rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
-                  k.M, k.C, k.K, a0, a1, <floating*>k.save_mean, scale, shift, NULL,
-                  k.relu)
+                  d.M, d.C, d.K, a0, a1, <floating*>k.save_mean, scale, shift, NULL,
+                  k.act.kind == CBN_ACT_RELU)
     if stream:
         cbn_sfence()
 
 
-cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments* mom,
-                          Moments* part, Py_ssize_t* cur, floating* scale,
-                          floating* shift) noexcept nogil:
+cdef void blocked_forward(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+                          Py_ssize_t gsize, Moments* mom, Moments* part, Py_ssize_t* cur,
+                          floating* scale, floating* shift) noexcept nogil:
     """The training forward, groups of gsize channels as parallel work items."""
-    cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
-    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(k.M * k.C * k.K * sizeof(floating))
+    cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
+    cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
+    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(floating))
     cdef Team T
     cdef int64_t t_item
-    cdef int nthreads = k.nthreads
-    P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating))
-    cdef bint chain = (chained(k.K, True) and stream != 0
+    cdef int nthreads = d.nthreads
+    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(floating))
+    cdef bint chain = (chained(d.K, True) and stream != 0
                        and <size_t>k.y % sizeof(floating) == 0)
     cdef Py_ssize_t nch = nthreads * CHAINS_PER_THREAD
     if nthreads == 1:
         if chain:
-            forward_chain(x, k, P, gsize, 0, ngroups, mom, part, cur, scale, shift, stream)
+            forward_chain(x, d, k, P, gsize, 0, ngroups, mom, part, cur, scale, shift,
+                          stream)
             return
         for grp in range(ngroups):
             c0 = grp * gsize
-            c1 = group_end(grp, gsize, k.C)
-            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
+            c1 = group_end(grp, gsize, d.C)
+            forward_group(x, d, k, P, c0, c1, mom, part, cur, scale, shift, stream)
         return
     if nch > ngroups:
         nch = ngroups
@@ -364,33 +368,36 @@ cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments*
     if chain:       # chains of consecutive groups as the items
         for grp in prange(nch, num_threads=nthreads, schedule="dynamic"):
             t_item = cbn_now_ns()
-            forward_chain(x, k, P, gsize, grp * ngroups // nch, (grp + 1) * ngroups // nch,
+            forward_chain(x, d, k, P, gsize, grp * ngroups // nch,
+                          (grp + 1) * ngroups // nch,
                           mom, part, cur, scale, shift, stream)
             team_add(&T, threadid(), t_item)
     else:
         for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
             t_item = cbn_now_ns()
             c0 = grp * gsize
-            c1 = group_end(grp, gsize, k.C)
-            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
+            c1 = group_end(grp, gsize, d.C)
+            forward_group(x, d, k, P, c0, c1, mom, part, cur, scale, shift, stream)
             team_add(&T, threadid(), t_item)
     team_end(&T)
 
 
-cdef void backward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Sums* sums,
-                          const floating* tag, floating* k1, floating* k2) noexcept nogil:
+cdef void backward_finish(const cbn_desc* d, const cbn_backward_args* k, Py_ssize_t c0,
+                          Py_ssize_t c1, const Sums* sums, const floating* tag,
+                          floating* k1, floating* k2) noexcept nogil:
     """stage_backward_finish for channels c0..c1 (tag: the dtype)."""
-    stage_backward_finish(sums + c0, <floating*>k.save_invstd + c0, <double>k.M * k.K,
+    stage_backward_finish(sums + c0, <floating*>k.save_invstd + c0, <double>d.M * d.K,
                           <floating*>shifted(<floating*>k.grad_weight, c0),
                           <floating*>shifted(<floating*>k.grad_bias, c0), k1 + c0, k2 + c0,
                           c1 - c0)
 
 
-cdef void backward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0,
+cdef void backward_group(const floating* x, const cbn_desc* d, const cbn_backward_args* k,
+                         Planes P, Py_ssize_t c0,
                          Py_ssize_t c1, const floating* scale, Sums* sums, Sums* part,
                          Py_ssize_t* cur, floating* k1, floating* k2,
                          int stream) noexcept nogil:
-    """Sums, finish and dx of channels c0..c1 (see backward_impl's stages)."""
+    """Sums, finish and dx of channels c0..c1 (see backward_t's stages)."""
     cdef Py_ssize_t j
     cdef const floating* g = <floating*>k.grad_output
     cdef const floating* ym = <floating*>k.output
@@ -400,36 +407,38 @@ cdef void backward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0,
         sums_step(g, x, ym, <floating*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
                   part, cur)
     sums_end(c0, c1, sums, part)
-    backward_finish(k, c0, c1, sums, x, k1, k2)
-    rows_of_group(OP_BWD_TRAIN | stream, x, g, ym, <floating*>k.grad_input, 0, k.M, k.C,
-                  k.K, c0, c1, mean, scale, k1, k2, False)
+    backward_finish(d, k, c0, c1, sums, x, k1, k2)
+    rows_of_group(OP_BWD_TRAIN | stream, x, g, ym, <floating*>k.grad_input, 0, d.M, d.C,
+                  d.K, c0, c1, mean, scale, k1, k2, False)
     if stream:
         cbn_sfence()
 
 
-cdef void blocked_backward(const floating* x, Call* k, Py_ssize_t gsize,
+cdef void blocked_backward(const floating* x, const cbn_desc* d, const cbn_backward_args* k,
+                           Py_ssize_t gsize,
                            const floating* scale, Sums* sums, Sums* part, Py_ssize_t* cur,
                            floating* k1, floating* k2) noexcept nogil:
     """The training backward, groups of gsize channels as parallel work items."""
-    cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
-    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(k.M * k.C * k.K * sizeof(floating))
+    cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
+    cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
+    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(floating))
     cdef Team T
     cdef int64_t t_item
-    cdef int nthreads = k.nthreads
-    P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating) * (3 if k.output != NULL else 2))
+    cdef int nthreads = d.nthreads
+    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(floating)
+                         * (3 if k.output != NULL else 2))
     if nthreads == 1:
         for grp in range(ngroups):
             c0 = grp * gsize
-            c1 = group_end(grp, gsize, k.C)
-            backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
+            c1 = group_end(grp, gsize, d.C)
+            backward_group(x, d, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         return
     team_begin(&T, nthreads)
     for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
         t_item = cbn_now_ns()
         c0 = grp * gsize
-        c1 = group_end(grp, gsize, k.C)
-        backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
+        c1 = group_end(grp, gsize, d.C)
+        backward_group(x, d, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         team_add(&T, threadid(), t_item)
     team_end(&T)
 

@@ -289,7 +289,7 @@ cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssiz
 
 
 cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                                      Py_ssize_t itemsize, int nthreads):
+                                      Py_ssize_t itemsize, int nthreads) noexcept nogil:
     """Bytes of scratch channel_moments needs: item partials, per-thread lanes."""
     cdef Planes PP
     cdef Rows PR

@@ -218,7 +218,7 @@ cdef void rows_apply_stream(int op, const floating* x, const floating* g,
 
 
 cdef Py_ssize_t apply_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                                    Py_ssize_t itemsize):
+                                    Py_ssize_t itemsize) noexcept nogil:
     if K >= PLANE_MIN_K:
         return 0
     return 4 * rows_partition(M, C, K, CHUNK, M, itemsize).W * itemsize

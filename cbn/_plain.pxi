@@ -112,13 +112,11 @@ cdef int plain_threads(object n_threads, object x, Py_ssize_t size,
     return n
 
 
-cdef inline void plain_call(Call* k, object x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                            int nt):
-    """Fill *k as the record of a plain call on x viewed as (M, C, K)."""
-    init_call(k, <cnp.ndarray>x, nt)
-    k.M = M
-    k.C = C
-    k.K = K
+cdef inline void plain_desc(cbn_desc* d, object x, Py_ssize_t M, Py_ssize_t C,
+                            Py_ssize_t K, int nt, char* msg):
+    """Fill *d as the descriptor of a plain call on x viewed as (M, C, K)."""
+    init_desc(d, <cnp.ndarray>x, nt, msg)
+    set_view(d, M, C, K)
 
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -168,41 +166,52 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     cdef cnp.npy_intp nc = C
     cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, typ, 0)
-    cdef Call k
-    plain_call(&k, x, M, C, K, nt)
-    k.training = training is True
-    k.momentum = mom
-    k.eps = e
-    k.relu = relu
-    k.y = data(y)
-    k.residual = data(residual)
-    k.weight = data(weight)
-    k.bias = data(bias)
-    k.running_mean = data(running_mean)
-    k.running_var = data(running_var)
-    k.save_mean = data(sm)
-    k.save_invstd = data(si)
-    if not k.training:
-        run_forward(&k)
+    cdef char msg[MSG_SIZE]
+    cdef cbn_desc d
+    cdef cbn_forward_args a
+    cdef int st
+    plain_desc(&d, x, M, C, K, nt, msg)
+    a.training = training is True
+    a.reserved = 0
+    a.act = make_act(CBN_ACT_RELU if relu else CBN_ACT_NONE, 0.0)
+    a.momentum = mom
+    a.eps = e
+    a.x = data(x)
+    a.y = <void*>data(y)
+    a.residual = data(residual)
+    a.weight = data(weight)
+    a.bias = data(bias)
+    a.running_mean = <void*>data(running_mean)
+    a.running_var = <void*>data(running_var)
+    a.save_mean = <void*>data(sm)
+    a.save_invstd = <void*>data(si)
+    if not a.training:
+        with nogil:
+            st = cbn_forward(&d, &a)
+        check(st, msg)
         return y, sm, si
     # Training: the running statistics as they were, in case a channel needs the edge
     # rescue of cbn.functional (which recomputes its running update from them).
     cdef Py_ssize_t rbytes = C * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
     cdef char* before = NULL
-    if k.running_mean != NULL or k.running_var != NULL:    # else there is nothing to keep
+    if a.running_mean != NULL or a.running_var != NULL:    # else there is nothing to keep
         before = <char*>alloc(2 * rbytes)
+        if before == NULL:
+            raise MemoryError(f"cbn: could not allocate {2 * rbytes} bytes of scratch memory")
     try:
-        if k.running_mean != NULL:
-            memcpy(before, k.running_mean, rbytes)
-        if k.running_var != NULL:
-            memcpy(before + rbytes, k.running_var, rbytes)
-        run_forward(&k)
-        if not any_suspect(k.save_invstd, C, typ):
+        if a.running_mean != NULL:
+            memcpy(before, a.running_mean, rbytes)
+        if a.running_var != NULL:
+            memcpy(before + rbytes, a.running_var, rbytes)
+        with nogil:
+            st = cbn_forward(&d, &a)
+        check(st, msg)
+        if not any_suspect(a.save_invstd, C, typ):
             return y, sm, si
         return (y, sm, si,
-                PyBytes_FromStringAndSize(before, rbytes) if k.running_mean != NULL else None,
+                PyBytes_FromStringAndSize(before, rbytes) if a.running_mean != NULL else None,
                 PyBytes_FromStringAndSize(before + rbytes, rbytes)
-                if k.running_var != NULL else None)
+                if a.running_var != NULL else None)
     finally:
         free(before)
 
@@ -275,19 +284,27 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
     if residual:
         gr = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x),
                                cnp.PyArray_DIMS(<cnp.ndarray>x), typ, 0)
-    cdef Call k
-    plain_call(&k, x, M, C, K, nt)
-    k.training = training is True
-    k.grad_output = data(grad_output)
-    k.grad_input = data(gx)
-    k.weight = data(weight)
-    k.save_mean = data(save_mean)
-    k.save_invstd = data(save_invstd)
-    k.grad_weight = data(gw)
-    k.grad_bias = data(gb)
-    k.output = data(output)
-    k.grad_residual = data(gr)
-    run_backward(&k)
+    cdef char msg[MSG_SIZE]
+    cdef cbn_desc d
+    cdef cbn_backward_args a
+    cdef int st
+    plain_desc(&d, x, M, C, K, nt, msg)
+    memset(&a, 0, sizeof(a))
+    a.training = training is True
+    a.act = make_act(CBN_ACT_RELU if output is not None else CBN_ACT_NONE, 0.0)
+    a.grad_output = data(grad_output)
+    a.x = data(x)
+    a.output = data(output)
+    a.weight = data(weight)
+    a.save_mean = data(save_mean)
+    a.save_invstd = data(save_invstd)
+    a.grad_input = <void*>data(gx)
+    a.grad_weight = <void*>data(gw)
+    a.grad_bias = <void*>data(gb)
+    a.grad_residual = <void*>data(gr)
+    with nogil:
+        st = cbn_backward(&d, &a)
+    check(st, msg)
     return (gx, gw, gb, gr) if residual else (gx, gw, gb)
 
 
@@ -308,13 +325,19 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
     y = None if nt < 0 else plain_out(out, x, typ)
     if y is None:
         return None
-    cdef Call k
-    plain_call(&k, x, M, C, K, nt)
-    k.relu = relu
-    k.y = data(y)
-    k.residual = data(residual)
-    k.save_mean = data(mean)
-    k.scale = data(scale)
-    k.shift = data(shift)
-    run_normalize(&k)
+    cdef char msg[MSG_SIZE]
+    cdef cbn_desc d
+    cdef cbn_normalize_args a
+    cdef int st
+    plain_desc(&d, x, M, C, K, nt, msg)
+    a.act = make_act(CBN_ACT_RELU if relu else CBN_ACT_NONE, 0.0)
+    a.x = data(x)
+    a.residual = data(residual)
+    a.y = <void*>data(y)
+    a.mean = data(mean)
+    a.scale = data(scale)
+    a.shift = data(shift)
+    with nogil:
+        st = cbn_normalize(&d, &a)
+    check(st, msg)
     return y

@@ -1,7 +1,7 @@
 """The kernels' stages, one at a time, for code that must put something between them.
 
 The fused calls of :mod:`cbn.functional` are compositions of five stages (see
-``cbn/_stages.pxi``): moments, finish, normalize; backward reduce, backward elements.
+``cbn/_core.pxi``): moments, finish, normalize; backward reduce, backward elements.
 SyncBatchNorm puts a collective between moments and finish and between the backward
 reduce and the element pass; PreciseBN merges moments over many batches. Composed here in
 the fused order with the same arguments, the stages give bit-identical results to

@@ -180,7 +180,8 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
     cdef cbn_carry a
     cdef const cbn_carry* carry = &a if k != NULL else NULL
     if k != NULL:
-        a.relu = k.act.kind == CBN_ACT_RELU
+        a.act = k.act.kind
+        a.slope = k.act.negative_slope
     for c in range(c0, c1):
         if k != NULL:
             a.mean = (<const floating*>k.save_mean)[c - back]
@@ -218,11 +219,11 @@ cdef void sums_begin(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part,
         cur[c] = -1
 
 
-cdef void sums_step(const floating* g, const floating* x, const floating* ym, floating* gr,
+cdef void sums_step(const floating* g, const floating* x, const Dact* da, floating* gr,
                     Planes P, Py_ssize_t mblk, Py_ssize_t c0, Py_ssize_t c1,
                     const floating* mean, const floating* scale, Sums* out, Sums* part,
                     Py_ssize_t* cur) noexcept nogil:
-    """(the masked dy written to gr if not NULL)"""
+    """(dy times the activation's derivative written to gr if not NULL)"""
     cdef Py_ssize_t c, b, u, it, off, cc, nruns, n
     cdef double sg, sgx
     for c in range(c0, c1):
@@ -235,9 +236,12 @@ cdef void sums_step(const floating* g, const floating* x, const floating* ym, fl
                 zero_sums(&part[c], 1)
                 cur[c] = it
             off = planes_unit(P, u, &cc, &nruns, &n)
-            ops(g).runs_sums(g + off, x + off, shifted(ym, off), NULL,
-                             <floating*>shifted(gr, off), nruns, n, P.C * P.K,
-                             mean[c], scale[c], &sg, &sgx, P.pf)
+            ops(g).runs_sums(g + off, x + off, shifted(<const floating*>da.ym, off),
+                             shifted(<const floating*>da.res, off), NULL,
+                             <floating*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
+                             scale[c],
+                             (<const floating*>da.shift)[c] if da.shift != NULL else 0,
+                             da.act, da.slope, &sg, &sgx, P.pf)
             part[c].g += sg
             part[c].gx += sgx
 
@@ -249,19 +253,16 @@ cdef void sums_end(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part) noexcept
         out[c].gx += part[c].gx
 
 
-cdef void rows_of_group(int op, const floating* x, const floating* g, const floating* q,
-                        floating* y, Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t C,
-                        Py_ssize_t K, Py_ssize_t c0, Py_ssize_t c1, const floating* pa,
-                        const floating* pb, const floating* pc, const floating* pd,
-                        bint relu) noexcept nogil:
+cdef void rows_of_group(const Pass* p, Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t C,
+                        Py_ssize_t K, Py_ssize_t c0, Py_ssize_t c1,
+                        const floating* tag) noexcept nogil:
     """planes_apply's element pass over batch entries m0..m1 of channels c0..c1 (the same
     units, so the same calls of the same loop on the same values)."""
     cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
     cdef Py_ssize_t clen = (K + nch - 1) // nch
     cdef Py_ssize_t m
     for m in range(m0, m1):
-        planes_apply_units(op, x, g, q, y, C, K, nch, clen, (m * C + c0) * nch,
-                           (m * C + c1) * nch, pa, pb, pc, pd, relu)
+        planes_apply_units(p, C, K, nch, clen, (m * C + c0) * nch, (m * C + c1) * nch, tag)
 
 
 cdef inline Py_ssize_t group_end(Py_ssize_t grp, Py_ssize_t gsize,
@@ -296,9 +297,9 @@ cdef void forward_group(const floating* x, const cbn_desc* d, const cbn_forward_
         moments_step(x, P, j, c0, c1, mom, part, cur, NULL, 0, NULL, NULL)
     moments_end(c0, c1, mom, part)
     forward_finish(d, k, c0, c1, mom, x, scale, shift)
-    rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
-                  d.M, d.C, d.K, c0, c1, <floating*>k.save_mean, scale, shift, NULL,
-                  k.act.kind == CBN_ACT_RELU)
+    cdef Pass out = affine_pass(OP_AFFINE | stream, &k.act, x, k.residual, k.y,
+                                k.save_mean, scale, shift)
+    rows_of_group(&out, 0, d.M, d.C, d.K, c0, c1, x)
     if stream:
         cbn_sfence()
 
@@ -315,6 +316,8 @@ cdef void forward_chain(const floating* x, const cbn_desc* d, const cbn_forward_
     time."""
     cdef Py_ssize_t grp, j, c0, c1, a0 = 0, a1 = 0
     cdef const cbn_forward_args* carry
+    cdef Pass out = affine_pass(OP_AFFINE | stream, &k.act, x, k.residual, k.y,
+                                k.save_mean, scale, shift)
     for grp in range(g0, g1):
         c0 = grp * gsize
         c1 = group_end(grp, gsize, d.C)
@@ -325,15 +328,10 @@ cdef void forward_chain(const floating* x, const cbn_desc* d, const cbn_forward_
         moments_end(c0, c1, mom, part)
         forward_finish(d, k, c0, c1, mom, x, scale, shift)
         if carry != NULL and a0 + (c1 - c0) < a1:    # pending channels not carried
-            rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual,
-                          <floating*>k.y, 0, d.M, d.C, d.K, a0 + (c1 - c0), a1,
-                          <floating*>k.save_mean, scale, shift, NULL,
-                          k.act.kind == CBN_ACT_RELU)
+            rows_of_group(&out, 0, d.M, d.C, d.K, a0 + (c1 - c0), a1, x)
         a0 = c0
         a1 = c1
-    rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
-                  d.M, d.C, d.K, a0, a1, <floating*>k.save_mean, scale, shift, NULL,
-                  k.act.kind == CBN_ACT_RELU)
+    rows_of_group(&out, 0, d.M, d.C, d.K, a0, a1, x)
     if stream:
         cbn_sfence()
 
@@ -400,16 +398,17 @@ cdef void backward_group(const floating* x, const cbn_desc* d, const cbn_backwar
     """Sums, finish and dx of channels c0..c1 (see backward_t's stages)."""
     cdef Py_ssize_t j
     cdef const floating* g = <floating*>k.grad_output
-    cdef const floating* ym = <floating*>k.output
     cdef const floating* mean = <floating*>k.save_mean
+    cdef Dact da = make_dact(&k.act, k.output, k.residual, k.bias)
+    cdef Pass dx = bwd_pass(OP_BWD_TRAIN | stream, &k.act, x, g, k.output, k.residual,
+                            k.grad_input, mean, scale, k.bias, k1, k2)
     sums_begin(c0, c1, sums, part, cur)
     for j in range(P.nmb):
-        sums_step(g, x, ym, <floating*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
+        sums_step(g, x, &da, <floating*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
                   part, cur)
     sums_end(c0, c1, sums, part)
     backward_finish(d, k, c0, c1, sums, x, k1, k2)
-    rows_of_group(OP_BWD_TRAIN | stream, x, g, ym, <floating*>k.grad_input, 0, d.M, d.C,
-                  d.K, c0, c1, mean, scale, k1, k2, False)
+    rows_of_group(&dx, 0, d.M, d.C, d.K, c0, c1, x)
     if stream:
         cbn_sfence()
 

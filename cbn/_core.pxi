@@ -115,40 +115,48 @@ cdef void stage_eval_params(const floating* weight, const floating* bias,
         shift[c] = bias[c] if bias != NULL else 0
 
 
-cdef void stage_backward_reduce(const floating* g, const floating* x, const floating* ym,
+cdef void stage_backward_reduce(const floating* g, const floating* x, const Dact* da,
                                 floating* gr, floating* dx_eval, const floating* mean,
                                 const floating* scale, Py_ssize_t M, Py_ssize_t C,
                                 Py_ssize_t K, Sums* out, int nthreads,
                                 char* mem) noexcept nogil:
-    """out[c] = (sum g, sum g * (x - mean)) over channel c, g = grad_output masked by
-    ReLU's backward where ym (the forward's output) is given; the masked g is written to
-    gr and, for the eval backward, dx_eval = g * scale, both in the same pass (if not
-    NULL). mem: reduce_scratch_bytes(...) bytes of scratch."""
+    """out[c] = (sum g, sum g * (x - mean)) over channel c, g = grad_output times the
+    activation's derivative (da: at the forward's output, or at the pre-activation
+    (x - mean) * scale + shift (+ residual)); that g is written to gr and, for the eval
+    backward, dx_eval = g * scale, both in the same pass (if not NULL). mem:
+    reduce_scratch_bytes(...) bytes of scratch."""
     cdef Planes PP
     cdef Rows PR
-    cdef floating* lmean
+    cdef floating* lanes
+    cdef Py_ssize_t t
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
-        PP.pf = prefetch_flag(M * C * K * sizeof(floating) * (3 if ym != NULL else 2))
-        planes_sums(g, x, ym, dx_eval, gr, PP, mean, scale, <Sums*>mem, out, nthreads)
+        PP.pf = prefetch_flag(M * C * K * sizeof(floating) * (3 if da.ym != NULL else 2))
+        planes_sums(g, x, da, dx_eval, gr, PP, mean, scale, <Sums*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
-        lmean = <floating*>(mem + lanes_bytes(PR.items * C * sizeof(Sums)))
-        expand_lanes(mean, lmean, PR.W, C, K)
-        expand_lanes(scale, lmean + PR.W, PR.W, C, K)
-        rows_sums(g, x, ym, dx_eval, gr, C, K, PR, lmean, lmean + PR.W, <Sums*>mem,
-                  lmean + 2 * PR.W, out, nthreads)
+        lanes = <floating*>(mem + lanes_bytes(PR.items * C * sizeof(Sums)))
+        expand_lanes(mean, lanes, PR.W, C, K)
+        expand_lanes(scale, lanes + PR.W, PR.W, C, K)
+        if cbn_act_needs_z(da.act):
+            if da.shift != NULL:
+                expand_lanes(<const floating*>da.shift, lanes + 2 * PR.W, PR.W, C, K)
+            else:
+                for t in range(PR.W):
+                    lanes[2 * PR.W + t] = 0
+        rows_sums(g, x, da, dx_eval, gr, C, K, PR, lanes, <Sums*>mem, lanes + 3 * PR.W,
+                  out, nthreads)
 
 
 cdef Py_ssize_t reduce_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
                                      Py_ssize_t itemsize, int nthreads) noexcept nogil:
     """Bytes of scratch stage_backward_reduce needs: item partials (and, for rows, the
-    lane parameters and per-thread lanes)."""
+    lane parameters mean, scale, shift and per-thread lanes)."""
     cdef Rows PR
     if K >= PLANE_MIN_K:
         return planes_partition(M, C, K, BLOCK).items * C * sizeof(Sums)
     PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
-    return lanes_bytes(PR.items * C * sizeof(Sums)) + (nthreads * 2 + 2) * PR.W * itemsize
+    return lanes_bytes(PR.items * C * sizeof(Sums)) + (nthreads * 2 + 3) * PR.W * itemsize
 
 
 cdef void stage_backward_finish(const Sums* sums, const floating* invstd, double n,
@@ -180,7 +188,7 @@ cdef inline void backward_scale(const floating* weight, const floating* invstd,
 
 cdef inline int check_act(const cbn_desc* d, const cbn_act* act) noexcept nogil:
     """0, or CBN_ERR_ARG for an activation the loops do not have."""
-    if act.kind == CBN_ACT_NONE or act.kind == CBN_ACT_RELU:
+    if 0 <= act.kind < CBN_NACTS:
         return CBN_OK
     return fail(d, CBN_ERR_ARG, "cbn: unknown activation")
 
@@ -204,6 +212,7 @@ cdef int forward_t(const cbn_desc* d, const cbn_forward_args* a,
     cdef floating* scale
     cdef floating* shift
     cdef floating* save_mean = <floating*>a.save_mean
+    cdef Pass out
     if check_act(d, &a.act):
         return CBN_ERR_ARG
     if gsize > 0:       # channel-blocked (see _blocked.pxi): per-channel partials, items
@@ -233,9 +242,9 @@ cdef int forward_t(const cbn_desc* d, const cbn_forward_args* a,
                               <const floating*>a.running_var, a.eps,
                               <floating*>a.save_invstd, scale, shift, C)
             memcpy(save_mean, a.running_mean, C * sizeof(floating))
-        apply(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)), x, NULL,
-              <const floating*>a.residual, <floating*>a.y, M, C, K, save_mean, scale, shift,
-              NULL, <floating*>(mem + pbytes), a.act.kind == CBN_ACT_RELU, nt)
+        out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)), &a.act, x,
+                          a.residual, a.y, save_mean, scale, shift)
+        apply(&out, M, C, K, <floating*>(mem + pbytes), nt)
     give(d, mem)
     return CBN_OK
 
@@ -246,16 +255,15 @@ cdef int normalize_t(const cbn_desc* d, const cbn_normalize_args* a,
     cdef Py_ssize_t M = d.M, C = d.C, K = d.K
     cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, sizeof(floating))
     cdef char* lanes = NULL     # (planes need none; rows need their lane parameters)
+    cdef Pass out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)),
+                                &a.act, x, a.residual, a.y, a.mean, a.scale, a.shift)
     if check_act(d, &a.act):
         return CBN_ERR_ARG
     if abytes > 0:
         lanes = take(d, abytes)
         if lanes == NULL:
             return CBN_ERR_NOMEM
-    apply(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)), x, NULL,
-          <const floating*>a.residual, <floating*>a.y, M, C, K, <const floating*>a.mean,
-          <const floating*>a.scale, <const floating*>a.shift, NULL, <floating*>lanes,
-          a.act.kind == CBN_ACT_RELU, d.nthreads)
+    apply(&out, M, C, K, <floating*>lanes, d.nthreads)
     if lanes != NULL:
         give(d, lanes)
     return CBN_OK
@@ -290,7 +298,8 @@ cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a,
     cdef floating* k1
     cdef floating* k2
     cdef const floating* g = <const floating*>a.grad_output
-    cdef const floating* ym = <const floating*>a.output
+    cdef Dact da = make_dact(&a.act, a.output, a.residual, a.bias)
+    cdef Pass dx
     if check_act(d, &a.act):
         return CBN_ERR_ARG
     rbytes = (rbytes + 63) // 64 * 64
@@ -306,7 +315,7 @@ cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a,
         blocked_backward(x, d, a, gsize, scale, sums, <Sums*>(mem + pbytes),
                          <Py_ssize_t*>(mem + pbytes + C * sizeof(Sums)), k1, k2)
     else:
-        stage_backward_reduce(g, x, ym, <floating*>a.grad_residual,
+        stage_backward_reduce(g, x, &da, <floating*>a.grad_residual,
                               NULL if a.training else <floating*>a.grad_input,
                               <const floating*>a.save_mean, scale, M, C, K, sums, nt,
                               mem + pbytes)
@@ -314,9 +323,10 @@ cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a,
                               <floating*>a.grad_weight, <floating*>a.grad_bias,
                               k1 if a.training else NULL, k2, C)
         if a.training:
-            apply(OP_BWD_TRAIN | stream_flag(M * C * K * sizeof(floating)), x, g, ym,
-                  <floating*>a.grad_input, M, C, K, <const floating*>a.save_mean, scale, k1,
-                  k2, <floating*>(mem + pbytes + rbytes), False, nt)
+            dx = bwd_pass(OP_BWD_TRAIN | stream_flag(M * C * K * sizeof(floating)), &a.act,
+                          x, g, a.output, a.residual, a.grad_input, a.save_mean, scale,
+                          a.bias, k1, k2)
+            apply(&dx, M, C, K, <floating*>(mem + pbytes + rbytes), nt)
     give(d, mem)
     return CBN_OK
 
@@ -374,6 +384,7 @@ cdef int reduce_t(const cbn_desc* d, const cbn_reduce_args* a,
     cdef char* mem
     cdef Sums* sums
     cdef floating* zeros
+    cdef Dact da = make_dact(&a.act, a.output, a.residual, a.shift)
     if check_act(d, &a.act):
         return CBN_ERR_ARG
     for c in range(C):
@@ -388,7 +399,7 @@ cdef int reduce_t(const cbn_desc* d, const cbn_reduce_args* a,
     zeros = <floating*>(sums + C)       # the scale of an eval dx, which is not written
     for c in range(C):
         zeros[c] = 0
-    stage_backward_reduce(g, <const floating*>a.x, <const floating*>a.output, NULL, NULL,
+    stage_backward_reduce(g, <const floating*>a.x, &da, NULL, NULL,
                           <const floating*>a.mean,
                           <const floating*>a.scale if a.scale != NULL else zeros, d.M, C,
                           d.K, sums, d.nthreads, mem + pbytes)
@@ -409,6 +420,7 @@ cdef int elements_t(const cbn_desc* d, const cbn_elements_args* a,
     cdef floating* scale
     cdef floating* k1
     cdef floating* k2
+    cdef Pass dx
     if check_act(d, &a.act):
         return CBN_ERR_ARG
     if d.M * d.K == 0 or C == 0:
@@ -425,10 +437,9 @@ cdef int elements_t(const cbn_desc* d, const cbn_elements_args* a,
         sums[c].g = a.sum_dy[c]
         sums[c].gx = a.sum_dy_xmu[c]
     stage_backward_finish(sums, <const floating*>a.invstd, a.count, NULL, NULL, k1, k2, C)
-    apply(OP_BWD_TRAIN | stream_flag(d.M * C * d.K * sizeof(floating)),
-          <const floating*>a.x, g, <const floating*>a.output, <floating*>a.grad_input, d.M,
-          C, d.K, <const floating*>a.mean, scale, k1, k2, <floating*>(mem + pbytes), False,
-          d.nthreads)
+    dx = bwd_pass(OP_BWD_TRAIN | stream_flag(d.M * C * d.K * sizeof(floating)), &a.act,
+                  a.x, g, a.output, a.residual, a.grad_input, a.mean, scale, a.bias, k1, k2)
+    apply(&dx, d.M, C, d.K, <floating*>(mem + pbytes), d.nthreads)
     give(d, mem)
     return CBN_OK
 

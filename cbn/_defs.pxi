@@ -69,6 +69,80 @@ cdef inline int check(int status, const char* msg) except -1:
     return 0
 
 
+# ------------------------------------------------------------- the forward and its rescue
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint32_t, uint64_t
+
+from ._rescue import rescue as _edge_rescue
+
+
+cdef bint any_suspect(const void* invstd, Py_ssize_t C, int dtype) noexcept nogil:
+    """Whether some channel's invstd may be 0, NaN or inf (the gate in front of the edge
+    rescue, cbn/_rescue.py), on the most significant byte: sign and top exponent bits
+    outside 0x01-0x7e. dtype: CBN_FLOAT32 or CBN_FLOAT64."""
+    cdef Py_ssize_t c
+    cdef unsigned int top
+    for c in range(C):
+        if dtype == CBN_FLOAT32:
+            top = (<const uint32_t*>invstd)[c] >> 24
+        else:
+            top = <unsigned int>((<const uint64_t*>invstd)[c] >> 56)
+        if top == 0 or top >= 0x7F:
+            return True
+    return False
+
+
+def suspect(cnp.ndarray save_invstd):
+    """Whether the edge rescue would look at a forward with these invstd (a contiguous
+    float32 or float64 (C,) array): some value may be 0, NaN or inf."""
+    return any_suspect(cnp.PyArray_DATA(save_invstd), cnp.PyArray_SIZE(save_invstd),
+                       dtype_code(cnp.PyArray_TYPE(save_invstd)))
+
+
+cdef int forward_call(cbn_desc* d, cbn_forward_args* a, object x, object y, object residual,
+                      object weight, object bias, object running_mean, object running_var,
+                      object save_mean, object save_invstd) except -1:
+    """cbn_forward, then, after a training forward where some channel's statistics may be
+    0, NaN or inf (any_suspect), the edge rescue with the running statistics as they were
+    before the call (kept here, in C, until then). x, y, residual: arrays of M*C*K values
+    (the (M, C, K) view or the caller's layout, C-contiguous)."""
+    cdef int st
+    cdef Py_ssize_t rbytes = d.C * (4 if d.compute == CBN_FLOAT32 else 8)
+    cdef char* before = NULL
+    cdef tuple shape3
+    if not a.training:
+        with nogil:
+            st = cbn_forward(d, a)
+        return check(st, d.msg)
+    if a.running_mean != NULL or a.running_var != NULL:    # else there is nothing to keep
+        before = <char*>alloc(2 * rbytes)
+        if before == NULL:
+            raise MemoryError(f"cbn: could not allocate {2 * rbytes} bytes of scratch memory")
+    try:
+        if a.running_mean != NULL:
+            memcpy(before, a.running_mean, rbytes)
+        if a.running_var != NULL:
+            memcpy(before + rbytes, a.running_var, rbytes)
+        with nogil:
+            st = cbn_forward(d, a)
+        check(st, d.msg)
+        if any_suspect(a.save_invstd, d.C, d.compute):
+            shape3 = (d.M, d.C, d.K)
+            _edge_rescue(x.reshape(shape3), y.reshape(shape3),
+                         None if residual is None else residual.reshape(shape3),
+                         a.act.kind, a.act.negative_slope, weight, bias, running_mean,
+                         running_var,
+                         PyBytes_FromStringAndSize(before, rbytes)
+                         if a.running_mean != NULL else None,
+                         PyBytes_FromStringAndSize(before + rbytes, rbytes)
+                         if a.running_var != NULL else None,
+                         save_mean, save_invstd, a.momentum, a.eps)
+    finally:
+        free(before)
+    return 0
+
+
 # ------------------------------------------------- the general path's entries (functional)
 
 def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, running_var,
@@ -76,12 +150,12 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, runn
                   double eps, int nthreads, residual=None, int activation=0,
                   double negative_slope=0.01):
     """Training forward on (M, C, K) arrays: batch statistics, running-statistics update
-    (arrays that are None are skipped), y = act(normalize(x) + residual). All arrays
-    C-contiguous, of x's dtype (checked by the caller); activation: a cbn_act_kind."""
+    (arrays that are None are skipped), y = act(normalize(x) + residual), and the edge
+    rescue where the statistics need it (forward_call). All arrays C-contiguous, of x's
+    dtype (checked by the caller); activation: a cbn_act_kind."""
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_forward_args a
-    cdef int st
     init_desc(&d, x, nthreads, msg)
     memset(&a, 0, sizeof(a))
     a.training = 1
@@ -97,9 +171,8 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, runn
     a.running_var = <void*>data(running_var)
     a.save_mean = <void*>data(save_mean)
     a.save_invstd = <void*>data(save_invstd)
-    with nogil:
-        st = cbn_forward(&d, &a)
-    check(st, msg)
+    forward_call(&d, &a, x, y, residual, weight, bias, running_mean, running_var,
+                 save_mean, save_invstd)
 
 
 def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running_mean,
@@ -112,7 +185,6 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_forward_args a
-    cdef int st
     init_desc(&d, x, nthreads, msg)
     memset(&a, 0, sizeof(a))
     a.act = make_act(activation, negative_slope)
@@ -126,9 +198,8 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running
     a.running_var = <void*>data(running_var)
     a.save_mean = <void*>data(save_mean)
     a.save_invstd = <void*>data(save_invstd)
-    with nogil:
-        st = cbn_forward(&d, &a)
-    check(st, msg)
+    forward_call(&d, &a, x, y, residual, weight, bias, running_mean, running_var,
+                 save_mean, save_invstd)
 
 
 def affine(cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean, cnp.ndarray scale,
@@ -156,7 +227,7 @@ def affine(cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean, cnp.ndarray scale,
 def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, weight,
              cnp.ndarray mean, cnp.ndarray invstd, cnp.ndarray grad_weight,
              cnp.ndarray grad_bias, bint training, int nthreads, output=None,
-             grad_residual=None, int activation=0, double negative_slope=0.01, bias=None,
+             grad_residual=None, int activation=-1, double negative_slope=0.01, bias=None,
              residual=None):
     """Backward of batch normalization on (M, C, K) arrays.
 
@@ -165,7 +236,7 @@ def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, wei
     dy is multiplied by the activation's derivative inside those passes (read from
     `output`, the forward's output, or from the pre-activation recomputed from x, bias and
     `residual`: see cbn_backward_args); `grad_residual`, if given, receives that dy in the
-    first pass.
+    first pass. activation -1: relu where output is given, else none.
     """
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
@@ -174,6 +245,8 @@ def backward(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray grad_input, wei
     init_desc(&d, x, nthreads, msg)
     memset(&a, 0, sizeof(a))
     a.training = training
+    if activation < 0:
+        activation = CBN_ACT_NONE if output is None else CBN_ACT_RELU
     a.act = make_act(activation, negative_slope)
     a.grad_output = data(grad_output)
     a.x = data(x)
@@ -321,11 +394,12 @@ def finish(Py_ssize_t count, mean, m2, double eps, weight, bias, running_mean, r
 
 
 def backward_reduce(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray mean, int nthreads,
-                    output=None, int activation=0, double negative_slope=0.01, scale=None,
+                    output=None, int activation=-1, double negative_slope=0.01, scale=None,
                     shift=None, residual=None):
     """(sum_dy, sum_dy_xmu): float64 (C,) arrays of sum(dy) and sum(dy * (x - mean)) per
     channel of the (M, C, K) arrays, dy times the activation's derivative (from `output`,
-    the forward's output, or the pre-activation (x - mean) * scale + shift + residual)."""
+    the forward's output, or the pre-activation (x - mean) * scale + shift + residual;
+    activation -1: relu where output is given)."""
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_reduce_args a
@@ -333,6 +407,8 @@ def backward_reduce(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray mean, in
     init_desc(&d, x, nthreads, msg)
     cdef cnp.ndarray sg = zeros_f64(d.C)
     cdef cnp.ndarray sgx = zeros_f64(d.C)
+    if activation < 0:
+        activation = CBN_ACT_NONE if output is None else CBN_ACT_RELU
     a.act = make_act(activation, negative_slope)
     a.grad_output = data(grad_output)
     a.x = data(x)
@@ -351,17 +427,20 @@ def backward_reduce(cnp.ndarray grad_output, cnp.ndarray x, cnp.ndarray mean, in
 
 def backward_elements(cnp.ndarray grad_output, cnp.ndarray x, weight, cnp.ndarray mean,
                       cnp.ndarray invstd, sum_dy, sum_dy_xmu, Py_ssize_t count,
-                      cnp.ndarray grad_input, int nthreads, output=None, int activation=0,
+                      cnp.ndarray grad_input, int nthreads, output=None, int activation=-1,
                       double negative_slope=0.01, bias=None, residual=None):
     """The training backward's element pass with global sums: grad_input = (dy - k1 -
     (x - mean) * k2) * weight * invstd, k1 = sum_dy / count, k2 = invstd^2 * sum_dy_xmu /
-    count, exactly as the fused backward computes it when count is the local count."""
+    count, exactly as the fused backward computes it when count is the local count
+    (activation -1: relu where output is given)."""
     cdef cnp.ndarray s1 = np_copy_f64(sum_dy), s2 = np_copy_f64(sum_dy_xmu)
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_elements_args a
     cdef int st
     init_desc(&d, x, nthreads, msg)
+    if activation < 0:
+        activation = CBN_ACT_NONE if output is None else CBN_ACT_RELU
     a.act = make_act(activation, negative_slope)
     a.count = count
     a.grad_output = data(grad_output)

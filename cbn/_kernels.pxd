@@ -23,39 +23,57 @@ cdef extern from "cbn_kernels.h" nogil:
         const void* residual
         void* y
         double mean, scale, shift
-        int relu
+        int act
+        double slope
 
     ctypedef struct cbn_ops:
         void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n,
                              Py_ssize_t stride, double* mean, double* m2, int pf,
                              const cbn_carry* carry) noexcept nogil
-        void (*runs_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
-                          Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean,
-                          double scale, double* sg, double* sgx, int pf) noexcept nogil
+        void (*runs_sums)(const void* g, const void* x, const void* ym, const void* res,
+                          void* dx, void* gr, Py_ssize_t nruns, Py_ssize_t n,
+                          Py_ssize_t stride, double mean, double scale, double shift,
+                          int act, double slope, double* sg, double* sgx,
+                          int pf) noexcept nogil
         void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
-                           double mean, double scale, double shift, int relu) noexcept nogil
-        void (*run_bwd)(const void* x, const void* g, const void* ym, void* dx, Py_ssize_t n,
-                        double mean, double scale, double gmean,
-                        double xcoef) noexcept nogil
+                           double mean, double scale, double shift, int act,
+                           double slope) noexcept nogil
+        void (*run_bwd)(const void* x, const void* g, const void* ym, const void* res,
+                        void* dx, Py_ssize_t n, double mean, double scale, double shift,
+                        double gmean, double xcoef, int act, double slope) noexcept nogil
         void (*cols_shifted_sums)(const void* p, Py_ssize_t R, Py_ssize_t w,
                                   const void* shift, void* s1, void* s2) noexcept nogil
         void (*cols_dev)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* mean,
                          void* s1, void* s2) noexcept nogil
-        void (*cols_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
-                          Py_ssize_t R, Py_ssize_t w, const void* mean, const void* scale,
+        void (*cols_sums)(const void* g, const void* x, const void* ym, const void* res,
+                          void* dx, void* gr, Py_ssize_t R, Py_ssize_t w, const void* mean,
+                          const void* scale, const void* shift, int act, double slope,
                           void* sg, void* sgx) noexcept nogil
-        void (*cols_apply)(int op, const void* x, const void* g, const void* q, void* y,
-                           Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
-                           const void* c, const void* d, int relu) noexcept nogil
+        void (*cols_affine)(const void* x, const void* residual, void* y, Py_ssize_t R,
+                            Py_ssize_t w, const void* mean, const void* scale,
+                            const void* shift, int act, double slope) noexcept nogil
+        void (*cols_bwd)(const void* x, const void* g, const void* ym, const void* res,
+                         void* dx, Py_ssize_t R, Py_ssize_t w, const void* mean,
+                         const void* scale, const void* shift, const void* gmean,
+                         const void* xcoef, int act, double slope) noexcept nogil
         void (*run_affine_stream)(const void* x, const void* residual, void* y,
                                   Py_ssize_t n, double mean, double scale, double shift,
-                                  int relu) noexcept nogil
-        void (*run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
-                               Py_ssize_t n, double mean, double scale, double gmean,
-                               double xcoef) noexcept nogil
-        void (*rows_stream)(int op, const void* x, const void* g, const void* q, void* y,
-                            Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
-                            const void* c, const void* d, int relu) noexcept nogil
+                                  int act, double slope) noexcept nogil
+        void (*run_bwd_stream)(const void* x, const void* g, const void* ym,
+                               const void* res, void* dx, Py_ssize_t n, double mean,
+                               double scale, double shift, double gmean, double xcoef,
+                               int act, double slope) noexcept nogil
+        void (*rows_affine_stream)(const void* x, const void* residual, void* y,
+                                   Py_ssize_t R, Py_ssize_t w, const void* mean,
+                                   const void* scale, const void* shift, int act,
+                                   double slope) noexcept nogil
+        void (*rows_bwd_stream)(const void* x, const void* g, const void* ym,
+                                const void* res, void* dx, Py_ssize_t R, Py_ssize_t w,
+                                const void* mean, const void* scale, const void* shift,
+                                const void* gmean, const void* xcoef, int act,
+                                double slope) noexcept nogil
+
+    int cbn_act_needs_z(int act) noexcept
 
     const cbn_ops* cbn_ops_f() noexcept
     const cbn_ops* cbn_ops_d() noexcept

@@ -35,6 +35,9 @@ only what the ones before it define:
                           operation's typed arguments (cbn_*_args), status codes, and the
                           lists of dtypes and activations
   cbn/src/cbn_simd.h      vector-extension lanes, shared by every loop
+  cbn/src/cbn_act.h       the fused activations' arithmetic (vector and scalar, forward
+                          and derivative) and CBN_ACT_SWITCH, which generates each loop's
+                          copies from the list in cbn_core.h
   cbn/src/cbn_planes.h    C loops along runs of one channel (dtype/target template)
   cbn/src/cbn_rows.h      C loops over blocks of rows with per-lane parameters (template)
   cbn/src/cbn_ops.h       one (dtype, target)'s loops as a table, cbn_ops
@@ -63,8 +66,8 @@ The operation x loop-shape table (ops(x) is the active target's cbn_ops for x's 
   moments              moments             runs_moments          cols_shifted_sums,
                                                                  cols_dev (2nd pass)
   sum dy, sum dy*xmu   backward_reduce     runs_sums             cols_sums
-  output pass          normalize           run_affine            cols_apply(op=0)
-  training dx          backward_elements   run_bwd               cols_apply(op=1)
+  output pass          normalize           run_affine            cols_affine
+  training dx          backward_elements   run_bwd               cols_bwd
 
 In cbn_rows.h each rows operation has two loop shapes with the same lane-wise arithmetic
 in the same order (so the same bits): fixed-width (fx_*, AVX-512 targets, the lane

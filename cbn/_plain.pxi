@@ -119,20 +119,17 @@ cdef inline void plain_desc(cbn_desc* d, object x, Py_ssize_t M, Py_ssize_t C,
     set_view(d, M, C, K)
 
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint32_t, uint64_t
 
 
 def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  axis, n_threads, Py_ssize_t min_parallel, residual=None, bint relu=False,
-                  out=None):
+                  axis, n_threads, Py_ssize_t min_parallel, residual=None, int activation=0,
+                  out=None, double negative_slope=0.01):
     """batch_norm_forward's plain call: (y, save_mean, save_invstd), or None when the call
-    is not plain (then nothing was computed or written). A training call where some
-    channel's invstd came out 0, NaN or inf returns (y, save_mean, save_invstd,
-    running_mean_before, running_var_before) (bytes, or None) for the edge rescue. n_threads None means
+    is not plain (then nothing was computed or written). n_threads None means
     omp_get_max_threads(); inputs under min_parallel values run on one thread. A residual
     must be a plain array of the input's shape and dtype; so must out, which may be x
-    itself but must not otherwise overlap it."""
+    itself but must not otherwise overlap it. activation: a cbn_act_kind. A training
+    call whose statistics need it gets the edge rescue (see forward_call)."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     cdef double e, mom = 0.0
@@ -169,11 +166,10 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_forward_args a
-    cdef int st
     plain_desc(&d, x, M, C, K, nt, msg)
     a.training = training is True
     a.reserved = 0
-    a.act = make_act(CBN_ACT_RELU if relu else CBN_ACT_NONE, 0.0)
+    a.act = make_act(activation, negative_slope)
     a.momentum = mom
     a.eps = e
     a.x = data(x)
@@ -185,50 +181,8 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     a.running_var = <void*>data(running_var)
     a.save_mean = <void*>data(sm)
     a.save_invstd = <void*>data(si)
-    if not a.training:
-        with nogil:
-            st = cbn_forward(&d, &a)
-        check(st, msg)
-        return y, sm, si
-    # Training: the running statistics as they were, in case a channel needs the edge
-    # rescue of cbn.functional (which recomputes its running update from them).
-    cdef Py_ssize_t rbytes = C * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
-    cdef char* before = NULL
-    if a.running_mean != NULL or a.running_var != NULL:    # else there is nothing to keep
-        before = <char*>alloc(2 * rbytes)
-        if before == NULL:
-            raise MemoryError(f"cbn: could not allocate {2 * rbytes} bytes of scratch memory")
-    try:
-        if a.running_mean != NULL:
-            memcpy(before, a.running_mean, rbytes)
-        if a.running_var != NULL:
-            memcpy(before + rbytes, a.running_var, rbytes)
-        with nogil:
-            st = cbn_forward(&d, &a)
-        check(st, msg)
-        if not any_suspect(a.save_invstd, C, typ):
-            return y, sm, si
-        return (y, sm, si,
-                PyBytes_FromStringAndSize(before, rbytes) if a.running_mean != NULL else None,
-                PyBytes_FromStringAndSize(before + rbytes, rbytes)
-                if a.running_var != NULL else None)
-    finally:
-        free(before)
-
-
-cdef bint any_suspect(const void* invstd, Py_ssize_t C, int typ) noexcept nogil:
-    """Whether some channel's invstd may be 0, NaN or inf (cbn.functional._suspect's test,
-    on the most significant byte: sign and top exponent bits outside 0x01-0x7e)."""
-    cdef Py_ssize_t c
-    cdef unsigned int top
-    for c in range(C):
-        if typ == cnp.NPY_FLOAT32:
-            top = (<const uint32_t*>invstd)[c] >> 24
-        else:
-            top = <unsigned int>((<const uint64_t*>invstd)[c] >> 56)
-        if top == 0 or top >= 0x7F:
-            return True
-    return False
+    forward_call(&d, &a, x, y, residual, weight, bias, running_mean, running_var, sm, si)
+    return y, sm, si
 
 
 cdef inline bint disjoint(object a, object b):
@@ -246,15 +200,21 @@ cdef inline bint disjoint(object a, object b):
 
 def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axis,
                    n_threads, Py_ssize_t min_parallel, output=None, bint residual=False,
-                   out=None):
+                   out=None, int activation=-1, double negative_slope=0.01):
     """batch_norm_backward's plain call: (grad_input, grad_weight, grad_bias), plus
-    grad_residual if residual, or None when the call is not plain. output (the forward's
-    ReLU output, masking grad_output) must be a plain array of the input's shape. out
+    grad_residual if residual, or None when the call is not plain. activation: a
+    cbn_act_kind whose derivative is read off output (relu, relu6, leaky_relu), or -1:
+    relu where output is given; output (the forward's output) must be a plain array of
+    the input's shape. out
     (grad_input's destination) must be a plain writeable array of the input's shape that
     is grad_output itself or shares no memory with grad_output, x and output."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or (training is not True and training is not False):
+        return None
+    if activation < 0:
+        activation = CBN_ACT_NONE if output is None else CBN_ACT_RELU
+    if (activation == CBN_ACT_NONE) != (output is None) or cbn_act_needs_z(activation):
         return None
     if grad_output is None or not plain_like(grad_output, x, typ):
         return None
@@ -291,7 +251,7 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
     plain_desc(&d, x, M, C, K, nt, msg)
     memset(&a, 0, sizeof(a))
     a.training = training is True
-    a.act = make_act(CBN_ACT_RELU if output is not None else CBN_ACT_NONE, 0.0)
+    a.act = make_act(activation, negative_slope)
     a.grad_output = data(grad_output)
     a.x = data(x)
     a.output = data(output)
@@ -309,7 +269,7 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
 
 
 def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel,
-                 residual=None, bint relu=False, out=None):
+                 residual=None, int activation=0, out=None, double negative_slope=0.01):
     """normalize's plain call: y = act((x - mean) * scale + shift + residual), or None
     when the call is not plain (out as in plain_forward)."""
     cdef Py_ssize_t M, C, K
@@ -330,7 +290,7 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
     cdef cbn_normalize_args a
     cdef int st
     plain_desc(&d, x, M, C, K, nt, msg)
-    a.act = make_act(CBN_ACT_RELU if relu else CBN_ACT_NONE, 0.0)
+    a.act = make_act(activation, negative_slope)
     a.x = data(x)
     a.residual = data(residual)
     a.y = <void*>data(y)

@@ -179,6 +179,7 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
     cdef Py_ssize_t c, b, u, it, off, cc, nruns, n, poff
     cdef cbn_carry a
     cdef const cbn_carry* carry = &a if k != NULL else NULL
+    cdef Moments m
     if k != NULL:
         a.act = k.act.kind
         a.slope = k.act.negative_slope
@@ -200,7 +201,9 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
                 a.x = x + poff
                 a.residual = shifted(<const floating*>k.residual, poff)
                 a.y = <floating*>k.y + poff
-            merge(&part[c], runs_moments(x + off, nruns, n, P.C * P.K, P.pf, carry))
+            m.n = <double>nruns * n
+            ops(x).runs_moments(x + off, nruns, n, P.C * P.K, &m.mean, &m.m2, P.pf, carry)
+            merge(&part[c], m)
 
 
 cdef void moments_end(Py_ssize_t c0, Py_ssize_t c1, Moments* out,

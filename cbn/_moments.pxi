@@ -27,12 +27,15 @@ cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
     """Merge the moments of one item's units into its slots of acc[0:C], per channel."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
     cdef Py_ssize_t u, off, c, nruns, n, c0, nc, j
+    cdef Moments m
     planes_item_span(P, item, &c0, &nc)
     for j in range(nc):
         zero_moments(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
-        merge(&acc[c], runs_moments(x + off, nruns, n, P.C * P.K, P.pf))
+        m.n = <double>nruns * n
+        ops(x).runs_moments(x + off, nruns, n, P.C * P.K, &m.mean, &m.m2, P.pf, NULL)
+        merge(&acc[c], m)
 
 
 cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,

@@ -28,18 +28,6 @@ cdef inline double inv_sqrt(double v) noexcept nogil:
     return 0.0 if v == 0.0 else 1.0 / sqrt(v)
 
 
-cdef inline Moments runs_moments(const floating* p, Py_ssize_t nruns, Py_ssize_t n,
-                                Py_ssize_t stride, int pf,
-                                const cbn_carry* carry=NULL) noexcept nogil:
-    """Moments of nruns runs of n contiguous values, stride apart (see cbn_runs_moments
-    in cbn/src/cbn_planes.h; pf: prefetch the next unit; carry: an output pass done in
-    the same loop, or NULL)."""
-    cdef Moments r
-    r.n = <double>nruns * n
-    ops(p).runs_moments(p, nruns, n, stride, &r.mean, &r.m2, pf, carry)
-    return r
-
-
 # --------------------------------------------------------------------- work partitions
 
 cdef struct Planes:

@@ -220,7 +220,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     >>> np.allclose(y, (x - save_mean) * save_invstd, atol=1e-6)
     True
     """
-    kind = _plain_kind(activation)
+    kind = 0 if activation is None else _plain_kind(activation)
     if (kind is not None and type(momentum) is float and momentum - momentum == 0.0
             and type(negative_slope) is float
             and negative_slope - negative_slope == 0.0):
@@ -368,7 +368,7 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     >>> np.array_equal(y, cbn.batch_norm(x, rm, rv, w, b))     # the eval forward, exactly
     True
     """
-    kind = _plain_kind(activation)
+    kind = 0 if activation is None else _plain_kind(activation)
     if (kind is not None and type(negative_slope) is float
             and negative_slope - negative_slope == 0.0):
         y = _kernels.plain_affine(input, mean, scale, shift, axis, n_threads,
@@ -522,7 +522,7 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     >>> np.allclose(y_nhwc.transpose(0, 3, 1, 2), y)
     True
     """
-    kind = _plain_kind(activation)
+    kind = 0 if activation is None else _plain_kind(activation)
     if (kind is not None and type(momentum) is float and momentum - momentum == 0.0
             and type(negative_slope) is float and negative_slope - negative_slope == 0.0):
         # the plain call straight into the kernel (as batch_norm_forward would make it)
@@ -651,18 +651,27 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     >>> np.allclose(grad_x.sum(axis=(0, 2)), 0)
     True
     """
-    kind = _plain_kind(activation)
-    if ((residual is False or residual is True) and kind is not None
-            and type(negative_slope) is float
-            and negative_slope - negative_slope == 0.0
-            and (output is not None) == (kind != 0 and _from_output(kind))
-            and (kind != 3 or negative_slope >= 0.0)):
-        r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
-                                    training, axis, n_threads,
-                                    _threads.MIN_PARALLEL_SIZE, output, residual, out, kind,
-                                    negative_slope)
-        if r is not None:
-            return r
+    if residual is False or residual is True:
+        # The plain call (see _kernels.plain_backward): activations whose derivative is
+        # read off output= (silu and hardswish take the general path).
+        if activation is None:
+            if output is None:
+                r = _kernels.plain_backward(grad_output, input, weight, save_mean,
+                                            save_invstd, training, axis, n_threads,
+                                            _threads.MIN_PARALLEL_SIZE, None, residual, out)
+                if r is not None:
+                    return r
+        elif output is not None:
+            kind = _plain_kind(activation)
+            if (kind is not None and _from_output(kind) and type(negative_slope) is float
+                    and negative_slope - negative_slope == 0.0
+                    and (kind != 3 or negative_slope >= 0.0)):
+                r = _kernels.plain_backward(grad_output, input, weight, save_mean,
+                                            save_invstd, training, axis, n_threads,
+                                            _threads.MIN_PARALLEL_SIZE, output, residual, out,
+                                            kind, negative_slope)
+                if r is not None:
+                    return r
     x = _as_input(input, "input")
     dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
     if dy.dtype.kind != "f" and not _is_half(dy.dtype):

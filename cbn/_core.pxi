@@ -76,43 +76,34 @@ cdef inline void give(const cbn_desc* d, void* p) noexcept nogil:
 
 # ------------------------------------------------------------------------- the stages
 
-cdef void stage_finish(const Moments* mom, Py_ssize_t C, double n, const floating* weight,
-                       const floating* bias, floating* running_mean, floating* running_var,
-                       double momentum, double eps, floating* save_mean,
-                       floating* save_invstd, floating* scale,
-                       floating* shift) noexcept nogil:
-    """From n values per channel: save_mean = mean, save_invstd = 1/sqrt(M2/n + eps),
-    scale = weight * invstd (from the double invstd), shift = bias; running statistics
-    (if not NULL) <- momentum * batch + (1 - momentum) * running, with the unbiased
-    variance M2/(n - 1)."""
-    cdef Py_ssize_t c
-    cdef double inv
-    for c in range(C):
-        inv = inv_sqrt(mom[c].m2 / n + eps)
-        save_mean[c] = <floating>mom[c].mean
-        save_invstd[c] = <floating>inv
-        scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
-        shift[c] = bias[c] if bias != NULL else 0
-        if running_mean != NULL:
-            running_mean[c] = <floating>(momentum * mom[c].mean
-                                         + (1.0 - momentum) * running_mean[c])
-        if running_var != NULL:
-            running_var[c] = <floating>(momentum * (mom[c].m2 / (n - 1.0))
-                                        + (1.0 - momentum) * running_var[c])
+cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                          void* mem, Moments* out, int nthreads) noexcept nogil:
+    cdef Planes PP
+    cdef Rows PR
+    if K >= PLANE_MIN_K:
+        PP = planes_partition(M, C, K, BLOCK)
+        PP.pf = prefetch_flag(M * C * K * sizeof(floating))
+        planes_moments(x, PP, <Moments*>mem, out, nthreads)
+    else:
+        PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
+        rows_moments(x, C, K, PR, <double*>mem,
+                     <floating*>(<char*>mem + rows_part_bytes(PR, C)),
+                     <double*>(<char*>mem + rows_part_bytes(PR, C)
+                               + lanes_bytes(nthreads * 3 * PR.W * sizeof(floating))),
+                     out, nthreads)
 
 
-cdef void stage_eval_params(const floating* weight, const floating* bias,
-                            const floating* running_var, double eps, floating* save_invstd,
-                            floating* scale, floating* shift, Py_ssize_t C) noexcept nogil:
-    """finish for the eval forward: invstd = 1/sqrt(running_var + eps) (0 where that is
-    0), scale = weight * invstd, shift = bias."""
-    cdef Py_ssize_t c
-    cdef double inv
-    for c in range(C):
-        inv = inv_sqrt(<double>running_var[c] + eps)
-        save_invstd[c] = <floating>inv
-        scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
-        shift[c] = bias[c] if bias != NULL else 0
+cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                                      Py_ssize_t itemsize, int nthreads) noexcept nogil:
+    """Bytes of scratch channel_moments needs: item partials, per-thread lanes."""
+    cdef Planes PP
+    cdef Rows PR
+    if K >= PLANE_MIN_K:
+        PP = planes_partition(M, C, K, BLOCK)
+        return PP.items * C * sizeof(Moments)
+    PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
+    return (rows_part_bytes(PR, C) + lanes_bytes(nthreads * 3 * PR.W * itemsize)
+            + nthreads * 2 * C * sizeof(double))
 
 
 cdef void stage_backward_reduce(const floating* g, const floating* x, const Dact* da,
@@ -157,25 +148,6 @@ cdef Py_ssize_t reduce_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
         return planes_partition(M, C, K, BLOCK).items * C * sizeof(Sums)
     PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
     return lanes_bytes(PR.items * C * sizeof(Sums)) + (nthreads * 2 + 3) * PR.W * itemsize
-
-
-cdef void stage_backward_finish(const Sums* sums, const floating* invstd, double n,
-                                floating* grad_weight, floating* grad_bias, floating* k1,
-                                floating* k2, Py_ssize_t C) noexcept nogil:
-    """grad_bias = sum g, grad_weight = sum g * (x - mean) * invstd (either may be NULL);
-    the training backward's k1 = sum g / n and k2 = invstd^2 * sum g * (x - mean) / n
-    (if not NULL), with n values per channel."""
-    cdef Py_ssize_t c
-    cdef double inv
-    for c in range(C):
-        inv = invstd[c]
-        if grad_bias != NULL:
-            grad_bias[c] = <floating>sums[c].g
-        if grad_weight != NULL:
-            grad_weight[c] = <floating>(sums[c].gx * inv)
-        if k1 != NULL:
-            k1[c] = <floating>(sums[c].g / n)
-            k2[c] = <floating>(sums[c].gx / n * inv * inv)
 
 
 cdef inline void backward_scale(const floating* weight, const floating* invstd,

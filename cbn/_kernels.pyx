@@ -44,14 +44,15 @@ only what the ones before it define:
   cbn/src/cbn_kernels.h   the tables for each CPU target, and the choice among them
   cbn/src/cbn_team.h      the adaptive thread count (contended cores)
   cbn/src/cbn_cache.h     the last-level cache's size, read at import
-  _partitions.pxi         Moments and Chan's merge; the planes and rows partitions; timed
-                          teams
-  _moments.pxi            the moments stage's loops on both shapes
-  _passes.pxi             the element-wise passes and the backward reductions
+  _partitions.pxi         Moments and Chan's merge; the planes and rows partitions and the
+                          rows' lane parameters; timed teams
+  _moments.pxi            the moments loops on both shapes; the forward's finish
+  _passes.pxi             the element-wise passes (Pass), the backward reductions (Dact)
+                          and the backward's finish
   _blocked.pxi            channel-blocked training passes, streaming stores and
                           prefetch for inputs larger than the cache
-  _core.pxi               the stages, the operations typed, the one dtype dispatch (run)
-                          and the GIL-free entries (cbn_forward, cbn_backward, ...)
+  _core.pxi               the stages on both shapes, the operations typed, the one dtype
+                          dispatch (run) and the GIL-free entries (cbn_forward, ...)
   _defs.pxi               the def layer: the general path's entries and the stages one
                           at a time, each filling a descriptor and calling an entry
   _plain.pxi              the plain-call fast path (recognise, fill, call an entry)

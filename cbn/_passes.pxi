@@ -1,4 +1,5 @@
-# Included by _kernels.pyx: the element-wise passes and the backward reductions.
+# Included by _kernels.pyx after _moments.pxi: the element-wise passes, the backward
+# reductions and the backward's per-channel finish.
 
 # --------------------------------------------------------------- element-wise passes
 
@@ -160,38 +161,6 @@ cdef void planes_apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
             cbn_sfence()
         team_add(&T, threadid(), t_item)
     team_end(&T)
-
-
-cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
-                       Py_ssize_t K, Py_ssize_t h=0) noexcept nogil:
-    """lane[t] = v[((t + h) // K) % C] for t < W: the lanes of rows that start h values
-    into the data (h = 0: at its start). One period (C*K lanes) is filled, the rest
-    copied from it."""
-    cdef Py_ssize_t t, c = (h // K) % C, kk = h % K, period = C * K
-    cdef Py_ssize_t n = W if W < period else period
-    for t in range(n):
-        lane[t] = v[c]
-        kk += 1
-        if kk == K:
-            kk = 0
-            c += 1
-            if c == C:
-                c = 0
-    t = n
-    while t < W:
-        memcpy(lane + t, lane, (n if W - t > n else W - t) * sizeof(floating))
-        t += n
-
-
-cdef void expand_lanes_d(const double* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
-                         Py_ssize_t K) noexcept nogil:
-    """lane[t] = v[(t // K) % C] rounded to the data type, for t < W."""
-    cdef Py_ssize_t t, c, kk
-    for c in range(C):
-        for kk in range(K):
-            lane[c * K + kk] = <floating>v[c]
-    for t in range(C * K, W):
-        lane[t] = lane[t - C * K]
 
 
 cdef enum:
@@ -470,3 +439,22 @@ cdef void rows_sums(const floating* g, const floating* x, const Dact* da, floati
     if P.tail:
         rows_block_sums(g, x, da, P.nrows * P.W, dx, gr, 1, P.tail, C, K, lanes,
                         lanes + P.W, lanes + 2 * P.W, scratch, scratch + P.W, out)
+
+
+cdef void stage_backward_finish(const Sums* sums, const floating* invstd, double n,
+                                floating* grad_weight, floating* grad_bias, floating* k1,
+                                floating* k2, Py_ssize_t C) noexcept nogil:
+    """grad_bias = sum g, grad_weight = sum g * (x - mean) * invstd (either may be NULL);
+    the training backward's k1 = sum g / n and k2 = invstd^2 * sum g * (x - mean) / n
+    (if not NULL), with n values per channel."""
+    cdef Py_ssize_t c
+    cdef double inv
+    for c in range(C):
+        inv = invstd[c]
+        if grad_bias != NULL:
+            grad_bias[c] = <floating>sums[c].g
+        if grad_weight != NULL:
+            grad_weight[c] = <floating>(sums[c].gx * inv)
+        if k1 != NULL:
+            k1[c] = <floating>(sums[c].g / n)
+            k2[c] = <floating>(sums[c].gx / n * inv * inv)

@@ -100,46 +100,57 @@ def suspect(cnp.ndarray save_invstd):
                        dtype_code(cnp.PyArray_TYPE(save_invstd)))
 
 
-cdef int forward_call(cbn_desc* d, cbn_forward_args* a, object x, object y, object residual,
-                      object weight, object bias, object running_mean, object running_var,
-                      object save_mean, object save_invstd) except -1:
-    """cbn_forward, then, after a training forward where some channel's statistics may be
-    0, NaN or inf (any_suspect), the edge rescue with the running statistics as they were
-    before the call (kept here, in C, until then). x, y, residual: arrays of M*C*K values
-    (the (M, C, K) view or the caller's layout, C-contiguous)."""
-    cdef int st
-    cdef Py_ssize_t rbytes = d.C * (4 if d.compute == CBN_FLOAT32 else 8)
-    cdef char* before = NULL
+cdef struct Kept:
+    # The running statistics as they were before a training forward (for the rescue).
+    char* before            # 2 * nbytes, or NULL: nothing kept
+    Py_ssize_t nbytes
+
+
+cdef int keep_running(const cbn_desc* d, const cbn_forward_args* a, Kept* kept) except -1:
+    """Before a training forward: copy the running statistics aside, in case a channel
+    needs the edge rescue (which recomputes its running update from them)."""
+    kept.before = NULL
+    kept.nbytes = d.C * (4 if d.compute == CBN_FLOAT32 else 8)
+    if not a.training or (a.running_mean == NULL and a.running_var == NULL):
+        return 0
+    kept.before = <char*>alloc(2 * kept.nbytes)
+    if kept.before == NULL:
+        raise MemoryError(f"cbn: could not allocate {2 * kept.nbytes} bytes of scratch "
+                          "memory")
+    if a.running_mean != NULL:
+        memcpy(kept.before, a.running_mean, kept.nbytes)
+    if a.running_var != NULL:
+        memcpy(kept.before + kept.nbytes, a.running_var, kept.nbytes)
+    return 0
+
+
+cdef int after_forward(int status, const cbn_desc* d, const cbn_forward_args* a, Kept* kept,
+                       object x, object y, object residual, object weight, object bias,
+                       object running_mean, object running_var, object save_mean,
+                       object save_invstd) except -1:
+    """After cbn_forward: raise for its status; after a training forward where some
+    channel's statistics may be 0, NaN or inf (any_suspect), the edge rescue
+    (cbn/_rescue.py, its one caller) with the running statistics kept before. x, y,
+    residual: arrays of M*C*K values (the (M, C, K) view or the caller's C-contiguous
+    layout). Releases what keep_running kept."""
+    cdef Py_ssize_t n = kept.nbytes
     cdef tuple shape3
-    if not a.training:
-        with nogil:
-            st = cbn_forward(d, a)
-        return check(st, d.msg)
-    if a.running_mean != NULL or a.running_var != NULL:    # else there is nothing to keep
-        before = <char*>alloc(2 * rbytes)
-        if before == NULL:
-            raise MemoryError(f"cbn: could not allocate {2 * rbytes} bytes of scratch memory")
     try:
-        if a.running_mean != NULL:
-            memcpy(before, a.running_mean, rbytes)
-        if a.running_var != NULL:
-            memcpy(before + rbytes, a.running_var, rbytes)
-        with nogil:
-            st = cbn_forward(d, a)
-        check(st, d.msg)
-        if any_suspect(a.save_invstd, d.C, d.compute):
+        check(status, d.msg)
+        if a.training and any_suspect(a.save_invstd, d.C, d.compute):
             shape3 = (d.M, d.C, d.K)
             _edge_rescue(x.reshape(shape3), y.reshape(shape3),
                          None if residual is None else residual.reshape(shape3),
                          a.act.kind, a.act.negative_slope, weight, bias, running_mean,
                          running_var,
-                         PyBytes_FromStringAndSize(before, rbytes)
+                         PyBytes_FromStringAndSize(kept.before, n)
                          if a.running_mean != NULL else None,
-                         PyBytes_FromStringAndSize(before + rbytes, rbytes)
+                         PyBytes_FromStringAndSize(kept.before + n, n)
                          if a.running_var != NULL else None,
                          save_mean, save_invstd, a.momentum, a.eps)
     finally:
-        free(before)
+        free(kept.before)
+        kept.before = NULL
     return 0
 
 
@@ -151,11 +162,13 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, runn
                   double negative_slope=0.01):
     """Training forward on (M, C, K) arrays: batch statistics, running-statistics update
     (arrays that are None are skipped), y = act(normalize(x) + residual), and the edge
-    rescue where the statistics need it (forward_call). All arrays C-contiguous, of x's
+    rescue where the statistics need it (after_forward). All arrays C-contiguous, of x's
     dtype (checked by the caller); activation: a cbn_act_kind."""
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_forward_args a
+    cdef Kept kept
+    cdef int st
     init_desc(&d, x, nthreads, msg)
     memset(&a, 0, sizeof(a))
     a.training = 1
@@ -171,8 +184,11 @@ def forward_train(cnp.ndarray x, cnp.ndarray y, weight, bias, running_mean, runn
     a.running_var = <void*>data(running_var)
     a.save_mean = <void*>data(save_mean)
     a.save_invstd = <void*>data(save_invstd)
-    forward_call(&d, &a, x, y, residual, weight, bias, running_mean, running_var,
-                 save_mean, save_invstd)
+    keep_running(&d, &a, &kept)
+    with nogil:
+        st = cbn_forward(&d, &a)
+    after_forward(st, &d, &a, &kept, x, y, residual, weight, bias, running_mean,
+                  running_var, save_mean, save_invstd)
 
 
 def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running_mean,
@@ -185,6 +201,8 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_forward_args a
+    cdef Kept kept
+    cdef int st
     init_desc(&d, x, nthreads, msg)
     memset(&a, 0, sizeof(a))
     a.act = make_act(activation, negative_slope)
@@ -198,8 +216,11 @@ def forward_eval(cnp.ndarray x, cnp.ndarray y, weight, bias, cnp.ndarray running
     a.running_var = <void*>data(running_var)
     a.save_mean = <void*>data(save_mean)
     a.save_invstd = <void*>data(save_invstd)
-    forward_call(&d, &a, x, y, residual, weight, bias, running_mean, running_var,
-                 save_mean, save_invstd)
+    keep_running(&d, &a, &kept)
+    with nogil:
+        st = cbn_forward(&d, &a)
+    after_forward(st, &d, &a, &kept, x, y, residual, weight, bias, running_mean,
+                  running_var, save_mean, save_invstd)
 
 
 def affine(cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean, cnp.ndarray scale,

@@ -129,7 +129,7 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     omp_get_max_threads(); inputs under min_parallel values run on one thread. A residual
     must be a plain array of the input's shape and dtype; so must out, which may be x
     itself but must not otherwise overlap it. activation: a cbn_act_kind. A training
-    call whose statistics need it gets the edge rescue (see forward_call)."""
+    call whose statistics need it gets the edge rescue (see after_forward)."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     cdef double e, mom = 0.0
@@ -166,6 +166,8 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_forward_args a
+    cdef Kept kept
+    cdef int st
     plain_desc(&d, x, M, C, K, nt, msg)
     a.training = training is True
     a.reserved = 0
@@ -181,7 +183,11 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     a.running_var = <void*>data(running_var)
     a.save_mean = <void*>data(sm)
     a.save_invstd = <void*>data(si)
-    forward_call(&d, &a, x, y, residual, weight, bias, running_mean, running_var, sm, si)
+    keep_running(&d, &a, &kept)
+    with nogil:
+        st = cbn_forward(&d, &a)
+    after_forward(st, &d, &a, &kept, x, y, residual, weight, bias, running_mean, running_var,
+                  sm, si)
     return y, sm, si
 
 

@@ -171,7 +171,7 @@ cdef void moments_begin(Py_ssize_t c0, Py_ssize_t c1, Moments* out, Moments* par
 
 cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t c0,
                        Py_ssize_t c1, Moments* out, Moments* part, Py_ssize_t* cur,
-                       const Call* k, Py_ssize_t back, const floating* scale,
+                       const cbn_forward_args* k, Py_ssize_t back, const floating* scale,
                        const floating* shift) noexcept nogil:
     """Step mblk of the reduction of channels c0..c1. If k is not NULL, the same loop
     writes the forward's output of the same units back channels earlier (channel c's unit
@@ -179,8 +179,10 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
     cdef Py_ssize_t c, b, u, it, off, cc, nruns, n, poff
     cdef cbn_carry a
     cdef const cbn_carry* carry = &a if k != NULL else NULL
+    cdef Moments m
     if k != NULL:
-        a.relu = k.relu
+        a.act = k.act.kind
+        a.slope = k.act.negative_slope
     for c in range(c0, c1):
         if k != NULL:
             a.mean = (<const floating*>k.save_mean)[c - back]
@@ -199,7 +201,9 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
                 a.x = x + poff
                 a.residual = shifted(<const floating*>k.residual, poff)
                 a.y = <floating*>k.y + poff
-            merge(&part[c], runs_moments(x + off, nruns, n, P.C * P.K, P.pf, carry))
+            m.n = <double>nruns * n
+            ops(x).runs_moments(x + off, nruns, n, P.C * P.K, &m.mean, &m.m2, P.pf, carry)
+            merge(&part[c], m)
 
 
 cdef void moments_end(Py_ssize_t c0, Py_ssize_t c1, Moments* out,
@@ -218,11 +222,11 @@ cdef void sums_begin(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part,
         cur[c] = -1
 
 
-cdef void sums_step(const floating* g, const floating* x, const floating* ym, floating* gr,
+cdef void sums_step(const floating* g, const floating* x, const Dact* da, floating* gr,
                     Planes P, Py_ssize_t mblk, Py_ssize_t c0, Py_ssize_t c1,
                     const floating* mean, const floating* scale, Sums* out, Sums* part,
                     Py_ssize_t* cur) noexcept nogil:
-    """(the masked dy written to gr if not NULL)"""
+    """(dy times the activation's derivative written to gr if not NULL)"""
     cdef Py_ssize_t c, b, u, it, off, cc, nruns, n
     cdef double sg, sgx
     for c in range(c0, c1):
@@ -235,9 +239,12 @@ cdef void sums_step(const floating* g, const floating* x, const floating* ym, fl
                 zero_sums(&part[c], 1)
                 cur[c] = it
             off = planes_unit(P, u, &cc, &nruns, &n)
-            ops(g).runs_sums(g + off, x + off, shifted(ym, off), NULL,
-                             <floating*>shifted(gr, off), nruns, n, P.C * P.K,
-                             mean[c], scale[c], &sg, &sgx, P.pf)
+            ops(g).runs_sums(g + off, x + off, shifted(<const floating*>da.ym, off),
+                             shifted(<const floating*>da.res, off), NULL,
+                             <floating*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
+                             scale[c],
+                             (<const floating*>da.shift)[c] if da.shift != NULL else 0,
+                             da.act, da.slope, &sg, &sgx, P.pf)
             part[c].g += sg
             part[c].gx += sgx
 
@@ -249,19 +256,16 @@ cdef void sums_end(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part) noexcept
         out[c].gx += part[c].gx
 
 
-cdef void rows_of_group(int op, const floating* x, const floating* g, const floating* q,
-                        floating* y, Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t C,
-                        Py_ssize_t K, Py_ssize_t c0, Py_ssize_t c1, const floating* pa,
-                        const floating* pb, const floating* pc, const floating* pd,
-                        bint relu) noexcept nogil:
+cdef void rows_of_group(const Pass* p, Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t C,
+                        Py_ssize_t K, Py_ssize_t c0, Py_ssize_t c1,
+                        const floating* tag) noexcept nogil:
     """planes_apply's element pass over batch entries m0..m1 of channels c0..c1 (the same
     units, so the same calls of the same loop on the same values)."""
     cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
     cdef Py_ssize_t clen = (K + nch - 1) // nch
     cdef Py_ssize_t m
     for m in range(m0, m1):
-        planes_apply_units(op, x, g, q, y, C, K, nch, clen, (m * C + c0) * nch,
-                           (m * C + c1) * nch, pa, pb, pc, pd, relu)
+        planes_apply_units(p, C, K, nch, clen, (m * C + c0) * nch, (m * C + c1) * nch, tag)
 
 
 cdef inline Py_ssize_t group_end(Py_ssize_t grp, Py_ssize_t gsize,
@@ -273,11 +277,11 @@ cdef inline Py_ssize_t group_end(Py_ssize_t grp, Py_ssize_t gsize,
     return (grp + 1) * gsize if (grp + 1) * gsize < C else C
 
 
-cdef void forward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Moments* mom,
-                         const floating* tag, floating* scale,
-                         floating* shift) noexcept nogil:
+cdef void forward_finish(const cbn_desc* d, const cbn_forward_args* k, Py_ssize_t c0,
+                         Py_ssize_t c1, const Moments* mom, const floating* tag,
+                         floating* scale, floating* shift) noexcept nogil:
     """stage_finish for channels c0..c1 (tag: the dtype)."""
-    stage_finish(mom + c0, c1 - c0, <double>k.M * k.K, shifted(<floating*>k.weight, c0),
+    stage_finish(mom + c0, c1 - c0, <double>d.M * d.K, shifted(<floating*>k.weight, c0),
                  shifted(<floating*>k.bias, c0),
                  <floating*>shifted(<floating*>k.running_mean, c0),
                  <floating*>shifted(<floating*>k.running_var, c0), k.momentum, k.eps,
@@ -285,24 +289,26 @@ cdef void forward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Moments* m
                  shift + c0)
 
 
-cdef void forward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0, Py_ssize_t c1,
-                        Moments* mom, Moments* part, Py_ssize_t* cur, floating* scale,
+cdef void forward_group(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+                        Planes P, Py_ssize_t c0, Py_ssize_t c1, Moments* mom,
+                        Moments* part, Py_ssize_t* cur, floating* scale,
                         floating* shift, int stream) noexcept nogil:
-    """Statistics, finish and output of channels c0..c1 (see forward_impl's stages)."""
+    """Statistics, finish and output of channels c0..c1 (see forward_t's stages)."""
     cdef Py_ssize_t j
     moments_begin(c0, c1, mom, part, cur)
     for j in range(P.nmb):
         moments_step(x, P, j, c0, c1, mom, part, cur, NULL, 0, NULL, NULL)
     moments_end(c0, c1, mom, part)
-    forward_finish(k, c0, c1, mom, x, scale, shift)
-    rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
-                  k.M, k.C, k.K, c0, c1, <floating*>k.save_mean, scale, shift, NULL,
-                  k.relu)
+    forward_finish(d, k, c0, c1, mom, x, scale, shift)
+    cdef Pass out = affine_pass(OP_AFFINE | stream, &k.act, x, k.residual, k.y,
+                                k.save_mean, scale, shift)
+    rows_of_group(&out, 0, d.M, d.C, d.K, c0, c1, x)
     if stream:
         cbn_sfence()
 
 
-cdef void forward_chain(const floating* x, Call* k, Planes P, Py_ssize_t gsize,
+cdef void forward_chain(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+                        Planes P, Py_ssize_t gsize,
                         Py_ssize_t g0, Py_ssize_t g1, Moments* mom, Moments* part,
                         Py_ssize_t* cur, floating* scale, floating* shift,
                         int stream) noexcept nogil:
@@ -312,51 +318,50 @@ cdef void forward_chain(const floating* x, Call* k, Planes P, Py_ssize_t gsize,
     before), as a copy does; reduce-then-write per group leaves the bus idle one way at a
     time."""
     cdef Py_ssize_t grp, j, c0, c1, a0 = 0, a1 = 0
-    cdef Call* carry
+    cdef const cbn_forward_args* carry
+    cdef Pass out = affine_pass(OP_AFFINE | stream, &k.act, x, k.residual, k.y,
+                                k.save_mean, scale, shift)
     for grp in range(g0, g1):
         c0 = grp * gsize
-        c1 = group_end(grp, gsize, k.C)
+        c1 = group_end(grp, gsize, d.C)
         carry = k if a1 > a0 else NULL
         moments_begin(c0, c1, mom, part, cur)
         for j in range(P.nmb):
             moments_step(x, P, j, c0, c1, mom, part, cur, carry, c0 - a0, scale, shift)
         moments_end(c0, c1, mom, part)
-        forward_finish(k, c0, c1, mom, x, scale, shift)
+        forward_finish(d, k, c0, c1, mom, x, scale, shift)
         if carry != NULL and a0 + (c1 - c0) < a1:    # pending channels not carried
-            rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual,
-                          <floating*>k.y, 0, k.M, k.C, k.K, a0 + (c1 - c0), a1,
-                          <floating*>k.save_mean, scale, shift, NULL, k.relu)
+            rows_of_group(&out, 0, d.M, d.C, d.K, a0 + (c1 - c0), a1, x)
         a0 = c0
         a1 = c1
-    rows_of_group(OP_AFFINE | stream, x, NULL, <floating*>k.residual, <floating*>k.y, 0,
-                  k.M, k.C, k.K, a0, a1, <floating*>k.save_mean, scale, shift, NULL,
-                  k.relu)
+    rows_of_group(&out, 0, d.M, d.C, d.K, a0, a1, x)
     if stream:
         cbn_sfence()
 
 
-cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments* mom,
-                          Moments* part, Py_ssize_t* cur, floating* scale,
-                          floating* shift) noexcept nogil:
+cdef void blocked_forward(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+                          Py_ssize_t gsize, Moments* mom, Moments* part, Py_ssize_t* cur,
+                          floating* scale, floating* shift) noexcept nogil:
     """The training forward, groups of gsize channels as parallel work items."""
-    cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
-    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(k.M * k.C * k.K * sizeof(floating))
+    cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
+    cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
+    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(floating))
     cdef Team T
     cdef int64_t t_item
-    cdef int nthreads = k.nthreads
-    P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating))
-    cdef bint chain = (chained(k.K, True) and stream != 0
+    cdef int nthreads = d.nthreads
+    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(floating))
+    cdef bint chain = (chained(d.K, True) and stream != 0
                        and <size_t>k.y % sizeof(floating) == 0)
     cdef Py_ssize_t nch = nthreads * CHAINS_PER_THREAD
     if nthreads == 1:
         if chain:
-            forward_chain(x, k, P, gsize, 0, ngroups, mom, part, cur, scale, shift, stream)
+            forward_chain(x, d, k, P, gsize, 0, ngroups, mom, part, cur, scale, shift,
+                          stream)
             return
         for grp in range(ngroups):
             c0 = grp * gsize
-            c1 = group_end(grp, gsize, k.C)
-            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
+            c1 = group_end(grp, gsize, d.C)
+            forward_group(x, d, k, P, c0, c1, mom, part, cur, scale, shift, stream)
         return
     if nch > ngroups:
         nch = ngroups
@@ -364,72 +369,78 @@ cdef void blocked_forward(const floating* x, Call* k, Py_ssize_t gsize, Moments*
     if chain:       # chains of consecutive groups as the items
         for grp in prange(nch, num_threads=nthreads, schedule="dynamic"):
             t_item = cbn_now_ns()
-            forward_chain(x, k, P, gsize, grp * ngroups // nch, (grp + 1) * ngroups // nch,
+            forward_chain(x, d, k, P, gsize, grp * ngroups // nch,
+                          (grp + 1) * ngroups // nch,
                           mom, part, cur, scale, shift, stream)
             team_add(&T, threadid(), t_item)
     else:
         for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
             t_item = cbn_now_ns()
             c0 = grp * gsize
-            c1 = group_end(grp, gsize, k.C)
-            forward_group(x, k, P, c0, c1, mom, part, cur, scale, shift, stream)
+            c1 = group_end(grp, gsize, d.C)
+            forward_group(x, d, k, P, c0, c1, mom, part, cur, scale, shift, stream)
             team_add(&T, threadid(), t_item)
     team_end(&T)
 
 
-cdef void backward_finish(Call* k, Py_ssize_t c0, Py_ssize_t c1, const Sums* sums,
-                          const floating* tag, floating* k1, floating* k2) noexcept nogil:
+cdef void backward_finish(const cbn_desc* d, const cbn_backward_args* k, Py_ssize_t c0,
+                          Py_ssize_t c1, const Sums* sums, const floating* tag,
+                          floating* k1, floating* k2) noexcept nogil:
     """stage_backward_finish for channels c0..c1 (tag: the dtype)."""
-    stage_backward_finish(sums + c0, <floating*>k.save_invstd + c0, <double>k.M * k.K,
+    stage_backward_finish(sums + c0, <floating*>k.save_invstd + c0, <double>d.M * d.K,
                           <floating*>shifted(<floating*>k.grad_weight, c0),
                           <floating*>shifted(<floating*>k.grad_bias, c0), k1 + c0, k2 + c0,
                           c1 - c0)
 
 
-cdef void backward_group(const floating* x, Call* k, Planes P, Py_ssize_t c0,
+cdef void backward_group(const floating* x, const cbn_desc* d, const cbn_backward_args* k,
+                         Planes P, Py_ssize_t c0,
                          Py_ssize_t c1, const floating* scale, Sums* sums, Sums* part,
                          Py_ssize_t* cur, floating* k1, floating* k2,
                          int stream) noexcept nogil:
-    """Sums, finish and dx of channels c0..c1 (see backward_impl's stages)."""
+    """Sums, finish and dx of channels c0..c1 (see backward_t's stages)."""
     cdef Py_ssize_t j
     cdef const floating* g = <floating*>k.grad_output
-    cdef const floating* ym = <floating*>k.output
     cdef const floating* mean = <floating*>k.save_mean
+    cdef Dact da = make_dact(&k.act, k.output, k.residual, k.bias)
+    cdef Pass dx = bwd_pass(OP_BWD_TRAIN | stream, &k.act, x, g, k.output, k.residual,
+                            k.grad_input, mean, scale, k.bias, k1, k2)
     sums_begin(c0, c1, sums, part, cur)
     for j in range(P.nmb):
-        sums_step(g, x, ym, <floating*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
+        sums_step(g, x, &da, <floating*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
                   part, cur)
     sums_end(c0, c1, sums, part)
-    backward_finish(k, c0, c1, sums, x, k1, k2)
-    rows_of_group(OP_BWD_TRAIN | stream, x, g, ym, <floating*>k.grad_input, 0, k.M, k.C,
-                  k.K, c0, c1, mean, scale, k1, k2, False)
+    backward_finish(d, k, c0, c1, sums, x, k1, k2)
+    rows_of_group(&dx, 0, d.M, d.C, d.K, c0, c1, x)
     if stream:
         cbn_sfence()
 
 
-cdef void blocked_backward(const floating* x, Call* k, Py_ssize_t gsize,
+cdef void blocked_backward(const floating* x, const cbn_desc* d, const cbn_backward_args* k,
+                           Py_ssize_t gsize,
                            const floating* scale, Sums* sums, Sums* part, Py_ssize_t* cur,
                            floating* k1, floating* k2) noexcept nogil:
     """The training backward, groups of gsize channels as parallel work items."""
-    cdef Planes P = planes_partition(k.M, k.C, k.K, BLOCK)
-    cdef Py_ssize_t ngroups = (k.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(k.M * k.C * k.K * sizeof(floating))
+    cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
+    cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
+    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(floating))
     cdef Team T
     cdef int64_t t_item
-    cdef int nthreads = k.nthreads
-    P.pf = prefetch_flag(k.M * k.C * k.K * sizeof(floating) * (3 if k.output != NULL else 2))
+    cdef int nthreads = d.nthreads
+    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(floating)
+                         * (3 if k.output != NULL else 2))
     if nthreads == 1:
         for grp in range(ngroups):
             c0 = grp * gsize
-            c1 = group_end(grp, gsize, k.C)
-            backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
+            c1 = group_end(grp, gsize, d.C)
+            backward_group(x, d, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         return
     team_begin(&T, nthreads)
     for grp in prange(ngroups, num_threads=nthreads, schedule="dynamic"):
         t_item = cbn_now_ns()
         c0 = grp * gsize
-        c1 = group_end(grp, gsize, k.C)
-        backward_group(x, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
+        c1 = group_end(grp, gsize, d.C)
+        backward_group(x, d, k, P, c0, c1, scale, sums, part, cur, k1, k2, stream)
         team_add(&T, threadid(), t_item)
     team_end(&T)
 

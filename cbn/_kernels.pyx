@@ -27,25 +27,39 @@ al.'s pairwise formula in double. Work is cut into items that depend on the shap
 never on the thread count; each item's partial result goes to its own slot and the slots
 are merged in item order, so the results are bit-identical for any number of threads.
 
-Where things live (the C is in real files; this module keeps partitions, merges, stages
-and dispatch):
+Where things live (the C is in real files; this module keeps partitions, merges, stages,
+the core entries and the def layer). The includes come in dependency order, each using
+only what the ones before it define:
 
+  cbn/src/cbn_core.h      the core's plain interface: the descriptor (cbn_desc), each
+                          operation's typed arguments (cbn_*_args), status codes, and the
+                          lists of dtypes and activations
   cbn/src/cbn_simd.h      vector-extension lanes, shared by every loop
+  cbn/src/cbn_act.h       the fused activations' arithmetic (vector and scalar, forward
+                          and derivative) and CBN_ACT_SWITCH, which generates each loop's
+                          copies from the list in cbn_core.h
   cbn/src/cbn_planes.h    C loops along runs of one channel (dtype/target template)
   cbn/src/cbn_rows.h      C loops over blocks of rows with per-lane parameters (template)
   cbn/src/cbn_ops.h       one (dtype, target)'s loops as a table, cbn_ops
   cbn/src/cbn_kernels.h   the tables for each CPU target, and the choice among them
   cbn/src/cbn_team.h      the adaptive thread count (contended cores)
   cbn/src/cbn_cache.h     the last-level cache's size, read at import
-  _partition.pxi          Moments and Chan's merge; the planes and rows partitions; timed
-                          teams
-  _moments.pxi            the moments stage on both shapes
-  _passes.pxi             the element-wise passes and the backward reductions
+  _partitions.pxi         Moments and Chan's merge; the planes and rows partitions and the
+                          rows' lane parameters; timed teams
+  _moments.pxi            the moments loops on both shapes; the forward's finish
+  _passes.pxi             the element-wise passes (Pass), the backward reductions (Dact)
+                          and the backward's finish
   _blocked.pxi            channel-blocked training passes, streaming stores and
                           prefetch for inputs larger than the cache
-  _stages.pxi             the stages, the Call record and the run_* entries; the general
-                          path's defs; the stages one at a time for cbn/_stages.py
-  _plain.pxi              the plain-call fast path
+  _core.pxi               the stages on both shapes, the operations typed, the one dtype
+                          dispatch (run) and the GIL-free entries (cbn_forward, ...)
+  _defs.pxi               the def layer: the general path's entries and the stages one
+                          at a time, each filling a descriptor and calling an entry
+  _plain.pxi              the plain-call fast path (recognise, fill, call an entry)
+
+A call from Python: cbn.batch_norm -> functional.batch_norm_forward -> plain_forward (or
+the general path's forward_train) -> cbn_forward (entry) -> run (the dtype dispatch) ->
+forward_t (typed) -> the stages' loops.
 
 The operation x loop-shape table (ops(x) is the active target's cbn_ops for x's dtype):
 
@@ -53,8 +67,8 @@ The operation x loop-shape table (ops(x) is the active target's cbn_ops for x's 
   moments              moments             runs_moments          cols_shifted_sums,
                                                                  cols_dev (2nd pass)
   sum dy, sum dy*xmu   backward_reduce     runs_sums             cols_sums
-  output pass          normalize           run_affine            cols_apply(op=0)
-  training dx          backward_elements   run_bwd               cols_apply(op=1)
+  output pass          normalize           run_affine            cols_affine
+  training dx          backward_elements   run_bwd               cols_bwd
 
 In cbn_rows.h each rows operation has two loop shapes with the same lane-wise arithmetic
 in the same order (so the same bits): fixed-width (fx_*, AVX-512 targets, the lane
@@ -210,10 +224,11 @@ if _os.environ.get("CBN_ADAPTIVE_THREADS", "").strip() in ("0", "false", "no", "
 del _os
 
 
-include "_partition.pxi"
+include "_partitions.pxi"
 include "_moments.pxi"
 include "_passes.pxi"
 include "_blocked.pxi"
-include "_stages.pxi"
+include "_core.pxi"
+include "_defs.pxi"
 include "_plain.pxi"
 include "_pool.pxi"

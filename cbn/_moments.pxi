@@ -1,4 +1,5 @@
-# Included by _kernels.pyx: the moments stage (per-channel statistics), planes and rows.
+# Included by _kernels.pyx after _partitions.pxi: the moments loops (per-channel
+# statistics) on planes and rows, and the finish of the per-channel parameters.
 
 # ----------------------------------------------------------------- statistics: planes
 
@@ -27,12 +28,15 @@ cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
     """Merge the moments of one item's units into its slots of acc[0:C], per channel."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
     cdef Py_ssize_t u, off, c, nruns, n, c0, nc, j
+    cdef Moments m
     planes_item_span(P, item, &c0, &nc)
     for j in range(nc):
         zero_moments(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
-        merge(&acc[c], runs_moments(x + off, nruns, n, P.C * P.K, P.pf))
+        m.n = <double>nruns * n
+        ops(x).runs_moments(x + off, nruns, n, P.C * P.K, &m.mean, &m.m2, P.pf, NULL)
+        merge(&acc[c], m)
 
 
 cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,
@@ -269,38 +273,6 @@ cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
         out[c].m2 = acc[1 + C + c]
 
 
-# ------------------------------------------------------------------- both shapes
-
-cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                          void* mem, Moments* out, int nthreads) noexcept nogil:
-    cdef Planes PP
-    cdef Rows PR
-    if K >= PLANE_MIN_K:
-        PP = planes_partition(M, C, K, BLOCK)
-        PP.pf = prefetch_flag(M * C * K * sizeof(floating))
-        planes_moments(x, PP, <Moments*>mem, out, nthreads)
-    else:
-        PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
-        rows_moments(x, C, K, PR, <double*>mem,
-                     <floating*>(<char*>mem + rows_part_bytes(PR, C)),
-                     <double*>(<char*>mem + rows_part_bytes(PR, C)
-                               + lanes_bytes(nthreads * 3 * PR.W * sizeof(floating))),
-                     out, nthreads)
-
-
-cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                                      Py_ssize_t itemsize, int nthreads):
-    """Bytes of scratch channel_moments needs: item partials, per-thread lanes."""
-    cdef Planes PP
-    cdef Rows PR
-    if K >= PLANE_MIN_K:
-        PP = planes_partition(M, C, K, BLOCK)
-        return PP.items * C * sizeof(Moments)
-    PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, itemsize)
-    return (rows_part_bytes(PR, C) + lanes_bytes(nthreads * 3 * PR.W * itemsize)
-            + nthreads * 2 * C * sizeof(double))
-
-
 cdef inline Py_ssize_t lanes_bytes(Py_ssize_t n) noexcept nogil:
     """n rounded up to a multiple of a cache line (64 bytes): what follows in the scratch
     (itself aligned to a line unless small, see alloc) starts on a line. The doubles that follow must
@@ -313,3 +285,44 @@ cdef inline Py_ssize_t rows_part_bytes(Rows P, Py_ssize_t C) noexcept nogil:
     """Item partials of rows_moments: (count, C means, C m2s) per item, at least one;
     rounded up to a cache line (the lanes that follow start on one)."""
     return lanes_bytes((P.items if P.items > 0 else 1) * (2 * C + 1) * sizeof(double))
+
+
+# ------------------------------------------------- finish: per-channel parameters
+
+cdef void stage_finish(const Moments* mom, Py_ssize_t C, double n, const floating* weight,
+                       const floating* bias, floating* running_mean, floating* running_var,
+                       double momentum, double eps, floating* save_mean,
+                       floating* save_invstd, floating* scale,
+                       floating* shift) noexcept nogil:
+    """From n values per channel: save_mean = mean, save_invstd = 1/sqrt(M2/n + eps),
+    scale = weight * invstd (from the double invstd), shift = bias; running statistics
+    (if not NULL) <- momentum * batch + (1 - momentum) * running, with the unbiased
+    variance M2/(n - 1)."""
+    cdef Py_ssize_t c
+    cdef double inv
+    for c in range(C):
+        inv = inv_sqrt(mom[c].m2 / n + eps)
+        save_mean[c] = <floating>mom[c].mean
+        save_invstd[c] = <floating>inv
+        scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
+        shift[c] = bias[c] if bias != NULL else 0
+        if running_mean != NULL:
+            running_mean[c] = <floating>(momentum * mom[c].mean
+                                         + (1.0 - momentum) * running_mean[c])
+        if running_var != NULL:
+            running_var[c] = <floating>(momentum * (mom[c].m2 / (n - 1.0))
+                                        + (1.0 - momentum) * running_var[c])
+
+
+cdef void stage_eval_params(const floating* weight, const floating* bias,
+                            const floating* running_var, double eps, floating* save_invstd,
+                            floating* scale, floating* shift, Py_ssize_t C) noexcept nogil:
+    """finish for the eval forward: invstd = 1/sqrt(running_var + eps) (0 where that is
+    0), scale = weight * invstd, shift = bias."""
+    cdef Py_ssize_t c
+    cdef double inv
+    for c in range(C):
+        inv = inv_sqrt(<double>running_var[c] + eps)
+        save_invstd[c] = <floating>inv
+        scale[c] = <floating>((weight[c] if weight != NULL else 1.0) * inv)
+        shift[c] = bias[c] if bias != NULL else 0

@@ -1,51 +1,139 @@
-# Included by _kernels.pyx: the element-wise passes and the backward reductions.
+# Included by _kernels.pyx after _moments.pxi: the element-wise passes, the backward
+# reductions and the backward's per-channel finish.
 
 # --------------------------------------------------------------- element-wise passes
 
 cdef enum:
-    OP_AFFINE = 0     # y = (x - a) * b + c  (+ q, a residual) (ReLU if relu)
-    OP_BWD_TRAIN = 1  # y = (g - c - (x - a) * d) * b, g = grad_output masked by ReLU's
-                      # backward where q (the forward output) is given
+    OP_AFFINE = 0     # y = act((x - mean) * scale + shift (+ res))
+    OP_BWD_TRAIN = 1  # y = (g - gmean - (x - mean) * xcoef) * scale, g = grad_output
+                      # times the activation's derivative (at ym, or at the pre-activation
+                      # (x - mean) * scale + shift (+ res))
     OP_STREAM = 2     # flag: store y with non-temporal stores where it can, same values
 
 
-cdef inline void run_apply(int op, const floating* x, const floating* g, const floating* q,
-                           floating* y, Py_ssize_t n, floating a, floating b, floating c,
-                           floating d, bint relu) noexcept nogil:
-    if op == OP_AFFINE:
-        ops(x).run_affine(x, q, y, n, a, b, c, relu)
-    elif op == OP_BWD_TRAIN:
-        ops(x).run_bwd(x, g, q, y, n, a, b, c, d)
-    elif op == OP_AFFINE | OP_STREAM:
-        ops(x).run_affine_stream(x, q, y, n, a, b, c, relu)
+cdef struct Pass:
+    # One element-wise pass: its arrays (the (M, C, K) data, NULL where absent) and its
+    # per-channel parameters (C values of the data's dtype each), named for what they are.
+    int op                  # OP_AFFINE or OP_BWD_TRAIN, | OP_STREAM
+    int act                 # cbn_act_kind
+    double slope            # negative_slope
+    const void* x
+    const void* g           # OP_BWD_TRAIN: grad_output
+    const void* ym          # OP_BWD_TRAIN: the forward's output (relu, relu6, leaky_relu)
+    const void* res         # the residual (the forward's, for the backward's silu and
+                            # hardswish)
+    void* y
+    const void* mean
+    const void* scale       # OP_BWD_TRAIN: weight * invstd
+    const void* shift       # the bias (OP_BWD_TRAIN: silu and hardswish only; NULL: 0)
+    const void* gmean       # OP_BWD_TRAIN: sum(g) / n
+    const void* xcoef       # OP_BWD_TRAIN: invstd^2 * sum(g * (x - mean)) / n
+
+
+cdef struct Dact:
+    # What the backward reductions need to multiply dy by the activation's derivative.
+    int act                 # cbn_act_kind
+    double slope
+    const void* ym          # the forward's output (relu, relu6, leaky_relu), or NULL
+    const void* res         # the forward's residual (silu, hardswish), or NULL
+    const void* shift       # C values: the bias (silu, hardswish), or NULL (zeros)
+
+
+cdef inline const floating* shifted(const floating* p, Py_ssize_t off) noexcept nogil:
+    return p + off if p != NULL else NULL
+
+
+cdef inline Pass affine_pass(int op, const cbn_act* act, const void* x, const void* res,
+                             void* y, const void* mean, const void* scale,
+                             const void* shift) noexcept nogil:
+    """The output pass y = act((x - mean) * scale + shift (+ res)) (op: OP_AFFINE, or
+    with OP_STREAM)."""
+    cdef Pass p
+    memset(&p, 0, sizeof(Pass))
+    p.op = op
+    p.act = act.kind
+    p.slope = act.negative_slope
+    p.x = x
+    p.res = res
+    p.y = y
+    p.mean = mean
+    p.scale = scale
+    p.shift = shift
+    return p
+
+
+cdef inline Pass bwd_pass(int op, const cbn_act* act, const void* x, const void* g,
+                          const void* ym, const void* res, void* y, const void* mean,
+                          const void* scale, const void* shift, const void* gmean,
+                          const void* xcoef) noexcept nogil:
+    """The training backward's element pass (op: OP_BWD_TRAIN, or with OP_STREAM)."""
+    cdef Pass p
+    p.op = op
+    p.act = act.kind
+    p.slope = act.negative_slope
+    p.x = x
+    p.g = g
+    p.ym = ym
+    p.res = res
+    p.y = y
+    p.mean = mean
+    p.scale = scale
+    p.shift = shift
+    p.gmean = gmean
+    p.xcoef = xcoef
+    return p
+
+
+cdef inline Dact make_dact(const cbn_act* act, const void* ym, const void* res,
+                           const void* shift) noexcept nogil:
+    cdef Dact da
+    da.act = act.kind
+    da.slope = act.negative_slope
+    da.ym = ym
+    da.res = res
+    da.shift = shift
+    return da
+
+
+cdef inline void run_pass(const Pass* p, Py_ssize_t off, Py_ssize_t n, Py_ssize_t c,
+                          const floating* tag) noexcept nogil:
+    """The pass over n values of channel c from offset off (planes; tag: the dtype)."""
+    cdef const floating* x = <const floating*>p.x + off
+    cdef floating* y = <floating*>p.y + off
+    cdef const floating* res = shifted(<const floating*>p.res, off)
+    cdef double mean = (<const floating*>p.mean)[c], scale = (<const floating*>p.scale)[c]
+    cdef double shift = (<const floating*>p.shift)[c] if p.shift != NULL else 0.0
+    if p.op == OP_AFFINE:
+        ops(x).run_affine(x, res, y, n, mean, scale, shift, p.act, p.slope)
+    elif p.op == OP_AFFINE | OP_STREAM:
+        ops(x).run_affine_stream(x, res, y, n, mean, scale, shift, p.act, p.slope)
+    elif p.op == OP_BWD_TRAIN:
+        ops(x).run_bwd(x, <const floating*>p.g + off, shifted(<const floating*>p.ym, off),
+                       res, y, n, mean, scale, shift, (<const floating*>p.gmean)[c],
+                       (<const floating*>p.xcoef)[c], p.act, p.slope)
     else:
-        ops(x).run_bwd_stream(x, g, q, y, n, a, b, c, d)
+        ops(x).run_bwd_stream(x, <const floating*>p.g + off,
+                              shifted(<const floating*>p.ym, off), res, y, n, mean, scale,
+                              shift, (<const floating*>p.gmean)[c],
+                              (<const floating*>p.xcoef)[c], p.act, p.slope)
 
 
-cdef void planes_apply_units(int op, const floating* x, const floating* g,
-                             const floating* q, floating* y, Py_ssize_t C, Py_ssize_t K,
-                             Py_ssize_t nch, Py_ssize_t clen, Py_ssize_t u0, Py_ssize_t u1,
-                             const floating* pa, const floating* pb, const floating* pc,
-                             const floating* pd, bint relu) noexcept nogil:
+cdef void planes_apply_units(const Pass* p, Py_ssize_t C, Py_ssize_t K, Py_ssize_t nch,
+                             Py_ssize_t clen, Py_ssize_t u0, Py_ssize_t u1,
+                             const floating* tag) noexcept nogil:
     """Units u0..u1 of planes_apply: unit u is chunk u % nch of plane u // nch."""
-    cdef Py_ssize_t u, plane, ch, start, n, off
+    cdef Py_ssize_t u, plane, start, n
     for u in range(u0, u1):
         plane = u // nch
-        ch = plane % C
         start = (u % nch) * clen
         n = K - start
         if n > clen:
             n = clen
-        off = plane * K + start
-        run_apply(op, x + off, g + off if g != NULL else NULL,
-                  q + off if q != NULL else NULL, y + off, n,
-                  pa[ch], pb[ch], pc[ch], pd[ch] if pd != NULL else 0, relu)
+        run_pass(p, plane * K + start, n, plane % C, tag)
 
 
-cdef void planes_apply(int op, const floating* x, const floating* g, const floating* q,
-                       floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                       const floating* pa, const floating* pb, const floating* pc,
-                       const floating* pd, bint relu, int nthreads) noexcept nogil:
+cdef void planes_apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                       int nthreads, const floating* tag) noexcept nogil:
     """Element-wise pass with per-channel parameters. Units are planes, or chunks of long
     planes; items are runs of units holding about CHUNK values."""
     cdef Team T
@@ -57,8 +145,8 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
     cdef Py_ssize_t items = (units + per_item - 1) // per_item
     cdef Py_ssize_t it, u0, u1
     if nthreads == 1:
-        planes_apply_units(op, x, g, q, y, C, K, nch, clen, 0, units, pa, pb, pc, pd, relu)
-        if op & OP_STREAM:
+        planes_apply_units(p, C, K, nch, clen, 0, units, tag)
+        if p.op & OP_STREAM:
             cbn_sfence()
         return
     team_begin(&T, nthreads)
@@ -68,67 +156,52 @@ cdef void planes_apply(int op, const floating* x, const floating* g, const float
         u1 = u0 + per_item
         if u1 > units:
             u1 = units
-        planes_apply_units(op, x, g, q, y, C, K, nch, clen, u0, u1, pa, pb, pc, pd, relu)
-        if op & OP_STREAM:      # each thread orders its own non-temporal stores
+        planes_apply_units(p, C, K, nch, clen, u0, u1, tag)
+        if p.op & OP_STREAM:    # each thread orders its own non-temporal stores
             cbn_sfence()
         team_add(&T, threadid(), t_item)
     team_end(&T)
 
 
-cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
-                       Py_ssize_t K, Py_ssize_t h=0) noexcept nogil:
-    """lane[t] = v[((t + h) // K) % C] for t < W: the lanes of rows that start h values
-    into the data (h = 0: at its start). One period (C*K lanes) is filled, the rest
-    copied from it."""
-    cdef Py_ssize_t t, c = (h // K) % C, kk = h % K, period = C * K
-    cdef Py_ssize_t n = W if W < period else period
-    for t in range(n):
-        lane[t] = v[c]
-        kk += 1
-        if kk == K:
-            kk = 0
-            c += 1
-            if c == C:
-                c = 0
-    t = n
-    while t < W:
-        memcpy(lane + t, lane, (n if W - t > n else W - t) * sizeof(floating))
-        t += n
+cdef enum:
+    LANE_ARRAYS = 5       # the rows passes' lane parameters: mean, scale, shift, gmean,
+                          # xcoef, W values each, back to back
 
 
-cdef void expand_lanes_d(const double* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
-                         Py_ssize_t K) noexcept nogil:
-    """lane[t] = v[(t // K) % C] rounded to the data type, for t < W."""
-    cdef Py_ssize_t t, c, kk
-    for c in range(C):
-        for kk in range(K):
-            lane[c * K + kk] = <floating>v[c]
-    for t in range(C * K, W):
-        lane[t] = lane[t - C * K]
+cdef inline void row_pass(const Pass* p, int op, Py_ssize_t off, Py_ssize_t R, Py_ssize_t w,
+                          const floating* lanes, Py_ssize_t W) noexcept nogil:
+    """The pass over R rows of w values from offset off (rows; lanes: the LANE_ARRAYS lane
+    parameters, W apart; op: p.op, or without OP_STREAM)."""
+    cdef const floating* x = <const floating*>p.x + off
+    cdef floating* y = <floating*>p.y + off
+    cdef const floating* res = shifted(<const floating*>p.res, off)
+    if op == OP_AFFINE:
+        ops(x).cols_affine(x, res, y, R, w, lanes, lanes + W, lanes + 2 * W, p.act,
+                           p.slope)
+    elif op == OP_AFFINE | OP_STREAM:
+        ops(x).rows_affine_stream(x, res, y, R, w, lanes, lanes + W, lanes + 2 * W, p.act,
+                                  p.slope)
+    elif op == OP_BWD_TRAIN:
+        ops(x).cols_bwd(x, <const floating*>p.g + off, shifted(<const floating*>p.ym, off),
+                        res, y, R, w, lanes, lanes + W, lanes + 2 * W, lanes + 3 * W,
+                        lanes + 4 * W, p.act, p.slope)
+    else:
+        ops(x).rows_bwd_stream(x, <const floating*>p.g + off,
+                               shifted(<const floating*>p.ym, off), res, y, R, w, lanes,
+                               lanes + W, lanes + 2 * W, lanes + 3 * W, lanes + 4 * W,
+                               p.act, p.slope)
 
 
-cdef inline void row_apply(int op, const floating* x, const floating* g, const floating* q,
-                           floating* y, Py_ssize_t R, Py_ssize_t w, const floating* la,
-                           const floating* lb, const floating* lc, const floating* ld,
-                           bint relu) noexcept nogil:
-    ops(x).cols_apply(op, x, g, q, y, R, w, la, lb, lc, ld, relu)
-
-
-cdef void rows_apply(int op, const floating* x, const floating* g, const floating* q,
-                     floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                     const floating* lanes, bint relu, int nthreads) noexcept nogil:
-    """Element-wise pass over the rows partition; lanes holds the 4 (or 3) parameter
-    vectors expanded to W lanes each, back to back."""
+cdef void rows_apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                     const floating* lanes, int nthreads) noexcept nogil:
+    """Element-wise pass over the rows partition; lanes holds the lane parameters expanded
+    to W lanes each, back to back (see expand_pass_lanes)."""
     cdef Team T
     cdef int64_t t_item
     cdef Rows P = rows_partition(M, C, K, CHUNK, M, sizeof(floating))
-    cdef Py_ssize_t W = P.W, blk, r0, nr, off
-    cdef const floating* la = lanes
-    cdef const floating* lb = lanes + W
-    cdef const floating* lc = lanes + 2 * W
-    cdef const floating* ld = lanes + 3 * W
+    cdef Py_ssize_t W = P.W, blk, r0, nr
     if nthreads == 1:
-        row_apply(op, x, g, q, y, P.nrows, W, la, lb, lc, ld, relu)
+        row_pass(p, p.op, 0, P.nrows, W, lanes, W)
     else:
         team_begin(&T, nthreads)
         for blk in prange(P.nblocks, num_threads=nthreads, schedule="dynamic"):
@@ -137,15 +210,11 @@ cdef void rows_apply(int op, const floating* x, const floating* g, const floatin
             nr = P.nrows - r0
             if nr > P.R:
                 nr = P.R
-            off = r0 * W
-            row_apply(op, x + off, g + off if g != NULL else NULL,
-                      q + off if q != NULL else NULL, y + off, nr, W, la, lb, lc, ld, relu)
+            row_pass(p, p.op, r0 * W, nr, W, lanes, W)
             team_add(&T, threadid(), t_item)
         team_end(&T)
     if P.tail:
-        off = P.nrows * W
-        row_apply(op, x + off, g + off if g != NULL else NULL,
-                  q + off if q != NULL else NULL, y + off, 1, P.tail, la, lb, lc, ld, relu)
+        row_pass(p, p.op, P.nrows * W, 1, P.tail, lanes, W)
 
 
 cdef inline Py_ssize_t line_head(const floating* y, Py_ssize_t W) noexcept nogil:
@@ -157,44 +226,30 @@ cdef inline Py_ssize_t line_head(const floating* y, Py_ssize_t W) noexcept nogil
     return ((64 - <Py_ssize_t>(<size_t>y % 64)) % 64) // sizeof(floating)
 
 
-cdef void rows_apply_stream(int op, const floating* x, const floating* g,
-                            const floating* q, floating* y, Py_ssize_t M, Py_ssize_t C,
-                            Py_ssize_t K, Py_ssize_t W, Py_ssize_t h, const floating* pa,
-                            const floating* pb, const floating* pc, const floating* pd,
-                            const floating* lanes, bint relu, int nthreads) noexcept nogil:
+cdef void rows_apply_stream(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                            Py_ssize_t W, Py_ssize_t h, const floating* lanes,
+                            int nthreads) noexcept nogil:
     """rows_apply with non-temporal stores (outputs larger than the cache): the h values
     before y's first line with ordinary stores, then rows of W values from there (lanes:
     expanded from h on, see expand_lanes), whole lines streamed, then the rest with
     ordinary stores. The same values as rows_apply."""
     cdef Team T
     cdef int64_t t_item
-    cdef floating hl[64]            # the head's lanes: 4 x at most 16 values
-    cdef Py_ssize_t total = M * C * K, n, nrows, tail, R, nblocks, blk, r0, nr, off
-    cdef const floating* la = lanes
-    cdef const floating* lb = lanes + W
-    cdef const floating* lc = lanes + 2 * W
-    cdef const floating* ld = lanes + 3 * W
-    op = op & ~OP_STREAM
+    cdef floating hl[5 * 16]        # the head's lanes: LANE_ARRAYS x at most 16 values
+    cdef Py_ssize_t total = M * C * K, n, nrows, tail, R, nblocks, blk, r0, nr
+    cdef int op = p.op & ~OP_STREAM
     if h > total:
         h = total
     if h > 0:
-        expand_lanes(pa, hl, h, C, K)
-        expand_lanes(pb, hl + 16, h, C, K)
-        expand_lanes(pc, hl + 32, h, C, K)
-        if pd != NULL:
-            expand_lanes(pd, hl + 48, h, C, K)
-        row_apply(op, x, g, q, y, 1, h, hl, hl + 16, hl + 32, hl + 48, relu)
-    x = x + h
-    g = g + h if g != NULL else NULL
-    q = q + h if q != NULL else NULL
-    y = y + h
+        expand_pass_lanes(p, hl, 16, h, C, K, 0, lanes)
+        row_pass(p, op, 0, 1, h, hl, 16)
     n = total - h
     nrows = n // W
     tail = n % W
     R = CHUNK // W if CHUNK // W > ROW_MIN_ROWS else ROW_MIN_ROWS
     nblocks = (nrows + R - 1) // R
     if nthreads == 1:
-        ops(x).rows_stream(op, x, g, q, y, nrows, W, la, lb, lc, ld, relu)
+        row_pass(p, op | OP_STREAM, h, nrows, W, lanes, W)
     else:
         team_begin(&T, nthreads)
         for blk in prange(nblocks, num_threads=nthreads, schedule="dynamic"):
@@ -203,49 +258,57 @@ cdef void rows_apply_stream(int op, const floating* x, const floating* g,
             nr = nrows - r0
             if nr > R:
                 nr = R
-            off = r0 * W
-            ops(x).rows_stream(op, x + off, g + off if g != NULL else NULL,
-                               q + off if q != NULL else NULL, y + off, nr, W, la, lb,
-                               lc, ld, relu)
+            row_pass(p, op | OP_STREAM, h + r0 * W, nr, W, lanes, W)
             cbn_sfence()        # each thread orders its own non-temporal stores
             team_add(&T, threadid(), t_item)
         team_end(&T)
     if tail:
-        off = nrows * W
-        row_apply(op, x + off, g + off if g != NULL else NULL,
-                  q + off if q != NULL else NULL, y + off, 1, tail, la, lb, lc, ld, relu)
+        row_pass(p, op, h + nrows * W, 1, tail, lanes, W)
     cbn_sfence()
 
 
 cdef Py_ssize_t apply_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                                    Py_ssize_t itemsize):
+                                    Py_ssize_t itemsize) noexcept nogil:
     if K >= PLANE_MIN_K:
         return 0
-    return 4 * rows_partition(M, C, K, CHUNK, M, itemsize).W * itemsize
+    return LANE_ARRAYS * rows_partition(M, C, K, CHUNK, M, itemsize).W * itemsize
 
 
-cdef void apply(int op, const floating* x, const floating* g, const floating* q,
-                floating* y, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, const floating* pa,
-                const floating* pb, const floating* pc, const floating* pd, floating* lanes,
-                bint relu, int nthreads) noexcept nogil:
-    """Dispatch an element-wise pass to the planes or rows kernel (OP_STREAM: stored
-    non-temporally where the rows allow it, see line_head)."""
+cdef void expand_pass_lanes(const Pass* p, floating* lanes, Py_ssize_t stride,
+                            Py_ssize_t W, Py_ssize_t C, Py_ssize_t K, Py_ssize_t h,
+                            const floating* tag) noexcept nogil:
+    """The pass's lane parameters (those it reads) expanded to W lanes from h on, stride
+    apart: mean, scale, shift (zeros where NULL), gmean, xcoef."""
+    cdef Py_ssize_t t
+    expand_lanes(<const floating*>p.mean, lanes, W, C, K, h)
+    expand_lanes(<const floating*>p.scale, lanes + stride, W, C, K, h)
+    if p.op & ~OP_STREAM == OP_AFFINE or cbn_act_needs_z(p.act):
+        if p.shift != NULL:
+            expand_lanes(<const floating*>p.shift, lanes + 2 * stride, W, C, K, h)
+        else:
+            for t in range(W):
+                lanes[2 * stride + t] = 0
+    if p.op & ~OP_STREAM == OP_BWD_TRAIN:
+        expand_lanes(<const floating*>p.gmean, lanes + 3 * stride, W, C, K, h)
+        expand_lanes(<const floating*>p.xcoef, lanes + 4 * stride, W, C, K, h)
+
+
+cdef void apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, floating* lanes,
+                int nthreads) noexcept nogil:
+    """Run an element-wise pass on the planes or rows kernel (OP_STREAM: stored
+    non-temporally where the rows allow it, see line_head); lanes: apply_scratch_bytes of
+    scratch (rows)."""
     cdef Py_ssize_t W, h
     if K >= PLANE_MIN_K:
-        planes_apply(op, x, g, q, y, M, C, K, pa, pb, pc, pd, relu, nthreads)
+        planes_apply(p, M, C, K, nthreads, lanes)
         return
     W = rows_partition(M, C, K, CHUNK, M, sizeof(floating)).W
-    h = line_head(y, W) if op & OP_STREAM else -1      # -1: ordinary stores
-    expand_lanes(pa, lanes, W, C, K, h if h > 0 else 0)
-    expand_lanes(pb, lanes + W, W, C, K, h if h > 0 else 0)
-    expand_lanes(pc, lanes + 2 * W, W, C, K, h if h > 0 else 0)
-    if pd != NULL:
-        expand_lanes(pd, lanes + 3 * W, W, C, K, h if h > 0 else 0)
+    h = line_head(<floating*>p.y, W) if p.op & OP_STREAM else -1   # -1: ordinary stores
+    expand_pass_lanes(p, lanes, W, W, C, K, h if h > 0 else 0, lanes)
     if h >= 0:
-        rows_apply_stream(op, x, g, q, y, M, C, K, W, h, pa, pb, pc, pd, lanes, relu,
-                          nthreads)
+        rows_apply_stream(p, M, C, K, W, h, lanes, nthreads)
     else:
-        rows_apply(op & ~OP_STREAM, x, g, q, y, M, C, K, lanes, relu, nthreads)
+        rows_apply(p, M, C, K, lanes, nthreads)
 
 
 # ----------------------------------------------------------------- backward reductions
@@ -262,11 +325,7 @@ cdef inline void zero_sums(Sums* s, Py_ssize_t n) noexcept nogil:
         s[i].gx = 0.0
 
 
-cdef inline const floating* shifted(const floating* p, Py_ssize_t off) noexcept nogil:
-    return p + off if p != NULL else NULL
-
-
-cdef void planes_item_sums(const floating* g, const floating* x, const floating* ym,
+cdef void planes_item_sums(const floating* g, const floating* x, const Dact* da,
                            floating* dx, floating* gr, Planes P, Py_ssize_t item,
                            const floating* mean, const floating* scale,
                            Sums* acc) noexcept nogil:
@@ -280,14 +339,16 @@ cdef void planes_item_sums(const floating* g, const floating* x, const floating*
         zero_sums(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
-        ops(g).runs_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
+        ops(g).runs_sums(g + off, x + off, shifted(<const floating*>da.ym, off),
+                         shifted(<const floating*>da.res, off), <floating*>shifted(dx, off),
                          <floating*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
-                         scale[c], &sg, &sgx, P.pf)
+                         scale[c], (<const floating*>da.shift)[c] if da.shift != NULL else 0,
+                         da.act, da.slope, &sg, &sgx, P.pf)
         acc[c].g += sg
         acc[c].gx += sgx
 
 
-cdef void planes_sums(const floating* g, const floating* x, const floating* ym, floating* dx,
+cdef void planes_sums(const floating* g, const floating* x, const Dact* da, floating* dx,
                       floating* gr, Planes P, const floating* mean, const floating* scale,
                       Sums* part, Sums* out, int nthreads) noexcept nogil:
     """part: items*C slots (each item writes those of its channels only)."""
@@ -296,12 +357,12 @@ cdef void planes_sums(const floating* g, const floating* x, const floating* ym, 
     cdef Py_ssize_t it, c, c0, nc, j
     if nthreads == 1:
         for it in range(P.items):
-            planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
+            planes_item_sums(g, x, da, dx, gr, P, it, mean, scale, part + it * P.C)
     else:
         team_begin(&T, nthreads)
         for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
             t_item = cbn_now_ns()
-            planes_item_sums(g, x, ym, dx, gr, P, it, mean, scale, part + it * P.C)
+            planes_item_sums(g, x, da, dx, gr, P, it, mean, scale, part + it * P.C)
             team_add(&T, threadid(), t_item)
         team_end(&T)
     zero_sums(out, P.C)
@@ -313,14 +374,18 @@ cdef void planes_sums(const floating* g, const floating* x, const floating* ym, 
             out[c].gx += part[it * P.C + c].gx
 
 
-cdef void rows_block_sums(const floating* g, const floating* x, const floating* ym,
-                          floating* dx, floating* gr, Py_ssize_t R, Py_ssize_t w,
-                          Py_ssize_t C, Py_ssize_t K, const floating* lmean,
-                          const floating* lscale, floating* ag, floating* agx,
-                          Sums* out) noexcept nogil:
-    """Add the per-channel sums of R rows of w values to out[0:C] (see cbn_cols_sums)."""
+cdef void rows_block_sums(const floating* g, const floating* x, const Dact* da,
+                          Py_ssize_t off, floating* dx, floating* gr, Py_ssize_t R,
+                          Py_ssize_t w, Py_ssize_t C, Py_ssize_t K, const floating* lmean,
+                          const floating* lscale, const floating* lshift, floating* ag,
+                          floating* agx, Sums* out) noexcept nogil:
+    """Add the per-channel sums of R rows of w values from offset off to out[0:C] (see
+    cbn_cols_sums)."""
     cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
-    ops(g).cols_sums(g, x, ym, dx, gr, R, w, lmean, lscale, ag, agx)
+    ops(g).cols_sums(g + off, x + off, shifted(<const floating*>da.ym, off),
+                     shifted(<const floating*>da.res, off), <floating*>shifted(dx, off),
+                     <floating*>shifted(gr, off), R, w, lmean, lscale, lshift, da.act,
+                     da.slope, ag, agx)
     t = 0
     for q in range(reps):
         for c in range(C):
@@ -330,42 +395,39 @@ cdef void rows_block_sums(const floating* g, const floating* x, const floating* 
                 t += 1
 
 
-cdef void rows_item_sums(const floating* g, const floating* x, const floating* ym,
-                         floating* dx, floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P,
-                         Py_ssize_t it, const floating* lmean, const floating* lscale,
-                         Sums* acc, floating* sc) noexcept nogil:
-    """Sums of one item's blocks into acc[0:C]; scratch sc: 2*W."""
-    cdef Py_ssize_t blk, r0, nr, off
+cdef void rows_item_sums(const floating* g, const floating* x, const Dact* da, floating* dx,
+                         floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P, Py_ssize_t it,
+                         const floating* lanes, Sums* acc, floating* sc) noexcept nogil:
+    """Sums of one item's blocks into acc[0:C]; lanes: mean, scale, shift (W each);
+    scratch sc: 2*W."""
+    cdef Py_ssize_t blk, r0, nr
     zero_sums(acc, C)
     for blk in range(it * P.nblocks // P.items, (it + 1) * P.nblocks // P.items):
         r0 = blk * P.R
         nr = P.nrows - r0
         if nr > P.R:
             nr = P.R
-        off = r0 * P.W
-        rows_block_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
-                        <floating*>shifted(gr, off), nr, P.W, C, K, lmean, lscale, sc,
-                        sc + P.W, acc)
+        rows_block_sums(g, x, da, r0 * P.W, dx, gr, nr, P.W, C, K, lanes, lanes + P.W,
+                        lanes + 2 * P.W, sc, sc + P.W, acc)
 
 
-cdef void rows_sums(const floating* g, const floating* x, const floating* ym, floating* dx,
-                    floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P, const floating* lmean,
-                    const floating* lscale, Sums* part, floating* scratch, Sums* out,
-                    int nthreads) noexcept nogil:
-    """part: items*C slots; scratch: 2*W floating per thread."""
+cdef void rows_sums(const floating* g, const floating* x, const Dact* da, floating* dx,
+                    floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P, const floating* lanes,
+                    Sums* part, floating* scratch, Sums* out, int nthreads) noexcept nogil:
+    """part: items*C slots; lanes: mean, scale, shift (W each); scratch: 2*W floating per
+    thread."""
     cdef Team T
     cdef int64_t t_item
-    cdef Py_ssize_t it, c, tid, off
+    cdef Py_ssize_t it, c, tid
     if nthreads == 1:
         for it in range(P.items):
-            rows_item_sums(g, x, ym, dx, gr, C, K, P, it, lmean, lscale, part + it * C,
-                           scratch)
+            rows_item_sums(g, x, da, dx, gr, C, K, P, it, lanes, part + it * C, scratch)
     else:
         team_begin(&T, nthreads)
         for it in prange(P.items, num_threads=nthreads, schedule="dynamic"):
             t_item = cbn_now_ns()
             tid = threadid()
-            rows_item_sums(g, x, ym, dx, gr, C, K, P, it, lmean, lscale, part + it * C,
+            rows_item_sums(g, x, da, dx, gr, C, K, P, it, lanes, part + it * C,
                            scratch + tid * 2 * P.W)
             team_add(&T, threadid(), t_item)
         team_end(&T)
@@ -375,7 +437,24 @@ cdef void rows_sums(const floating* g, const floating* x, const floating* ym, fl
             out[c].g += part[it * C + c].g
             out[c].gx += part[it * C + c].gx
     if P.tail:
-        off = P.nrows * P.W
-        rows_block_sums(g + off, x + off, shifted(ym, off), <floating*>shifted(dx, off),
-                        <floating*>shifted(gr, off), 1, P.tail, C, K, lmean, lscale,
-                        scratch, scratch + P.W, out)
+        rows_block_sums(g, x, da, P.nrows * P.W, dx, gr, 1, P.tail, C, K, lanes,
+                        lanes + P.W, lanes + 2 * P.W, scratch, scratch + P.W, out)
+
+
+cdef void stage_backward_finish(const Sums* sums, const floating* invstd, double n,
+                                floating* grad_weight, floating* grad_bias, floating* k1,
+                                floating* k2, Py_ssize_t C) noexcept nogil:
+    """grad_bias = sum g, grad_weight = sum g * (x - mean) * invstd (either may be NULL);
+    the training backward's k1 = sum g / n and k2 = invstd^2 * sum g * (x - mean) / n
+    (if not NULL), with n values per channel."""
+    cdef Py_ssize_t c
+    cdef double inv
+    for c in range(C):
+        inv = invstd[c]
+        if grad_bias != NULL:
+            grad_bias[c] = <floating>sums[c].g
+        if grad_weight != NULL:
+            grad_weight[c] = <floating>(sums[c].gx * inv)
+        if k1 != NULL:
+            k1[c] = <floating>(sums[c].g / n)
+            k2[c] = <floating>(sums[c].gx / n * inv * inv)

@@ -112,29 +112,24 @@ cdef int plain_threads(object n_threads, object x, Py_ssize_t size,
     return n
 
 
-cdef inline void plain_call(Call* k, object x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                            int nt):
-    """Fill *k as the record of a plain call on x viewed as (M, C, K)."""
-    init_call(k, <cnp.ndarray>x, nt)
-    k.M = M
-    k.C = C
-    k.K = K
+cdef inline void plain_desc(cbn_desc* d, object x, Py_ssize_t M, Py_ssize_t C,
+                            Py_ssize_t K, int nt, char* msg):
+    """Fill *d as the descriptor of a plain call on x viewed as (M, C, K)."""
+    init_desc(d, <cnp.ndarray>x, nt, msg)
+    set_view(d, M, C, K)
 
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint32_t, uint64_t
 
 
 def plain_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                  axis, n_threads, Py_ssize_t min_parallel, residual=None, bint relu=False,
-                  out=None):
+                  axis, n_threads, Py_ssize_t min_parallel, residual=None, int activation=0,
+                  out=None, double negative_slope=0.01):
     """batch_norm_forward's plain call: (y, save_mean, save_invstd), or None when the call
-    is not plain (then nothing was computed or written). A training call where some
-    channel's invstd came out 0, NaN or inf returns (y, save_mean, save_invstd,
-    running_mean_before, running_var_before) (bytes, or None) for the edge rescue. n_threads None means
+    is not plain (then nothing was computed or written). n_threads None means
     omp_get_max_threads(); inputs under min_parallel values run on one thread. A residual
     must be a plain array of the input's shape and dtype; so must out, which may be x
-    itself but must not otherwise overlap it."""
+    itself but must not otherwise overlap it. activation: a cbn_act_kind. A training
+    call whose statistics need it gets the edge rescue (see after_forward)."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     cdef double e, mom = 0.0
@@ -168,58 +163,32 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     cdef cnp.npy_intp nc = C
     cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, typ, 0)
     cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, typ, 0)
-    cdef Call k
-    plain_call(&k, x, M, C, K, nt)
-    k.training = training is True
-    k.momentum = mom
-    k.eps = e
-    k.relu = relu
-    k.y = data(y)
-    k.residual = data(residual)
-    k.weight = data(weight)
-    k.bias = data(bias)
-    k.running_mean = data(running_mean)
-    k.running_var = data(running_var)
-    k.save_mean = data(sm)
-    k.save_invstd = data(si)
-    if not k.training:
-        run_forward(&k)
-        return y, sm, si
-    # Training: the running statistics as they were, in case a channel needs the edge
-    # rescue of cbn.functional (which recomputes its running update from them).
-    cdef Py_ssize_t rbytes = C * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
-    cdef char* before = NULL
-    if k.running_mean != NULL or k.running_var != NULL:    # else there is nothing to keep
-        before = <char*>alloc(2 * rbytes)
-    try:
-        if k.running_mean != NULL:
-            memcpy(before, k.running_mean, rbytes)
-        if k.running_var != NULL:
-            memcpy(before + rbytes, k.running_var, rbytes)
-        run_forward(&k)
-        if not any_suspect(k.save_invstd, C, typ):
-            return y, sm, si
-        return (y, sm, si,
-                PyBytes_FromStringAndSize(before, rbytes) if k.running_mean != NULL else None,
-                PyBytes_FromStringAndSize(before + rbytes, rbytes)
-                if k.running_var != NULL else None)
-    finally:
-        free(before)
-
-
-cdef bint any_suspect(const void* invstd, Py_ssize_t C, int typ) noexcept nogil:
-    """Whether some channel's invstd may be 0, NaN or inf (cbn.functional._suspect's test,
-    on the most significant byte: sign and top exponent bits outside 0x01-0x7e)."""
-    cdef Py_ssize_t c
-    cdef unsigned int top
-    for c in range(C):
-        if typ == cnp.NPY_FLOAT32:
-            top = (<const uint32_t*>invstd)[c] >> 24
-        else:
-            top = <unsigned int>((<const uint64_t*>invstd)[c] >> 56)
-        if top == 0 or top >= 0x7F:
-            return True
-    return False
+    cdef char msg[MSG_SIZE]
+    cdef cbn_desc d
+    cdef cbn_forward_args a
+    cdef Kept kept
+    cdef int st
+    plain_desc(&d, x, M, C, K, nt, msg)
+    a.training = training is True
+    a.reserved = 0
+    a.act = make_act(activation, negative_slope)
+    a.momentum = mom
+    a.eps = e
+    a.x = data(x)
+    a.y = <void*>data(y)
+    a.residual = data(residual)
+    a.weight = data(weight)
+    a.bias = data(bias)
+    a.running_mean = <void*>data(running_mean)
+    a.running_var = <void*>data(running_var)
+    a.save_mean = <void*>data(sm)
+    a.save_invstd = <void*>data(si)
+    keep_running(&d, &a, &kept)
+    with nogil:
+        st = cbn_forward(&d, &a)
+    after_forward(st, &d, &a, &kept, x, y, residual, weight, bias, running_mean, running_var,
+                  sm, si)
+    return y, sm, si
 
 
 cdef inline bint disjoint(object a, object b):
@@ -237,15 +206,21 @@ cdef inline bint disjoint(object a, object b):
 
 def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axis,
                    n_threads, Py_ssize_t min_parallel, output=None, bint residual=False,
-                   out=None):
+                   out=None, int activation=-1, double negative_slope=0.01):
     """batch_norm_backward's plain call: (grad_input, grad_weight, grad_bias), plus
-    grad_residual if residual, or None when the call is not plain. output (the forward's
-    ReLU output, masking grad_output) must be a plain array of the input's shape. out
+    grad_residual if residual, or None when the call is not plain. activation: a
+    cbn_act_kind whose derivative is read off output (relu, relu6, leaky_relu), or -1:
+    relu where output is given; output (the forward's output) must be a plain array of
+    the input's shape. out
     (grad_input's destination) must be a plain writeable array of the input's shape that
     is grad_output itself or shares no memory with grad_output, x and output."""
     cdef Py_ssize_t M, C, K
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or (training is not True and training is not False):
+        return None
+    if activation < 0:
+        activation = CBN_ACT_NONE if output is None else CBN_ACT_RELU
+    if (activation == CBN_ACT_NONE) != (output is None) or cbn_act_needs_z(activation):
         return None
     if grad_output is None or not plain_like(grad_output, x, typ):
         return None
@@ -275,24 +250,32 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
     if residual:
         gr = pool_empty(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
                         typ)
-    cdef Call k
-    plain_call(&k, x, M, C, K, nt)
-    k.training = training is True
-    k.grad_output = data(grad_output)
-    k.grad_input = data(gx)
-    k.weight = data(weight)
-    k.save_mean = data(save_mean)
-    k.save_invstd = data(save_invstd)
-    k.grad_weight = data(gw)
-    k.grad_bias = data(gb)
-    k.output = data(output)
-    k.grad_residual = data(gr)
-    run_backward(&k)
+    cdef char msg[MSG_SIZE]
+    cdef cbn_desc d
+    cdef cbn_backward_args a
+    cdef int st
+    plain_desc(&d, x, M, C, K, nt, msg)
+    memset(&a, 0, sizeof(a))
+    a.training = training is True
+    a.act = make_act(activation, negative_slope)
+    a.grad_output = data(grad_output)
+    a.x = data(x)
+    a.output = data(output)
+    a.weight = data(weight)
+    a.save_mean = data(save_mean)
+    a.save_invstd = data(save_invstd)
+    a.grad_input = <void*>data(gx)
+    a.grad_weight = <void*>data(gw)
+    a.grad_bias = <void*>data(gb)
+    a.grad_residual = <void*>data(gr)
+    with nogil:
+        st = cbn_backward(&d, &a)
+    check(st, msg)
     return (gx, gw, gb, gr) if residual else (gx, gw, gb)
 
 
 def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel,
-                 residual=None, bint relu=False, out=None):
+                 residual=None, int activation=0, out=None, double negative_slope=0.01):
     """normalize's plain call: y = act((x - mean) * scale + shift + residual), or None
     when the call is not plain (out as in plain_forward)."""
     cdef Py_ssize_t M, C, K
@@ -308,13 +291,19 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
     y = None if nt < 0 else plain_out(out, x, typ)
     if y is None:
         return None
-    cdef Call k
-    plain_call(&k, x, M, C, K, nt)
-    k.relu = relu
-    k.y = data(y)
-    k.residual = data(residual)
-    k.save_mean = data(mean)
-    k.scale = data(scale)
-    k.shift = data(shift)
-    run_normalize(&k)
+    cdef char msg[MSG_SIZE]
+    cdef cbn_desc d
+    cdef cbn_normalize_args a
+    cdef int st
+    plain_desc(&d, x, M, C, K, nt, msg)
+    a.act = make_act(activation, negative_slope)
+    a.x = data(x)
+    a.residual = data(residual)
+    a.y = <void*>data(y)
+    a.mean = data(mean)
+    a.scale = data(scale)
+    a.shift = data(shift)
+    with nogil:
+        st = cbn_normalize(&d, &a)
+    check(st, msg)
     return y

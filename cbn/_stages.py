@@ -1,7 +1,7 @@
 """The kernels' stages, one at a time, for code that must put something between them.
 
 The fused calls of :mod:`cbn.functional` are compositions of five stages (see
-``cbn/_stages.pxi``): moments, finish, normalize; backward reduce, backward elements.
+``cbn/_core.pxi``): moments, finish, normalize; backward reduce, backward elements.
 SyncBatchNorm puts a collective between moments and finish and between the backward
 reduce and the element pass; PreciseBN merges moments over many batches. Composed here in
 the fused order with the same arguments, the stages give bit-identical results to
@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _arrays, _kernels
+from . import _activations, _arrays, _kernels
 from . import functional as _functional
 from ._checks import COMPUTE
 from ._threads import resolve_num_threads
@@ -94,46 +94,54 @@ def finish(mom: Moments, eps: float, *, dtype, weight=None, bias=None,
 
 def normalize(x, stats: Stats, *, axis: int = 1, out: Optional[np.ndarray] = None,
               n_threads: Optional[int] = None, activation: Optional[str] = None,
-              residual=None) -> np.ndarray:
+              residual=None, negative_slope: float = 0.01) -> np.ndarray:
     """The output pass: ``act((x - save_mean) * scale + shift + residual)``."""
-    return _functional.normalize(x, stats.save_mean, stats.scale, stats.shift, axis=axis, out=out,
-                        n_threads=n_threads, activation=activation, residual=residual)
+    return _functional.normalize(x, stats.save_mean, stats.scale, stats.shift, axis=axis,
+                                 out=out, n_threads=n_threads, activation=activation,
+                                 residual=residual, negative_slope=negative_slope)
 
 
 def _backward_views(grad_output, x, axis: int, activation, output):
-    """(x3, view, g3, ym3): the (M, C, K) views of a backward's input, upstream gradient
-    and (for ReLU) the forward's output, in the compute dtype."""
+    """(x3, view, g3, ym3, kind): the (M, C, K) views of a backward's input, upstream
+    gradient and (for relu, relu6, leaky_relu) the forward's output, in the compute dtype,
+    and the activation's code. The stages read the derivative off the output only (silu
+    and hardswish, which recompute the pre-activation, are fused calls only)."""
     x3, view, xc = _view(x, axis)
     dt = x3.dtype
     g3 = view.read(_arrays.same_shape(grad_output, "grad_output", xc, dt))
     ym3 = None
-    if _arrays.check_activation(activation):
+    kind = _activations.activation_kind(activation)
+    if kind and not _activations.from_output(kind):
+        raise ValueError(f"the stages' backward takes activation None, 'relu', 'relu6' or "
+                         f"'leaky_relu', got {activation!r}")
+    if kind:
         if output is None:
-            raise ValueError("activation='relu' needs output (the forward's output)")
+            raise ValueError(f"activation={activation!r} needs output (the forward's output)")
         ym3 = view.read(_arrays.same_shape(output, "output", xc, dt))
-    return x3, view, g3, ym3
+    return x3, view, g3, ym3, kind
 
 
 def backward_reduce(grad_output, x, save_mean, *, axis: int = 1,
                     n_threads: Optional[int] = None, activation: Optional[str] = None,
-                    output=None) -> Tuple[np.ndarray, np.ndarray]:
+                    output=None, negative_slope: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
     """(sum_dy, sum_dy_xmu): float64 (C,) sums of dy and dy * (x - mean), with dy masked
     by ReLU's backward where ``activation="relu"`` and ``output`` (the forward's output)."""
-    x3, view, g3, ym3 = _backward_views(grad_output, x, axis, activation, output)
+    x3, view, g3, ym3, kind = _backward_views(grad_output, x, axis, activation, output)
     mean = _arrays.per_channel(save_mean, "save_mean", view.C, x3.dtype)
     nt = resolve_num_threads(n_threads, x3.size)
-    return _kernels.backward_reduce(g3, x3, mean, nt, ym3)
+    return _kernels.backward_reduce(g3, x3, mean, nt, ym3, kind,
+                                    _activations.check_negative_slope(negative_slope))
 
 
 def backward_elements(grad_output, x, weight, save_mean, save_invstd, sum_dy, sum_dy_xmu,
                       count: int, *, axis: int = 1, out: Optional[np.ndarray] = None,
                       n_threads: Optional[int] = None, activation: Optional[str] = None,
-                      output=None) -> np.ndarray:
+                      output=None, negative_slope: float = 0.01) -> np.ndarray:
     """The training backward's element pass with (global) sums over ``count`` values per
     channel: ``dx = (dy - sum_dy/count - (x - mean) * invstd^2 * sum_dy_xmu/count) *
     weight * invstd``."""
     x_in = x if isinstance(x, np.ndarray) else np.asarray(x)
-    x3, view, g3, ym3 = _backward_views(grad_output, x_in, axis, activation, output)
+    x3, view, g3, ym3, kind = _backward_views(grad_output, x_in, axis, activation, output)
     dt = x3.dtype
     C = view.C
     w = _arrays.per_channel(weight, "weight", C, dt)
@@ -142,7 +150,8 @@ def backward_elements(grad_output, x, weight, save_mean, save_invstd, sum_dy, su
     dx, dx3 = view.new(dt)
     nt = resolve_num_threads(n_threads, x3.size)
     _kernels.backward_elements(g3, x3, w, mean, inv, sum_dy, sum_dy_xmu, int(count), dx3,
-                               nt, ym3)
+                               nt, ym3, kind,
+                               _activations.check_negative_slope(negative_slope))
     if dx.dtype != x_in.dtype:
         dx = dx.astype(x_in.dtype)
     if out is not None:

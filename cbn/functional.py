@@ -27,7 +27,6 @@ with one entry per returned value; the entries given are returned.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -44,11 +43,14 @@ from ._checks import is_half as _is_half
 from ._arrays import View as _View
 from ._arrays import as_input as _as_input
 from ._arrays import channel_axis as _channel_axis
-from ._arrays import check_activation as _check_activation
 from ._arrays import contiguous as _contiguous
 from ._arrays import per_channel as _param
 from ._arrays import same_shape as _same_shape
 from ._threads import resolve_num_threads
+from ._activations import KINDS as _ACT_KINDS
+from ._activations import activation_kind as _activation_kind
+from ._activations import check_negative_slope as _check_negative_slope
+from ._activations import from_output as _from_output
 
 #: what the public functions return: a NumPy array, or an array of the input's library
 #: (a torch tensor, a JAX array, ...), which a static type cannot name
@@ -183,7 +185,8 @@ def _typed(results, given, wrap) -> tuple:
 
 
 def _foreign_forward(input, weight, bias, running_mean, running_var, training, momentum,
-                     eps, axis, out, n_threads, activation, residual, unbiased, nout: int):
+                     eps, axis, out, n_threads, activation, residual, unbiased, nout: int,
+                     negative_slope=0.01):
     """batch_norm_forward (nout 3) or batch_norm (nout 1) on foreign arrays."""
     x, wrap = _arrays.read_input(input)
     conv = _arrays.to_numpy
@@ -208,7 +211,7 @@ def _foreign_forward(input, weight, bias, running_mean, running_var, training, m
         training, momentum, eps, axis=axis, out=out_np, n_threads=n_threads,
         activation=activation,
         residual=residual if residual is None else conv(residual, "residual"),
-        unbiased=unbiased)
+        unbiased=unbiased, negative_slope=negative_slope)
     if given is None:                             # the common case, kept short
         if wrap is None:
             return res[:nout]
@@ -217,18 +220,23 @@ def _foreign_forward(input, weight, bias, running_mean, running_var, training, m
 
 
 def _foreign_backward(grad_output, input, weight, save_mean, save_invstd, training, axis,
-                      n_threads, activation, output, residual, out):
+                      n_threads, activation, output, residual, out, negative_slope=0.01,
+                      bias=None):
     """batch_norm_backward on foreign arrays: results in the type of ``input``."""
     x, wrap = _arrays.read_input(input)
     conv = _arrays.to_numpy
-    out_np, given = _numpy_out(out, 4 if bool(residual) else 3)
+    flag = residual is True or residual is False
+    out_np, given = _numpy_out(out, 4 if (not flag and residual is not None) or residual is True
+                               else 3)
     res = batch_norm_backward(
         conv(grad_output, "grad_output"), x,
         weight if weight is None or type(weight) is _ndarray else conv(weight, "weight"),
         conv(save_mean, "save_mean"), conv(save_invstd, "save_invstd"), training,
         axis=axis, n_threads=n_threads, activation=activation,
-        output=output if output is None else conv(output, "output"), residual=residual,
-        out=out_np)
+        output=output if output is None else conv(output, "output"),
+        residual=residual if flag or residual is None else conv(residual, "residual"),
+        out=out_np, negative_slope=negative_slope,
+        bias=bias if bias is None or type(bias) is _ndarray else conv(bias, "bias"))
     if wrap is None and out is None:
         return res
     return _typed(res, given, wrap)
@@ -273,8 +281,11 @@ def _prepare(x: np.ndarray, axis: int, r: Optional[np.ndarray], out: Optional[np
     return x3, r3, y3, finish
 
 
-def _is_relu(activation) -> bool:
-    return type(activation) is str and activation == "relu"
+def _plain_kind(activation) -> Optional[int]:
+    """The activation's code if it is a known name or None, else None (no plain call)."""
+    if activation is None:
+        return 0
+    return _ACT_KINDS.get(activation) if type(activation) is str else None
 
 
 # ---------------------------------------------------------------------------- public API
@@ -287,6 +298,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
                        n_threads: Optional[int] = None,
                        activation: Optional[str] = None,
                        residual: Optional[ArrayLike] = None, unbiased: bool = True,
+                       negative_slope: float = 0.01,
                        ) -> Tuple[_Result, _Result, _Result]:
     """Batch normalization returning what the backward needs, like ATen's ``native_batch_norm``.
 
@@ -323,13 +335,16 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         Threads for this call (default: :func:`cbn.get_num_threads`); counts above
         ``cbn._threads.MAX_THREADS`` are clipped to it, and a process forked after a
         parallel call runs on one thread (see :mod:`cbn._threads`).
-    activation : None or "relu", keyword-only
-        Applied to the output in the same pass: ``y = relu(bn(x) + residual)``.
+    activation : None, "relu", "relu6", "leaky_relu", "silu" or "hardswish", keyword-only
+        Applied to the output in the same pass: ``y = act(bn(x) + residual)``, torch's
+        definitions (see :mod:`cbn._activations`).
     residual : array like ``input``, keyword-only
         Added to the normalized output before the activation, in the same pass.
     unbiased : bool, keyword-only
         The running-variance convention (default True, PyTorch's); False updates it with
         the biased variance, ``rv = (1 - momentum) * rv + momentum * var`` (Keras', ONNX's).
+    negative_slope : float, keyword-only
+        leaky_relu's slope below 0 (default 0.01, as torch).
 
     Training statistics that overflow or underflow in the kernels (float64 values near
     1e200, float32 near 1e20, a variance below the range with ``eps=0``) are recomputed
@@ -373,24 +388,18 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     >>> np.allclose(y, (x - save_mean) * save_invstd, atol=1e-6)
     True
     """
-    if ((activation is None or _is_relu(activation)) and unbiased is True
-            and type(momentum) is float and momentum - momentum == 0.0):
+    kind = 0 if activation is None else _plain_kind(activation)
+    if (kind is not None and unbiased is True and type(momentum) is float
+            and momentum - momentum == 0.0 and type(negative_slope) is float
+            and negative_slope - negative_slope == 0.0):
         # The plain call (see _kernels.plain_forward) skips the general path below. A
-        # momentum that is not a finite float goes there too, to be refused.
+        # momentum that is not a finite float goes there too, to be refused. Both end in
+        # the same kernel entry, and both apply the edge rescue there (cbn/_rescue.py).
         r = _kernels.plain_forward(input, weight, bias, running_mean, running_var, training,
                                    momentum, eps, axis, n_threads,
-                                   _threads.MIN_PARALLEL_SIZE, residual,
-                                   activation is not None, out)
+                                   _threads.MIN_PARALLEL_SIZE, residual, kind, out,
+                                   negative_slope)
         if r is not None:
-            if len(r) > 3:      # a suspect channel (see _suspect); r[3:]: running stats before
-                x = input
-                ax = axis % x.ndim
-                shape3 = (math.prod(x.shape[:ax]), x.shape[ax], math.prod(x.shape[ax + 1:]))
-                _rescue(x.reshape(shape3), r[0].reshape(shape3),
-                        None if residual is None else residual.reshape(shape3),
-                        activation is not None, weight, bias, running_mean, running_var,
-                        r[3], r[4], r[1], r[2], momentum, eps)
-                r = r[:3]
             return r
     if _any_foreign(input, weight, bias, running_mean, running_var, residual, out):
         return _foreign_forward(input, weight, bias, running_mean, running_var, training,
@@ -404,7 +413,8 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     training = bool(training)
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
-    relu = _check_activation(activation)
+    kind = _activation_kind(activation)
+    slope = _check_negative_slope(negative_slope)
     unbiased = _check_unbiased(unbiased)
     dtype = _COMPUTE[x.dtype]
     w = _param(weight, "weight", C, dtype)
@@ -446,133 +456,26 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
         # dtype): the kernel updates contiguous (C,) copies, written back below.
         rm_k = None if rm is None else _contiguous(rm, dtype).reshape(C)
         rv_k = None if rv is None else _contiguous(rv, dtype).reshape(C)
-        rm0 = None if rm_k is None else rm_k.tobytes()
-        rv0 = None if rv_k is None else rv_k.tobytes()
         _kernels.forward_train(x3, y3, w, b, rm_k, rv_k, save_mean, save_invstd,
-                               momentum, eps, nt, r3, relu)
-        if _suspect(save_invstd):
-            _rescue(x3, y3, r3, relu, w, b, rm_k, rv_k, rm0, rv0, save_mean, save_invstd,
-                    momentum, eps)
+                               momentum, eps, nt, r3, kind, slope)
         if rm is not None and not np.shares_memory(rm, rm_k):
             rm[...] = rm_k.reshape(rm.shape)
         if rv is not None and not np.shares_memory(rv, rv_k):
             rv[...] = rv_k.reshape(rv.shape)
     else:
         _kernels.forward_eval(x3, y3, w, b, rm, rv, save_mean, save_invstd, eps, nt, r3,
-                              relu)
+                              kind, slope)
     if biased_rv is not None:
         _biased_update(biased_rv, rv, momentum, x.size // C)
     return _deliver((finish(), save_mean, save_invstd), outs)
 
 
-# ------------------------------------------------------------------ numerics at the edge
-#
-# The kernels compute in the data's dtype and in double with no scaling, so a channel whose
-# values are huge (float64 |x| ~ 1e200: squared deviations overflow) or whose variance
-# underflows (eps = 0) can come back with NaN or 0 for invstd although the exact mean,
-# invstd and output are representable; and a channel holding +inf gets a NaN mean where the
-# exact formula gives +inf. Such channels always show in the statistics: invstd NaN, 0 or
-# inf. After a training call where one invstd may be (`_suspect`: a look at the top byte of
-# each value), `_rescue` recomputes the suspect channels in float64, scaled by a power of two so that
-# nothing overflows, and rewrites their statistics, running statistics and output. Calls
-# whose output overwrote their input (``out=input``) keep the kernel's result: the input is
-# gone by then.
-
-#: The most significant byte (sign and top exponent bits) of a float32 or float64 that is
-#: positive, finite and neither tiny nor huge is one of these; 0x00 for 0, 0x7f or 0xff for
-#: inf and NaN, 0x80 and above for anything negative.
-_ORDINARY_TOP = bytes(range(1, 0x7F))
-_TOP = 1 if sys.byteorder == "little" else 0       # most significant byte: last or first
-
-
-def _suspect(save_invstd: np.ndarray) -> bool:
-    """True if some channel's invstd may be NaN, 0 or inf, the only ways an overflow, an
-    underflow or a non-finite input shows (also, harmlessly, for a value within a few
-    binades of the type's smallest normal or largest finite number). Reads the most
-    significant byte of each value: about 0.1 us, a fraction of a NumPy reduction."""
-    n = save_invstd.itemsize
-    top = save_invstd.tobytes()[n - 1::n] if _TOP else save_invstd.tobytes()[::n]
-    return len(top.translate(None, _ORDINARY_TOP)) > 0
-
-
-def _rescue(x3, y3, r3, relu, w, b, rm, rv, rm0, rv0, save_mean, save_invstd,
-            momentum: float, eps: float) -> None:
-    """Recompute the channels whose statistics the kernel could not represent.
-
-    ``x3``/``y3``/``r3``: (M, C, K) views of the input, the output and the residual (or
-    None) in the compute dtype; ``rm``/``rv``: the (C,) running statistics the kernel
-    updated, ``rm0``/``rv0`` their bytes before the call. A channel of finite values gets its exact
-    statistics computed on the values scaled by a power of two (max |x| in [0.5, 1)), and
-    its output and running statistics from them, wherever they are representable. A channel
-    holding inf or NaN gets what IEEE arithmetic on the exact formula gives: mean +inf or
-    -inf (NaN if it holds NaN or both infinities), invstd, output and running var NaN.
-    """
-    dtype = save_invstd.dtype
-    ok = np.isfinite(save_mean) & np.isfinite(save_invstd) & (save_invstd > 0)
-    cand = np.flatnonzero(~ok)
-    if cand.size == 0 or np.may_share_memory(x3, y3):
-        return
-    red = (0, 2)
-    xc = x3[:, cand, :].astype(np.float64)
-    n = xc.shape[0] * xc.shape[2]
-    with np.errstate(all="ignore"):
-        finite = np.isfinite(xc).all(axis=red)
-        xz = np.where(finite[None, :, None], xc, 0.0)
-        e = np.frexp(np.abs(xz).max(axis=red))[1]             # max|x| = f * 2**e
-        xs = np.ldexp(xz, -e[None, :, None])                  # exact, |xs| < 1
-        mean_s = xs.mean(axis=red)
-        mean_s += (xs - mean_s[None, :, None]).mean(axis=red)
-        d = xs - mean_s[None, :, None]
-        var_s = (d * d).mean(axis=red)
-        sd = np.sqrt(var_s)
-        root_eps = math.sqrt(eps)
-        # invstd = 1/sqrt(var + eps); k = invstd * 2**e multiplies the scaled deviations
-        den = np.hypot(np.ldexp(sd, e), root_eps)
-        invstd = np.where(den == 0.0, 0.0, 1.0 / den)
-        den_s = np.hypot(sd, np.ldexp(root_eps, -e))
-        k = np.where(den_s == 0.0, 0.0, 1.0 / den_s)
-        mean = np.ldexp(mean_s, e)
-        uvar_m = np.ldexp(momentum * (var_s * (n / (n - 1.0))), 2 * e)   # momentum * var_u
-
-        pos = (xc == np.inf).any(axis=red)
-        neg = (xc == -np.inf).any(axis=red)
-        nan = np.isnan(xc).any(axis=red)
-        mean = np.where(finite, mean,
-                        np.where(nan | (pos & neg), np.nan, np.where(pos, np.inf, -np.inf)))
-        invstd = np.where(finite, invstd, np.nan)
-        uvar_m = np.where(finite, uvar_m, np.nan)
-
-        # rewrite only what differs (a constant channel with eps = 0 is already exact)
-        new_mean, new_invstd = mean.astype(dtype), invstd.astype(dtype)
-        same = finite & (new_mean == save_mean[cand]) & (new_invstd == save_invstd[cand])
-        sel = np.flatnonzero(~same)
-        if sel.size == 0:
-            return
-        idx = cand[sel]
-        save_mean[idx] = new_mean[sel]
-        save_invstd[idx] = new_invstd[sel]
-        if rm is not None:
-            old = np.frombuffer(rm0, dtype)[idx].astype(np.float64)
-            rm[idx] = (momentum * mean[sel] + (1.0 - momentum) * old).astype(dtype)
-        if rv is not None:
-            old = np.frombuffer(rv0, dtype)[idx].astype(np.float64)
-            rv[idx] = (uvar_m[sel] + (1.0 - momentum) * old).astype(dtype)
-        scale = k[sel] * (1.0 if w is None else np.asarray(w, np.float64)[idx])
-        shift = 0.0 if b is None else np.asarray(b, np.float64)[idx]
-        y = (d[:, sel, :] * scale[None, :, None] + np.asarray(shift)[..., None]).astype(dtype)
-        y[:, ~finite[sel], :] = np.nan
-        if r3 is not None:
-            y += r3[:, idx, :]
-        if relu:
-            y[y < 0] = 0
-        y3[:, idx, :] = y
-
-
-def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, relu: bool, out, nt: int):
+def _affine(x: np.ndarray, axis: int, mean, scale, shift, r, kind: int, slope: float, out,
+            nt: int):
     """y = act((x - mean) * scale + shift + r), per channel, in one pass (arguments
     validated; vectors contiguous in the compute dtype; half inputs computed in float32)."""
     x3, r3, y3, finish = _prepare(x, axis, r, out)
-    _kernels.affine(x3, y3, mean, scale, shift, r3, relu, nt)
+    _kernels.affine(x3, y3, mean, scale, shift, r3, kind, nt, slope)
     return finish()
 
 
@@ -619,7 +522,8 @@ def eval_parameters(weight: Optional[ArrayLike], bias: Optional[ArrayLike],
 def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayLike, *,
               axis: int = 1, out: Union[None, Any, Tuple[Any]] = None,
               n_threads: Optional[int] = None, activation: Optional[str] = None,
-              residual: Optional[ArrayLike] = None) -> _Result:
+              residual: Optional[ArrayLike] = None,
+              negative_slope: float = 0.01) -> _Result:
     """``y = act((x - mean) * scale + shift + residual)`` per channel, in one pass.
 
     The eval forward once its per-channel vectors are known (``scale = weight * invstd``,
@@ -633,7 +537,7 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
         As in :func:`batch_norm`.
     mean, scale, shift : array_like of C values
         Per-channel vectors (see :func:`eval_parameters`).
-    axis, out, n_threads, activation, residual : keyword-only
+    axis, out, n_threads, activation, residual, negative_slope : keyword-only
         As in :func:`batch_norm`.
 
     Returns
@@ -655,11 +559,12 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     >>> np.array_equal(y, cbn.batch_norm(x, rm, rv, w, b))     # the eval forward, exactly
     True
     """
-    if activation is None or _is_relu(activation):
-        y = _kernels.plain_affine(input, mean, scale, shift, axis,
-                                  n_threads,
-                                  _threads.MIN_PARALLEL_SIZE, residual, activation is not None,
-                                  out)
+    kind = 0 if activation is None else _plain_kind(activation)
+    if (kind is not None and type(negative_slope) is float
+            and negative_slope - negative_slope == 0.0):
+        y = _kernels.plain_affine(input, mean, scale, shift, axis, n_threads,
+                                  _threads.MIN_PARALLEL_SIZE, residual, kind, out,
+                                  negative_slope)
         if y is not None:
             return y
     if _any_foreign(input, mean, scale, shift, residual, out):
@@ -679,7 +584,8 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     axis = _channel_axis(axis, x.ndim)
     C = x.shape[axis]
     dtype = _COMPUTE[x.dtype]
-    relu = _check_activation(activation)
+    kind = _activation_kind(activation)
+    slope = _check_negative_slope(negative_slope)
     mean = _param(mean, "mean", C, dtype)
     scale = _param(scale, "scale", C, dtype)
     shift = _param(shift, "shift", C, dtype)
@@ -687,7 +593,7 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     out = _check_out(out, x, name)
     if x.size == 0:
         return np.empty_like(x) if out is None else out
-    return _affine(x, axis, mean, scale, shift, r, relu, out,
+    return _affine(x, axis, mean, scale, shift, r, kind, slope, out,
                    resolve_num_threads(n_threads, x.size))
 
 
@@ -697,7 +603,8 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
                momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
                out: Union[None, Any, Tuple[Any]] = None,
                n_threads: Optional[int] = None, activation: Optional[str] = None,
-               residual: Optional[ArrayLike] = None, unbiased: bool = True) -> _Result:
+               residual: Optional[ArrayLike] = None, unbiased: bool = True,
+               negative_slope: float = 0.01) -> _Result:
     """Batch normalization with the arguments of ``torch.nn.functional.batch_norm``.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the batch's
@@ -742,14 +649,19 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     n_threads : int, optional, keyword-only
         Threads for this call (default: :func:`cbn.get_num_threads`). Results are
         bit-identical for any thread count.
-    activation : {None, "relu"}, optional, keyword-only
-        Applied to the output in the same pass.
+    activation : {None, "relu", "relu6", "leaky_relu", "silu", "hardswish"}, optional, keyword-only
+        Applied to the output in the same pass, with torch's definitions: relu
+        ``max(z, 0)``, relu6 ``min(max(z, 0), 6)``, leaky_relu ``z if z > 0 else
+        negative_slope * z``, silu ``z * sigmoid(z)``, hardswish
+        ``z * min(max(z + 3, 0), 6) / 6``.
     residual : array_like, optional, keyword-only
         Same shape as ``input``: added to the normalized output before the activation, in
-        the same pass (``y = relu(bn(x) + residual)``).
+        the same pass (``y = act(bn(x) + residual)``).
     unbiased : bool, optional, keyword-only
         The running-variance convention: True (default, PyTorch's) updates it with the
         unbiased batch variance, False with the biased one (Keras', ONNX's; see Notes).
+    negative_slope : float, optional, keyword-only
+        leaky_relu's slope below 0 (default 0.01, as torch).
 
     Returns
     -------
@@ -832,14 +744,26 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     True
     """
     if type(input) is _ndarray and unbiased is True and type(out) is not tuple:
-        # the common call, with nothing to convert (kept short: it is the plain path)
+        # the common call, with nothing to convert: the plain call straight into the
+        # kernel (as batch_norm_forward would make it)
+        kind = 0 if activation is None else _plain_kind(activation)
+        if (kind is not None and type(momentum) is float and momentum - momentum == 0.0
+                and type(negative_slope) is float
+                and negative_slope - negative_slope == 0.0):
+            r = _kernels.plain_forward(input, weight, bias, running_mean, running_var,
+                                       training, momentum, eps, axis, n_threads,
+                                       _threads.MIN_PARALLEL_SIZE, residual, kind, out,
+                                       negative_slope)
+            if r is not None:
+                return r[0]
         return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                                   momentum, eps, axis=axis, out=out, n_threads=n_threads,
-                                  activation=activation, residual=residual)[0]
+                                  activation=activation, residual=residual,
+                                  negative_slope=negative_slope)[0]
     if type(input) is not _ndarray:             # any other input: NumPy or foreign results
         return _foreign_forward(input, weight, bias, running_mean, running_var, training,
                                 momentum, eps, axis, out, n_threads, activation, residual,
-                                unbiased, 1)[0]
+                                unbiased, 1, negative_slope)[0]
     if type(out) is tuple:                      # one array (or None) per returned value
         (out,) = _arrays.split_out(out, 1)
         if out is not None:
@@ -847,16 +771,17 @@ def batch_norm(input: ArrayLike, running_mean: Optional[np.ndarray],
     return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                               momentum, eps, axis=axis, out=out, n_threads=n_threads,
                               activation=activation, residual=residual,
-                              unbiased=unbiased)[0]
+                              unbiased=unbiased, negative_slope=negative_slope)[0]
 
 
 def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Optional[ArrayLike],
                         save_mean: ArrayLike, save_invstd: ArrayLike, training: bool = True,
                         *, axis: int = 1, n_threads: Optional[int] = None,
                         activation: Optional[str] = None, output: Optional[ArrayLike] = None,
-                        residual: bool = False,
+                        residual=False,
                         out: Union[None, Any, Tuple[Any, ...]] = None,
-                        ) -> Tuple[_Result, ...]:
+                        negative_slope: float = 0.01,
+                        bias: Optional[ArrayLike] = None) -> Tuple[_Result, ...]:
     """Gradients of :func:`batch_norm_forward`, like ATen's ``native_batch_norm_backward``.
 
     ``save_mean`` and ``save_invstd`` are what the forward returned (batch statistics in
@@ -868,11 +793,18 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     with ``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` per channel (returned
     even when ``weight`` is None, which means a weight of 1).
 
-    For a forward with ``activation="relu"``, pass ``activation="relu"`` and ``output=`` the
-    forward's output: dy is masked where the output was clipped (``output <= 0``) inside
-    the same passes, with no extra pass over memory. For a forward with a ``residual``,
-    pass ``residual=True`` to also get the residual's gradient (the masked dy) as a fourth
-    result: ``(grad_input, grad_weight, grad_bias, grad_residual)``.
+    For a forward with an activation, pass the same ``activation=`` (and
+    ``negative_slope=``): dy is multiplied by the activation's derivative inside the same
+    passes, with no extra pass over memory. relu, relu6 and leaky_relu read it off the
+    forward's output, passed as ``output=`` (relu: where ``output > 0``; relu6:
+    ``0 < output < 6``; leaky_relu: 1 or ``negative_slope`` by the sign of ``output``,
+    which needs ``negative_slope >= 0``, as torch's in-place leaky_relu). silu and
+    hardswish recompute the pre-activation ``z = (x - mean) * weight * invstd + bias
+    (+ residual)`` in the same passes, so they take the forward's ``bias=`` and, if it had
+    one, its ``residual=`` array. For a forward with a ``residual``, pass ``residual=True``
+    (or the residual itself) to also get the residual's gradient (dy times the
+    activation's derivative) as a fourth result:
+    ``(grad_input, grad_weight, grad_bias, grad_residual)``.
 
     ``out=`` receives the input gradient, so that a training step can run without
     allocating it; it may be ``grad_output`` itself (an in-place backward: each value of
@@ -892,18 +824,23 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         Whether the forward used batch statistics (default True).
     axis, n_threads : int, optional, keyword-only
         As in the forward.
-    activation : {None, "relu"}, optional, keyword-only
-        The forward's activation; "relu" needs ``output``.
+    activation : {None, "relu", "relu6", "leaky_relu", "silu", "hardswish"}, optional, keyword-only
+        The forward's activation; relu, relu6 and leaky_relu need ``output``.
     output : array_like, optional, keyword-only
-        The forward's output, with ``activation="relu"``.
-    residual : bool, optional, keyword-only
-        Also return the residual's gradient.
+        The forward's output, with relu, relu6 or leaky_relu.
+    residual : bool or array_like, optional, keyword-only
+        Also return the residual's gradient (True, or the forward's residual, which silu
+        and hardswish need to recompute the pre-activation).
     out : array or tuple, optional, keyword-only
         Where to write ``grad_input``: the input's shape and dtype, writable; may be
         ``grad_output`` itself. One that shares memory with the inputs otherwise gets the
         right values too (computed aside and copied in). Or a tuple with one array or None
         per returned value, ``(grad_input, grad_weight, grad_bias[, grad_residual])``;
         the entries given are returned.
+    negative_slope : float, optional, keyword-only
+        The forward's leaky_relu slope (default 0.01).
+    bias : array_like of C values, or None, keyword-only
+        The forward's bias, for silu and hardswish (None: zeros).
 
     Returns
     -------
@@ -954,17 +891,32 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     >>> np.allclose(grad_x.sum(axis=(0, 2)), 0)
     True
     """
-    if (residual is False or residual is True) and (
-            (activation is None and output is None)
-            or (_is_relu(activation) and output is not None)):
-        r = _kernels.plain_backward(grad_output, input, weight, save_mean, save_invstd,
-                                    training, axis, n_threads,
-                                    _threads.MIN_PARALLEL_SIZE, output, residual, out)
-        if r is not None:
-            return r
-    if _any_foreign(grad_output, input, weight, save_mean, save_invstd, output, out):
+    if residual is False or residual is True:
+        # The plain call (see _kernels.plain_backward): activations whose derivative is
+        # read off output= (silu and hardswish take the general path).
+        if activation is None:
+            if output is None:
+                r = _kernels.plain_backward(grad_output, input, weight, save_mean,
+                                            save_invstd, training, axis, n_threads,
+                                            _threads.MIN_PARALLEL_SIZE, None, residual, out)
+                if r is not None:
+                    return r
+        elif output is not None:
+            kind = _plain_kind(activation)
+            if (kind is not None and _from_output(kind) and type(negative_slope) is float
+                    and negative_slope - negative_slope == 0.0
+                    and (kind != 3 or negative_slope >= 0.0)):
+                r = _kernels.plain_backward(grad_output, input, weight, save_mean,
+                                            save_invstd, training, axis, n_threads,
+                                            _threads.MIN_PARALLEL_SIZE, output, residual, out,
+                                            kind, negative_slope)
+                if r is not None:
+                    return r
+    if _any_foreign(grad_output, input, weight, save_mean, save_invstd, output, out, bias,
+                    None if residual is True or residual is False else residual):
         return _foreign_backward(grad_output, input, weight, save_mean, save_invstd, training,
-                                 axis, n_threads, activation, output, residual, out)
+                                 axis, n_threads, activation, output, residual, out,
+                                 negative_slope, bias)
     x = _as_input(input, "input")
     dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
     if dy.dtype.kind != "f" and not _is_half(dy.dtype):
@@ -980,14 +932,25 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     invstd = _param(save_invstd, "save_invstd", C, dtype)
     if mean is None or invstd is None:
         raise ValueError("save_mean and save_invstd are required")
-    relu = _check_activation(activation)
-    if relu and output is None:
-        raise ValueError("activation='relu' needs output=, the forward's output")
-    if not relu and output is not None:
-        raise ValueError("output= is only used with activation='relu'")
+    kind = _activation_kind(activation)
+    slope = _check_negative_slope(negative_slope)
+    if _from_output(kind):
+        if output is None:
+            raise ValueError(f"activation={activation!r} needs output=, the forward's output")
+        if kind == 3 and slope < 0:
+            raise ValueError("negative_slope must be >= 0 for leaky_relu's backward, which "
+                             f"reads the derivative off output=; got {slope}")
+    elif output is not None:
+        raise ValueError("output= is only used with activation='relu', 'relu6' or "
+                         f"'leaky_relu', got activation={activation!r}")
     ym = None if output is None else _same_shape(output, "output", x, dtype)
+    if np.ndim(residual) == 0:          # True/False (or any truth value): no array
+        res = None
+    else:
+        res = _same_shape(residual, "residual", x, dtype)
+    b = _param(bias, "bias", C, dtype)
     training = bool(training)
-    residual = bool(residual)
+    residual = res is not None or bool(residual)
     nout = 4 if residual else 3
     outs = _arrays.split_out(out, nout)
     names = _arrays.out_names(out, nout)
@@ -1014,11 +977,12 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     x3 = view.read(x)
     dy3 = view.read(dy)
     ym3 = None if ym is None else view.read(ym)
-    dx, dx3, copy_into = _grad_output_target(view, out, half, dtype, x3, dy3, ym3)
-    gr, gr3 = (_grad_residual_target(view, outs[3], half, x3, dy3, ym3, dx3) if residual
-               else (None, None))
+    res3 = None if res is None or _from_output(kind) else view.read(res)
+    dx, dx3, copy_into = _grad_output_target(view, out, half, dtype, x3, dy3, ym3, res3)
+    gr, gr3 = (_grad_residual_target(view, outs[3], half, x3, dy3, ym3, dx3, res3)
+               if residual else (None, None))
     _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt,
-                      ym3, gr3)
+                      ym3, gr3, kind, slope, b, res3)
     if half:
         dx = dx.astype(_input_dtype(input))
         gr = None if gr is None else gr.astype(dx.dtype)
@@ -1028,20 +992,22 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
 
 def _grad_residual_target(view: _View, out: Optional[np.ndarray], half: bool,
                           x3: np.ndarray, dy3: np.ndarray, ym3: Optional[np.ndarray],
-                          dx3: np.ndarray):
+                          dx3: np.ndarray, res3: Optional[np.ndarray] = None):
     """Where the backward writes grad_residual: ``out[3]`` itself when its layout allows
     and it shares no memory with the arrays read or with grad_input; else a new array
     (copied into ``out[3]`` at the end)."""
     if out is not None and not half:
         o3 = view.direct(out)
         if o3 is not None and not any(np.may_share_memory(o3, a)
-                                      for a in (x3, dy3, ym3, dx3) if a is not None):
+                                      for a in (x3, dy3, ym3, dx3, res3)
+                                      if a is not None):
             return out, o3
     return view.new(dy3.dtype)
 
 
 def _grad_output_target(view: _View, out: Optional[np.ndarray], half: bool, dtype,
-                        x3: np.ndarray, dy3: np.ndarray, ym3: Optional[np.ndarray]):
+                        x3: np.ndarray, dy3: np.ndarray, ym3: Optional[np.ndarray],
+                        res3: Optional[np.ndarray] = None):
     """Where the backward writes grad_input: ``out`` itself when its layout allows and it
     is dy's memory (value for value) or shares none with the arrays read; else a new
     array. Returns (result, its 3D view, out to copy into)."""
@@ -1049,6 +1015,7 @@ def _grad_output_target(view: _View, out: Optional[np.ndarray], half: bool, dtyp
         o3 = view.direct(out)
         if (o3 is not None and not np.may_share_memory(o3, x3)
                 and (ym3 is None or not np.may_share_memory(o3, ym3))
+                and (res3 is None or not np.may_share_memory(o3, res3))
                 and (not np.may_share_memory(o3, dy3)
                      or (o3.ctypes.data == dy3.ctypes.data and o3.strides == dy3.strides))):
             return out, o3, None

@@ -38,7 +38,7 @@ from typing import Any, Optional, Tuple, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from . import _state
+from . import _activations, _state
 from ._checks import (FLOAT_DTYPES, HALF_DTYPES, check_eps, check_float_dtype, check_index,
                       check_momentum)
 from ._state import IncompatibleKeys, StateMixin, load
@@ -79,12 +79,15 @@ class BatchNorm(StateMixin):
         dtype of the parameters and buffers; inputs must have this dtype.
     axis : int, keyword-only
         The channel axis: 1 for ``(N, C, *)``, -1 for channels-last.
-    activation : None or "relu", keyword-only
-        Applied to the output in the same pass (``relu(bn(x))``); :meth:`backward` masks
-        the gradient where the output was clipped.
+    activation : None, "relu", "relu6", "leaky_relu", "silu" or "hardswish", keyword-only
+        Applied to the output in the same pass (``act(bn(x))``, torch's definitions);
+        :meth:`backward` multiplies the gradient by its derivative in its own passes.
     bias : bool, keyword-only
         With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
         bias, as in PyTorch's ``BatchNorm2d(C, bias=False)``).
+    negative_slope : float, keyword-only
+        leaky_relu's slope below 0 (default 0.01, as torch; its backward needs it >= 0).
+        Not part of the state dict.
     unbiased : bool, keyword-only
         The running-variance convention. True (PyTorch's): the running variance is updated
         with the unbiased batch variance, ``rv = (1 - m) * rv + m * var * n / (n - 1)``.
@@ -156,7 +159,7 @@ class BatchNorm(StateMixin):
                  affine: bool = True, track_running_stats: bool = True, *,
                  dtype: DTypeLike = np.float32, axis: int = 1,
                  activation: Optional[str] = None, bias: bool = True,
-                 unbiased: bool = True) -> None:
+                 unbiased: bool = True, negative_slope: float = 0.01) -> None:
         num_features = check_index(num_features, "num_features")
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
@@ -166,8 +169,8 @@ class BatchNorm(StateMixin):
         if not -max_ndim <= axis < max_ndim:
             raise np.exceptions.AxisError(axis, max_ndim)
 
-        if activation not in (None, "relu"):
-            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        _activations.activation_kind(activation)        # ValueError naming the choices
+        self.negative_slope: float = _activations.check_negative_slope(negative_slope)
         for name, flag in (("bias", bias), ("unbiased", unbiased)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -366,7 +369,8 @@ class BatchNorm(StateMixin):
             if x.shape[self.axis] != self.num_features:
                 self._check_input(x)
             mean, scale, shift, invstd = frozen
-            y = normalize(x, mean, scale, shift, axis=self.axis, activation=self.activation)
+            y = normalize(x, mean, scale, shift, axis=self.axis, activation=self.activation,
+                          negative_slope=self.negative_slope)
             self._saved = (x, mean, invstd, False, self.axis,
                            y if self.activation is not None else None)
             return y
@@ -388,7 +392,8 @@ class BatchNorm(StateMixin):
         biased = self._biased_scratch(rv) if training and not self.unbiased else None
         y, save_mean, save_invstd = batch_norm_forward(
             x, self.weight, self.bias, rm, rv if biased is None else biased, bn_training,
-            factor, self.eps, axis=axis, activation=self.activation)
+            factor, self.eps, axis=axis, activation=self.activation,
+            negative_slope=self.negative_slope)
         if biased is not None:
             _stages.biased_update(rv, biased, factor, x.size // C)
         if nbt is not None:
@@ -453,7 +458,9 @@ class BatchNorm(StateMixin):
             raise TypeError(f"grad_output must be a floating-point array, got dtype {g.dtype}")
         grad_input, grad_weight, grad_bias = batch_norm_backward(
             g, x, self.weight, save_mean, save_invstd, bn_training, axis=axis,
-            activation=self.activation, output=output, out=out)
+            activation=self.activation, out=out, negative_slope=self.negative_slope,
+            output=output if _activations.from_output(_activations.KINDS[self.activation])
+            else None, bias=self.bias)
         self._accumulate_grads(grad_weight, grad_bias)
         return grad_input
 

@@ -18,54 +18,73 @@
 #define CBN_KERNELS_H
 
 #include "cbn_simd.h"
+#include "cbn_act.h"
 
 /* The forward's output pass carried along by a planes reduction (runs_moments), over a
    unit of the reduced unit's shape (x, y and residual at its first run, the same stride),
-   done in the reduction's loop: y = (x - mean) * scale + shift (+ residual) (ReLU if
-   relu). The scalars are values of the element type; y, aligned to the element size, is
-   stored non-temporally (whole lines). */
+   done in the reduction's loop: y = act((x - mean) * scale + shift (+ residual)). The
+   scalars are values of the element type; y, aligned to the element size, is stored
+   non-temporally (whole lines). */
 typedef struct cbn_carry {
     const void* x;
     const void* residual;   /* or NULL */
     void* y;
     double mean, scale, shift;
-    int relu;
+    int act;                /* cbn_act_kind */
+    double slope;           /* negative_slope */
 } cbn_carry;
 
+/* One (dtype, CPU target)'s loops. Data pointers untyped, scalars values of the element
+   type widened to double. Each operation has its own entry with named parameters:
+   act is a cbn_act_kind and slope its negative_slope; in the backward loops the
+   activation's derivative is taken at ym (the forward's output) or at the pre-activation
+   z = (x - mean) * scale + shift (+ res) (see cbn_act.h), scale being weight * invstd. */
 typedef struct cbn_ops {
     /* planes: runs of one channel */
     /* pf: prefetch the next unit's runs (inputs larger than the cache); carry: NULL, or
        the forward's output pass done in the same loop (runs_moments) */
     void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
                          double* mean, double* m2, int pf, const cbn_carry* carry);
-    void (*runs_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
-                      Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride, double mean,
-                      double scale, double* sg, double* sgx, int pf);
+    void (*runs_sums)(const void* g, const void* x, const void* ym, const void* res,
+                      void* dx, void* gr, Py_ssize_t nruns, Py_ssize_t n,
+                      Py_ssize_t stride, double mean, double scale, double shift, int act,
+                      double slope, double* sg, double* sgx, int pf);
     void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
-                       double mean, double scale, double shift, int relu);
-    void (*run_bwd)(const void* x, const void* g, const void* ym, void* dx, Py_ssize_t n,
-                    double mean, double scale, double gmean, double xcoef);
+                       double mean, double scale, double shift, int act, double slope);
+    void (*run_bwd)(const void* x, const void* g, const void* ym, const void* res,
+                    void* dx, Py_ssize_t n, double mean, double scale, double shift,
+                    double gmean, double xcoef, int act, double slope);
     /* rows: blocks of R rows of w values with per-lane parameters */
     void (*cols_shifted_sums)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* shift,
                               void* s1, void* s2);
     void (*cols_dev)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* mean,
                      void* s1, void* s2);
-    void (*cols_sums)(const void* g, const void* x, const void* ym, void* dx, void* gr,
-                      Py_ssize_t R, Py_ssize_t w, const void* mean, const void* scale,
+    void (*cols_sums)(const void* g, const void* x, const void* ym, const void* res,
+                      void* dx, void* gr, Py_ssize_t R, Py_ssize_t w, const void* mean,
+                      const void* scale, const void* shift, int act, double slope,
                       void* sg, void* sgx);
-    void (*cols_apply)(int op, const void* x, const void* g, const void* q, void* y,
-                       Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
-                       const void* c, const void* d, int relu);
+    void (*cols_affine)(const void* x, const void* residual, void* y, Py_ssize_t R,
+                        Py_ssize_t w, const void* mean, const void* scale,
+                        const void* shift, int act, double slope);
+    void (*cols_bwd)(const void* x, const void* g, const void* ym, const void* res,
+                     void* dx, Py_ssize_t R, Py_ssize_t w, const void* mean,
+                     const void* scale, const void* shift, const void* gmean,
+                     const void* xcoef, int act, double slope);
     /* planes, non-temporal stores (outputs larger than the cache) */
     void (*run_affine_stream)(const void* x, const void* residual, void* y, Py_ssize_t n,
-                              double mean, double scale, double shift, int relu);
-    void (*run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
-                           Py_ssize_t n, double mean, double scale, double gmean,
-                           double xcoef);
+                              double mean, double scale, double shift, int act,
+                              double slope);
+    void (*run_bwd_stream)(const void* x, const void* g, const void* ym, const void* res,
+                           void* dx, Py_ssize_t n, double mean, double scale, double shift,
+                           double gmean, double xcoef, int act, double slope);
     /* rows, non-temporal stores: w a multiple of a line's values, y on a line */
-    void (*rows_stream)(int op, const void* x, const void* g, const void* q, void* y,
-                        Py_ssize_t R, Py_ssize_t w, const void* a, const void* b,
-                        const void* c, const void* d, int relu);
+    void (*rows_affine_stream)(const void* x, const void* residual, void* y, Py_ssize_t R,
+                               Py_ssize_t w, const void* mean, const void* scale,
+                               const void* shift, int act, double slope);
+    void (*rows_bwd_stream)(const void* x, const void* g, const void* ym, const void* res,
+                            void* dx, Py_ssize_t R, Py_ssize_t w, const void* mean,
+                            const void* scale, const void* shift, const void* gmean,
+                            const void* xcoef, int act, double slope);
 } cbn_ops;
 
 /* The targets. CBN_MULTI_TARGET is defined by the build on x86-64 with GCC (setup.py). */

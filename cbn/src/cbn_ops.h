@@ -7,86 +7,116 @@
  * narrowing below is exact.
  */
 
+#define P_(p) ((const CBN_T*)(p))
+#define W_(p) ((CBN_T*)(p))
+
 static void CBN_FN(op_runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n,
                                     Py_ssize_t stride, double* mean, double* m2, int pf,
                                     const cbn_carry* carry) {
-    CBN_FN(runs_moments)((const CBN_T*)p, nruns, n, stride, mean, m2, pf, carry);
+    CBN_FN(runs_moments)(P_(p), nruns, n, stride, mean, m2, pf, carry);
 }
 
-static void CBN_FN(op_runs_sums)(const void* g, const void* x, const void* ym, void* dx,
-                                 void* gr, Py_ssize_t nruns, Py_ssize_t n,
-                                 Py_ssize_t stride, double mean, double scale, double* sg,
+static void CBN_FN(op_runs_sums)(const void* g, const void* x, const void* ym,
+                                 const void* res, void* dx, void* gr, Py_ssize_t nruns,
+                                 Py_ssize_t n, Py_ssize_t stride, double mean, double scale,
+                                 double shift, int act, double slope, double* sg,
                                  double* sgx, int pf) {
-    CBN_FN(runs_sums)((const CBN_T*)g, (const CBN_T*)x, (const CBN_T*)ym, (CBN_T*)dx,
-                      (CBN_T*)gr, nruns, n, stride, (CBN_T)mean, (CBN_T)scale, sg, sgx, pf);
+    CBN_FN(runs_sums)(P_(g), P_(x), P_(ym), P_(res), W_(dx), W_(gr), nruns, n, stride,
+                      (CBN_T)mean, (CBN_T)scale, (CBN_T)shift, act, (CBN_T)slope, sg, sgx,
+                      pf);
 }
 
 static void CBN_FN(op_run_affine)(const void* x, const void* residual, void* y,
                                   Py_ssize_t n, double mean, double scale, double shift,
-                                  int relu) {
-    CBN_FN(run_affine)((const CBN_T*)x, (const CBN_T*)residual, (CBN_T*)y, n, (CBN_T)mean,
-                       (CBN_T)scale, (CBN_T)shift, relu);
+                                  int act, double slope) {
+    CBN_FN(run_affine)(P_(x), P_(residual), W_(y), n, (CBN_T)mean, (CBN_T)scale,
+                       (CBN_T)shift, act, (CBN_T)slope);
 }
 
-static void CBN_FN(op_run_bwd)(const void* x, const void* g, const void* ym, void* dx,
-                               Py_ssize_t n, double mean, double scale, double gmean,
-                               double xcoef) {
-    CBN_FN(run_bwd)((const CBN_T*)x, (const CBN_T*)g, (const CBN_T*)ym, (CBN_T*)dx, n,
-                    (CBN_T)mean, (CBN_T)scale, (CBN_T)gmean, (CBN_T)xcoef);
+static void CBN_FN(op_run_bwd)(const void* x, const void* g, const void* ym, const void* res,
+                               void* dx, Py_ssize_t n, double mean, double scale,
+                               double shift, double gmean, double xcoef, int act,
+                               double slope) {
+    CBN_FN(run_bwd)(P_(x), P_(g), P_(ym), P_(res), W_(dx), n, (CBN_T)mean, (CBN_T)scale,
+                    (CBN_T)shift, (CBN_T)gmean, (CBN_T)xcoef, act, (CBN_T)slope);
 }
 
 static void CBN_FN(op_run_affine_stream)(const void* x, const void* residual, void* y,
                                          Py_ssize_t n, double mean, double scale,
-                                         double shift, int relu) {
-    CBN_FN(run_affine_stream)((const CBN_T*)x, (const CBN_T*)residual, (CBN_T*)y, n,
-                              (CBN_T)mean, (CBN_T)scale, (CBN_T)shift, relu);
+                                         double shift, int act, double slope) {
+    CBN_FN(run_affine_stream)(P_(x), P_(residual), W_(y), n, (CBN_T)mean, (CBN_T)scale,
+                              (CBN_T)shift, act, (CBN_T)slope);
 }
 
-static void CBN_FN(op_run_bwd_stream)(const void* x, const void* g, const void* ym, void* dx,
-                                      Py_ssize_t n, double mean, double scale, double gmean,
-                                      double xcoef) {
-    CBN_FN(run_bwd_stream)((const CBN_T*)x, (const CBN_T*)g, (const CBN_T*)ym, (CBN_T*)dx, n,
-                           (CBN_T)mean, (CBN_T)scale, (CBN_T)gmean, (CBN_T)xcoef);
+static void CBN_FN(op_run_bwd_stream)(const void* x, const void* g, const void* ym,
+                                      const void* res, void* dx, Py_ssize_t n, double mean,
+                                      double scale, double shift, double gmean,
+                                      double xcoef, int act, double slope) {
+    CBN_FN(run_bwd_stream)(P_(x), P_(g), P_(ym), P_(res), W_(dx), n, (CBN_T)mean,
+                           (CBN_T)scale, (CBN_T)shift, (CBN_T)gmean, (CBN_T)xcoef, act,
+                           (CBN_T)slope);
 }
 
 static void CBN_FN(op_cols_shifted_sums)(const void* p, Py_ssize_t R, Py_ssize_t w,
                                          const void* shift, void* s1, void* s2) {
-    CBN_FN(cols_shifted_sums)((const CBN_T*)p, R, w, (const CBN_T*)shift, (CBN_T*)s1,
-                              (CBN_T*)s2);
+    CBN_FN(cols_shifted_sums)(P_(p), R, w, P_(shift), W_(s1), W_(s2));
 }
 
 static void CBN_FN(op_cols_dev)(const void* p, Py_ssize_t R, Py_ssize_t w,
                                 const void* mean, void* s1, void* s2) {
-    CBN_FN(cols_dev)((const CBN_T*)p, R, w, (const CBN_T*)mean, (CBN_T*)s1, (CBN_T*)s2);
+    CBN_FN(cols_dev)(P_(p), R, w, P_(mean), W_(s1), W_(s2));
 }
 
-static void CBN_FN(op_cols_sums)(const void* g, const void* x, const void* ym, void* dx,
-                                 void* gr, Py_ssize_t R, Py_ssize_t w, const void* mean,
-                                 const void* scale, void* sg, void* sgx) {
-    CBN_FN(cols_sums)((const CBN_T*)g, (const CBN_T*)x, (const CBN_T*)ym, (CBN_T*)dx,
-                      (CBN_T*)gr, R, w, (const CBN_T*)mean, (const CBN_T*)scale,
-                      (CBN_T*)sg, (CBN_T*)sgx);
+static void CBN_FN(op_cols_sums)(const void* g, const void* x, const void* ym,
+                                 const void* res, void* dx, void* gr, Py_ssize_t R,
+                                 Py_ssize_t w, const void* mean, const void* scale,
+                                 const void* shift, int act, double slope, void* sg,
+                                 void* sgx) {
+    CBN_FN(cols_sums)(P_(g), P_(x), P_(ym), P_(res), W_(dx), W_(gr), R, w, P_(mean),
+                      P_(scale), P_(shift), act, (CBN_T)slope, W_(sg), W_(sgx));
 }
 
-static void CBN_FN(op_cols_apply)(int op, const void* x, const void* g, const void* q,
-                                  void* y, Py_ssize_t R, Py_ssize_t w, const void* a,
-                                  const void* b, const void* c, const void* d, int relu) {
-    CBN_FN(cols_apply)(op, (const CBN_T*)x, (const CBN_T*)g, (const CBN_T*)q, (CBN_T*)y,
-                       R, w, (const CBN_T*)a, (const CBN_T*)b, (const CBN_T*)c,
-                       (const CBN_T*)d, relu);
+static void CBN_FN(op_cols_affine)(const void* x, const void* residual, void* y,
+                                   Py_ssize_t R, Py_ssize_t w, const void* mean,
+                                   const void* scale, const void* shift, int act,
+                                   double slope) {
+    CBN_FN(cols_affine)(P_(x), P_(residual), W_(y), R, w, P_(mean), P_(scale), P_(shift),
+                        act, (CBN_T)slope);
 }
 
-static void CBN_FN(op_rows_stream)(int op, const void* x, const void* g, const void* q,
-                                   void* y, Py_ssize_t R, Py_ssize_t w, const void* a,
-                                   const void* b, const void* c, const void* d, int relu) {
-    CBN_FN(rows_stream)(op, (const CBN_T*)x, (const CBN_T*)g, (const CBN_T*)q, (CBN_T*)y,
-                        R, w, (const CBN_T*)a, (const CBN_T*)b, (const CBN_T*)c,
-                        (const CBN_T*)d, relu);
+static void CBN_FN(op_cols_bwd)(const void* x, const void* g, const void* ym,
+                                const void* res, void* dx, Py_ssize_t R, Py_ssize_t w,
+                                const void* mean, const void* scale, const void* shift,
+                                const void* gmean, const void* xcoef, int act,
+                                double slope) {
+    CBN_FN(cols_bwd)(P_(x), P_(g), P_(ym), P_(res), W_(dx), R, w, P_(mean), P_(scale),
+                     P_(shift), P_(gmean), P_(xcoef), act, (CBN_T)slope);
 }
+
+static void CBN_FN(op_rows_affine_stream)(const void* x, const void* residual, void* y,
+                                          Py_ssize_t R, Py_ssize_t w, const void* mean,
+                                          const void* scale, const void* shift, int act,
+                                          double slope) {
+    CBN_FN(rows_affine_stream)(P_(x), P_(residual), W_(y), R, w, P_(mean), P_(scale),
+                               P_(shift), act, (CBN_T)slope);
+}
+
+static void CBN_FN(op_rows_bwd_stream)(const void* x, const void* g, const void* ym,
+                                       const void* res, void* dx, Py_ssize_t R,
+                                       Py_ssize_t w, const void* mean, const void* scale,
+                                       const void* shift, const void* gmean,
+                                       const void* xcoef, int act, double slope) {
+    CBN_FN(rows_bwd_stream)(P_(x), P_(g), P_(ym), P_(res), W_(dx), R, w, P_(mean),
+                            P_(scale), P_(shift), P_(gmean), P_(xcoef), act, (CBN_T)slope);
+}
+
+#undef P_
+#undef W_
 
 static const cbn_ops CBN_FN(ops) = {
     CBN_FN(op_runs_moments), CBN_FN(op_runs_sums), CBN_FN(op_run_affine),
     CBN_FN(op_run_bwd), CBN_FN(op_cols_shifted_sums), CBN_FN(op_cols_dev),
-    CBN_FN(op_cols_sums), CBN_FN(op_cols_apply), CBN_FN(op_run_affine_stream),
-    CBN_FN(op_run_bwd_stream), CBN_FN(op_rows_stream),
+    CBN_FN(op_cols_sums), CBN_FN(op_cols_affine), CBN_FN(op_cols_bwd),
+    CBN_FN(op_run_affine_stream), CBN_FN(op_run_bwd_stream),
+    CBN_FN(op_rows_affine_stream), CBN_FN(op_rows_bwd_stream),
 };

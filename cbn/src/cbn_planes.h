@@ -14,8 +14,11 @@
  * Operations, each named for what it computes:
  *   runs_moments  count, mean and M2 (sum of squared deviations) of a unit
  *   runs_sums     sum(g) and sum(g * (x - mean)) of a unit (the backward reduction)
- *   run_affine    y = (x - mean) * scale + shift (+ residual) (ReLU): the output pass
+ *   run_affine    y = act((x - mean) * scale + shift (+ residual)): the output pass
  *   run_bwd       dx = (g - gmean - (x - mean) * xcoef) * scale: the training backward
+ * The activation (cbn_act.h) is a constant ACT in each copy of a loop; in the backward
+ * g is first multiplied by its derivative, at ym (the forward's output) or at the
+ * pre-activation z = (x - mean) * scale + shift (+ res), recomputed in the same pass.
  *   run_affine_stream, run_bwd_stream
  *                 the same, storing whole vectors non-temporally (outputs larger than
  *                 the cache: no read of the output's lines, no eviction of the input's)
@@ -53,13 +56,37 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
         __builtin_prefetch((const char*)(p) + 64, 0, 3);                                \
     } while (0)
 
-/* One vector of the backward sums at offset i: mask g by ReLU's backward (if ym), store
-   it in gr (if gr), accumulate sum(g) in A and sum(g * (x - mean)) in B, and write
-   dx = g * scale (if dx). */
+/* g times the activation's derivative, for the vector at offset i of the backward loops
+   (ACT a constant; vm, vk, vsh: mean, scale and shift splatted; x_: x there). */
+#define CBN_DACT_STEP(i, g_, x_) do {                                                   \
+        if (ACT != CBN_ACT_NONE) {                                                      \
+            V s_;                                                                       \
+            if (cbn_act_needs_z(ACT)) {                                                 \
+                s_ = (x_ - vm) * vk + vsh;                                              \
+                if (res) { V r_; CBN_VLOAD(r_, res + (i)); s_ += r_; }                  \
+            } else {                                                                    \
+                CBN_VLOAD(s_, ym + (i));                                                \
+            }                                                                           \
+            CBN_DACT_V(ACT, IV, V, g_, s_, slope);                                      \
+        }                                                                               \
+    } while (0)
+
+/* The same for the value at offset i, as an expression of type CBN_T. */
+#define CBN_DACT_ONE(i, gv)                                                             \
+    (ACT == CBN_ACT_NONE ? (gv)                                                         \
+     : CBN_DACT_S(ACT, CBN_T, gv,                                                       \
+                  (cbn_act_needs_z(ACT)                                                 \
+                   ? (res ? (x[i] - mean) * scale + shift + res[i]                      \
+                      : (x[i] - mean) * scale + shift)                                  \
+                   : ym[i]), slope))
+
+/* One vector of the backward sums at offset i: g times the activation's derivative
+   (CBN_DACT_STEP), stored in gr (if gr); sum(g) accumulated in A and sum(g * (x - mean))
+   in B, and dx = g * scale written (if dx). */
 #define CBN_SUMS_STEP(i, A, B) do {                                                     \
-        V g_, x_, y_;                                                                   \
+        V g_, x_;                                                                       \
         CBN_VLOAD(g_, g + (i)); CBN_VLOAD(x_, x + (i));                                 \
-        if (ym) { CBN_VLOAD(y_, ym + (i)); g_ = CBN_MASK(IV, V, g_, y_); }              \
+        CBN_DACT_STEP(i, g_, x_);                                                       \
         if (gr) CBN_VSTORE(gr + (i), g_);                                               \
         A += g_; B += g_ * (x_ - vm);                                                   \
         if (dx) { x_ = g_ * vk; CBN_VSTORE(dx + (i), x_); }                             \
@@ -106,7 +133,8 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
    before its first line boundary and after its last whole lines). */
 static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* residual,
                                                  CBN_T* y, Py_ssize_t n, CBN_T mean,
-                                                 CBN_T scale, CBN_T shift, int relu);
+                                                 CBN_T scale, CBN_T shift, int act,
+                                                 CBN_T slope);
 
 /* One vector of a carried output pass (see runs_shifted_sums) at offset o: the same
    arithmetic as run_affine_body's. */
@@ -114,7 +142,7 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* re
         V c_, r_;                                                                       \
         CBN_VLOAD(c_, cx + (o)); c_ = (c_ - cmean) * cscale + cshift;                   \
         if (res) { CBN_VLOAD(r_, cres + (o)); c_ += r_; }                               \
-        if (relu) c_ = CBN_RELU(IV, V, c_);                                             \
+        CBN_ACT_V(ACT, IV, V, c_, cslope);                                              \
         CBN_VSTREAM(cy + (o), c_);                                                      \
     } while (0)
 
@@ -127,7 +155,7 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* re
    of the same shape (carry->x, ->y, ->residual at its first run, the same stride), done
    in the same loop, a vector's worth of output per vector read; carry->y aligned to the
    element size, stored non-temporally from each run's first line boundary; res and
-   relu: carry->residual is not NULL, carry->relu (constants in each copy, like pf: the
+   ACT: carry->residual is not NULL, carry->act (constants in each copy, like pf: the
    loop then has no tests, and no accumulator is spilled to memory). The channel-blocked
    forward reduces one group while writing the previous group's output, so that one core
    reads memory while it writes (cbn/_blocked.pxi). The carried output is
@@ -136,7 +164,7 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
                                                  Py_ssize_t n, Py_ssize_t stride,
                                                  CBN_T shift, double* s1, double* s2,
                                                  int pf, const cbn_carry* carry,
-                                                 const int res, const int relu) {
+                                                 const int res, const int ACT) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     const Py_ssize_t B = 4 * CBN_L, nv = n - n % B, n1 = n - n % CBN_L;
@@ -149,13 +177,14 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
     const CBN_T* q;
     const CBN_T *cx = NULL, *cres = NULL;
     CBN_T* cy = NULL;
-    CBN_T cm = 0, cs = 0, ch = 0;
+    CBN_T cm = 0, cs = 0, ch = 0, cslope = 0;
     V cmean = {0}, cscale = {0}, cshift = {0};
     if (carry) {
         cx = (const CBN_T*)carry->x;
         cres = res ? (const CBN_T*)carry->residual : NULL;
         cy = (CBN_T*)carry->y;
         cm = (CBN_T)carry->mean; cs = (CBN_T)carry->scale; ch = (CBN_T)carry->shift;
+        cslope = (CBN_T)carry->slope;
         cmean = CBN_SPLAT(V, cm); cscale = CBN_SPLAT(V, cs); cshift = CBN_SPLAT(V, ch);
     }
     for (k = 0, q = p; k < nruns; k++, q += stride) {
@@ -166,7 +195,8 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
             head = CBN_TO_ALIGN(cy);
             if (head > n) head = n;
             cend = head + (n - head) / B * B;
-            if (head > 0) CBN_FN(run_affine_edge)(cx, cres, cy, head, cm, cs, ch, relu);
+            if (head > 0)
+                CBN_FN(run_affine_edge)(cx, cres, cy, head, cm, cs, ch, ACT, cslope);
         }
         for (i = 0; i < nv; i += B) {
             if (pf) CBN_PREFETCH_NEXT(q + n + i);
@@ -190,7 +220,7 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
         if (carry) {
             if (cend < n)
                 CBN_FN(run_affine_edge)(cx + cend, cres ? cres + cend : NULL, cy + cend,
-                                        n - cend, cm, cs, ch, relu);
+                                        n - cend, cm, cs, ch, ACT, cslope);
             cx += stride; cy += stride;
             if (cres) cres += stride;
         }
@@ -202,22 +232,27 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
     *s2 = ss;
 }
 
-/* runs_shifted_sums with a carry, one copy of the loop per (pf, residual, ReLU). */
+/* runs_shifted_sums with a carry, one copy of the loop per (pf, residual, activation). */
 static CBN_NOINLINE void CBN_FN(runs_shifted_sums_carry)(const CBN_T* p, Py_ssize_t nruns,
                                                          Py_ssize_t n, Py_ssize_t stride,
                                                          CBN_T shift, double* s1,
                                                          double* s2, int pf,
                                                          const cbn_carry* carry) {
-#define CBN_CARRY_CASE(PF, RES, RELU)                                                   \
-    if (pf == PF && (carry->residual != NULL) == RES && (carry->relu != 0) == RELU) {   \
-        CBN_FN(runs_shifted_sums)(p, nruns, n, stride, shift, s1, s2, PF, carry, RES,   \
-                                  RELU);                                                \
-        return;                                                                         \
+    const int res = carry->residual != NULL;
+#define CBN_ACT_STMT_                                                                   \
+    if (pf) {                                                                           \
+        if (res) CBN_FN(runs_shifted_sums)(p, nruns, n, stride, shift, s1, s2, 1, carry,  \
+                                           1, ACT);                                     \
+        else CBN_FN(runs_shifted_sums)(p, nruns, n, stride, shift, s1, s2, 1, carry, 0,   \
+                                       ACT);                                            \
+    } else {                                                                            \
+        if (res) CBN_FN(runs_shifted_sums)(p, nruns, n, stride, shift, s1, s2, 0, carry,  \
+                                           1, ACT);                                     \
+        else CBN_FN(runs_shifted_sums)(p, nruns, n, stride, shift, s1, s2, 0, carry, 0,   \
+                                       ACT);                                            \
     }
-    CBN_CARRY_CASE(0, 0, 0) CBN_CARRY_CASE(0, 0, 1) CBN_CARRY_CASE(0, 1, 0)
-    CBN_CARRY_CASE(0, 1, 1) CBN_CARRY_CASE(1, 0, 0) CBN_CARRY_CASE(1, 0, 1)
-    CBN_CARRY_CASE(1, 1, 0) CBN_CARRY_CASE(1, 1, 1)
-#undef CBN_CARRY_CASE
+    CBN_ACT_SWITCH(carry->act)
+#undef CBN_ACT_STMT_
 }
 
 /* Moments of nruns >= 1 runs of n >= 1 values, run j at p + j*stride. One pass sums
@@ -255,23 +290,25 @@ static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssi
 }
 
 /* sum(g) and sum(g * (x - mean)) over nruns runs of n values (run j at offset
-   j*stride). If ym: g is first masked by ReLU's backward (g where ym > 0). If gr:
-   the (masked) g is written there; if dx: dx = g * scale. All in one pass. pf: prefetch
-   the next unit's runs of g and x. */
-static CBN_INLINE void CBN_FN(runs_sums_body)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
-                                                CBN_T* dx, CBN_T* gr, Py_ssize_t nruns,
-                                                Py_ssize_t n, Py_ssize_t stride,
-                                                CBN_T mean, CBN_T scale, double* sg,
-                                                double* sgx, int pf) {
+   j*stride), g first multiplied by the activation's derivative (ACT: at ym, or at
+   z = (x - mean) * scale + shift (+ res)). If gr: that g is written there; if dx:
+   dx = g * scale. All in one pass. pf: prefetch the next unit's runs of g and x. */
+static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_T* g, const CBN_T* x,
+                                              const CBN_T* ym, const CBN_T* res, CBN_T* dx,
+                                              CBN_T* gr, Py_ssize_t nruns, Py_ssize_t n,
+                                              Py_ssize_t stride, CBN_T mean, CBN_T scale,
+                                              CBN_T shift, CBN_T slope, double* sg,
+                                              double* sgx, int pf) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     const Py_ssize_t n1 = n - n % CBN_L, n4 = n - n % (4 * CBN_L);
-    const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale);
+    const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale), vsh = CBN_SPLAT(V, shift);
     V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     Py_ssize_t i, j, k, o;
     double s = 0.0, sx = 0.0;
     CBN_T gv, pg[CBN_L], px[CBN_L];
     V tg, tx;
+    (void)vsh;
     for (k = 0, o = 0; k < nruns; k++, o += stride) {
         for (i = 0; i < n4; i += 4 * CBN_L) {
             if (pf) { CBN_PREFETCH_NEXT(g + o + n + i); CBN_PREFETCH_NEXT(x + o + n + i); }
@@ -281,9 +318,9 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const CBN_T* g, const CBN_T* x, co
         }
         for (; i < n1; i += CBN_L) CBN_SUMS_STEP(o + i, a0, b0);
         if (i < n) {            /* the last values, padded with g = 0 */
-            if (ym || gr || dx) {
+            if (ACT != CBN_ACT_NONE || gr || dx) {
                 for (j = i; j < n; j++) {
-                    gv = (ym && !(ym[o + j] > 0)) ? 0 : g[o + j];
+                    gv = CBN_DACT_ONE(o + j, g[o + j]);
                     if (gr) gr[o + j] = gv;
                     if (dx) dx[o + j] = gv * scale;
                     pg[j - i] = gv;
@@ -302,62 +339,40 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const CBN_T* g, const CBN_T* x, co
     *sg = s; *sgx = sx;
 }
 
-/* One loop per combination of the optional arrays (and of pf): no tests inside the
-   loop. */
-static CBN_INLINE void CBN_FN(runs_sums_pf)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
-                                             CBN_T* dx, CBN_T* gr, Py_ssize_t nruns,
-                                             Py_ssize_t n, Py_ssize_t stride,
-                                             CBN_T mean, CBN_T scale, double* sg,
-                                             double* sgx, const int pf) {
+/* One copy of the loop per activation, per combination of the optional outputs (gr, dx)
+   and per pf: no tests inside the loop. */
+static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
+                                           const CBN_T* res, CBN_T* dx, CBN_T* gr,
+                                           Py_ssize_t nruns, Py_ssize_t n,
+                                           Py_ssize_t stride, CBN_T mean, CBN_T scale,
+                                           CBN_T shift, int act, CBN_T slope, double* sg,
+                                           double* sgx, int pf) {
+    const int p = pf && nruns > 1;
     _Pragma("GCC diagnostic push")
     _Pragma("GCC diagnostic ignored \"-Wnonnull\"")
-    if (ym) {
-        if (gr) {
-            if (dx) CBN_FN(runs_sums_body)(g, x, ym, dx, gr, nruns, n, stride,
-                                             mean, scale, sg, sgx, pf);
-            else CBN_FN(runs_sums_body)(g, x, ym, NULL, gr, nruns, n, stride,
-                                          mean, scale, sg, sgx, pf);
-        } else {
-            if (dx) CBN_FN(runs_sums_body)(g, x, ym, dx, NULL, nruns, n, stride,
-                                             mean, scale, sg, sgx, pf);
-            else CBN_FN(runs_sums_body)(g, x, ym, NULL, NULL, nruns, n, stride,
-                                          mean, scale, sg, sgx, pf);
-        }
-    } else {
-        if (gr) {
-            if (dx) CBN_FN(runs_sums_body)(g, x, NULL, dx, gr, nruns, n, stride,
-                                             mean, scale, sg, sgx, pf);
-            else CBN_FN(runs_sums_body)(g, x, NULL, NULL, gr, nruns, n, stride,
-                                          mean, scale, sg, sgx, pf);
-        } else {
-            if (dx) CBN_FN(runs_sums_body)(g, x, NULL, dx, NULL, nruns, n, stride,
-                                             mean, scale, sg, sgx, pf);
-            else CBN_FN(runs_sums_body)(g, x, NULL, NULL, NULL, nruns, n, stride,
-                                          mean, scale, sg, sgx, pf);
-        }
+#define CBN_SUMS_CASE_(PF, GR, DX)                                                      \
+    if (p == PF && (gr != NULL) == GR && (dx != NULL) == DX) {                          \
+        CBN_FN(runs_sums_body)(ACT, g, x, ym, res, DX ? dx : NULL, GR ? gr : NULL,      \
+                               nruns, n, stride, mean, scale, shift, slope, sg, sgx, PF); \
     }
+#define CBN_ACT_STMT_                                                                   \
+    CBN_SUMS_CASE_(0, 0, 0) CBN_SUMS_CASE_(0, 0, 1) CBN_SUMS_CASE_(0, 1, 0)             \
+    CBN_SUMS_CASE_(0, 1, 1) CBN_SUMS_CASE_(1, 0, 0) CBN_SUMS_CASE_(1, 0, 1)             \
+    CBN_SUMS_CASE_(1, 1, 0) CBN_SUMS_CASE_(1, 1, 1)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+#undef CBN_SUMS_CASE_
     _Pragma("GCC diagnostic pop")
 }
 
-static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
-                                             CBN_T* dx, CBN_T* gr, Py_ssize_t nruns,
-                                             Py_ssize_t n, Py_ssize_t stride,
-                                             CBN_T mean, CBN_T scale, double* sg,
-                                             double* sgx, int pf) {
-    if (pf && nruns > 1)
-        CBN_FN(runs_sums_pf)(g, x, ym, dx, gr, nruns, n, stride, mean, scale, sg, sgx, 1);
-    else
-        CBN_FN(runs_sums_pf)(g, x, ym, dx, gr, nruns, n, stride, mean, scale, sg, sgx, 0);
-}
-
-/* y = (x - mean) * scale + shift (+ residual) (ReLU if relu). y may be x itself. stream
-   (a constant in each caller): whole cache lines are stored non-temporally, from the first
+/* y = act((x - mean) * scale + shift (+ residual)). y may be x itself. stream (a
+   constant in each caller): whole cache lines are stored non-temporally, from the first
    line boundary (if y is aligned to its element size; else as without stream), the values
    before and after with ordinary stores (see CBN_TO_ALIGN). */
-static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* residual,
-                                               CBN_T* y, Py_ssize_t n, CBN_T mean,
-                                               CBN_T scale, CBN_T shift, int relu,
-                                               int stream) {
+static CBN_INLINE void CBN_FN(run_affine_body)(const int ACT, const CBN_T* x,
+                                               const CBN_T* residual, CBN_T* y, Py_ssize_t n,
+                                               CBN_T mean, CBN_T scale, CBN_T shift,
+                                               CBN_T slope, int stream) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     const V vmean = CBN_SPLAT(V, mean), vscale = CBN_SPLAT(V, scale);
@@ -372,7 +387,7 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* resi
         for (; i < head; i++) {
             v = (x[i] - mean) * scale + shift;
             if (residual) v += residual[i];
-            y[i] = (relu && v < 0) ? 0 : v;
+            y[i] = CBN_ACT_S(ACT, CBN_T, v, slope);
         }
     }
     nv = n - (n - head) % (2 * CBN_L);
@@ -383,7 +398,7 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* resi
             CBN_VLOAD(r0, residual + i); CBN_VLOAD(r1, residual + i + CBN_L);
             x0 += r0; x1 += r1;
         }
-        if (relu) { x0 = CBN_RELU(IV, V, x0); x1 = CBN_RELU(IV, V, x1); }
+        CBN_ACT_V(ACT, IV, V, x0, slope); CBN_ACT_V(ACT, IV, V, x1, slope);
         if (stream) {
             CBN_VSTREAM(y + i, x0); CBN_VSTREAM(y + i + CBN_L, x1);
         } else {
@@ -393,80 +408,102 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const CBN_T* x, const CBN_T* resi
     for (; i < n - (n - head) % CBN_L; i += CBN_L) {
         CBN_VLOAD(x0, x + i); x0 = (x0 - vmean) * vscale + vshift;
         if (residual) { CBN_VLOAD(r0, residual + i); x0 += r0; }
-        if (relu) x0 = CBN_RELU(IV, V, x0);
+        CBN_ACT_V(ACT, IV, V, x0, slope);
         CBN_VSTORE(y + i, x0);
     }
     for (; i < n; i++) {
         v = (x[i] - mean) * scale + shift;
         if (residual) v += residual[i];
-        y[i] = (relu && v < 0) ? 0 : v;
+        y[i] = CBN_ACT_S(ACT, CBN_T, v, slope);
     }
 }
 
 static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* residual,
                                                  CBN_T* y, Py_ssize_t n, CBN_T mean,
-                                                 CBN_T scale, CBN_T shift, int relu) {
-    CBN_FN(run_affine_body)(x, residual, y, n, mean, scale, shift, relu, 0);
+                                                 CBN_T scale, CBN_T shift, int act,
+                                                 CBN_T slope) {
+#define CBN_ACT_STMT_ CBN_FN(run_affine_body)(ACT, x, residual, y, n, mean, scale, shift, \
+                                              slope, 0)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
 }
 
 static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
                                       Py_ssize_t n, CBN_T mean, CBN_T scale, CBN_T shift,
-                                      int relu) {
-    CBN_FN(run_affine_body)(x, residual, y, n, mean, scale, shift, relu, 0);
+                                      int act, CBN_T slope) {
+#define CBN_ACT_STMT_ CBN_FN(run_affine_body)(ACT, x, residual, y, n, mean, scale, shift, \
+                                              slope, 0)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
 }
 
 static inline void CBN_FN(run_affine_stream)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
                                              Py_ssize_t n, CBN_T mean, CBN_T scale,
-                                             CBN_T shift, int relu) {
-    CBN_FN(run_affine_body)(x, residual, y, n, mean, scale, shift, relu, 1);
+                                             CBN_T shift, int act, CBN_T slope) {
+#define CBN_ACT_STMT_ CBN_FN(run_affine_body)(ACT, x, residual, y, n, mean, scale, shift, \
+                                              slope, 1)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
 }
 
-/* y = (g - gmean - (x - mean) * xcoef) * scale: the training backward's dx; g masked by
-   ReLU's backward first if ym (the forward output). stream: as in run_affine_body. */
-static CBN_INLINE void CBN_FN(run_bwd_body)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                            CBN_T* y, Py_ssize_t n, CBN_T mean, CBN_T scale,
-                                            CBN_T gmean, CBN_T xcoef, int stream) {
+/* y = (g - gmean - (x - mean) * xcoef) * scale: the training backward's dx; g first
+   multiplied by the activation's derivative (at ym, or at z = (x - mean) * scale +
+   shift (+ res)). stream: as in run_affine_body. */
+static CBN_INLINE void CBN_FN(run_bwd_body)(const int ACT, const CBN_T* x, const CBN_T* g,
+                                            const CBN_T* ym, const CBN_T* res, CBN_T* y,
+                                            Py_ssize_t n, CBN_T mean, CBN_T scale,
+                                            CBN_T shift, CBN_T gmean, CBN_T xcoef,
+                                            CBN_T slope, int stream) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
-    const V vmean = CBN_SPLAT(V, mean), vscale = CBN_SPLAT(V, scale);
+    const V vm = CBN_SPLAT(V, mean), vk = CBN_SPLAT(V, scale), vsh = CBN_SPLAT(V, shift);
     const V vgmean = CBN_SPLAT(V, gmean);
     const V vxcoef = CBN_SPLAT(V, xcoef);
-    V x0, g0, y0;
+    V x0, g0;
     Py_ssize_t i = 0, nv, head = 0;
     CBN_T gv;
+    (void)vsh;
     if (stream && ((uintptr_t)y % sizeof(CBN_T)) != 0) stream = 0;   /* cannot align */
     if (stream) {
         head = CBN_TO_ALIGN(y);
         if (head > n) head = n;
         for (; i < head; i++) {
-            gv = (ym && !(ym[i] > 0)) ? 0 : g[i];
+            gv = CBN_DACT_ONE(i, g[i]);
             y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
         }
     }
     nv = n - (n - head) % (2 * CBN_L);     /* if stream: whole lines before nv */
     for (; i < n - (n - head) % CBN_L; i += CBN_L) {
         CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
-        if (ym) { CBN_VLOAD(y0, ym + i); g0 = CBN_MASK(IV, V, g0, y0); }
-        x0 = (g0 - vgmean - (x0 - vmean) * vxcoef) * vscale;
+        CBN_DACT_STEP(i, g0, x0);
+        x0 = (g0 - vgmean - (x0 - vm) * vxcoef) * vk;
         if (stream && i < nv) CBN_VSTREAM(y + i, x0);
         else CBN_VSTORE(y + i, x0);
     }
     for (; i < n; i++) {
-        gv = (ym && !(ym[i] > 0)) ? 0 : g[i];
+        gv = CBN_DACT_ONE(i, g[i]);
         y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
     }
 }
 
-static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym, CBN_T* y,
-                                   Py_ssize_t n, CBN_T mean, CBN_T scale, CBN_T gmean,
-                                   CBN_T xcoef) {
-    CBN_FN(run_bwd_body)(x, g, ym, y, n, mean, scale, gmean, xcoef, 0);
+static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
+                                   const CBN_T* res, CBN_T* y, Py_ssize_t n, CBN_T mean,
+                                   CBN_T scale, CBN_T shift, CBN_T gmean, CBN_T xcoef,
+                                   int act, CBN_T slope) {
+#define CBN_ACT_STMT_ CBN_FN(run_bwd_body)(ACT, x, g, ym, res, y, n, mean, scale, shift, \
+                                           gmean, xcoef, slope, 0)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
 }
 
 static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                          CBN_T* y, Py_ssize_t n, CBN_T mean, CBN_T scale,
-                                          CBN_T gmean, CBN_T xcoef) {
-    CBN_FN(run_bwd_body)(x, g, ym, y, n, mean, scale, gmean, xcoef, 1);
+                                          const CBN_T* res, CBN_T* y, Py_ssize_t n,
+                                          CBN_T mean, CBN_T scale, CBN_T shift,
+                                          CBN_T gmean, CBN_T xcoef, int act, CBN_T slope) {
+#define CBN_ACT_STMT_ CBN_FN(run_bwd_body)(ACT, x, g, ym, res, y, n, mean, scale, shift, \
+                                           gmean, xcoef, slope, 1)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
 }
 
 #undef CBN_PART
@@ -474,3 +511,5 @@ static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const 
 #undef CBN_TO_ALIGN
 #undef CBN_CARRY_STEP
 #undef CBN_SUMS_STEP
+#undef CBN_DACT_STEP
+#undef CBN_DACT_ONE

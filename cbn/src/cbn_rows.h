@@ -20,11 +20,38 @@
  *   cols_*  the general column loops, any width, any target: strips of vectors walk the
  *           rows with accumulators in L1; the last w % CBN_L columns go one at a time.
  *
- * Per-lane parameters of the element-wise passes are named as in cbn_planes.h: for the
- * output pass a = mean, b = scale, c = shift and q the residual; for the training
- * backward a = mean, b = scale, c = gmean (sum(g)/n), d = xcoef (invstd^2 sum(g*xmu)/n)
- * and q the forward's ReLU output that masks g.
+ * Per-lane parameters of the element-wise passes are named as in cbn_planes.h: the
+ * output pass (affine) takes mean, scale, shift and the residual; the training backward
+ * (bwd) mean, scale (weight * invstd), shift (bias), gmean (sum(g)/n), xcoef
+ * (invstd^2 sum(g*xmu)/n), the forward's output ym and residual res. The activation is
+ * a constant ACT in each copy of a loop (cbn_act.h); the backward multiplies g by its
+ * derivative at ym or at z = (x - mean) * scale + shift (+ res), recomputed in the pass.
  */
+
+/* g times the activation's derivative for the vector of lanes t at offset o (ACT a
+   constant; sh: the shift lanes; vx, the x vector there, vmn, vsc: mean and scale). */
+#define CBN_ROWS_DACT(g_, vx, vmn, vsc, o, t) do {                                      \
+        if (ACT != CBN_ACT_NONE) {                                                      \
+            V s_, h_;                                                                   \
+            if (cbn_act_needs_z(ACT)) {                                                 \
+                CBN_VLOAD(h_, sh + (t));                                                \
+                s_ = (vx - vmn) * vsc + h_;                                             \
+                if (res) { V r_; CBN_VLOAD(r_, res + (o)); s_ += r_; }                  \
+            } else {                                                                    \
+                CBN_VLOAD(s_, ym + (o));                                                \
+            }                                                                           \
+            CBN_DACT_V(ACT, IV, V, g_, s_, slope);                                      \
+        }                                                                               \
+    } while (0)
+
+/* The same for one value at offset o, lane t, as an expression of type CBN_T. */
+#define CBN_ROWS_DACT_ONE(gv, o, t)                                                     \
+    (ACT == CBN_ACT_NONE ? (gv)                                                         \
+     : CBN_DACT_S(ACT, CBN_T, gv,                                                       \
+                  (cbn_act_needs_z(ACT)                                                 \
+                   ? (res ? (x[o] - mn[t]) * sc[t] + sh[t] + res[o]                     \
+                      : (x[o] - mn[t]) * sc[t] + sh[t])                                 \
+                   : ym[o]), slope))
 
 #if defined(__AVX512F__)
 #define CBN_FX 1          /* 32 vector registers: fixed-width row loops pay off */
@@ -36,26 +63,29 @@
 typedef CBN_VEC(CBN_T, 64 / sizeof(CBN_T)) CBN_FN(w);
 typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
 
-/* One function per width NV (a constant inside it) and, for the affine loop, per
-   residual/ReLU case: separate functions keep every pointer in a register. */
+/* One function per width NV (a constant inside it) and, for the element passes, per
+   activation (and residual): separate functions keep every pointer in a register. */
+#define CBN_X_FXA_(NAME, CODE, STR, FROM) case CBN_ACT_##NAME:                           \
+    if (q) CBN_FN(fx_affine_nv)(NV_, 1, CBN_ACT_##NAME, x, q, y, R, mn, sc, sh, slope);   \
+    else CBN_FN(fx_affine_nv)(NV_, 0, CBN_ACT_##NAME, x, NULL, y, R, mn, sc, sh, slope);  \
+    break;
+#define CBN_X_FXB_(NAME, CODE, STR, FROM) case CBN_ACT_##NAME:                           \
+    CBN_FN(fx_bwd_nv)(NV_, CBN_ACT_##NAME, x, g, ym, res, y, R, mn, sc, sh, gm, xc,       \
+                      slope);                                                            \
+    break;
 #define CBN_FX_INSTANCES(NV)                                                             \
 static CBN_NOINLINE void CBN_FN(fx_affine##NV)(const CBN_T* x,                           \
-        const CBN_T* q, CBN_T* y, Py_ssize_t R, const CBN_T* a,                          \
-        const CBN_T* b, const CBN_T* c, int relu) {                                      \
-    if (q) {                                                                             \
-        if (relu) CBN_FN(fx_affine_nv)(NV, 1, 1, x, q, y, R, a, b, c);                   \
-        else CBN_FN(fx_affine_nv)(NV, 1, 0, x, q, y, R, a, b, c);                        \
-    } else {                                                                             \
-        if (relu) CBN_FN(fx_affine_nv)(NV, 0, 1, x, NULL, y, R, a, b, c);                \
-        else CBN_FN(fx_affine_nv)(NV, 0, 0, x, NULL, y, R, a, b, c);                     \
-    }                                                                                    \
+        const CBN_T* q, CBN_T* y, Py_ssize_t R, const CBN_T* mn,                         \
+        const CBN_T* sc, const CBN_T* sh, int act, CBN_T slope) {                        \
+    enum { NV_ = NV };                                                                   \
+    switch (act) { CBN_ACTIVATIONS(CBN_X_FXA_) default: break; }                         \
 }                                                                                        \
 static CBN_NOINLINE void CBN_FN(fx_bwd##NV)(const CBN_T* x,                              \
-        const CBN_T* g, const CBN_T* q, CBN_T* y, Py_ssize_t R,                          \
-        const CBN_T* a, const CBN_T* b, const CBN_T* c,                                  \
-        const CBN_T* d) {                                                                \
-    if (q) CBN_FN(fx_bwd_nv)(NV, 1, x, g, q, y, R, a, b, c, d);                          \
-    else CBN_FN(fx_bwd_nv)(NV, 0, x, g, NULL, y, R, a, b, c, d);                         \
+        const CBN_T* g, const CBN_T* ym, const CBN_T* res, CBN_T* y, Py_ssize_t R,       \
+        const CBN_T* mn, const CBN_T* sc, const CBN_T* sh, const CBN_T* gm,              \
+        const CBN_T* xc, int act, CBN_T slope) {                                         \
+    enum { NV_ = NV };                                                                   \
+    switch (act) { CBN_ACTIVATIONS(CBN_X_FXB_) default: break; }                         \
 }                                                                                        \
 static CBN_NOINLINE void CBN_FN(fx_shifted_sums##NV)(const CBN_T* p,                     \
         Py_ssize_t R, const CBN_T* sh, CBN_T* s1, CBN_T* s2) {                           \
@@ -75,11 +105,11 @@ static CBN_NOINLINE void CBN_FN(fx_sums##NV)(const CBN_T* g,                    
 
 
 
-/* y = (x - a) * b + c (+ q) (ReLU if RELU), rows of NV wide vectors */
-static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, int RELU, const CBN_T* x,
+/* y = act((x - mean) * scale + shift (+ q)), rows of NV wide vectors */
+static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, const int ACT, const CBN_T* x,
                                           const CBN_T* residual, CBN_T* y, Py_ssize_t R,
                                           const CBN_T* mean, const CBN_T* scale,
-                                          const CBN_T* shift) {
+                                          const CBN_T* shift, CBN_T slope) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
@@ -95,7 +125,7 @@ static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, int RELU, const CB
             CBN_VLOAD(v, x + j * L);
             v = (v - vmean[j]) * vscale[j] + vshift[j];
             if (HASQ) { CBN_VLOAD(r0, residual + j * L); v += r0; }
-            if (RELU) v = CBN_RELU(IV, V, v);
+            CBN_ACT_V(ACT, IV, V, v, slope);
             CBN_VSTORE(y + j * L, v);
         }
     }
@@ -103,10 +133,11 @@ static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, int RELU, const CB
 
 /* The same over rows wider than 8 vectors, in memory order, the lane parameters
    loaded from L1 with each vector */
-static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
-                                                  Py_ssize_t n, const CBN_T* mean,
-                                                  const CBN_T* scale, const CBN_T* shift,
-                                                  int relu, Py_ssize_t w) {
+static CBN_INLINE void CBN_FN(fx_affine_wide_body)(const int ACT, const CBN_T* x,
+                                                   const CBN_T* residual, CBN_T* y,
+                                                   Py_ssize_t n, const CBN_T* mean,
+                                                   const CBN_T* scale, const CBN_T* shift,
+                                                   CBN_T slope, Py_ssize_t w) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
@@ -118,33 +149,57 @@ static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* res
             CBN_VLOAD(vshift, shift + t);
             v = (v - vmean) * vscale + vshift;
             if (residual) { CBN_VLOAD(r0, residual + i + t); v += r0; }
-            if (relu) v = CBN_RELU(IV, V, v);
+            CBN_ACT_V(ACT, IV, V, v, slope);
             CBN_VSTORE(y + i + t, v);
         }
     }
 }
+static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* residual,
+                                                CBN_T* y, Py_ssize_t n, const CBN_T* mean,
+                                                const CBN_T* scale, const CBN_T* shift,
+                                                int act, CBN_T slope, Py_ssize_t w) {
+#define CBN_ACT_STMT_ CBN_FN(fx_affine_wide_body)(ACT, x, residual, y, n, mean, scale,     \
+                                                  shift, slope, w)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
 
-/* y = (g - c - (x - a) * d) * b over rows wider than 8 vectors, in memory order */
-static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                               CBN_T* y, Py_ssize_t n, const CBN_T* mean,
-                                               const CBN_T* scale, const CBN_T* gmean,
-                                               const CBN_T* xcoef, Py_ssize_t w) {
+/* y = (g - gmean - (x - mean) * xcoef) * scale over rows wider than 8 vectors, in memory
+   order, g times the activation's derivative first */
+static CBN_INLINE void CBN_FN(fx_bwd_wide_body)(const int ACT, const CBN_T* x,
+                                                const CBN_T* g, const CBN_T* ym,
+                                                const CBN_T* res, CBN_T* y, Py_ssize_t n,
+                                                const CBN_T* mean, const CBN_T* scale,
+                                                const CBN_T* sh, const CBN_T* gmean,
+                                                const CBN_T* xcoef, CBN_T slope,
+                                                Py_ssize_t w) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
-    V v, u, r0, vmean, vscale, vgmean, vxcoef;
+    V v, u, vmean, vscale, vgmean, vxcoef;
     Py_ssize_t i, t;
     for (i = 0; i < n; i += w) {
         for (t = 0; t < w; t += L) {
             CBN_VLOAD(v, x + i + t); CBN_VLOAD(u, g + i + t);
-            if (ym) { CBN_VLOAD(r0, ym + i + t); u = CBN_MASK(IV, V, u, r0); }
             CBN_VLOAD(vmean, mean + t); CBN_VLOAD(vscale, scale + t);
+            CBN_ROWS_DACT(u, v, vmean, vscale, i + t, t);
             CBN_VLOAD(vgmean, gmean + t);
             CBN_VLOAD(vxcoef, xcoef + t);
             v = (u - vgmean - (v - vmean) * vxcoef) * vscale;
             CBN_VSTORE(y + i + t, v);
         }
     }
+}
+static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
+                                             const CBN_T* res, CBN_T* y, Py_ssize_t n,
+                                             const CBN_T* mean, const CBN_T* scale,
+                                             const CBN_T* sh, const CBN_T* gmean,
+                                             const CBN_T* xcoef, int act, CBN_T slope,
+                                             Py_ssize_t w) {
+#define CBN_ACT_STMT_ CBN_FN(fx_bwd_wide_body)(ACT, x, g, ym, res, y, n, mean, scale, sh,  \
+                                               gmean, xcoef, slope, w)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
 }
 
 /* Sums over rows wider than 8 vectors, in memory order, the accumulators in L1:
@@ -179,15 +234,20 @@ static CBN_NOINLINE void CBN_FN(fx_sums_wide)(const CBN_T* g, const CBN_T* x, Py
     CBN_FN(fx_wide_red)(1, g, x, R, w, m, sg, sgx);
 }
 
-/* y = (g - c - (x - a) * d) * b, g masked by ReLU's backward from q if HASQ */
-static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, int HASQ, const CBN_T* x, const CBN_T* g,
-                                           const CBN_T* ym, CBN_T* y, Py_ssize_t R,
-                                           const CBN_T* mean, const CBN_T* scale,
-                                           const CBN_T* gmean, const CBN_T* xcoef) {
+/* y = (g - gmean - (x - mean) * xcoef) * scale, g times the activation's derivative
+   first, rows of NV wide vectors */
+static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, const int ACT, const CBN_T* x,
+                                         const CBN_T* g, const CBN_T* ym, const CBN_T* res,
+                                         CBN_T* y, Py_ssize_t R, const CBN_T* mean,
+                                         const CBN_T* scale, const CBN_T* sh,
+                                         const CBN_T* gmean, const CBN_T* xcoef,
+                                         CBN_T slope) {
     typedef CBN_FN(w) V;
     typedef CBN_FN(wm) IV;
     const int L = CBN_WL;
-    V vmean[8], vscale[8], vgmean[8], vxcoef[8], v, u, r0;
+    const int OUT = ACT != CBN_ACT_NONE && !cbn_act_needs_z(ACT);
+    const int Z = cbn_act_needs_z(ACT);
+    V vmean[8], vscale[8], vgmean[8], vxcoef[8], v, u;
     Py_ssize_t i;
     int j;
     CBN_UNROLL for (j = 0; j < NV; j++) {
@@ -195,10 +255,10 @@ static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, int HASQ, const CBN_T* x, const
         CBN_VLOAD(vgmean[j], gmean + j * L); CBN_VLOAD(vxcoef[j], xcoef + j * L);
     }
     for (i = 0; i < R; i++, x += NV * L, g += NV * L, y += NV * L,
-                           ym += HASQ ? NV * L : 0) {
+                           ym += OUT ? NV * L : 0, res += (Z && res) ? NV * L : 0) {
         CBN_UNROLL for (j = 0; j < NV; j++) {
             CBN_VLOAD(v, x + j * L); CBN_VLOAD(u, g + j * L);
-            if (HASQ) { CBN_VLOAD(r0, ym + j * L); u = CBN_MASK(IV, V, u, r0); }
+            CBN_ROWS_DACT(u, v, vmean[j], vscale[j], j * L, j * L);
             v = (u - vgmean[j] - (v - vmean[j]) * vxcoef[j]) * vscale[j];
             CBN_VSTORE(y + j * L, v);
         }
@@ -260,27 +320,28 @@ static inline int CBN_FN(fx_wide)(Py_ssize_t w) {
     return CBN_FX && w % CBN_WL == 0 && w > 8 * CBN_WL;
 }
 static int CBN_FN(fx_affine)(const CBN_T* x, const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                               Py_ssize_t w, const CBN_T* a, const CBN_T* b, const CBN_T* c,
-                               int relu) {
+                             Py_ssize_t w, const CBN_T* mn, const CBN_T* sc, const CBN_T* sh,
+                             int act, CBN_T slope) {
     if (CBN_FN(fx_wide)(w)) {
-        CBN_FN(fx_affine_wide)(x, q, y, R * w, a, b, c, relu, w);
+        CBN_FN(fx_affine_wide)(x, q, y, R * w, mn, sc, sh, act, slope, w);
         return 1;
     }
     switch (CBN_FN(fx_nv)(w)) {
-        CBN_FX_CASES(fx_affine, (x, q, y, R, a, b, c, relu))
+        CBN_FX_CASES(fx_affine, (x, q, y, R, mn, sc, sh, act, slope))
         default: return 0;
     }
     return 1;
 }
-static int CBN_FN(fx_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* q, CBN_T* y,
-                          Py_ssize_t R, Py_ssize_t w, const CBN_T* a, const CBN_T* b,
-                          const CBN_T* c, const CBN_T* d) {
+static int CBN_FN(fx_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym, const CBN_T* res,
+                          CBN_T* y, Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
+                          const CBN_T* sc, const CBN_T* sh, const CBN_T* gm, const CBN_T* xc,
+                          int act, CBN_T slope) {
     if (CBN_FN(fx_wide)(w)) {
-        CBN_FN(fx_bwd_wide)(x, g, q, y, R * w, a, b, c, d, w);
+        CBN_FN(fx_bwd_wide)(x, g, ym, res, y, R * w, mn, sc, sh, gm, xc, act, slope, w);
         return 1;
     }
     switch (CBN_FN(fx_nv)(w)) {
-        CBN_FX_CASES(fx_bwd, (x, g, q, y, R, a, b, c, d))
+        CBN_FX_CASES(fx_bwd, (x, g, ym, res, y, R, mn, sc, sh, gm, xc, act, slope))
         default: return 0;
     }
     return 1;
@@ -383,25 +444,30 @@ static inline void CBN_FN(cols_dev)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
     }
 }
 
-/* sg[t] = sum_r g, sgx[t] = sum_r g * (x - m[t]), g masked by ReLU's backward if
-   ym; if gr: gr = (masked) g; if dx: dx = g * k[t]. Row by row (streams from
-   memory; the accumulators stay in L1). */
-static inline void CBN_FN(cols_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym, CBN_T* dx,
-                                       CBN_T* gr, Py_ssize_t R, Py_ssize_t w,
-                                       const CBN_T* m, const CBN_T* k, CBN_T* sg, CBN_T* sgx) {
+/* sg[t] = sum_r g, sgx[t] = sum_r g * (x - mn[t]), g first multiplied by the
+   activation's derivative (ACT: at ym, or at z = (x - mn[t]) * sc[t] + sh[t] (+ res));
+   if gr: gr = that g; if dx: dx = g * sc[t]. Row by row (streams from memory; the
+   accumulators stay in L1). */
+static CBN_INLINE void CBN_FN(cols_sums_body)(const int ACT, const CBN_T* g, const CBN_T* x,
+                                              const CBN_T* ym, const CBN_T* res, CBN_T* dx,
+                                              CBN_T* gr, Py_ssize_t R, Py_ssize_t w,
+                                              const CBN_T* mn, const CBN_T* sc,
+                                              const CBN_T* sh, CBN_T slope, CBN_T* sg,
+                                              CBN_T* sgx) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     Py_ssize_t t, r, o, i, ws = w - w % CBN_L;
-    V a, b, vg, vx, vm, vk, vy;
+    V a, b, vg, vx, vm, vk;
     CBN_T gv;
-    if (!ym && !dx && !gr && CBN_FN(fx_sums)(g, x, R, w, m, sg, sgx)) return;
+    if (ACT == CBN_ACT_NONE && !dx && !gr && CBN_FN(fx_sums)(g, x, R, w, mn, sg, sgx))
+        return;
     for (t = 0; t < w; t++) { sg[t] = 0; sgx[t] = 0; }
     r = o = 0;
-    if (!ym && !dx && !gr) {        /* 4 rows per accumulator trip */
+    if (ACT == CBN_ACT_NONE && !dx && !gr) {        /* 4 rows per accumulator trip */
         for (; r + 4 <= R; r += 4, o += 4 * w) {
             for (t = 0; t < ws; t += CBN_L) {
                 V g1, x1;
-                CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
+                CBN_VLOAD(vm, mn + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
                 CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);
                 CBN_VLOAD(g1, g + o + w + t); CBN_VLOAD(x1, x + o + w + t);
                 a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);
@@ -412,7 +478,7 @@ static inline void CBN_FN(cols_sums)(const CBN_T* g, const CBN_T* x, const CBN_T
             }
             for (; t < w; t++) {
                 for (i = o + t; i < o + t + 4 * w; i += w) {
-                    sg[t] += g[i]; sgx[t] += g[i] * (x[i] - m[t]);
+                    sg[t] += g[i]; sgx[t] += g[i] * (x[i] - mn[t]);
                 }
             }
         }
@@ -420,135 +486,209 @@ static inline void CBN_FN(cols_sums)(const CBN_T* g, const CBN_T* x, const CBN_T
     for (; r < R; r++, o += w) {
         for (t = 0; t < ws; t += CBN_L) {
             CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);
-            if (ym) { CBN_VLOAD(vy, ym + o + t); vg = CBN_MASK(IV, V, vg, vy); }
+            CBN_VLOAD(vm, mn + t);
+            if (ACT != CBN_ACT_NONE) { CBN_VLOAD(vk, sc + t); }
+            CBN_ROWS_DACT(vg, vx, vm, vk, o + t, t);
             if (gr) CBN_VSTORE(gr + o + t, vg);
-            CBN_VLOAD(vm, m + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
+            CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
             a += vg; b += vg * (vx - vm);
             CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);
-            if (dx) { CBN_VLOAD(vk, k + t); vx = vg * vk; CBN_VSTORE(dx + o + t, vx); }
+            if (dx) { CBN_VLOAD(vk, sc + t); vx = vg * vk; CBN_VSTORE(dx + o + t, vx); }
         }
         for (; t < w; t++) {
-            gv = (ym && !(ym[o + t] > 0)) ? 0 : g[o + t];
+            gv = CBN_ROWS_DACT_ONE(g[o + t], o + t, t);
             if (gr) gr[o + t] = gv;
-            sg[t] += gv; sgx[t] += gv * (x[o + t] - m[t]);
-            if (dx) dx[o + t] = gv * k[t];
+            sg[t] += gv; sgx[t] += gv * (x[o + t] - mn[t]);
+            if (dx) dx[o + t] = gv * sc[t];
         }
     }
 }
 
-/* Element-wise over R rows with lane parameters, row by row (a streaming pass).
-   op 0: y = (x - a) * b + c (+ q: a residual) (ReLU if relu); y may be x.
-   op 1: y = (g - c - (x - a) * d) * b, g masked by ReLU's backward if q (the
-   forward output). */
-static inline void CBN_FN(cols_apply_body)(int op, const CBN_T* x, const CBN_T* g,
-                                             const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                                             Py_ssize_t w, const CBN_T* a, const CBN_T* b,
-                                             const CBN_T* c, const CBN_T* d, int relu) {
+static CBN_NOINLINE void CBN_FN(cols_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
+                                           const CBN_T* res, CBN_T* dx, CBN_T* gr,
+                                           Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
+                                           const CBN_T* sc, const CBN_T* sh, int act,
+                                           CBN_T slope, CBN_T* sg, CBN_T* sgx) {
+#define CBN_ACT_STMT_ CBN_FN(cols_sums_body)(ACT, g, x, ym, res, dx, gr, R, w, mn, sc, sh, \
+                                             slope, sg, sgx)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
+
+/* The output pass over R rows with lane parameters, row by row (a streaming pass):
+   y = act((x - mn) * sc + sh (+ q, the residual)); y may be x. */
+static CBN_INLINE void CBN_FN(cols_affine_body)(const int ACT, const CBN_T* x,
+                                                const CBN_T* q, CBN_T* y, Py_ssize_t R,
+                                                Py_ssize_t w, const CBN_T* mn,
+                                                const CBN_T* sc, const CBN_T* sh,
+                                                CBN_T slope) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     Py_ssize_t t, r, o, i, n, ws = w - w % CBN_L;
-    V va, vb, vc, vd, vx, vg, vq;
+    V va, vb, vc, vx, vq;
     CBN_T v;
     /* up to 4 rows per load of the lane parameters */
     for (r = 0, o = 0; r < R; r += n, o += n * w) {
         n = R - r < 4 ? R - r : 4;
         for (t = 0; t < ws; t += CBN_L) {
-            CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);
-            if (op) CBN_VLOAD(vd, d + t);
+            CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, sh + t);
             for (i = o + t; i < o + t + n * w; i += w) {
                 CBN_VLOAD(vx, x + i);
-                if (op) {
-                    CBN_VLOAD(vg, g + i);
-                    if (q) { CBN_VLOAD(vq, q + i); vg = CBN_MASK(IV, V, vg, vq); }
-                    vx = (vg - vc - (vx - va) * vd) * vb;
-                } else {
-                    vx = (vx - va) * vb + vc;
-                    if (q) { CBN_VLOAD(vq, q + i); vx += vq; }
-                    if (relu) vx = CBN_RELU(IV, V, vx);
-                }
+                vx = (vx - va) * vb + vc;
+                if (q) { CBN_VLOAD(vq, q + i); vx += vq; }
+                CBN_ACT_V(ACT, IV, V, vx, slope);
                 CBN_VSTORE(y + i, vx);
             }
         }
         for (; t < w; t++) {
             for (i = o + t; i < o + t + n * w; i += w) {
-                if (op) {
-                    v = (q && !(q[i] > 0)) ? 0 : g[i];
-                    y[i] = (v - c[t] - (x[i] - a[t]) * d[t]) * b[t];
-                } else {
-                    v = (x[i] - a[t]) * b[t] + c[t];
-                    if (q) v += q[i];
-                    y[i] = (relu && v < 0) ? 0 : v;
-                }
+                v = (x[i] - mn[t]) * sc[t] + sh[t];
+                if (q) v += q[i];
+                y[i] = CBN_ACT_S(ACT, CBN_T, v, slope);
             }
         }
     }
 }
 
-/* BODY(op, x, g, q, y, R, w, a, b, c, d, relu) called with op, whether q is given and
-   relu as constants: one inlined copy of its loop per case, no tests inside it. */
-#define CBN_APPLY_CASES(BODY) do {                                                      \
-        if (op) {                                                                       \
-            if (q) BODY(1, x, g, q, y, R, w, a, b, c, d, 0);                            \
-            else BODY(1, x, g, NULL, y, R, w, a, b, c, d, 0);                           \
-        } else if (q) {                                                                 \
-            if (relu) BODY(0, x, NULL, q, y, R, w, a, b, c, d, 1);                      \
-            else BODY(0, x, NULL, q, y, R, w, a, b, c, d, 0);                           \
-        } else {                                                                        \
-            if (relu) BODY(0, x, NULL, NULL, y, R, w, a, b, c, d, 1);                   \
-            else BODY(0, x, NULL, NULL, y, R, w, a, b, c, d, 0);                        \
-        }                                                                               \
-    } while (0)
-
-/* cbn_cols_apply_body with op, q and relu made constants, one copy per case: a
-   separate function whose loop keeps every pointer in a register. */
-static CBN_NOINLINE void CBN_FN(cols_apply)(int op, const CBN_T* x, const CBN_T* g,
-                                             const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                                             Py_ssize_t w, const CBN_T* a, const CBN_T* b,
-                                             const CBN_T* c, const CBN_T* d, int relu) {
-    if (!op && CBN_FN(fx_affine)(x, q, y, R, w, a, b, c, relu)) return;
-    if (op && CBN_FN(fx_bwd)(x, g, q, y, R, w, a, b, c, d)) return;
-    CBN_APPLY_CASES(CBN_FN(cols_apply_body));
+/* The training backward's element pass over R rows with lane parameters, row by row:
+   y = (g - gm - (x - mn) * xc) * sc, g times the activation's derivative first. */
+static CBN_INLINE void CBN_FN(cols_bwd_body)(const int ACT, const CBN_T* x, const CBN_T* g,
+                                             const CBN_T* ym, const CBN_T* res, CBN_T* y,
+                                             Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
+                                             const CBN_T* sc, const CBN_T* sh,
+                                             const CBN_T* gm, const CBN_T* xc,
+                                             CBN_T slope) {
+    typedef CBN_FN(v) V;
+    typedef CBN_FN(m) IV;
+    Py_ssize_t t, r, o, i, n, ws = w - w % CBN_L;
+    V va, vb, vc, vd, vx, vg;
+    CBN_T v;
+    /* up to 4 rows per load of the lane parameters */
+    for (r = 0, o = 0; r < R; r += n, o += n * w) {
+        n = R - r < 4 ? R - r : 4;
+        for (t = 0; t < ws; t += CBN_L) {
+            CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, gm + t);
+            CBN_VLOAD(vd, xc + t);
+            for (i = o + t; i < o + t + n * w; i += w) {
+                CBN_VLOAD(vx, x + i);
+                CBN_VLOAD(vg, g + i);
+                CBN_ROWS_DACT(vg, vx, va, vb, i, t);
+                vx = (vg - vc - (vx - va) * vd) * vb;
+                CBN_VSTORE(y + i, vx);
+            }
+        }
+        for (; t < w; t++) {
+            for (i = o + t; i < o + t + n * w; i += w) {
+                v = CBN_ROWS_DACT_ONE(g[i], i, t);
+                y[i] = (v - gm[t] - (x[i] - mn[t]) * xc[t]) * sc[t];
+            }
+        }
+    }
 }
 
-/* cols_apply's pass in memory order, every line of y stored non-temporally (outputs
-   larger than the cache: no read of y's lines first, and they do not evict the input):
-   R rows of w values, w a multiple of a line's values (2 * CBN_L), y on a line; the
-   lane parameters loaded with each vector (from L1). The same values as cols_apply. */
-static CBN_INLINE void CBN_FN(rows_stream_body)(int op, const CBN_T* x, const CBN_T* g,
-                                                const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                                                Py_ssize_t w, const CBN_T* a,
-                                                const CBN_T* b, const CBN_T* c,
-                                                const CBN_T* d, int relu) {
+/* cols_affine_body with the activation and whether q is given made constants, one copy
+   per case: a separate function whose loop keeps every pointer in a register. */
+static CBN_NOINLINE void CBN_FN(cols_affine)(const CBN_T* x, const CBN_T* q, CBN_T* y,
+                                             Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
+                                             const CBN_T* sc, const CBN_T* sh, int act,
+                                             CBN_T slope) {
+    if (CBN_FN(fx_affine)(x, q, y, R, w, mn, sc, sh, act, slope)) return;
+#define CBN_ACT_STMT_                                                                   \
+    if (q) CBN_FN(cols_affine_body)(ACT, x, q, y, R, w, mn, sc, sh, slope);             \
+    else CBN_FN(cols_affine_body)(ACT, x, NULL, y, R, w, mn, sc, sh, slope)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
+
+/* cols_bwd_body, one copy per activation. */
+static CBN_NOINLINE void CBN_FN(cols_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
+                                          const CBN_T* res, CBN_T* y, Py_ssize_t R,
+                                          Py_ssize_t w, const CBN_T* mn, const CBN_T* sc,
+                                          const CBN_T* sh, const CBN_T* gm, const CBN_T* xc,
+                                          int act, CBN_T slope) {
+    if (CBN_FN(fx_bwd)(x, g, ym, res, y, R, w, mn, sc, sh, gm, xc, act, slope)) return;
+#define CBN_ACT_STMT_ CBN_FN(cols_bwd_body)(ACT, x, g, ym, res, y, R, w, mn, sc, sh, gm, xc, \
+                                            slope)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
+
+/* The output pass in memory order, every line of y stored non-temporally (outputs larger
+   than the cache: no read of y's lines first, and they do not evict the input): R rows
+   of w values, w a multiple of a line's values (2 * CBN_L), y on a line; the lane
+   parameters loaded with each vector (from L1). The same values as cols_affine. */
+static CBN_INLINE void CBN_FN(rows_affine_stream_body)(const int ACT, const CBN_T* x,
+                                                       const CBN_T* q, CBN_T* y,
+                                                       Py_ssize_t R, Py_ssize_t w,
+                                                       const CBN_T* mn, const CBN_T* sc,
+                                                       const CBN_T* sh, CBN_T slope) {
     typedef CBN_FN(v) V;
     typedef CBN_FN(m) IV;
     Py_ssize_t r, t, o;
-    V va, vb, vc, vd, vx, vg, vq;
+    V va, vb, vc, vx, vq;
     for (r = 0, o = 0; r < R; r++, o += w) {
         for (t = 0; t < w; t += CBN_L) {
             CBN_VLOAD(vx, x + o + t);
-            CBN_VLOAD(va, a + t); CBN_VLOAD(vb, b + t); CBN_VLOAD(vc, c + t);
-            if (op) {
-                CBN_VLOAD(vd, d + t); CBN_VLOAD(vg, g + o + t);
-                if (q) { CBN_VLOAD(vq, q + o + t); vg = CBN_MASK(IV, V, vg, vq); }
-                vx = (vg - vc - (vx - va) * vd) * vb;
-            } else {
-                vx = (vx - va) * vb + vc;
-                if (q) { CBN_VLOAD(vq, q + o + t); vx += vq; }
-                if (relu) vx = CBN_RELU(IV, V, vx);
-            }
+            CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, sh + t);
+            vx = (vx - va) * vb + vc;
+            if (q) { CBN_VLOAD(vq, q + o + t); vx += vq; }
+            CBN_ACT_V(ACT, IV, V, vx, slope);
             CBN_VSTREAM(y + o + t, vx);
         }
     }
 }
 
-static CBN_NOINLINE void CBN_FN(rows_stream)(int op, const CBN_T* x, const CBN_T* g,
-                                             const CBN_T* q, CBN_T* y, Py_ssize_t R,
-                                             Py_ssize_t w, const CBN_T* a, const CBN_T* b,
-                                             const CBN_T* c, const CBN_T* d, int relu) {
-    CBN_APPLY_CASES(CBN_FN(rows_stream_body));
+/* The training backward's element pass the same way. The same values as cols_bwd. */
+static CBN_INLINE void CBN_FN(rows_bwd_stream_body)(const int ACT, const CBN_T* x,
+                                                    const CBN_T* g, const CBN_T* ym,
+                                                    const CBN_T* res, CBN_T* y,
+                                                    Py_ssize_t R, Py_ssize_t w,
+                                                    const CBN_T* mn, const CBN_T* sc,
+                                                    const CBN_T* sh, const CBN_T* gm,
+                                                    const CBN_T* xc, CBN_T slope) {
+    typedef CBN_FN(v) V;
+    typedef CBN_FN(m) IV;
+    Py_ssize_t r, t, o;
+    V va, vb, vc, vd, vx, vg;
+    for (r = 0, o = 0; r < R; r++, o += w) {
+        for (t = 0; t < w; t += CBN_L) {
+            CBN_VLOAD(vx, x + o + t);
+            CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, gm + t);
+            CBN_VLOAD(vd, xc + t); CBN_VLOAD(vg, g + o + t);
+            CBN_ROWS_DACT(vg, vx, va, vb, o + t, t);
+            vx = (vg - vc - (vx - va) * vd) * vb;
+            CBN_VSTREAM(y + o + t, vx);
+        }
+    }
 }
 
-#undef CBN_APPLY_CASES
+static CBN_NOINLINE void CBN_FN(rows_affine_stream)(const CBN_T* x, const CBN_T* q, CBN_T* y,
+                                                    Py_ssize_t R, Py_ssize_t w,
+                                                    const CBN_T* mn, const CBN_T* sc,
+                                                    const CBN_T* sh, int act, CBN_T slope) {
+#define CBN_ACT_STMT_                                                                   \
+    if (q) CBN_FN(rows_affine_stream_body)(ACT, x, q, y, R, w, mn, sc, sh, slope);      \
+    else CBN_FN(rows_affine_stream_body)(ACT, x, NULL, y, R, w, mn, sc, sh, slope)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
+
+static CBN_NOINLINE void CBN_FN(rows_bwd_stream)(const CBN_T* x, const CBN_T* g,
+                                                 const CBN_T* ym, const CBN_T* res, CBN_T* y,
+                                                 Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
+                                                 const CBN_T* sc, const CBN_T* sh,
+                                                 const CBN_T* gm, const CBN_T* xc, int act,
+                                                 CBN_T slope) {
+#define CBN_ACT_STMT_ CBN_FN(rows_bwd_stream_body)(ACT, x, g, ym, res, y, R, w, mn, sc, sh, \
+                                                   gm, xc, slope)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
+
+#undef CBN_ROWS_DACT
+#undef CBN_ROWS_DACT_ONE
+#undef CBN_X_FXA_
+#undef CBN_X_FXB_
 #undef CBN_VSTREAM
 #undef CBN_FX
 #undef CBN_WL

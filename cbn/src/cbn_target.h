@@ -6,6 +6,7 @@
 #define CBN_IT int32_t
 #define CBN_L 8
 #define CBN_SUF f
+#define CBN_EXP expf
 #include "cbn_planes.h"
 #include "cbn_rows.h"
 #include "cbn_ops.h"
@@ -13,11 +14,13 @@
 #undef CBN_IT
 #undef CBN_L
 #undef CBN_SUF
+#undef CBN_EXP
 
 #define CBN_T double
 #define CBN_IT int64_t
 #define CBN_L 4
 #define CBN_SUF d
+#define CBN_EXP exp
 #include "cbn_planes.h"
 #include "cbn_rows.h"
 #include "cbn_ops.h"
@@ -25,3 +28,4 @@
 #undef CBN_IT
 #undef CBN_L
 #undef CBN_SUF
+#undef CBN_EXP

@@ -1,4 +1,5 @@
-# Included by _kernels.pyx: per-channel moments, and the fixed partitions of the work.
+# Included by _kernels.pyx first: per-channel moments and Chan's merge, the fixed
+# partitions of the work (planes, rows and the rows' lane parameters), timed teams.
 
 # ------------------------------------------------------------------------------ moments
 
@@ -26,18 +27,6 @@ cdef inline void merge(Moments* a, Moments b) noexcept nogil:
 cdef inline double inv_sqrt(double v) noexcept nogil:
     """1/sqrt(v), except 0 for v == 0 (eps = 0 on a constant channel); NaN stays NaN."""
     return 0.0 if v == 0.0 else 1.0 / sqrt(v)
-
-
-cdef inline Moments runs_moments(const floating* p, Py_ssize_t nruns, Py_ssize_t n,
-                                Py_ssize_t stride, int pf,
-                                const cbn_carry* carry=NULL) noexcept nogil:
-    """Moments of nruns runs of n contiguous values, stride apart (see cbn_runs_moments
-    in cbn/src/cbn_planes.h; pf: prefetch the next unit; carry: an output pass done in
-    the same loop, or NULL)."""
-    cdef Moments r
-    r.n = <double>nruns * n
-    ops(p).runs_moments(p, nruns, n, stride, &r.mean, &r.m2, pf, carry)
-    return r
 
 
 # --------------------------------------------------------------------- work partitions
@@ -138,6 +127,38 @@ cdef Rows rows_partition(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, Py_ssize_t bl
     P.nblocks = (P.nrows + P.R - 1) // P.R
     P.items = P.nblocks if P.nblocks < max_items else max_items
     return P
+
+
+cdef void expand_lanes(const floating* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
+                       Py_ssize_t K, Py_ssize_t h=0) noexcept nogil:
+    """lane[t] = v[((t + h) // K) % C] for t < W: the lanes of rows that start h values
+    into the data (h = 0: at its start). One period (C*K lanes) is filled, the rest
+    copied from it."""
+    cdef Py_ssize_t t, c = (h // K) % C, kk = h % K, period = C * K
+    cdef Py_ssize_t n = W if W < period else period
+    for t in range(n):
+        lane[t] = v[c]
+        kk += 1
+        if kk == K:
+            kk = 0
+            c += 1
+            if c == C:
+                c = 0
+    t = n
+    while t < W:
+        memcpy(lane + t, lane, (n if W - t > n else W - t) * sizeof(floating))
+        t += n
+
+
+cdef void expand_lanes_d(const double* v, floating* lane, Py_ssize_t W, Py_ssize_t C,
+                         Py_ssize_t K) noexcept nogil:
+    """lane[t] = v[(t // K) % C] rounded to the data type, for t < W."""
+    cdef Py_ssize_t t, c, kk
+    for c in range(C):
+        for kk in range(K):
+            lane[c * K + kk] = <floating>v[c]
+    for t in range(C * K, W):
+        lane[t] = lane[t - C * K]
 
 
 # ------------------------------------------------------------------------- timed teams

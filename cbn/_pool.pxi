@@ -112,8 +112,9 @@ def _pool_limit_from_env(value):
     """CBN_OUTPUT_POOL's value as bytes ("0", "512M", "1G", "1048576"), or None (with a
     warning naming it) when it is not one."""
     v = value.strip().upper()
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1:], 1)
-    digits = v[:-1] if scale != 1 else v
+    n = len(v)
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[n - 1:] if n else "", 1)
+    digits = v[:n - 1] if scale != 1 else v
     if not digits.isdigit():
         import warnings
         warnings.warn(f"CBN_OUTPUT_POOL={value!r} is not a size in bytes (such as 0, "

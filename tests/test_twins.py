@@ -40,6 +40,9 @@ ZOO_IDS = ["x".join(map(str, s)) + f"-ax{a}-{lay}" for s, a, lay in ZOO]
 
 DTYPES = [np.float16, "bfloat16", np.float32, np.float64]
 ACTIVATIONS = [None, *ref.ACTIVATIONS]
+#: the activations whose backward reads the derivative off the forward's output (silu and
+#: hardswish recompute the pre-activation from the forward's bias and residual)
+FROM_OUTPUT = ("relu", "relu6", "leaky_relu")
 SLOPE = 0.1                    # leaky_relu's negative_slope (YOLO's; torch's default is 0.01)
 
 
@@ -140,16 +143,21 @@ def test_backward(shape, axis, lay, dtype, activation):
             msg = f"training={training} residual={residual is not None}"
             y, sm, si = cbn.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), training, 0.1,
                                                1e-5, axis=axis, residual=residual, **kw)
-            extra = {} if activation is None else {"output": y}
             with_res = residual is not None
-            got = cbn.batch_norm_backward(g, x, w, sm, si, training, axis=axis,
-                                          residual=with_res, **kw, **extra)
-            # the twin is told the pre-activation z = bn(x) + residual, from the definitions
-            z = ref.batch_norm_forward(x64, w, b, rm.copy(), rv.copy(), training, 0.1, 1e-5,
-                                       axis=axis,
-                                       residual=None if residual is None else res64)[0]
+            if activation in FROM_OUTPUT:
+                # the derivative is read off the forward's output, for both
+                extra = {"output": y, "residual": with_res}
+                twin = {"output": y}
+            else:
+                # recomputed from the forward's bias and residual; the twin is told the
+                # pre-activation z = bn(x) + residual, from the definitions
+                extra = {"bias": b, "residual": residual if with_res else False}
+                twin = {"preactivation": ref.batch_norm_forward(
+                    x64, w, b, rm.copy(), rv.copy(), training, 0.1, 1e-5, axis=axis,
+                    residual=None if residual is None else res64)[0]}
+            got = cbn.batch_norm_backward(g, x, w, sm, si, training, axis=axis, **kw, **extra)
             want = ref.batch_norm_backward(g64, x64, w, sm, si, training, axis=axis,
-                                           residual=with_res, preactivation=z, **kw)
+                                           residual=with_res, **kw, **twin)
             assert len(got) == len(want) == 3 + with_res, msg
             assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == cd, msg
             xhat = (np.moveaxis(x64, axis, -1) - sm.astype(np.float64)) * si
@@ -227,7 +235,8 @@ def test_forward_stages(shape, axis, lay, dtype):
     _assert_close(rv1, rv2, cd, n)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: f"act={a}")
+# the stages (what SyncBatchNorm composes) take the activations read off the output
+@pytest.mark.parametrize("activation", [None, *FROM_OUTPUT], ids=lambda a: f"act={a}")
 @pytest.mark.parametrize("shape,axis,lay", ZOO, ids=ZOO_IDS)
 def test_backward_stages(shape, axis, lay, dtype, activation):
     x, x64 = _zoo(shape, axis, lay, dtype)
@@ -239,10 +248,9 @@ def test_backward_stages(shape, axis, lay, dtype, activation):
     kw = _act_kwargs(activation)
     y, sm, si = cbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5, axis=axis, **kw)
     extra = {} if activation is None else {"output": y}
-    z = ref.batch_norm_forward(x64, w, b, None, None, True, 0.1, 1e-5, axis=axis)[0]
     sum_dy, sum_dy_xmu = _stages.backward_reduce(g, x, sm, axis=axis, **kw, **extra)
-    esum_dy, esum_dy_xmu = ref.backward_reduce(g64, x64, sm, axis=axis, preactivation=z, **kw)
-    dz = ref._masked(np.moveaxis(g64, axis, -1), activation, SLOPE, z, None, axis)
+    esum_dy, esum_dy_xmu = ref.backward_reduce(g64, x64, sm, axis=axis, **kw, **extra)
+    dz = ref._masked(np.moveaxis(g64, axis, -1), activation, SLOPE, None, y, axis)
     xmu = np.moveaxis(x64, axis, -1) - sm.astype(np.float64)
     assert_close_sums(sum_dy, esum_dy, np.moveaxis(dz, -1, axis), axis, np.float32,
                       err_msg="sum_dy")
@@ -251,7 +259,7 @@ def test_backward_stages(shape, axis, lay, dtype, activation):
     dx = _stages.backward_elements(g, x, w, sm, si, sum_dy, sum_dy_xmu, n, axis=axis,
                                    **kw, **extra)
     edx = ref.backward_elements(g64, x64, w, sm, si, sum_dy, sum_dy_xmu, n, axis=axis,
-                                preactivation=z, **kw)
+                                **kw, **extra)
     assert dx.dtype == dtype
     xhat = xmu * si
     _assert_close(dx, edx, dtype, n, factor=2, scale=grad_input_scale(w, si, g64, xhat))

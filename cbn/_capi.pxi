@@ -441,3 +441,20 @@ def capi():
                  "backward_elements": <size_t>t.backward_elements,
                  "status_name": <size_t>t.status_name}
     return dict(addresses, capsule=_C_API, abi_version=int(t.abi_version))
+
+
+# ------------------------------------------------------------- the XLA FFI handlers
+
+cdef extern from "cbn_xla.h":
+    const cbn_api* cbn_xla_cbn
+    void* cbn_xla_forward
+    void* cbn_xla_backward
+
+cbn_xla_cbn = &_abi_table
+
+
+def _xla_handlers():
+    """{target name: PyCapsule of the XLA FFI handler} for jax.ffi.register_ffi_target
+    (cbn/jax.py; cbn/src/cbn_xla.h documents the calls)."""
+    return {"cbn_forward": PyCapsule_New(<void*>&cbn_xla_forward, NULL, NULL),
+            "cbn_backward": PyCapsule_New(<void*>&cbn_xla_backward, NULL, NULL)}

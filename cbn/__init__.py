@@ -35,7 +35,14 @@ __version__ = "0.1.0"
 
 def get_include() -> str:
     """The folder of cbn's C headers (``cbn.h``, the C ABI): for ``include_dirs`` when
-    building C, C++ or Cython code against cbn (see ``cbn.capi``)."""
+    building C, C++ or Cython code against cbn (see ``cbn.capi``).
+
+    Examples
+    --------
+    >>> import os, cbn
+    >>> os.path.isfile(os.path.join(cbn.get_include(), "cbn.h"))
+    True
+    """
     import os
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
 

@@ -21,8 +21,7 @@ import pytest
 
 import cbn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "capi"))
-import cbn_ctypes as abi  # noqa: E402
+from cbn import abi
 
 # (shape, axis): planes (K >= 16), short planes, rows (K == 1), glued rows, 5-D
 CASES = [((4, 6, 40), 1), ((3, 5, 7, 9), 1), ((64, 12), 1), ((8, 5, 5, 12), -1),

@@ -1,5 +1,25 @@
-"""ctypes mirrors of cbn's C ABI structs (cbn/include/cbn_core.h, cbn.h) for the tests:
-what a ctypes or cffi user of cbn.capi() writes."""
+"""cbn's C ABI from Python: ctypes mirrors of the structs of cbn/include/cbn_core.h and the
+entries of cbn.h as ctypes functions, for ctypes, cffi and numba callers.
+
+A ctypes call releases the GIL while the entry runs; numba's ``@njit`` code calls the same
+ctypes functions (see the README's "Embedding"). Field names and meanings are those of the
+C header, which documents each one.
+
+Examples
+--------
+>>> import ctypes, numpy as np
+>>> from cbn import abi
+>>> x = np.random.default_rng(0).standard_normal((64, 16, 1))      # (M, C, K)
+>>> y, mean, invstd = np.empty_like(x), np.empty(16), np.empty(16)
+>>> d = abi.desc(x)
+>>> a = abi.ForwardArgs(training=1, momentum=0.1, eps=1e-5, x=x.ctypes.data,
+...                     y=y.ctypes.data, save_mean=mean.ctypes.data,
+...                     save_invstd=invstd.ctypes.data)
+>>> abi.entry("forward")(ctypes.byref(d), ctypes.byref(a)) == abi.OK
+True
+>>> bool(np.allclose(mean, x.mean(axis=(0, 2))))
+True
+"""
 
 from __future__ import annotations
 
@@ -79,8 +99,16 @@ ARGS = {"forward": ForwardArgs, "normalize": NormalizeArgs, "eval_params": EvalP
         "backward_reduce": ReduceArgs, "backward_elements": ElementsArgs}
 
 
+__all__ = ["Act", "Desc", "ForwardArgs", "NormalizeArgs", "EvalParamsArgs", "BackwardArgs",
+           "MomentsArgs", "FinishArgs", "ReduceArgs", "ElementsArgs", "ARGS", "ACTS", "entry",
+           "desc", "message", "act", "ptr", "OK", "ERR_ARG", "ERR_DTYPE", "ERR_NOMEM", "F32",
+           "F64", "F16", "BF16"]
+
+
 def entry(name):
-    """The C ABI's entry `name` as a ctypes function (which releases the GIL)."""
+    """The C ABI's entry ``name`` (``"forward"``, ``"backward"``, ..., ``"view"``,
+    ``"status_name"``: the fields of cbn.h's cbn_api) as a ctypes function, which releases
+    the GIL while it runs."""
     addr = cbn.capi()[name]
     if name == "view":
         proto = ct.CFUNCTYPE(i32, ct.POINTER(Desc), i32, ct.POINTER(i64), ct.POINTER(i64), i32)
@@ -92,11 +120,13 @@ def entry(name):
 
 
 def ptr(a):
+    """The address of an ndarray's data (None for None)."""
     return None if a is None else a.ctypes.data
 
 
 def desc(x3, nthreads=1, storage=None):
-    """A descriptor of the C-contiguous (M, C, K) array x3, with a message buffer."""
+    """A descriptor of the C-contiguous (M, C, K) ndarray ``x3`` (its dtype, or the dtype
+    code ``storage``), with a 256-byte message buffer (read it with :func:`message`)."""
     code = {np.dtype(np.float32): F32, np.dtype(np.float64): F64,
             np.dtype(np.float16): F16}.get(x3.dtype, BF16) if storage is None else storage
     M, C, K = x3.shape
@@ -109,8 +139,10 @@ def desc(x3, nthreads=1, storage=None):
 
 
 def message(d):
+    """The message an entry wrote into a descriptor made by :func:`desc`."""
     return d._buf.value.decode()
 
 
 def act(name=None, slope=0.01):
+    """The activation struct for ``name`` (None, "relu", ...) and its negative_slope."""
     return Act(kind=ACTS[name], reserved=0, negative_slope=slope)

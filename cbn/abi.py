@@ -110,12 +110,16 @@ def entry(name):
     ``"status_name"``: the fields of cbn.h's cbn_api) as a ctypes function, which releases
     the GIL while it runs."""
     addr = cbn.capi()[name]
+    # pointers as void*: ctypes takes ctypes.byref(struct) or an address (an int), and
+    # numba's nopython mode, which knows no ctypes struct types, can call it
     if name == "view":
-        proto = ct.CFUNCTYPE(i32, ct.POINTER(Desc), i32, ct.POINTER(i64), ct.POINTER(i64), i32)
+        proto = ct.CFUNCTYPE(i32, vp, i32, vp, vp, i32)
     elif name == "status_name":
         proto = ct.CFUNCTYPE(ct.c_char_p, i32)
+    elif name in ARGS:
+        proto = ct.CFUNCTYPE(i32, vp, vp)
     else:
-        proto = ct.CFUNCTYPE(i32, ct.POINTER(Desc), ct.POINTER(ARGS[name]))
+        raise ValueError(f"no C ABI entry {name!r}")
     return proto(addr)
 
 

@@ -417,7 +417,7 @@ def test_numba_calls_the_abi_from_njit():
     # the structs as bytes that njit code can hand over by address
     dbuf = np.frombuffer(bytearray(bytes(d)), np.uint8)
     abuf = np.frombuffer(bytearray(bytes(args)), np.uint8)
-    forward = ct.CFUNCTYPE(ct.c_int32, ct.c_void_p, ct.c_void_p)(cbn.capi()["forward"])
+    forward = abi.entry("forward")
 
     @numba.njit
     def call(dp, ap):

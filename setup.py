@@ -202,8 +202,9 @@ extensions = [
     Extension(
         "cbn._kernels",
         ["cbn/_kernels.pyx"],
-        include_dirs=[numpy.get_include(), "cbn/src"],
-        depends=sorted(glob.glob("cbn/src/*.h")) + ["cbn/_kernels.pxd"],
+        include_dirs=[numpy.get_include(), "cbn/src", "cbn/include"],
+        depends=(sorted(glob.glob("cbn/src/*.h") + glob.glob("cbn/include/*.h"))
+                 + ["cbn/_kernels.pxd"]),
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     )
 ]

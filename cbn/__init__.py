@@ -22,7 +22,7 @@ True
 """
 
 from ._config import show_config
-from ._kernels import openmp_enabled, output_pool
+from ._kernels import capi, openmp_enabled, output_pool
 from ._state import load
 from ._threads import get_num_threads, set_num_threads
 from .distributed import SyncBatchNorm, precise_statistics
@@ -31,6 +31,21 @@ from .fusion import fold
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
+
+
+def get_include() -> str:
+    """The folder of cbn's C headers (``cbn.h``, the C ABI): for ``include_dirs`` when
+    building C, C++ or Cython code against cbn (see ``cbn.capi``).
+
+    Examples
+    --------
+    >>> import os, cbn
+    >>> os.path.isfile(os.path.join(cbn.get_include(), "cbn.h"))
+    True
+    """
+    import os
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+
 
 __all__ = [
     "BatchNorm",
@@ -42,7 +57,9 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
+    "capi",
     "fold",
+    "get_include",
     "get_num_threads",
     "load",
     "openmp_enabled",

@@ -2,7 +2,7 @@
 
 The kernels apply ``act(bn(x) + residual)`` in the output pass and multiply ``dy`` by
 ``act'`` in the backward's passes (cbn/src/cbn_act.h; the list is ``CBN_ACTIVATIONS`` in
-cbn/src/cbn_core.h, whose order the codes below follow). Definitions are torch's:
+cbn/include/cbn_core.h, whose order the codes below follow). Definitions are torch's:
 
 =============  ==========================================  ============================
 name           forward                                     derivative read from

@@ -14,7 +14,7 @@
 #
 # The entries (cbn_forward, cbn_normalize, cbn_eval_params, cbn_backward, cbn_moments,
 # cbn_finish, cbn_backward_reduce, cbn_backward_elements) take a cbn_desc and the
-# operation's cbn_*_args (cbn/src/cbn_core.h), return a cbn_status and write a message on
+# operation's cbn_*_args (cbn/include/cbn_core.h), return a cbn_status and write a message on
 # an error: no exception, no Python object, no GIL. All of them go through run(), the one
 # dtype dispatch of a call; below it every function is typed (`floating`). The def layer
 # (_defs.pxi) and the plain fast path (_plain.pxi) fill the structs and call the entries;
@@ -481,7 +481,7 @@ cdef int run(int op, const cbn_desc* d, const void* a) noexcept nogil:
 # ------------------------------------------------------------------------ the entries
 
 cdef int cbn_forward(const cbn_desc* d, const cbn_forward_args* a) noexcept nogil:
-    """Training or eval forward (see cbn_forward_args in cbn/src/cbn_core.h)."""
+    """Training or eval forward (see cbn_forward_args in cbn/include/cbn_core.h)."""
     return run(CORE_FORWARD, d, a)
 
 

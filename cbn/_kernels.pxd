@@ -108,11 +108,11 @@ cdef extern from "cbn_cache.h" nogil:
 
 
 cdef extern from "cbn_core.h" nogil:
-    # The core's descriptor and per-operation arguments (see cbn/src/cbn_core.h).
+    # The core's descriptor and per-operation arguments (see cbn/include/cbn_core.h).
     ctypedef int int32_t
     enum: CBN_DESC_VERSION
     ctypedef enum cbn_dtype:
-        CBN_FLOAT32, CBN_FLOAT64, CBN_FLOAT16, CBN_BFLOAT16
+        CBN_FLOAT32, CBN_FLOAT64, CBN_FLOAT16, CBN_BFLOAT16, CBN_NDTYPES
     ctypedef enum cbn_act_kind:
         CBN_ACT_NONE, CBN_ACT_RELU, CBN_ACT_RELU6, CBN_ACT_LEAKY_RELU, CBN_ACT_SILU,
         CBN_ACT_HARDSWISH, CBN_NACTS

@@ -24,7 +24,7 @@ def select_cpu_target(name: Optional[str] = None) -> str: ...
 def build_flags() -> str: ...
 
 # The general path's entries (cbn/_defs.pxi): each fills a cbn_desc and its operation's
-# cbn_*_args (cbn/src/cbn_core.h) and calls the GIL-free core entry. activation: a
+# cbn_*_args (cbn/include/cbn_core.h) and calls the GIL-free core entry. activation: a
 # cbn_act_kind (cbn._activations.KINDS); -1 in the backward: relu where output is given.
 def forward_train(x: _A, y: _A, weight: Optional[_A], bias: Optional[_A],
                   running_mean: Optional[_A], running_var: Optional[_A], save_mean: _A,

@@ -31,7 +31,7 @@ Where things live (the C is in real files; this module keeps partitions, merges,
 the core entries and the def layer). The includes come in dependency order, each using
 only what the ones before it define:
 
-  cbn/src/cbn_core.h      the core's plain interface: the descriptor (cbn_desc), each
+  cbn/include/cbn_core.h      the core's plain interface: the descriptor (cbn_desc), each
                           operation's typed arguments (cbn_*_args), status codes, and the
                           lists of dtypes and activations
   cbn/src/cbn_simd.h      vector-extension lanes, shared by every loop
@@ -232,3 +232,4 @@ include "_core.pxi"
 include "_defs.pxi"
 include "_plain.pxi"
 include "_pool.pxi"
+include "_capi.pxi"

@@ -27,9 +27,10 @@ root_doc = "index"
 # One page per public name, generated at build time into api/generated (git-ignored).
 autosummary_generate = True
 autosummary_imported_members = True
-# Signatures show the annotations' names (ArrayLike), not numpy.typing's expansion.
-autodoc_type_aliases = {"ArrayLike": "ArrayLike", "DTypeLike": "DTypeLike"}
-autodoc_typehints = "signature"
+# Signatures show names and defaults only, as NumPy's reference does: the types are in each
+# Parameters section (numpydoc), and annotations would print numpy.typing.ArrayLike as its
+# long private Union (or, with autodoc_type_aliases, as "TypeAliasForwardRef('ArrayLike')").
+autodoc_typehints = "none"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"show-inheritance": True}
 

@@ -50,7 +50,7 @@ import numpy as np
 import cbn
 from cbn import _reference
 from cbn._benchdata import (LAYOUTS, RESNET50_BN, SHORT, array_shape, case_name,
-                            layout_applies, make_case, param_dtype, parse_layout, parse_shape)
+                            layout_applies, make_case, parse_layout, parse_shape)
 from cbn._timing import SLOW_CALL, Table, calibrate, fmt_ratio, fmt_time, measure
 
 __all__ = ["main", "speed_table", "run", "contention", "plot", "CASES", "QUICK_CASES",
@@ -716,6 +716,8 @@ PLOT_METRICS = (
     ("numpy/cbn", "NumPy reference / cbn\n(> 1: cbn faster)", True),
     ("out/copy", "cbn out= / copy\n(copies of the input)", False),
 )
+#: Bars above this are cut there and labelled with their value.
+PLOT_CAP = 100.0
 _OP_COLOURS = {"train": "#1f77b4", "eval": "#ff7f0e", "backward": "#2ca02c",
                "train_fused": "#9467bd", "eval_fused": "#8c564b"}
 
@@ -730,7 +732,7 @@ def plot(doc: dict, path: str) -> None:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = doc["rows"]
     if not rows:
@@ -758,12 +760,19 @@ def plot(doc: dict, path: str) -> None:
                 if v:
                     xs.append(i - 0.4 + bar * (k + 0.5))
                     ys.append(v)
-            ax.bar(xs, ys, bar, label=op, color=_OP_COLOURS.get(op))
+            # A stalled peer (a thread team waiting for a core) can read 1000x: such bars
+            # are cut at PLOT_CAP and labelled with their value, so the others stay legible.
+            shown = [min(y, PLOT_CAP) for y in ys]
+            ax.bar(xs, shown, bar, label=op, color=_OP_COLOURS.get(op))
+            for x, y in zip(xs, ys):
+                if y > PLOT_CAP:
+                    ax.annotate(f"{y:.0f}", (x, PLOT_CAP), fontsize=6, rotation=90,
+                                ha="center", va="top", color="white")
         ax.axhline(1.0, color="black", linewidth=0.8)
         if log:
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel(f"{label}\n{t} thread{'s' if t > 1 else ''}", fontsize=8)
         ax.grid(axis="y", which="both", alpha=0.3)

@@ -512,9 +512,10 @@ class Progress:
             self.last = now
 
     def clear(self) -> None:
-        """Before other output on a terminal: end the progress line."""
+        """Before other output on a terminal: erase the progress line (it is printed
+        again, below that output, at the next step)."""
         if self.enabled and self.tty and 0 < self.done < len(self.weights):
-            print("", file=self.file, flush=True)
+            print("\r\x1b[K", end="", file=self.file, flush=True)
 
 
 def _row_weight(shape, dtype) -> float:

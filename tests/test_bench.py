@@ -397,3 +397,23 @@ def test_plot_draws_a_png_from_a_json_file(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert height > width > 500        # 3 ratios x 2 thread counts: six panels, stacked
+
+
+def test_progress_on_a_terminal_rewrites_one_line(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(_bench.time, "perf_counter", lambda: now[0])
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    buf = Tty()
+    p = _bench.Progress([1, 1], file=buf)
+    now[0] = 3.0
+    p.step()
+    p.clear()                              # erased: the table's next row takes the line
+    now[0] = 6.0
+    p.step()
+    assert buf.getvalue() == ("\rrow 1/2, 3s elapsed, about 3s left\x1b[K"
+                              "\r\x1b[K"
+                              "\rrow 2/2, 6s elapsed\x1b[K\n")

@@ -2,10 +2,11 @@
 
     python .ci/docs_check.py extras NAME...            pip requirements of pyproject's extras
     python .ci/docs_check.py api DOM                    the rendered cbn.batch_norm page
-    python .ci/docs_check.py asv-config DIR             an asv config writing under DIR
+    python .ci/docs_check.py asv-config DIR [no-filter] an asv config writing under DIR
     python .ci/docs_check.py asv-slow RESULTS HASH F    multiply one commit's results by F
-    python .ci/docs_check.py asv-regressions HTML       Regressions: cbn's rows, no baseline
-    python .ci/docs_check.py asv-grid DOM               the summary grid drew its graphs
+    python .ci/docs_check.py asv-regressions HTML [CONTROL_HTML]
+                                                        Regressions: cbn's rows, no baseline
+    python .ci/docs_check.py asv-grid DOM [N]           the summary grid drew N graphs
     python .ci/docs_check.py png FILE                   a chart was drawn
 
 DOM files are what ``chromium --headless --dump-dom`` printed: the page after its scripts
@@ -84,18 +85,32 @@ def api(dom_path):
           f"and defaults, each described ({', '.join(listed)})")
 
 
-def asv_config(directory):
+def asv_config(directory, variant="as-is"):
     """The repository's asv.conf.json, writing its results and HTML under DIRECTORY (so
-    that this check leaves the checkout's .asv alone); its regression settings as they are."""
+    that this check leaves the checkout's .asv alone); its regression settings as they are,
+    or, with variant "no-filter", without ``regressions_first_commits`` and writing its
+    HTML to DIRECTORY/html-no-filter (the control: there the baselines must show up)."""
     text = (ROOT / "asv.conf.json").read_text()
     conf = json.loads(re.sub(r"^\s*//.*$", "", text, flags=re.M))
     d = Path(directory).resolve()
+    # the dashboard shows the commits of its branches: the one checked out (main in CI)
+    import subprocess
+    branch = subprocess.run(["git", "symbolic-ref", "--short", "-q", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
     conf.update(repo=str(ROOT), benchmark_dir=str(ROOT / "benchmarks"),
                 env_dir=str(d / "env"), results_dir=str(d / "results"),
-                html_dir=str(d / "html"), branches=[conf.get("branches", ["main"])[0]])
+                html_dir=str(d / "html"),
+                branches=[branch or conf.get("branches", ["main"])[0]])
+    name = "asv.conf.json"
+    if variant == "no-filter":
+        conf.pop("regressions_first_commits", None)
+        conf["html_dir"] = str(d / "html-no-filter")
+        name = "asv-no-filter.conf.json"
+    elif variant != "as-is":
+        fail(f"unknown variant {variant!r}")
     d.mkdir(parents=True, exist_ok=True)
-    (d / "asv.conf.json").write_text(json.dumps(conf, indent=1))
-    print(d / "asv.conf.json")
+    (d / name).write_text(json.dumps(conf, indent=1))
+    print(d / name)
 
 
 def asv_slow(results_dir, commit, factor):
@@ -122,36 +137,48 @@ def asv_slow(results_dir, commit, factor):
     print(f"docs_check: results of {commit[:8]} x {factor} ({len(files)} file(s))")
 
 
-def asv_regressions(html_dir):
+def _regressions(html_dir):
     path = Path(html_dir) / "regressions.json"
     if not path.is_file():
         fail(f"{path} is missing (asv publish)")
-    doc = json.loads(path.read_text())
-    names = [r[0] for r in doc.get("regressions", [])]
+    names = [r[0] for r in json.loads(path.read_text()).get("regressions", [])]
+    pattern = r"'(" + "|".join(re.escape(b) for b in BASELINES) + r")'[,)]"
+    return names, [n for n in names if re.search(pattern, n)]
+
+
+def asv_regressions(html_dir, control=None):
+    """The Regressions of HTML_DIR list cbn's rows and none of a baseline; those of the
+    CONTROL (published without the filter) do list baselines, so the filter is what
+    keeps them out."""
+    names, baseline = _regressions(html_dir)
     if not names:
         fail("the simulated slowdown produced no regression at all: detection is off")
-    baseline = [n for n in names
-                if re.search(r"'(" + "|".join(re.escape(b) for b in BASELINES) + r")'[,)]", n)]
     if baseline:
         fail(f"baseline rows listed as regressions: {baseline[:5]}")
+    if control is not None:
+        c_names, c_baseline = _regressions(control)
+        if not c_baseline:
+            fail("without the filter no baseline row is listed either: the check proves "
+                 "nothing (run a benchmark with an implementation='numpy' row)")
+        print(f"docs_check: without asv.conf.json's filter {len(c_names)} regressions, "
+              f"{len(c_baseline)} of them baselines (e.g. {c_baseline[0]})")
     print(f"docs_check: {len(names)} regressions listed, none of a baseline "
           f"({', '.join(BASELINES)}); e.g. {names[0]}")
 
 
-def asv_grid(dom_path):
+def asv_grid(dom_path, expect="1"):
+    """The summary grid drew a graph (a canvas) in at least EXPECT benchmark boxes (the
+    benchmarks that have results; boxes without results stay empty)."""
     dom = Path(dom_path).read_text()
-    if "error.html" in dom and "benchmark-plot" not in dom:
-        fail("the dashboard redirected to its error page (scripts failed to load)")
-    plots = re.findall(r'<div[^>]*class="benchmark-plot"[^>]*>(.*?)</div>\s*<div[^>]*class='
-                       r'"benchmark-text"', dom, flags=re.S)
-    if not plots:
-        plots = dom.split('class="benchmark-plot"')[1:]
-    drawn = [p for p in plots if "<canvas" in p]
-    if not plots:
-        fail("the summary grid has no benchmark boxes")
-    if not drawn:
-        fail(f"none of the {len(plots)} benchmark boxes drew a graph (no canvas)")
-    print(f"docs_check: summary grid: {len(drawn)} of {len(plots)} boxes drew a graph")
+    if "benchmark-plot" not in dom:
+        fail("the summary grid has no benchmark boxes (redirected to the error page?)")
+    plots = dom.split('class="benchmark-plot"')[1:]
+    drawn = [p for p in plots if "<canvas" in p.split('class="benchmark-text"', 1)[0]]
+    if len(drawn) < int(expect):
+        fail(f"{len(drawn)} of the {len(plots)} benchmark boxes drew a graph (no canvas); "
+             f"expected {expect}")
+    print(f"docs_check: summary grid: {len(drawn)} of {len(plots)} boxes drew a graph "
+          f"(the others have no results in this run)")
 
 
 def png(path):

@@ -13,7 +13,8 @@ points every page at them (the CDN tags, with their integrity hashes, are replac
 Debian's flot is 4.2 (asv was written against 0.8.3): its ``jquery.flot.js`` holds the core
 and the time, selection, categories and axis-label plugins that asv uses; the two plugins
 no package ships, stupidtable and flot-orderbars, are small stand-ins kept next to this file
-(``benchmarks/asv_offline/``). ``.ci/docs`` publishes a run, applies this, and checks in a
+(``benchmarks/asv_offline_js/``), with ``flot4-compat.js``, which gives flot 4's SVG legend
+the white background and plain-text labels asv's 0.8-era options assume. ``.ci/docs`` publishes a run, applies this, and checks in a
 headless browser that the summary grid draws its graphs with no network.
 
 (asv imports every module of benchmarks/ while discovering benchmarks: this one defines none
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
-SHIMS = HERE / "asv_offline"
+SHIMS = HERE / "asv_offline_js"
 JS = Path("/usr/share/javascript")
 
 #: (what a CDN URL contains, local file name, source file, Debian package); a source of
@@ -41,6 +42,7 @@ VENDOR = [
      "libjs-jquery"),
     ("flot/0.8.3/jquery.flot.min.js", "jquery.flot.js", JS / "jquery-flot" / "jquery.flot.js",
      "libjs-jquery-flot"),
+    ("flot4-compat", "flot4-compat.js", SHIMS / "flot4-compat.js", None),
     ("flot/0.8.3/jquery.flot.time.min.js", None, None, "libjs-jquery-flot"),
     ("flot/0.8.3/jquery.flot.selection.min.js", None, None, "libjs-jquery-flot"),
     ("flot/0.8.3/jquery.flot.categories.min.js", None, None, "libjs-jquery-flot"),
@@ -87,7 +89,10 @@ def _replacement(tag: str, url: str) -> Optional[str]:
                 return ""
             if name.endswith(".css"):
                 return f'<link rel="stylesheet" href="vendor/{name}">'
-            return f'<script type="text/javascript" src="vendor/{name}"></script>'
+            tag = f'<script type="text/javascript" src="vendor/{name}"></script>'
+            if name == "jquery.flot.js":                 # flot 4 with asv's 0.8 options
+                tag += '\n    <script type="text/javascript" src="vendor/flot4-compat.js"></script>'
+            return tag
     if url == ASV_AXISLABELS:
         return ""
     return None

@@ -2,7 +2,7 @@
 
 Every ```python block of README.md runs on its own, in a fresh namespace and a temporary
 working directory, so a snippet that uses a name it does not define, or an API that changed,
-fails here. A snippet that imports an optional package (PyTorch, ml_dtypes) is skipped when
+fails here. A snippet that imports an optional package (PyTorch, ml_dtypes, mpi4py) is skipped when
 that package is not installed.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-OPTIONAL = {"torch", "ml_dtypes", "sklearn", "threadpoolctl"}
+OPTIONAL = {"torch", "ml_dtypes", "sklearn", "threadpoolctl", "mpi4py"}
 
 
 def _snippets():

@@ -28,7 +28,12 @@ thread, in a quiet phase first; then N processes, each calling cbn at its defaul
 count on the same shapes at the same time, round after round; with ``--busy-thread`` each
 of them also runs a thread that keeps one core busy outside OpenMP.
 
-Timing and tables come from :mod:`cbn._timing`, the harness the asv suite uses too.
+Timing and tables come from :mod:`cbn._timing`, the harness the asv suite uses too; the data
+(and the layout names ``channels_first`` / ``channels_last``) from :mod:`cbn._benchdata`,
+which the asv suite uses too. Long runs report their progress on stderr (:class:`Progress`);
+the table goes to stdout row by row (flushed), 100 columns wide unless ``--wide``;
+``--plot`` draws :func:`plot`'s chart; ``--case resnet50`` times the 53 BatchNorm2d layers
+of ResNet-50 and sums them (:func:`set_totals`).
 """
 
 from __future__ import annotations

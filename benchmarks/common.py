@@ -6,9 +6,10 @@ two cores, while each array (~1M values) is well outside the L2 cache.
 This module must keep working against older commits of cbn (asv runs the current suite
 against every commit it benchmarks), so it uses only the public functional API and
 ``cbn._reference`` of the cbn it measures, never ``cbn._bench``. The timing harness,
-``cbn/_timing.py`` (the one ``python -m cbn bench`` uses), is loaded from this checkout by
-its path, so the method is the same whichever commit is measured; outside a checkout the
-installed ``cbn._timing`` is used.
+``cbn/_timing.py``, and the data recipe and layout names, ``cbn/_benchdata.py`` (the ones
+``python -m cbn bench`` uses), are loaded from this checkout by their paths, so the method
+and the data are the same whichever commit is measured; outside a checkout the installed
+``cbn._timing`` and ``cbn._benchdata`` are used.
 
 Thread counts are pinned, so that figures from different commits and machines mean the
 same: every benchmark runs cbn on ``THREADS`` = 1 thread, except those of
@@ -20,21 +21,37 @@ import functools
 import importlib.util
 import os
 import sys
-import types
 from pathlib import Path
-
-import numpy as np
 
 import cbn
 from cbn import _reference
+
+
+def _load_checkout_module(name):
+    """cbn/NAME.py of this checkout (the installed cbn.NAME outside a checkout)."""
+    path = Path(__file__).resolve().parent.parent / "cbn" / f"{name}.py"
+    if path.is_file():
+        key = f"_cbn_asv{name}"  # _cbn_asv_timing, _cbn_asv_benchdata
+        if key not in sys.modules:
+            spec = importlib.util.spec_from_file_location(key, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module
+            spec.loader.exec_module(module)
+        return sys.modules[key]
+    return importlib.import_module(f"cbn.{name}")
+
+
+timing = _load_checkout_module("_timing")
+benchdata = _load_checkout_module("_benchdata")
+
 
 #: 2D (N, C), 3D (N, C, L), 4D (N, C, H, W), 5D (N, C, D, H, W), all in channels-first order.
 SHAPES = ["8192x128", "32x64x512", "32x64x28x28", "8x32x8x16x16"]
 DTYPES = ["float32", "float64"]
 #: channels_first: axis=1 on the array as given; channels_last: the same logical shape
-#: stored as (N, *spatial, C), axis=-1. For 2D inputs both are the same, so 2D
-#: channels_last is skipped.
-LAYOUTS = ["channels_first", "channels_last"]
+#: stored as (N, *spatial, C), axis=-1 (cbn/_benchdata.py). For 2D inputs both are the same,
+#: so 2D channels_last is skipped.
+LAYOUTS = list(benchdata.LAYOUTS)
 IMPLEMENTATIONS = ["cbn", "numpy"]
 
 EPS = 1e-5
@@ -61,41 +78,22 @@ def _multi_threads(text):
 MULTI_THREADS = _multi_threads(os.environ.get("CBN_ASV_MULTI_THREADS", "2"))
 
 
-def _load_timing():
-    """cbn/_timing.py of this checkout (the installed cbn._timing outside a checkout)."""
-    path = Path(__file__).resolve().parent.parent / "cbn" / "_timing.py"
-    if path.is_file():
-        name = "_cbn_asv_timing"
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        return sys.modules[name]
-    from cbn import _timing
-    return _timing
-
-
-timing = _load_timing()
-
 FORWARD = {"cbn": cbn.batch_norm_forward, "numpy": _reference.batch_norm_forward}
 BACKWARD = {"cbn": cbn.batch_norm_backward, "numpy": _reference.batch_norm_backward}
 
 
 def parse_shape(text):
-    return tuple(int(v) for v in text.split("x"))
+    return benchdata.parse_shape(text)
 
 
 def array_shape(shape, layout):
     """(shape of the stored array, channel axis)."""
-    if layout == "channels_last":
-        return (shape[0],) + tuple(shape[2:]) + (shape[1],), -1
-    return tuple(shape), 1
+    return benchdata.array_shape(shape, layout)
 
 
 def check_params(shape, layout):
     """Raise NotImplementedError (asv: skipped) for combinations that mean nothing new."""
-    if layout == "channels_last" and len(parse_shape(shape)) == 2:
+    if not benchdata.layout_applies(parse_shape(shape), layout):
         raise NotImplementedError("2D input: channels_last is the same as channels_first")
 
 
@@ -104,32 +102,14 @@ def case(shape, dtype, layout, seed=0):
     """Input data for one parameter combination (cached per process: never write to it;
     the arrays stay writable because early commits of cbn rejected read-only inputs).
 
-    Returns a namespace with x (input), g (an upstream gradient), w, b (affine parameters),
-    rm, rv (initial running statistics: copy them before a training call), save_mean,
-    save_invstd (x's mean and 1/std), axis, C. x and g are made in place, without
-    temporaries.
+    The recipe is :func:`cbn._benchbenchdata.make_case`: a namespace with x (input), g (an
+    upstream gradient), w, b (affine parameters), rm, rv (initial running statistics: copy
+    them before a training call), save_mean, save_invstd (x's distribution's mean and
+    1/std, so that setup makes no temporaries, which would show in the peakmem_*
+    benchmarks), axis, C, shape.
     """
     check_params(shape, layout)
-    dims = parse_shape(shape)
-    ashape, axis = array_shape(dims, layout)
-    dtype = np.dtype(dtype)
-    rng = np.random.default_rng(seed)
-    C = dims[1]
-    x = rng.standard_normal(ashape, dtype=dtype)
-    x *= 2
-    x += 0.5
-    g = rng.standard_normal(ashape, dtype=dtype)
-    w = rng.uniform(0.5, 1.5, C).astype(dtype)
-    b = rng.standard_normal(C).astype(dtype)
-    rm = (0.1 * rng.standard_normal(C)).astype(dtype)
-    rv = rng.uniform(0.5, 2.0, C).astype(dtype)
-    # The batch statistics of x are those of its distribution to a few digits: taking
-    # them from the distribution keeps setup free of temporaries, which would otherwise
-    # show in the peakmem_* benchmarks (the process's peak memory includes setup).
-    save_mean = np.full(C, 0.5, dtype=dtype)
-    save_invstd = np.full(C, 0.5, dtype=dtype)
-    return types.SimpleNamespace(x=x, g=g, w=w, b=b, rm=rm, rv=rv, save_mean=save_mean,
-                                 save_invstd=save_invstd, axis=axis, C=C, shape=dims)
+    return benchdata.make_case(parse_shape(shape), dtype, layout, seed)
 
 
 def running_stats(d):

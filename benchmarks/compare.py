@@ -5,7 +5,7 @@ A thin wrapper: the code lives in the package (``cbn/_bench.py``) so that
 
     python benchmarks/compare.py --quick
     python benchmarks/compare.py --threads 1 --dtype float32 --json compare.json
-    python benchmarks/compare.py --case 32x64x56x56 --layout nhwc --op train --threads 1,2
+    python benchmarks/compare.py --case 32x64x56x56 --layout channels_last --op train --threads 1,2
 
 See ``python benchmarks/compare.py --help`` and docs/performance.md.
 (asv imports every module of this folder while discovering benchmarks: this one defines

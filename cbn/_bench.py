@@ -28,7 +28,12 @@ thread, in a quiet phase first; then N processes, each calling cbn at its defaul
 count on the same shapes at the same time, round after round; with ``--busy-thread`` each
 of them also runs a thread that keeps one core busy outside OpenMP.
 
-Timing and tables come from :mod:`cbn._timing`, the harness the asv suite uses too.
+Timing and tables come from :mod:`cbn._timing`, the harness the asv suite uses too; the data
+(and the layout names ``channels_first`` / ``channels_last``) from :mod:`cbn._benchdata`,
+which the asv suite uses too. Long runs report their progress on stderr (:class:`Progress`);
+the table goes to stdout row by row (flushed), 100 columns wide unless ``--wide``;
+``--plot`` draws :func:`plot`'s chart; ``--case resnet50`` times the 53 BatchNorm2d layers
+of ResNet-50 and sums them (:func:`set_totals`).
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ import numpy as np
 
 import cbn
 from cbn import _reference
+from cbn._benchdata import (LAYOUTS, RESNET50_BN, SHORT, array_shape, case_name,
+                            layout_applies, make_case, parse_layout, parse_shape)
 from cbn._timing import SLOW_CALL, Table, calibrate, fmt_ratio, fmt_time, measure
 
-__all__ = ["main", "speed_table", "run", "contention", "CASES", "QUICK_CASES",
-           "CONTENTION_CASES"]
+__all__ = ["main", "speed_table", "run", "contention", "plot", "CASES", "QUICK_CASES",
+           "CASE_SETS", "CONTENTION_CASES"]
 
 #: Shapes in NCHW order (channels second). Channels-last rows use the same logical shape
 #: stored as (N, *spatial, C) with ``axis=-1``; 2D shapes have a single layout.
@@ -69,9 +76,17 @@ CASES: List[tuple] = [
     (2, 8, 4, 4),     # per-call overhead
 ]
 QUICK_CASES: List[tuple] = [(16, 256, 14, 14), (256, 1024), (2, 8, 4, 4)]
+#: Named sets of cases for ``--case NAME``: {name: {shape: how many layers have it}}.
+#: ``resnet50``: the input shapes of the 53 BatchNorm2d layers of ResNet-50 at batch 16
+#: (cbn._benchdata.RESNET50_BN); the summary adds each op's time over all 53 layers.
+CASE_SETS: Dict[str, Dict[tuple, int]] = {
+    "resnet50": {(16,) + chw: count for chw, count in RESNET50_BN},
+}
 
 DTYPES = ("float32", "float64")
-LAYOUTS = ("nchw", "nhwc")
+#: Accepted by --dtype besides DTYPES: stored in 16 bits, computed in float32 (bfloat16
+#: needs ml_dtypes). Today's cbn converts them through NumPy around the float32 kernels.
+HALF_DTYPES = ("float16", "bfloat16")
 OPS = ("train", "eval", "backward", "train_fused", "eval_fused")
 IMPLS = ("copy", "cbn", "cbn_out", "torch", "ort", "numpy")
 OP_TITLES = {"train": "training forward", "eval": "eval forward",
@@ -84,23 +99,20 @@ MOMENTUM = 0.1
 
 #: Contention mode: (shape in NCHW order, layout), float32 sizes from 0.1 MB to 30 MB
 #: (4x16x20x20 and 24x1024: 0.1 MB; 16x64x28x28: 3.2 MB; 256x1024: 1 MB; 32x64x56x56:
-#: 26 MB; 7168x1024: 29 MB). "2d" is an (N, C) input.
+#: 26 MB; 7168x1024: 29 MB).
 CONTENTION_CASES: List[tuple] = [
-    ((4, 16, 20, 20), "nchw"), ((16, 64, 28, 28), "nchw"), ((32, 64, 56, 56), "nchw"),
-    ((4, 16, 20, 20), "nhwc"), ((16, 64, 28, 28), "nhwc"), ((32, 64, 56, 56), "nhwc"),
-    ((24, 1024), "2d"), ((256, 1024), "2d"), ((7168, 1024), "2d"),
+    ((4, 16, 20, 20), "channels_first"), ((16, 64, 28, 28), "channels_first"),
+    ((32, 64, 56, 56), "channels_first"), ((4, 16, 20, 20), "channels_last"),
+    ((16, 64, 28, 28), "channels_last"), ((32, 64, 56, 56), "channels_last"),
+    ((24, 1024), "channels_first"), ((256, 1024), "channels_first"),
+    ((7168, 1024), "channels_first"),
 ]
 CONTENTION_OPS = ("train", "eval", "backward")
 
 
-def case_name(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape)
-
-
 def _parse_case(text: str) -> tuple:
-    parts = text.lower().replace(",", "x").replace("(", "").replace(")", "").split("x")
     try:
-        return tuple(int(p) for p in parts if p.strip())
+        return parse_shape(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad case {text!r}: expected e.g. 32x64x56x56")
 
@@ -147,25 +159,29 @@ def _cpu_model() -> str:
 # --------------------------------------------------------------------------- one row
 
 
-def _array_shape(shape, layout):
-    if layout == "nhwc":
-        return (shape[0],) + tuple(shape[2:]) + (shape[1],), -1
-    return tuple(shape), 1
+def _is_bfloat16(dtype) -> bool:
+    return np.dtype(dtype).name == "bfloat16"
 
 
 def _to_torch_view(torch, a, layout):
     """A tensor sharing ``a``'s memory with NCHW logical shape (channels_last if NHWC)."""
-    t = torch.from_numpy(a)
-    if layout == "nhwc":
+    if _is_bfloat16(a.dtype):
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(a)
+    if layout == "channels_last" and a.ndim > 2:
         nd = a.ndim
         t = t.permute(0, nd - 1, *range(1, nd - 1))
     return t
 
 
-def _from_torch_view(t, layout):
-    if layout == "nhwc":
+def _from_torch_view(torch, t, layout, dtype):
+    """The NumPy array of a result tensor, back in ``layout`` (bfloat16 through int16)."""
+    if layout == "channels_last" and t.dim() > 2:
         nd = t.dim()
         t = t.permute(0, *range(2, nd), 1)
+    if _is_bfloat16(dtype):
+        return t.contiguous().view(torch.int16).numpy().view(dtype)
     return t.numpy()
 
 
@@ -195,24 +211,16 @@ def _ort_eval(ort, x, w, b, rm, rv, threads):
 
 
 def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
-    """Callables for one row, in the order they are interleaved."""
-    rng = np.random.default_rng(seed)
+    """Callables for one row, in the order they are interleaved. The data are
+    :func:`cbn._benchdata.make_case`'s, as in the asv suite."""
     dtype = np.dtype(dtype)
-    ashape, axis = _array_shape(shape, layout)
-    C = shape[1]
-    x = rng.standard_normal(ashape, dtype=dtype)
-    x *= 2
-    x += 0.5
-    w = rng.uniform(0.5, 1.5, C).astype(dtype)
-    b = rng.standard_normal(C).astype(dtype)
-    rm0 = (0.1 * rng.standard_normal(C)).astype(dtype)
-    rv0 = rng.uniform(0.5, 2.0, C).astype(dtype)
-    buf = np.empty_like(x)
     training = op not in ("eval", "eval_fused")
     # The fused ops add a residual and a ReLU: cbn does it in its one output pass; torch
     # and NumPy, which have no such fusion on the CPU, do it as two more element-wise ops.
     fused = op.endswith("_fused")
-    r = rng.standard_normal(ashape, dtype=dtype) if fused else None
+    d = make_case(shape, dtype, layout, seed, residual=fused)
+    x, w, b, rm0, rv0, axis, r = d.x, d.w, d.b, d.rm, d.rv, d.axis, d.r
+    buf = np.empty_like(x)
     extra = {"activation": "relu", "residual": r} if fused else {}
     fns: Dict[str, Callable] = {}
     notes = {}
@@ -221,7 +229,7 @@ def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
         fns["copy"] = lambda: np.copyto(buf, x)
 
     if op == "backward":
-        g = rng.standard_normal(ashape, dtype=dtype)
+        g = d.g
         _, sm, si = cbn.batch_norm_forward(x, w, b, None, None, True, MOMENTUM, EPS, axis=axis)
         if "cbn" in impls:
             fns["cbn"] = lambda: cbn.batch_norm_backward(g, x, w, sm, si, True, axis=axis,
@@ -238,7 +246,8 @@ def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
             mask = [True, True, True]
             fns["torch"] = _first_call_copies(
                 lambda: _from_torch_view(
-                    nbb(tg, tx, tw, trm, trv, tsm, tsi, True, EPS, mask)[0], layout),
+                    torch, nbb(tg, tx, tw, trm, trv, tsm, tsi, True, EPS, mask)[0], layout,
+                    dtype),
                 lambda: nbb(tg, tx, tw, trm, trv, tsm, tsi, True, EPS, mask))
         if "numpy" in impls:
             fns["numpy"] = lambda: _reference.batch_norm_backward(g, x, w, sm, si, True,
@@ -265,10 +274,13 @@ def _setup_row(shape, dtype, layout, threads, op, impls, torch, ort, seed=0):
                                         .add_(tr))
         else:
             timed = lambda: nb(tx, tw, tb, trm, trv, training, MOMENTUM, EPS)[0]
-        fns["torch"] = _first_call_copies(lambda: _from_torch_view(timed(), layout), timed)
+        fns["torch"] = _first_call_copies(
+            lambda: _from_torch_view(torch, timed(), layout, dtype), timed)
     if "ort" in impls and ort is not None and op == "eval":
-        if layout == "nhwc" and len(shape) > 2:
+        if layout == "channels_last" and len(shape) > 2:
             notes["ort"] = "ONNX BatchNormalization is channels-first only"
+        elif dtype.itemsize == 2:
+            notes["ort"] = "not timed for half-precision inputs"
         else:
             try:
                 fns["ort"] = _ort_eval(ort, x, w, b, rm0.copy(), rv0.copy(), threads)
@@ -300,15 +312,15 @@ def _check(results, dtype):
     ref = results.get("cbn", {}).get("result")
     if not isinstance(ref, np.ndarray):
         return []
-    tol = 2e-3 if np.dtype(dtype) == np.float32 else 1e-9
-    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    tol = {2: 3e-2, 4: 2e-3}.get(np.dtype(dtype).itemsize, 1e-9)
+    scale = max(1.0, float(np.max(np.abs(ref.astype(np.float64))))) if ref.size else 1.0
     bad = []
     for name, r in results.items():
         got = r.get("result")
         if name in ("copy", "cbn") or not isinstance(got, np.ndarray):
             continue
-        if got.shape != ref.shape or (ref.size and
-                                      float(np.max(np.abs(got - ref))) > tol * scale):
+        if got.shape != ref.shape or (ref.size and float(np.max(np.abs(
+                got.astype(np.float64) - ref.astype(np.float64)))) > tol * scale):
             bad.append(name)
     return bad
 
@@ -340,7 +352,7 @@ def measure_row(shape, dtype, layout, threads, op, *, impls=IMPLS, torch=None, o
     }
     return {
         "case": case_name(shape), "shape": list(shape), "dtype": np.dtype(dtype).name,
-        "layout": layout, "axis": 1 if layout == "nchw" else -1, "threads": threads, "op": op,
+        "layout": layout, "axis": array_shape(shape, layout)[1], "threads": threads, "op": op,
         "n_values": int(np.prod(shape)),
         "interleaving": "settled blocks" if blocks else "call by call",
         "median_s": med,
@@ -365,27 +377,41 @@ _RATIO_PARTS = {"cbn/copy": ("cbn", "copy"), "out/copy": ("cbn_out", "copy"),
 _TIME_WIDTH = 8
 
 
+#: The ratios of the default table (``--wide``: every time and every ratio).
+NARROW_RATIOS = ("torch/cbn", "numpy/cbn", "out/copy")
+NARROW_IMPLS = ("cbn", "torch")
+
+
 class ComparisonTable(Table):
     """The table of :func:`run`: case, dtype, layout, threads, op, one time per
-    implementation in use, then the ratios those implementations allow."""
+    implementation in use, then the ratios those implementations allow.
+
+    ``wide=False`` (the default of the command line) keeps the times of cbn and torch and
+    the ratios torch/cbn, numpy/cbn and out/copy: at most 100 columns for the default
+    cases. ``wide=True`` shows every time and every ratio.
+    """
 
     def __init__(self, impls: Sequence[str], cases: Sequence[Sequence[int]],
-                 ops: Sequence[str], ratio_keys: Sequence[str] = RATIO_KEYS, file=None):
-        self.impls = [i for i in IMPLS if i in impls]
-        self.ratio_keys = [k for k in ratio_keys
-                           if all(i in self.impls for i in _RATIO_PARTS[k])]
+                 ops: Sequence[str], ratio_keys: Sequence[str] = RATIO_KEYS, file=None,
+                 wide: bool = True, dtypes: Sequence[str] = DTYPES):
+        shown = IMPLS if wide else NARROW_IMPLS
+        self.impls = [i for i in IMPLS if i in impls and i in shown]
+        keys = ratio_keys if wide else [k for k in NARROW_RATIOS if k in ratio_keys]
+        self.ratio_keys = [k for k in keys if all(i in impls for i in _RATIO_PARTS[k])]
         n = len(self.impls) + len(self.ratio_keys)
         super().__init__(
             ["case", "dtype", "layout", "thr", "op"]
             + [i.replace("cbn_out", "cbn out=") for i in self.impls] + self.ratio_keys,
             align=["<", "<", "<", ">", "<"] + [">"] * n,
-            widths=[max([len(case_name(c)) for c in cases] + [4]), 7, 6, 3,
-                    max(len(op) for op in ops)] + [_TIME_WIDTH] * n,
+            widths=[max([len(case_name(c)) for c in cases] + [4]),
+                    max(len(str(getattr(d, "name", d))) for d in dtypes), 6, 3,
+                    max(len(op) for op in ops)] + [_TIME_WIDTH - 1] * n,
             file=file)
 
     def add(self, r: dict) -> None:
         """Print the row of one :func:`measure_row` result."""
-        self.row([r["case"], r["dtype"], r["layout"], r["threads"], r["op"]]
+        self.row([r["case"], r["dtype"], SHORT.get(r["layout"], r["layout"]), r["threads"],
+                  r["op"]]
                  + [fmt_time(r["median_s"].get(i)) for i in self.impls]
                  + [fmt_ratio(r["ratios"].get(k)) for k in self.ratio_keys],
                  suffix=("  MISMATCH: " + ",".join(r["mismatch"]) if r.get("mismatch")
@@ -405,14 +431,17 @@ def geomeans(rows, key) -> Dict[str, dict]:
 
 def describe_environment(threads_list) -> List[str]:
     v = _versions()
+    b = _build()
     peers = ", ".join(f"{k} {v[k]}" for k in ("torch", "onnxruntime") if v.get(k))
     return [
-        f"cbn {v['cbn']} (OpenMP {'on' if cbn.openmp_enabled() else 'off'}), numpy "
-        f"{v['numpy']}, Python {v['python']}" + (f", {peers}" if peers else ""),
+        f"cbn {v['cbn']} (OpenMP {'on' if cbn.openmp_enabled() else 'off'}, loops for "
+        f"{b.get('cpu_target', '?')}), numpy {v['numpy']}, Python {v['python']}"
+        + (f", {peers}" if peers else ""),
         f"CPU: {_cpu_model()}, os.cpu_count() = {os.cpu_count()}; threads per row: "
         f"{', '.join(map(str, threads_list))} (numpy reference and copy: 1)",
         "medians of interleaved rounds; times are per call; copy = np.copyto into a "
-        "preallocated array of the input's size",
+        "preallocated array of the input's size; layout first = channels-first (NCHW, "
+        "axis=1), last = channels-last (NHWC, axis=-1)",
     ]
 
 
@@ -431,9 +460,121 @@ class _Printer:
 # --------------------------------------------------------------------------- driver
 
 
+class Progress:
+    """Row i of N, the time elapsed and an estimate of the time left, on stderr.
+
+    On a terminal one line is rewritten after every row; otherwise (a pipe, a CI log) a line
+    is printed every ``every`` seconds, so that a long run shows it is alive without
+    burying the table. The estimate weighs each row by its array size (bigger rows take
+    longer: the NumPy reference is timed on them) plus a constant (every row times each
+    implementation for ``min_time`` at least).
+    """
+
+    def __init__(self, weights: Sequence[float], file=None, enabled: bool = True,
+                 every: float = 15.0):
+        self.weights = list(weights)
+        self.total = float(sum(self.weights)) or 1.0
+        self.file = file if file is not None else sys.stderr
+        self.enabled = enabled and len(self.weights) > 1
+        self.tty = bool(getattr(self.file, "isatty", lambda: False)())
+        self.every = every
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.done = 0
+        self.done_weight = 0.0
+
+    @staticmethod
+    def _fmt(seconds: float) -> str:
+        seconds = int(round(seconds))
+        if seconds < 60:
+            return f"{seconds}s"
+        if seconds < 3600:
+            return f"{seconds // 60}m{seconds % 60:02d}s"
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        n = len(self.weights)
+        text = f"row {self.done}/{n}, {self._fmt(elapsed)} elapsed"
+        if 0 < self.done < n and self.done_weight > 0:
+            left = elapsed / self.done_weight * (self.total - self.done_weight)
+            text += f", about {self._fmt(left)} left"
+        return text
+
+    def step(self) -> None:
+        """One more row done."""
+        self.done_weight += self.weights[self.done]
+        self.done += 1
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        last_row = self.done == len(self.weights)
+        if self.tty:
+            end = "\n" if last_row else ""
+            print("\r" + self.line() + "\x1b[K", end=end, file=self.file, flush=True)
+        elif last_row or now - self.last >= self.every:
+            print(self.line(), file=self.file, flush=True)
+            self.last = now
+
+    def clear(self) -> None:
+        """Before other output on a terminal: erase the progress line (it is printed
+        again, below that output, at the next step)."""
+        if self.enabled and self.tty and 0 < self.done < len(self.weights):
+            print("\r\x1b[K", end="", file=self.file, flush=True)
+
+
+def _row_weight(shape, dtype) -> float:
+    return 1.0 + math.prod(shape) * np.dtype(dtype).itemsize / 4e6
+
+
+def _dtype_available(name: str) -> bool:
+    try:
+        np.dtype(name)
+        return True
+    except TypeError:
+        if name == "bfloat16":
+            try:
+                import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+            except ImportError:
+                return False
+            return True
+        return False
+
+
+def set_totals(rows, layers: Dict[tuple, int]) -> Dict[str, dict]:
+    """For a named case set (``--case resnet50``): per dtype, layout, threads and op, each
+    implementation's time summed over the layers (median per shape x the number of layers
+    with that shape), and the ratios of the sums. Rows of shapes outside ``layers`` are
+    left out; a total is given only when every shape of the set has a row."""
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        key = tuple(r["shape"])
+        if key in layers:
+            groups.setdefault((r["dtype"], r["layout"], r["threads"], r["op"]), []).append(r)
+    out = {}
+    for (dtype, layout, threads, op), rs in groups.items():
+        if {tuple(r["shape"]) for r in rs} != set(layers):
+            continue
+        sums = {}
+        for impl in IMPLS:
+            if all(impl in r["median_s"] for r in rs):
+                sums[impl] = sum(r["median_s"][impl] * layers[tuple(r["shape"])] for r in rs)
+        ratios = {k: _ratio(sums.get(a), sums.get(b)) for k, (a, b) in _RATIO_PARTS.items()}
+        out[f"{dtype} {layout} {threads} {op}"] = {
+            "dtype": dtype, "layout": layout, "threads": threads, "op": op,
+            "layers": sum(layers.values()), "total_s": sums,
+            "ratios": {k: v for k, v in ratios.items() if v is not None}}
+    return out
+
+
 def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, impls=IMPLS,
-        min_time=0.2, min_repeat=7, numpy_repeat=3, file=None) -> dict:
-    """Measure every combination; print the table as it goes. Returns the JSON document."""
+        min_time=0.2, min_repeat=7, numpy_repeat=3, file=None, wide: bool = True,
+        progress: bool = False, layers: Optional[Dict[tuple, int]] = None,
+        set_name: Optional[str] = None) -> dict:
+    """Measure every combination; print the table as it goes (rows flushed as they
+    finish) and, with ``progress``, row i of N and an estimate of the time left on stderr.
+    ``layers`` ({shape: number of layers}, a named case set such as ``resnet50``) adds the
+    time of each op over the whole set. Returns the JSON document."""
     cases = list(CASES if cases is None else cases)
     torch = _import_torch() if "torch" in impls else None
     ort = _import_ort() if "ort" in impls else None
@@ -447,25 +588,30 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
                if name.replace("onnxruntime", "ort") in impls and mod is None]
     if missing:
         emit("not importable, skipped: " + ", ".join(missing))
+    halves = [d for d in dtypes if np.dtype(d).itemsize == 2]
+    if halves:
+        emit(f"{', '.join(np.dtype(d).name for d in halves)}: weights and statistics in "
+             "float32, computed in float32 (cbn converts the input to float32 and the "
+             "output back with NumPy around its float32 kernels)")
     emit("")
     before = list(emit.lines)
-    table = ComparisonTable(used, cases, ops, file=out)
+    table = ComparisonTable(used, cases, ops, file=out, wide=wide, dtypes=dtypes)
+    todo = [(shape, dtype, layout, n, op) for shape in cases for dtype in dtypes
+            for layout in layouts if layout_applies(shape, layout)
+            for n in threads for op in ops]
+    meter = Progress([_row_weight(t[0], t[1]) for t in todo], enabled=progress)
     table.header()
     torch_threads = torch.get_num_threads() if torch is not None else None
     rows = []
     try:
-        for shape in cases:
-            for dtype in dtypes:
-                for layout in layouts:
-                    if layout == "nhwc" and len(shape) == 2:
-                        continue  # (N, C): channels-last is the same array
-                    for n in threads:
-                        for op in ops:
-                            r = measure_row(shape, dtype, layout, n, op, impls=used,
-                                            torch=torch, ort=ort, min_time=min_time,
-                                            min_repeat=min_repeat, numpy_repeat=numpy_repeat)
-                            rows.append(r)
-                            table.add(r)
+        for shape, dtype, layout, n, op in todo:
+            r = measure_row(shape, dtype, layout, n, op, impls=used, torch=torch, ort=ort,
+                            min_time=min_time, min_repeat=min_repeat,
+                            numpy_repeat=numpy_repeat)
+            rows.append(r)
+            meter.clear()
+            table.add(r)
+            meter.step()
     finally:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
@@ -483,10 +629,31 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
         emit(f"geometric mean {title}: " + ", ".join(
             f"{op} {v['geomean']:.2f} ({v['rows']} rows, {v['min']:.2f}..{v['max']:.2f})"
             for op, v in g.items()))
+    totals = set_totals(rows, layers) if layers else {}
+    if totals:
+        emit("")
+        emit(f"{set_name or 'case set'}: time over all {sum(layers.values())} layers "
+             "(median per shape x layers with that shape)")
+        t_impls = [i for i in ("cbn", "cbn_out", "torch", "numpy", "copy") if i in used]
+        t_keys = [k for k in ("torch/cbn", "numpy/cbn", "out/copy")
+                  if all(i in used for i in _RATIO_PARTS[k])]
+        tt = Table(["dtype", "layout", "thr", "op"]
+                   + [i.replace("cbn_out", "cbn out=") for i in t_impls] + t_keys,
+                   align=["<", "<", ">", "<"] + [">"] * (len(t_impls) + len(t_keys)),
+                   widths=[max(len(str(getattr(d, "name", d))) for d in dtypes), 6, 3,
+                           max(len(op) for op in ops)]
+                   + [_TIME_WIDTH - 1] * (len(t_impls) + len(t_keys)), file=out)
+        tt.header()
+        for v in totals.values():
+            tt.row([v["dtype"], SHORT.get(v["layout"], v["layout"]), v["threads"], v["op"]]
+                   + [fmt_time(v["total_s"].get(i)) for i in t_impls]
+                   + [fmt_ratio(v["ratios"].get(k)) for k in t_keys])
+        emit.lines.extend(tt.render())
     return {
         "meta": {
             "versions": _versions(), "openmp": cbn.openmp_enabled(), "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "build": _build(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": {"min_time": min_time, "min_repeat": min_repeat,
                          "numpy_repeat": numpy_repeat, "eps": EPS, "momentum": MOMENTUM},
@@ -496,8 +663,20 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
         },
         "rows": rows,
         "geomean": summary,
+        "case_set": ({"name": set_name, "layers": [[list(k), v] for k, v in layers.items()],
+                      "totals": totals} if layers else None),
         "table": "\n".join(before + table.render() + emit.lines),
     }
+
+
+def _build() -> Dict[str, object]:
+    """How cbn was built and which loops it runs (:func:`cbn.show_config`), if it says."""
+    try:
+        c = cbn.show_config(mode="dicts")
+    except Exception:
+        return {}
+    return {k: c.get(k) for k in ("cpu_target", "cpu_targets", "build_flags", "openmp")
+            if k in c}
 
 
 def speed_table(quick: bool = True, file=None) -> List[dict]:
@@ -520,7 +699,7 @@ def speed_table(quick: bool = True, file=None) -> List[dict]:
     rows = []
     for shape in cases:
         for layout in LAYOUTS:
-            if layout == "nhwc" and len(shape) == 2:
+            if not layout_applies(shape, layout):
                 continue
             for op in OPS:
                 r = measure_row(shape, "float32", layout, n, op,
@@ -528,11 +707,95 @@ def speed_table(quick: bool = True, file=None) -> List[dict]:
                                 min_repeat=min_repeat, numpy_repeat=3)
                 rows.append(r)
                 m, q = r["median_s"], r["ratios"]
-                table.row([r["case"], layout, op, fmt_time(m.get("cbn")),
+                table.row([r["case"], SHORT[layout], op, fmt_time(m.get("cbn")),
                            fmt_time(m.get("numpy")), fmt_ratio(q.get("numpy/cbn")),
                            fmt_ratio(q.get("cbn/copy"))])
     print("  (full comparison with PyTorch and ONNX Runtime: python -m cbn bench)", file=out)
     return rows
+
+
+# --------------------------------------------------------------------------- chart
+
+#: The chart's panels: (ratio key, y-axis label, log scale).
+PLOT_METRICS = (
+    ("torch/cbn", "torch / cbn\n(> 1: cbn faster)", True),
+    ("numpy/cbn", "NumPy reference / cbn\n(> 1: cbn faster)", True),
+    ("out/copy", "cbn out= / copy\n(copies of the input)", False),
+)
+#: Bars above this are cut there and labelled with their value.
+PLOT_CAP = 100.0
+_OP_COLOURS = {"train": "#1f77b4", "eval": "#ff7f0e", "backward": "#2ca02c",
+               "train_fused": "#9467bd", "eval_fused": "#8c564b"}
+
+
+def plot(doc: dict, path: str) -> None:
+    """Draw the rows of a :func:`run` document (or its ``--json`` file) into ``path``.
+
+    One panel per ratio (torch/cbn, numpy/cbn, cbn out=/copy) and thread count; along x
+    the cases (shape, dtype, layout), one bar per op. Needs matplotlib (the ``plot``
+    extra); uses its object API with the Agg canvas, so it neither needs a display nor
+    changes pyplot's state.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    rows = doc["rows"]
+    if not rows:
+        raise ValueError("no rows to plot")
+    threads = sorted({r["threads"] for r in rows})
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    groups = list(dict.fromkeys((r["case"], r["dtype"], r["layout"]) for r in rows))
+    metrics = [m for m in PLOT_METRICS if any(m[0] in r["ratios"] for r in rows)]
+    if not metrics:
+        raise ValueError("the rows hold none of the ratios " +
+                         ", ".join(m[0] for m in PLOT_METRICS))
+    panels = [(m, t) for m in metrics for t in threads]
+    width = max(8.0, 0.34 * len(groups) + 2.5)
+    fig = Figure(figsize=(width, 2.4 * len(panels) + 1.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    index = {(r["case"], r["dtype"], r["layout"], r["threads"], r["op"]): r for r in rows}
+    bar = 0.8 / len(ops)
+    for ax, ((key, label, log), t) in zip(axes, panels):
+        for k, op in enumerate(ops):
+            xs, ys = [], []
+            for i, (case, dtype, layout) in enumerate(groups):
+                r = index.get((case, dtype, layout, t, op))
+                v = r["ratios"].get(key) if r else None
+                if v:
+                    xs.append(i - 0.4 + bar * (k + 0.5))
+                    ys.append(v)
+            # A stalled peer (a thread team waiting for a core) can read 1000x: such bars
+            # are cut at PLOT_CAP and labelled with their value, so the others stay legible.
+            shown = [min(y, PLOT_CAP) for y in ys]
+            ax.bar(xs, shown, bar, label=op, color=_OP_COLOURS.get(op))
+            for x, y in zip(xs, ys):
+                if y > PLOT_CAP:
+                    ax.annotate(f"{y:.0f}", (x, PLOT_CAP), fontsize=6, rotation=90,
+                                ha="center", va="top", color="white")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        if log:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel(f"{label}\n{t} thread{'s' if t > 1 else ''}", fontsize=8)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].legend(ncol=len(ops), fontsize=8, loc="upper right")
+    short = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+    axes[-1].set_xticks(range(len(groups)))
+    axes[-1].set_xticklabels([f"{c} {short.get(d, d)} {SHORT.get(lay, lay)}"
+                              for c, d, lay in groups], rotation=60, ha="right", fontsize=7)
+    axes[-1].set_xlim(-0.6, len(groups) - 0.4)
+    meta = doc.get("meta", {})
+    v = meta.get("versions", {})
+    peers = ", ".join(f"{k} {v[k]}" for k in ("torch", "numpy") if v.get(k))
+    fig.suptitle(f"cbn {v.get('cbn', '?')} against {peers}: {meta.get('cpu', '?')}, "
+                 f"{meta.get('cpu_count', '?')} CPUs, {meta.get('date', '?')[:10]}\n"
+                 "medians per call; first = channels-first (NCHW), last = channels-last "
+                 "(NHWC)", fontsize=9)
+    fig.savefig(path, dpi=110)
 
 
 # --------------------------------------------------------------------------- contention
@@ -557,8 +820,7 @@ def start_busy_thread() -> threading.Event:
 
 def _contention_call(shape, layout, dtype, op, threads):
     """cbn's callable for one contention row (``threads=None``: cbn's default)."""
-    fns, _ = _setup_row(shape, dtype, "nchw" if layout == "2d" else layout, threads, op,
-                        ("cbn",), None, None)
+    fns, _ = _setup_row(shape, dtype, layout, threads, op, ("cbn",), None, None)
     return fns["cbn"]
 
 
@@ -652,8 +914,8 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
     median, each process's median per call over its rounds, the worst round (the largest
     round median of any process), and both as ratios to the quiet median; then the worst
     round again with every process forced to one thread ("1t worst"; the same phase when
-    the processes ran on one thread already) and the worst round's ratio to it. ``cases`` is a
-    list of (NCHW shape, layout) with layout "nchw", "nhwc" or "2d" (default
+    the processes ran on one thread already) and the worst round's ratio to it. ``cases``
+    is a list of (NCHW shape, layout) with layout "channels_first" or "channels_last" (default
     CONTENTION_CASES). Returns the JSON document.
     """
     if processes < 1:
@@ -709,7 +971,8 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
         worst1 = max(max(one[i]["rows"][k]["rounds"]) for i in range(processes))
         ratio, worst_ratio = max(medians) / quiet[k], worst / quiet[k]
         mb = math.prod(shape) * itemsize / 1e6
-        table.row([case_name(shape), layout, f"{mb:.1f}", op, fmt_time(quiet[k])]
+        table.row([case_name(shape), SHORT.get(layout, layout), f"{mb:.1f}", op,
+                   fmt_time(quiet[k])]
                   + [fmt_time(m) for m in medians]
                   + [fmt_time(worst), fmt_time(worst1), fmt_ratio(ratio),
                      fmt_ratio(worst_ratio), fmt_ratio(worst / worst1)])
@@ -723,9 +986,9 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
     emit("")
     top = max(doc_rows, key=lambda r: r["ratio"])
     top_worst = max(doc_rows, key=lambda r: r["worst_ratio"])
-    emit(f"largest p/quiet: {fmt_ratio(top['ratio'])} ({top['case']} {top['layout']} "
+    emit(f"largest p/quiet: {fmt_ratio(top['ratio'])} ({top['case']} {SHORT[top['layout']]} "
          f"{top['op']}); largest worst/quiet: {fmt_ratio(top_worst['worst_ratio'])} "
-         f"({top_worst['case']} {top_worst['layout']} {top_worst['op']}); "
+         f"({top_worst['case']} {SHORT[top_worst['layout']]} {top_worst['op']}); "
          f"process thread count(s): {', '.join(map(str, worker_threads))}")
     return {
         "meta": {
@@ -769,18 +1032,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "--processes N: cbn in N processes at once against cbn alone on one "
                     "thread (contention mode).")
     p.add_argument("--case", action="append", metavar="SHAPE",
-                   help="e.g. 32x64x56x56 (repeatable or comma-separated; NCHW order). "
-                        "Default: " + ", ".join(case_name(c) for c in CASES)
+                   help="e.g. 32x64x56x56 (repeatable or comma-separated; NCHW order), or "
+                        "the name of a case set: resnet50 (the input shapes of ResNet-50's "
+                        "53 BatchNorm2d layers at batch 16, with their time summed over "
+                        "the 53 layers). Default: " + ", ".join(case_name(c) for c in CASES)
                         + "; with --quick: " + ", ".join(case_name(c) for c in QUICK_CASES)
                         + "; with --processes: " + ", ".join(
                             f"{case_name(c)} {lay}" for c, lay in CONTENTION_CASES))
     p.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="float32 and/or float64 (default: both; with --quick or "
-                        "--processes: float32)")
+                        "--processes: float32); also float16 and bfloat16 (ml_dtypes), "
+                        "computed in float32")
     p.add_argument("--layout", action="append", metavar="LAYOUT",
-                   help="nchw (axis=1) and/or nhwc (channels-last, axis=-1; 'channels-last' "
-                        "is accepted too). Default: both; with --processes, 2D cases run "
-                        "whatever the layout")
+                   help="channels_first (NCHW, axis=1) and/or channels_last (the same "
+                        "logical shape stored as NHWC, axis=-1); nchw, nhwc, "
+                        "channels-first, channels-last are accepted too. Default: both; "
+                        "2D cases have one layout (channels_first)")
     p.add_argument("--threads", action="append", metavar="N",
                    help="thread counts, e.g. --threads 1,2 (default: 1 and 2; with --quick: "
                         "1). With --processes: one count for every process (default: "
@@ -821,6 +1088,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "and print SyncBatchNorm's overhead over BatchNorm per rank; --case "
                         "sets the per-rank shape (default 32x64x28x28)")
     p.add_argument("--json", metavar="FILE", help="also write rows and metadata as JSON")
+    p.add_argument("--plot", metavar="FILE",
+                   help="also draw the chart (PNG, SVG or PDF by the name; needs matplotlib: "
+                        "pip install 'cbn[plot]'): per case, torch/cbn and numpy/cbn "
+                        "(> 1: cbn faster) and cbn's time in copies of the input")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="measure nothing: read a --json file of an earlier run (and draw "
+                        "it with --plot)")
+    p.add_argument("--wide", action="store_true",
+                   help="every time (copy, cbn, cbn out=, torch, ort, numpy) and every ratio "
+                        "in the table; the default table fits 100 columns (cbn, torch, "
+                        "torch/cbn, numpy/cbn, out/copy) and --json keeps everything")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (default: row i of N, time elapsed and left; "
+                        "on a terminal after every row, else every 15 s)")
     return p
 
 
@@ -870,9 +1151,9 @@ def _contention_main(args, cases, dtypes, layouts, threads, ops) -> int:
         return 2
     if cases is None:
         pairs = [(c, lay) for c, lay in CONTENTION_CASES
-                 if layouts is None or lay == "2d" or lay in layouts]
+                 if layouts is None or len(c) == 2 or lay in layouts]
     else:
-        pairs = [(c, "2d") if len(c) == 2 else (c, lay)
+        pairs = [(c, "channels_first") if len(c) == 2 else (c, lay)
                  for c in cases for lay in (layouts or LAYOUTS)]
         pairs = list(dict.fromkeys(pairs))
     min_repeat = args.repeat if args.repeat is not None else 3
@@ -888,15 +1169,54 @@ def _contention_main(args, cases, dtypes, layouts, threads, ops) -> int:
     return 0
 
 
+def _expand_cases(values):
+    """(shapes, {shape: layers} of a named set or None, the set's name or None)."""
+    shapes, layers, name = [], None, None
+    for text in _split(values):
+        key = text.strip().lower()
+        if key in CASE_SETS:
+            layers = dict(CASE_SETS[key]) if layers is None else {**layers, **CASE_SETS[key]}
+            name = key if name is None else f"{name}+{key}"
+            shapes.extend(CASE_SETS[key])
+        else:
+            shapes.append(_parse_case(text))
+    return list(dict.fromkeys(shapes)), layers, name
+
+
+def _write_plot(doc, path) -> int:
+    try:
+        plot(doc, path)
+    except ImportError as e:
+        print(f"--plot needs matplotlib (pip install 'cbn[plot]'): {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            doc = json.load(f)
+        if not args.plot:
+            print(doc.get("table", ""))
+            return 0
+        return _write_plot(doc, args.plot)
     q = args.quick
-    given_cases = [_parse_case(c) for c in _split(args.case)]
+    try:
+        given_cases, layers, set_name = _expand_cases(args.case)
+    except argparse.ArgumentTypeError as e:
+        print(e, file=sys.stderr)
+        return 2
     for c in given_cases:
         if not 2 <= len(c) <= 5 or any(s < 1 for s in c):
             print(f"bad case {case_name(c)}: 2 to 5 positive sizes expected", file=sys.stderr)
             return 2
-    given_layouts = [("nhwc" if v == "channels-last" else v) for v in _split(args.layout)]
+    try:
+        given_layouts = list(dict.fromkeys(parse_layout(v) for v in _split(args.layout)))
+    except ValueError as e:
+        print(f"--layout: {e}", file=sys.stderr)
+        return 2
     try:
         given_threads = _split(args.threads, int)
     except ValueError:
@@ -907,13 +1227,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     given_dtypes, given_ops = _split(args.dtype), _split(args.op)
     impls = _split(args.impl) or list(IMPLS)
-    for flag, given, allowed in (("--dtype", given_dtypes, DTYPES),
-                                 ("--layout", given_layouts, LAYOUTS),
+    for flag, given, allowed in (("--dtype", given_dtypes, DTYPES + HALF_DTYPES),
                                  ("--op", given_ops, OPS), ("--impl", impls, IMPLS)):
         unknown = [v for v in given if v not in allowed]
         if unknown:
             print(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(allowed)}",
                   file=sys.stderr)
+            return 2
+    for d in given_dtypes:
+        if not _dtype_available(d):
+            print(f"--dtype {d} needs ml_dtypes (pip install ml_dtypes)", file=sys.stderr)
+            return 2
+    if args.plot and args.processes is None and args.sync_ranks is None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib (pip install 'cbn[plot]')", file=sys.stderr)
             return 2
     if args.sync_ranks is not None:
         return _sync_main(args.sync_ranks, given_cases, args.repeat)
@@ -928,11 +1257,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     min_repeat = args.repeat if args.repeat is not None else (3 if q else 7)
     min_time = args.min_time if args.min_time is not None else (0.02 if q else 0.2)
     doc = run(cases, dtypes, layouts, threads, ops, impls, min_time=min_time,
-              min_repeat=max(1, min_repeat), numpy_repeat=max(1, args.numpy_repeat))
+              min_repeat=max(1, min_repeat), numpy_repeat=max(1, args.numpy_repeat),
+              wide=args.wide, progress=not args.no_progress, layers=layers,
+              set_name=set_name)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.json}")
+    if args.plot:
+        return _write_plot(doc, args.plot)
     return 0
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Dict, Optional
+import sys
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -20,16 +21,73 @@ _F32 = np.dtype(np.float32)
 #: dtypes of parameters and buffers, and the dtypes the kernels compute in
 FLOAT_DTYPES = (_F32, np.dtype(np.float64))
 #: dtype of the computation for each supported input dtype (half types are computed in
-#: float32); the bfloat16 of ml_dtypes is added when that package is importable.
+#: float32); the bfloat16 of ml_dtypes is added when that package is imported.
 COMPUTE: Dict[np.dtype, np.dtype] = {_F32: _F32, np.dtype(np.float64): np.dtype(np.float64),
                                      np.dtype(np.float16): _F32}
-try:
-    import ml_dtypes as _ml_dtypes
-    COMPUTE[np.dtype(_ml_dtypes.bfloat16)] = _F32
-except ImportError:                                  # optional
-    pass
-#: half-precision dtypes: stored in 16 bits, computed (and converted exactly) in float32
-HALF_DTYPES = tuple(d for d, compute in COMPUTE.items() if d != compute)
+#: half-precision dtypes: stored in 16 bits, computed (and converted exactly) in float32.
+#: A list, so that bfloat16 can join it when ml_dtypes is imported (see below).
+HALF_DTYPES: List[np.dtype] = [np.dtype(np.float16)]
+
+
+def _add_ml_dtypes(module: Any) -> None:
+    """Add ml_dtypes' bfloat16 to COMPUTE and HALF_DTYPES (once)."""
+    bf16 = np.dtype(module.bfloat16)
+    if bf16 not in COMPUTE:
+        COMPUTE[bf16] = _F32
+        HALF_DTYPES.append(bf16)
+
+
+class _MlDtypesHook:
+    """A finder on ``sys.meta_path`` that adds bfloat16 when ml_dtypes is imported.
+
+    Importing ml_dtypes costs about half a second, and an array of its bfloat16 cannot exist
+    before the package is imported, so cbn does not import it: if it is already imported,
+    bfloat16 is added now; otherwise this finder (first on ``sys.meta_path`` until then)
+    lets the other finders find ml_dtypes and adds bfloat16 once its module has run. It
+    answers no other import, and removes itself after ml_dtypes.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "ml_dtypes":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = getattr(spec.loader, "exec_module", None)
+        if exec_module is None:
+            return None
+        hook = self
+
+        def exec_then_add(module):           # on this spec's own loader instance only
+            exec_module(module)
+            hook.remove()
+            try:
+                _add_ml_dtypes(module)
+            except Exception:                # an ml_dtypes without bfloat16: no bfloat16
+                pass
+
+        try:
+            spec.loader.exec_module = exec_then_add
+        except AttributeError:               # a loader that takes no attributes: leave it
+            return None
+        return spec
+
+    def remove(self) -> None:
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+
+
+if "ml_dtypes" in sys.modules:
+    _add_ml_dtypes(sys.modules["ml_dtypes"])
+else:
+    sys.meta_path.insert(0, _MlDtypesHook())
 
 
 def check_float_dtype(dtype: Any) -> np.dtype:

@@ -616,6 +616,37 @@ class BatchNorm(StateMixin):
 class BatchNorm1d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs, like ``torch.nn.BatchNorm1d``.
 
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (the size of the input along ``axis``).
+    eps : float, default 1e-5
+        Added to the variance (0 allowed).
+    momentum : float or None, default 0.1
+        Weight of a new batch in the running statistics; None gives the cumulative moving
+        average (simple mean over ``num_batches_tracked`` batches).
+    affine : bool, default True
+        Learnable ``weight`` (ones) and ``bias`` (zeros); without them both are None.
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``;
+        without them all three are None and eval mode also uses batch statistics.
+    dtype : float32 or float64, keyword-only, default float32
+        dtype of the parameters and buffers; inputs must have this dtype (a float32 module
+        also takes float16 and bfloat16 inputs, computed in float32).
+    axis : int, keyword-only, default 1
+        The channel axis: 1 for ``(N, C)`` and ``(N, C, L)``, -1 for channels-last.
+    activation : None or str, keyword-only, default None
+        Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
+        :meth:`~BatchNorm.backward` takes it into account.
+    bias : bool, keyword-only, default True
+        With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
+        bias, as in PyTorch).
+    unbiased : bool, keyword-only, default True
+        The running-variance convention: True (PyTorch's) updates it with the unbiased
+        batch variance, False (Keras', ONNX's) with the biased one. The output is the same.
+
+    Attributes, methods and the state dict are those of :class:`BatchNorm`.
+
     Examples
     --------
     >>> import numpy as np
@@ -635,6 +666,37 @@ class BatchNorm1d(BatchNorm):
 
 class BatchNorm2d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C, H, W)`` inputs, like ``torch.nn.BatchNorm2d``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (the size of the input along ``axis``).
+    eps : float, default 1e-5
+        Added to the variance (0 allowed).
+    momentum : float or None, default 0.1
+        Weight of a new batch in the running statistics; None gives the cumulative moving
+        average (simple mean over ``num_batches_tracked`` batches).
+    affine : bool, default True
+        Learnable ``weight`` (ones) and ``bias`` (zeros); without them both are None.
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``;
+        without them all three are None and eval mode also uses batch statistics.
+    dtype : float32 or float64, keyword-only, default float32
+        dtype of the parameters and buffers; inputs must have this dtype (a float32 module
+        also takes float16 and bfloat16 inputs, computed in float32).
+    axis : int, keyword-only, default 1
+        The channel axis: 1 for ``(N, C, H, W)``, -1 for channels-last ``(N, H, W, C)``.
+    activation : None or str, keyword-only, default None
+        Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
+        :meth:`~BatchNorm.backward` takes it into account.
+    bias : bool, keyword-only, default True
+        With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
+        bias, as in PyTorch).
+    unbiased : bool, keyword-only, default True
+        The running-variance convention: True (PyTorch's) updates it with the unbiased
+        batch variance, False (Keras', ONNX's) with the biased one. The output is the same.
+
+    Attributes, methods and the state dict are those of :class:`BatchNorm`.
 
     Examples
     --------
@@ -657,6 +719,37 @@ class BatchNorm2d(BatchNorm):
 
 class BatchNorm3d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C, D, H, W)`` inputs, like ``torch.nn.BatchNorm3d``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (the size of the input along ``axis``).
+    eps : float, default 1e-5
+        Added to the variance (0 allowed).
+    momentum : float or None, default 0.1
+        Weight of a new batch in the running statistics; None gives the cumulative moving
+        average (simple mean over ``num_batches_tracked`` batches).
+    affine : bool, default True
+        Learnable ``weight`` (ones) and ``bias`` (zeros); without them both are None.
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``;
+        without them all three are None and eval mode also uses batch statistics.
+    dtype : float32 or float64, keyword-only, default float32
+        dtype of the parameters and buffers; inputs must have this dtype (a float32 module
+        also takes float16 and bfloat16 inputs, computed in float32).
+    axis : int, keyword-only, default 1
+        The channel axis: 1 for ``(N, C, D, H, W)``, -1 for channels-last ``(N, D, H, W, C)``.
+    activation : None or str, keyword-only, default None
+        Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
+        :meth:`~BatchNorm.backward` takes it into account.
+    bias : bool, keyword-only, default True
+        With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
+        bias, as in PyTorch).
+    unbiased : bool, keyword-only, default True
+        The running-variance convention: True (PyTorch's) updates it with the unbiased
+        batch variance, False (Keras', ONNX's) with the biased one. The output is the same.
+
+    Attributes, methods and the state dict are those of :class:`BatchNorm`.
 
     Examples
     --------

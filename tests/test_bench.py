@@ -218,8 +218,8 @@ def test_contention_mode_runs_processes_and_reports_ratios(tmp_path, capsys):
     assert doc["meta"]["settings"]["processes"] == 2
     assert doc["meta"]["settings"]["worker_threads"] == [1]
     assert [(r["case"], r["layout"], r["op"]) for r in doc["rows"]] == [
-        ("8x16", "2d", "eval"), ("8x16", "2d", "backward"),
-        ("2x8x4x4", "nhwc", "eval"), ("2x8x4x4", "nhwc", "backward")]
+        ("8x16", "channels_first", "eval"), ("8x16", "channels_first", "backward"),
+        ("2x8x4x4", "channels_last", "eval"), ("2x8x4x4", "channels_last", "backward")]
     for r in doc["rows"]:
         assert len(r["median_s"]) == 2 and all(len(x) == 2 for x in r["rounds_s"])
         assert r["worst_s"] == max(max(x) for x in r["rounds_s"])
@@ -280,3 +280,155 @@ def test_asv_ratios_are_lower_is_better(monkeypatch):
     bench.setup("8192x128", "float32", "channels_first")
     assert bench.track_cbn_over_copy_eval_forward("8192x128", "float32",
                                                   "channels_first") > 0
+
+
+# --------------------------------------------------------------------------- table, data, chart
+
+
+def _fake_row(case, dtype="float32", layout="channels_first", threads=1, op="train",
+              times=None):
+    shape = [int(v) for v in case.split("x")]
+    times = times or {"copy": 1e-3, "cbn": 2e-3, "cbn_out": 1.5e-3, "torch": 6e-3,
+                      "ort": 5e-3, "numpy": 40e-3}
+    parts = _bench._RATIO_PARTS
+    return {"case": case, "shape": shape, "dtype": dtype, "layout": layout,
+            "threads": threads, "op": op, "median_s": dict(times),
+            "ratios": {k: times[a] / times[b] for k, (a, b) in parts.items()
+                       if a in times and b in times},
+            "mismatch": []}
+
+
+def test_default_table_fits_100_columns_and_wide_shows_everything():
+    cases = _bench.CASES + list(_bench.CASE_SETS["resnet50"])
+    for wide, limit in ((False, 100), (True, None)):
+        buf = io.StringIO()
+        table = _bench.ComparisonTable(_bench.IMPLS, cases, _bench.OPS, file=buf, wide=wide,
+                                       dtypes=("float32", "float64", "float16", "bfloat16"))
+        table.header()
+        for c in cases:
+            for op in _bench.OPS:
+                table.add(_fake_row(_bench.case_name(c), "bfloat16", "channels_last", 2, op))
+        lines = buf.getvalue().splitlines()
+        assert lines == table.render()            # printed as it came: nothing re-aligned
+        if limit:
+            assert max(map(len, lines)) <= limit, max(lines, key=len)
+            assert lines[0].split() == ["case", "dtype", "layout", "thr", "op", "cbn",
+                                        "torch", "torch/cbn", "numpy/cbn", "out/copy"]
+        else:
+            titles = lines[0].split()
+            for name in ("copy", "out=", "ort", "numpy", "cbn/copy", "ort/cbn"):
+                assert name in titles
+        assert lines[2].split()[2] == "last"
+
+
+def test_layout_names_are_one_vocabulary_with_aliases():
+    from cbn import _benchdata
+    for alias, name in (("nchw", "channels_first"), ("NHWC", "channels_last"),
+                        ("channels-last", "channels_last"), ("channels_first", "channels_first")):
+        assert _benchdata.parse_layout(alias) == name
+    with pytest.raises(ValueError, match="unknown layout"):
+        _benchdata.parse_layout("hwcn")
+    assert _benchdata.array_shape((2, 3, 4, 5), "channels_last") == ((2, 4, 5, 3), -1)
+    assert _benchdata.array_shape((2, 3), "channels_last") == ((2, 3), 1)
+    assert not _benchdata.layout_applies((8, 16), "channels_last")
+
+
+def test_bench_and_asv_draw_the_same_data(monkeypatch):
+    """One recipe: the asv suite's cached case is make_case's arrays, bit for bit."""
+    monkeypatch.syspath_prepend(ROOT)
+    import numpy as np
+    from benchmarks import common
+    from cbn import _benchdata
+    d = common.case("32x64x28x28", "float32", "channels_last")
+    e = _benchdata.make_case((32, 64, 28, 28), "float32", "channels_last")
+    for name in ("x", "g", "w", "b", "rm", "rv", "save_mean", "save_invstd"):
+        assert np.array_equal(getattr(d, name), getattr(e, name)), name
+    assert d.x.shape == (32, 28, 28, 64) and d.axis == -1
+    assert common.LAYOUTS == list(_benchdata.LAYOUTS)
+    # the bench's rows use the same input
+    fns, _ = _bench._setup_row((32, 64, 28, 28), "float32", "channels_last", 1, "eval",
+                               ("copy", "cbn"), None, None)
+    from cbn import _reference
+    expected = _reference.batch_norm_forward(e.x, e.w, e.b, e.rm.copy(), e.rv.copy(), False,
+                                             0.1, 1e-5, axis=-1)[0]
+    assert np.allclose(fns["cbn"](), expected, atol=1e-5)
+    half = _benchdata.make_case((4, 3, 5), "float16")
+    assert half.x.dtype == np.float16 and half.w.dtype == np.float32
+
+
+def test_resnet50_set_has_53_layers_and_totals_weigh_them():
+    layers = _bench.CASE_SETS["resnet50"]
+    assert sum(layers.values()) == 53 and len(layers) == 12
+    assert all(s[0] == 16 for s in layers)
+    rows = [_fake_row(_bench.case_name(s), times={"cbn": 1e-3 * i, "torch": 3e-3 * i})
+            for i, s in enumerate(layers, 1)]
+    totals = _bench.set_totals(rows, layers)
+    (t,) = totals.values()
+    expect_cbn = sum(1e-3 * i * n for i, n in enumerate(layers.values(), 1))
+    assert t["layers"] == 53
+    assert t["total_s"]["cbn"] == pytest.approx(expect_cbn)
+    assert t["ratios"]["torch/cbn"] == pytest.approx(3.0)
+    assert _bench.set_totals(rows[:-1], layers) == {}       # a shape missing: no total
+
+
+def test_progress_counts_rows_and_estimates_the_rest(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(_bench.time, "perf_counter", lambda: now[0])
+    buf = io.StringIO()                    # not a terminal: a line every `every` seconds
+    p = _bench.Progress([1, 1, 2], file=buf, every=10)
+    now[0] += 20
+    p.step()                               # 1 of weight 4 done in 20 s: 60 s left
+    now[0] += 5
+    p.step()                               # 5 s after the last line: nothing printed
+    now[0] += 50
+    p.step()
+    assert buf.getvalue().splitlines() == ["row 1/3, 20s elapsed, about 1m00s left",
+                                           "row 3/3, 1m15s elapsed"]
+
+
+def test_case_sets_and_layout_aliases_on_the_command_line(capsys, tmp_path):
+    path = tmp_path / "rows.json"
+    assert _bench.main(["--case", "2x8x4x4", "--layout", "nhwc", "--op", "eval",
+                        "--threads", "1", "--dtype", "float32", "--impl", "copy,cbn",
+                        "--min-time", "0.001", "--repeat", "1", "--no-progress",
+                        "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert [(r["layout"], r["axis"]) for r in doc["rows"]] == [("channels_last", -1)]
+    assert _bench.main(["--layout", "sideways"]) == 2
+    assert "unknown layout" in capsys.readouterr().err
+
+
+def test_plot_draws_a_png_from_a_json_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    doc = {"meta": {"versions": {"cbn": "0", "torch": "2"}, "cpu": "test", "date": "2026"},
+           "rows": [_fake_row(c, layout=lay, threads=t, op=op)
+                    for c in ("8x16", "2x8x4x4") for lay in ("channels_first",)
+                    for t in (1, 2) for op in ("train", "eval", "backward")]}
+    src = tmp_path / "rows.json"
+    src.write_text(json.dumps(doc))
+    out = tmp_path / "chart.png"
+    assert _bench.main(["--from-json", str(src), "--plot", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert height > width > 500        # 3 ratios x 2 thread counts: six panels, stacked
+
+
+def test_progress_on_a_terminal_rewrites_one_line(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(_bench.time, "perf_counter", lambda: now[0])
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    buf = Tty()
+    p = _bench.Progress([1, 1], file=buf)
+    now[0] = 3.0
+    p.step()
+    p.clear()                              # erased: the table's next row takes the line
+    now[0] = 6.0
+    p.step()
+    assert buf.getvalue() == ("\rrow 1/2, 3s elapsed, about 3s left\x1b[K"
+                              "\r\x1b[K"
+                              "\rrow 2/2, 6s elapsed\x1b[K\n")

@@ -244,6 +244,27 @@ def test_wheel_layout_holds_no_sources_and_runs_the_demo(tree_copy, tmp_path):
     assert "layers:99, std:" in proc.stdout
 
 
+def test_build_py_warns_of_nothing_and_ships_the_public_c_headers(tree_copy, tmp_path):
+    """setuptools >= 77 warned that the header folder cbn/src was "absent from the
+    `packages` configuration" and "would be ignored" (a later setuptools drops such files).
+    The build prints no warning now; a public C header (cbn/include/*.h) goes into wheels,
+    the kernels' own headers (cbn/src/*.h) do not."""
+    tree = tmp_path / "tree"
+    shutil.copytree(tree_copy, tree)
+    (tree / "cbn" / "include").mkdir()
+    (tree / "cbn" / "include" / "stub_abi.h").write_text("/* a stand-in C ABI header */\n")
+    lib = tmp_path / "lib"
+    proc = subprocess.run([sys.executable, "-W", "always", "setup.py", "build_py",
+                           "--build-lib", str(lib)], cwd=tree, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert "Warning" not in text and "absent from the" not in text, text[-3000:]
+    files = sorted(p.relative_to(lib).as_posix() for p in lib.rglob("*") if p.is_file())
+    assert "cbn/include/stub_abi.h" in files
+    assert not [f for f in files if f.startswith("cbn/src/")], files
+
+
 # ---------------------------------------------------------------- a wheel built elsewhere
 
 

@@ -63,6 +63,33 @@ class SyncBatchNorm(BatchNorm):
     Copies (``copy.deepcopy``) share the communicator; pickles leave it out, and an
     unpickled module uses ``MPI.COMM_WORLD`` until :attr:`comm` is set.
 
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (the size of the input along ``axis``).
+    eps : float, default 1e-5
+        Added to the variance (0 allowed).
+    momentum : float or None, default 0.1
+        Weight of a new batch in the running statistics; None gives the cumulative moving
+        average.
+    affine : bool, default True
+        Learnable ``weight`` (ones) and ``bias`` (zeros); without them both are None.
+    track_running_stats : bool, default True
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+    dtype : float32 or float64, keyword-only, default float32
+        dtype of the parameters and buffers.
+    axis : int, keyword-only, default 1
+        The channel axis: 1 for ``(N, C, *)``, -1 for channels-last.
+    bias : bool, keyword-only, default True
+        With ``affine``, whether there is a ``bias``.
+    unbiased : bool, keyword-only, default True
+        The running-variance convention (see :class:`cbn.BatchNorm`).
+    comm : communicator or None, keyword-only, default None
+        The ranks to synchronize with: an mpi4py communicator, a torch.distributed process
+        group (gloo), a :class:`ThreadCommunicator` rank or any object with ``rank``,
+        ``size`` and ``allgather`` (see :func:`as_communicator`); None is mpi4py's
+        ``MPI.COMM_WORLD``.
+
     Examples
     --------
     Two ranks as threads (with MPI: one process per rank, ``comm=None``):

@@ -28,8 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The folder that holds the ``cbn`` package the tests import (the tree, or site-packages).
 CBN_HOME = Path(cbn.__file__).resolve().parent.parent
 EXAMPLE_NAMES = ("deep_mlp", "bad_init_regression", "digits")
-#: Sources the build reads: in the sdist, never in a wheel.
+#: Sources the build reads: in the sdist, never in a wheel ...
 SOURCE_SUFFIXES = (".c", ".h", ".pyx", ".pxd")
+#: ... but for the C ABI, which wheels ship for code built against cbn
+PUBLIC_ABI = ("cbn/include/cbn.h", "cbn/include/cbn_core.h", "cbn/capi.pxd")
+
+
+def kernel_sources(names):
+    """The kernels' own sources among ``names`` (the public ABI files excepted)."""
+    return [n for n in names if n.endswith(SOURCE_SUFFIXES) and n not in PUBLIC_ABI]
 
 
 def run_cbn(args: List[str], cwd: Path, pythonpath: Path = CBN_HOME,
@@ -233,7 +240,8 @@ def test_wheel_layout_holds_no_sources_and_runs_the_demo(tree_copy, tmp_path):
     assert "cbn/__main__.py" in files and "cbn/_demo.py" in files
     for name in EXAMPLE_NAMES + ("_mlp",):
         assert f"cbn/examples/{name}.py" in files
-    assert not [f for f in files if f.endswith(SOURCE_SUFFIXES)], files
+    assert not kernel_sources(files), files
+    assert set(PUBLIC_ABI) <= set(files), files
 
     from cbn import _kernels
     shutil.copy2(_kernels.__file__, lib / "cbn")
@@ -251,7 +259,7 @@ def test_build_py_warns_of_nothing_and_ships_the_public_c_headers(tree_copy, tmp
     the kernels' own headers (cbn/src/*.h) do not."""
     tree = tmp_path / "tree"
     shutil.copytree(tree_copy, tree)
-    (tree / "cbn" / "include").mkdir()
+    (tree / "cbn" / "include").mkdir(exist_ok=True)
     (tree / "cbn" / "include" / "stub_abi.h").write_text("/* a stand-in C ABI header */\n")
     lib = tmp_path / "lib"
     proc = subprocess.run([sys.executable, "-W", "always", "setup.py", "build_py",
@@ -323,7 +331,8 @@ def built_wheel() -> Path:
 def test_built_wheel_holds_no_sources_nor_debug_info(built_wheel):
     with zipfile.ZipFile(built_wheel) as whl:
         names = whl.namelist()
-        assert not [n for n in names if n.endswith(SOURCE_SUFFIXES)], names
+        assert not kernel_sources(names), names
+        assert set(PUBLIC_ABI) <= set(names), names
         assert any(n.endswith("dist-info/licenses/LICENSE") for n in names), names
         modules = [n for n in names if n.startswith("cbn/_kernels") and n.endswith(".so")]
         assert len(modules) == 1, names

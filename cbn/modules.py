@@ -638,6 +638,8 @@ class BatchNorm1d(BatchNorm):
     activation : None or str, keyword-only, default None
         Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
         :meth:`~BatchNorm.backward` takes it into account.
+    negative_slope : float, keyword-only, default 0.01
+        leaky_relu's slope below 0 (see :class:`BatchNorm`).
     bias : bool, keyword-only, default True
         With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
         bias, as in PyTorch).
@@ -689,6 +691,8 @@ class BatchNorm2d(BatchNorm):
     activation : None or str, keyword-only, default None
         Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
         :meth:`~BatchNorm.backward` takes it into account.
+    negative_slope : float, keyword-only, default 0.01
+        leaky_relu's slope below 0 (see :class:`BatchNorm`).
     bias : bool, keyword-only, default True
         With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
         bias, as in PyTorch).
@@ -742,6 +746,8 @@ class BatchNorm3d(BatchNorm):
     activation : None or str, keyword-only, default None
         Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
         :meth:`~BatchNorm.backward` takes it into account.
+    negative_slope : float, keyword-only, default 0.01
+        leaky_relu's slope below 0 (see :class:`BatchNorm`).
     bias : bool, keyword-only, default True
         With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
         bias, as in PyTorch).

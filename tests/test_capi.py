@@ -286,18 +286,28 @@ def test_every_error_code_with_the_python_message():
     dd.compute = abi.F64
     r, d = forward(d=dd)
     assert r == abi.ERR_DTYPE and abi.message(d)
-    # CBN_ERR_NOMEM: scratch that cannot exist (the data are never reached)
-    dd = abi.desc(x3)
-    dd.C, dd.M, dd.K = 1 << 50, 2, 1
-    dd.stride_m, dd.stride_c = 1 << 50, 1
-    r, d = forward(d=dd, training=0)
-    assert r == abi.ERR_NOMEM and "could not allocate" in abi.message(d)
     # nothing but the message was written by any failed call
     for a, e in zip((sm, si, y, rm, rv), keep):
         _same(a, e) if a is not sm and a is not si else None
     _same(y, keep[2])
     _same(rm, keep[3])
     _same(rv, keep[4])
+
+
+def test_out_of_memory_is_a_status():
+    """CBN_ERR_NOMEM: scratch that cannot exist; the data are never reached, nothing is
+    written but the message."""
+    x = np.random.default_rng(0).standard_normal((6, 3, 4))
+    y, sm, si = np.zeros_like(x), np.zeros(3), np.zeros(3)
+    rm, rv = np.zeros(3), np.ones(3)
+    d = abi.desc(_view3(x, 1))
+    d.C, d.M, d.K = 1 << 50, 2, 1
+    d.stride_m, d.stride_c = 1 << 50, 1
+    r = _call("forward", d, training=0, act=abi.act(), momentum=0.1, eps=1e-5,
+              x=_view3(x, 1), y=y, running_mean=rm, running_var=rv, save_mean=sm,
+              save_invstd=si)
+    assert r == abi.ERR_NOMEM and "could not allocate" in abi.message(d)
+    assert not y.any() and not sm.any() and not si.any()
 
 
 def test_a_call_without_a_message_buffer_still_fails_cleanly():

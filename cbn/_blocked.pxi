@@ -169,7 +169,7 @@ cdef void moments_begin(Py_ssize_t c0, Py_ssize_t c1, Moments* out, Moments* par
         cur[c] = -1
 
 
-cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t c0,
+cdef void moments_step(const storage* x, Planes P, Py_ssize_t mblk, Py_ssize_t c0,
                        Py_ssize_t c1, Moments* out, Moments* part, Py_ssize_t* cur,
                        const cbn_forward_args* k, Py_ssize_t back, const floating* scale,
                        const floating* shift) noexcept nogil:
@@ -199,8 +199,8 @@ cdef void moments_step(const floating* x, Planes P, Py_ssize_t mblk, Py_ssize_t 
             if k != NULL:
                 poff = off - back * P.K
                 a.x = x + poff
-                a.residual = shifted(<const floating*>k.residual, poff)
-                a.y = <floating*>k.y + poff
+                a.residual = shifted(<const storage*>k.residual, poff)
+                a.y = <storage*>k.y + poff
             m.n = <double>nruns * n
             ops(x).runs_moments(x + off, nruns, n, P.C * P.K, &m.mean, &m.m2, P.pf, carry)
             merge(&part[c], m)
@@ -222,7 +222,7 @@ cdef void sums_begin(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part,
         cur[c] = -1
 
 
-cdef void sums_step(const floating* g, const floating* x, const Dact* da, floating* gr,
+cdef void sums_step(const storage* g, const storage* x, const Dact* da, storage* gr,
                     Planes P, Py_ssize_t mblk, Py_ssize_t c0, Py_ssize_t c1,
                     const floating* mean, const floating* scale, Sums* out, Sums* part,
                     Py_ssize_t* cur) noexcept nogil:
@@ -239,9 +239,9 @@ cdef void sums_step(const floating* g, const floating* x, const Dact* da, floati
                 zero_sums(&part[c], 1)
                 cur[c] = it
             off = planes_unit(P, u, &cc, &nruns, &n)
-            ops(g).runs_sums(g + off, x + off, shifted(<const floating*>da.ym, off),
-                             shifted(<const floating*>da.res, off), NULL,
-                             <floating*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
+            ops(g).runs_sums(g + off, x + off, shifted(<const storage*>da.ym, off),
+                             shifted(<const storage*>da.res, off), NULL,
+                             <storage*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
                              scale[c],
                              (<const floating*>da.shift)[c] if da.shift != NULL else 0,
                              da.act, da.slope, &sg, &sgx, P.pf)
@@ -258,7 +258,7 @@ cdef void sums_end(Py_ssize_t c0, Py_ssize_t c1, Sums* out, Sums* part) noexcept
 
 cdef void rows_of_group(const Pass* p, Py_ssize_t m0, Py_ssize_t m1, Py_ssize_t C,
                         Py_ssize_t K, Py_ssize_t c0, Py_ssize_t c1,
-                        const floating* tag) noexcept nogil:
+                        const storage* tag) noexcept nogil:
     """planes_apply's element pass over batch entries m0..m1 of channels c0..c1 (the same
     units, so the same calls of the same loop on the same values)."""
     cdef Py_ssize_t nch = (K + CHUNK - 1) // CHUNK
@@ -289,7 +289,7 @@ cdef void forward_finish(const cbn_desc* d, const cbn_forward_args* k, Py_ssize_
                  shift + c0)
 
 
-cdef void forward_group(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+cdef void forward_group(const storage* x, const cbn_desc* d, const cbn_forward_args* k,
                         Planes P, Py_ssize_t c0, Py_ssize_t c1, Moments* mom,
                         Moments* part, Py_ssize_t* cur, floating* scale,
                         floating* shift, int stream) noexcept nogil:
@@ -297,9 +297,10 @@ cdef void forward_group(const floating* x, const cbn_desc* d, const cbn_forward_
     cdef Py_ssize_t j
     moments_begin(c0, c1, mom, part, cur)
     for j in range(P.nmb):
-        moments_step(x, P, j, c0, c1, mom, part, cur, NULL, 0, NULL, NULL)
+        moments_step(x, P, j, c0, c1, mom, part, cur, NULL, 0, <const floating*>NULL,
+                     <const floating*>NULL)
     moments_end(c0, c1, mom, part)
-    forward_finish(d, k, c0, c1, mom, x, scale, shift)
+    forward_finish(d, k, c0, c1, mom, scale, scale, shift)
     cdef Pass out = affine_pass(OP_AFFINE | stream, &k.act, x, k.residual, k.y,
                                 k.save_mean, scale, shift)
     rows_of_group(&out, 0, d.M, d.C, d.K, c0, c1, x)
@@ -307,7 +308,7 @@ cdef void forward_group(const floating* x, const cbn_desc* d, const cbn_forward_
         cbn_sfence()
 
 
-cdef void forward_chain(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+cdef void forward_chain(const storage* x, const cbn_desc* d, const cbn_forward_args* k,
                         Planes P, Py_ssize_t gsize,
                         Py_ssize_t g0, Py_ssize_t g1, Moments* mom, Moments* part,
                         Py_ssize_t* cur, floating* scale, floating* shift,
@@ -329,7 +330,7 @@ cdef void forward_chain(const floating* x, const cbn_desc* d, const cbn_forward_
         for j in range(P.nmb):
             moments_step(x, P, j, c0, c1, mom, part, cur, carry, c0 - a0, scale, shift)
         moments_end(c0, c1, mom, part)
-        forward_finish(d, k, c0, c1, mom, x, scale, shift)
+        forward_finish(d, k, c0, c1, mom, scale, scale, shift)
         if carry != NULL and a0 + (c1 - c0) < a1:    # pending channels not carried
             rows_of_group(&out, 0, d.M, d.C, d.K, a0 + (c1 - c0), a1, x)
         a0 = c0
@@ -339,19 +340,19 @@ cdef void forward_chain(const floating* x, const cbn_desc* d, const cbn_forward_
         cbn_sfence()
 
 
-cdef void blocked_forward(const floating* x, const cbn_desc* d, const cbn_forward_args* k,
+cdef void blocked_forward(const storage* x, const cbn_desc* d, const cbn_forward_args* k,
                           Py_ssize_t gsize, Moments* mom, Moments* part, Py_ssize_t* cur,
                           floating* scale, floating* shift) noexcept nogil:
     """The training forward, groups of gsize channels as parallel work items."""
     cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
     cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(floating))
+    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(storage))
     cdef Team T
     cdef int64_t t_item
     cdef int nthreads = d.nthreads
-    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(floating))
+    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(storage))
     cdef bint chain = (chained(d.K, True) and stream != 0
-                       and <size_t>k.y % sizeof(floating) == 0)
+                       and <size_t>k.y % sizeof(storage) == 0)
     cdef Py_ssize_t nch = nthreads * CHAINS_PER_THREAD
     if nthreads == 1:
         if chain:
@@ -393,41 +394,41 @@ cdef void backward_finish(const cbn_desc* d, const cbn_backward_args* k, Py_ssiz
                           c1 - c0)
 
 
-cdef void backward_group(const floating* x, const cbn_desc* d, const cbn_backward_args* k,
+cdef void backward_group(const storage* x, const cbn_desc* d, const cbn_backward_args* k,
                          Planes P, Py_ssize_t c0,
                          Py_ssize_t c1, const floating* scale, Sums* sums, Sums* part,
                          Py_ssize_t* cur, floating* k1, floating* k2,
                          int stream) noexcept nogil:
     """Sums, finish and dx of channels c0..c1 (see backward_t's stages)."""
     cdef Py_ssize_t j
-    cdef const floating* g = <floating*>k.grad_output
+    cdef const storage* g = <storage*>k.grad_output
     cdef const floating* mean = <floating*>k.save_mean
     cdef Dact da = make_dact(&k.act, k.output, k.residual, k.bias)
     cdef Pass dx = bwd_pass(OP_BWD_TRAIN | stream, &k.act, x, g, k.output, k.residual,
                             k.grad_input, mean, scale, k.bias, k1, k2)
     sums_begin(c0, c1, sums, part, cur)
     for j in range(P.nmb):
-        sums_step(g, x, &da, <floating*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
+        sums_step(g, x, &da, <storage*>k.grad_residual, P, j, c0, c1, mean, scale, sums,
                   part, cur)
     sums_end(c0, c1, sums, part)
-    backward_finish(d, k, c0, c1, sums, x, k1, k2)
+    backward_finish(d, k, c0, c1, sums, k1, k1, k2)
     rows_of_group(&dx, 0, d.M, d.C, d.K, c0, c1, x)
     if stream:
         cbn_sfence()
 
 
-cdef void blocked_backward(const floating* x, const cbn_desc* d, const cbn_backward_args* k,
+cdef void blocked_backward(const storage* x, const cbn_desc* d, const cbn_backward_args* k,
                            Py_ssize_t gsize,
                            const floating* scale, Sums* sums, Sums* part, Py_ssize_t* cur,
                            floating* k1, floating* k2) noexcept nogil:
     """The training backward, groups of gsize channels as parallel work items."""
     cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
     cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(floating))
+    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(storage))
     cdef Team T
     cdef int64_t t_item
     cdef int nthreads = d.nthreads
-    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(floating)
+    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(storage)
                          * (3 if k.output != NULL else 2))
     if nthreads == 1:
         for grp in range(ngroups):

@@ -35,6 +35,8 @@ def _add_ml_dtypes(module: Any) -> None:
     if bf16 not in COMPUTE:
         COMPUTE[bf16] = _F32
         HALF_DTYPES.append(bf16)
+        from . import _kernels              # its loops read bfloat16 storage natively
+        _kernels.set_bfloat16_typenum(bf16.num)
 
 
 class _MlDtypesHook:

@@ -76,13 +76,15 @@ cdef inline void give(const cbn_desc* d, void* p) noexcept nogil:
 
 # ------------------------------------------------------------------------- the stages
 
-cdef void channel_moments(const floating* x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                          void* mem, Moments* out, int nthreads) noexcept nogil:
+cdef void channel_moments(const storage* x, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
+                          void* mem, Moments* out, int nthreads,
+                          const floating* tag) noexcept nogil:
+    """Per-channel moments of x (tag: the compute dtype)."""
     cdef Planes PP
     cdef Rows PR
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
-        PP.pf = prefetch_flag(M * C * K * sizeof(floating))
+        PP.pf = prefetch_flag(M * C * K * sizeof(storage))
         planes_moments(x, PP, <Moments*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
@@ -106,8 +108,8 @@ cdef Py_ssize_t moments_scratch_bytes(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
             + nthreads * 2 * C * sizeof(double))
 
 
-cdef void stage_backward_reduce(const floating* g, const floating* x, const Dact* da,
-                                floating* gr, floating* dx_eval, const floating* mean,
+cdef void stage_backward_reduce(const storage* g, const storage* x, const Dact* da,
+                                storage* gr, storage* dx_eval, const floating* mean,
                                 const floating* scale, Py_ssize_t M, Py_ssize_t C,
                                 Py_ssize_t K, Sums* out, int nthreads,
                                 char* mem) noexcept nogil:
@@ -122,7 +124,7 @@ cdef void stage_backward_reduce(const floating* g, const floating* x, const Dact
     cdef Py_ssize_t t
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
-        PP.pf = prefetch_flag(M * C * K * sizeof(floating) * (3 if da.ym != NULL else 2))
+        PP.pf = prefetch_flag(M * C * K * sizeof(storage) * (3 if da.ym != NULL else 2))
         planes_sums(g, x, da, dx_eval, gr, PP, mean, scale, <Sums*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
@@ -167,15 +169,15 @@ cdef inline int check_act(const cbn_desc* d, const cbn_act* act) noexcept nogil:
 
 # ------------------------------------------------------------- the operations, typed
 
-cdef int forward_t(const cbn_desc* d, const cbn_forward_args* a,
-                   const floating* x) noexcept nogil:
-    """Training or eval forward (cbn_forward_args). One allocation: the per-channel
-    parameters, then the stages' scratch."""
+cdef int forward_t(const cbn_desc* d, const cbn_forward_args* a, const storage* x,
+                   const floating* tag) noexcept nogil:
+    """Training or eval forward (cbn_forward_args; x: storage, tag: the compute dtype).
+    One allocation: the per-channel parameters, then the stages' scratch."""
     cdef Py_ssize_t M = d.M, C = d.C, K = d.K
     cdef int nt = d.nthreads
     cdef Py_ssize_t pbytes = C * (sizeof(Moments) + 2 * sizeof(floating))
     cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, sizeof(floating))
-    cdef Py_ssize_t gsize = (block_channels(M, C, K, sizeof(floating), 1, nt, True)
+    cdef Py_ssize_t gsize = (block_channels(M, C, K, sizeof(storage), 1, nt, True)
                              if a.training else 0)
     cdef Py_ssize_t mbytes = 0
     cdef char* mem
@@ -204,7 +206,7 @@ cdef int forward_t(const cbn_desc* d, const cbn_forward_args* a,
         blocked_forward(x, d, a, gsize, mom, part, <Py_ssize_t*>(part + C), scale, shift)
     else:
         if a.training:
-            channel_moments(x, M, C, K, part, mom, nt)
+            channel_moments(x, M, C, K, part, mom, nt, tag)
             stage_finish(mom, C, <double>M * K, <const floating*>a.weight,
                          <const floating*>a.bias, <floating*>a.running_mean,
                          <floating*>a.running_var, a.momentum, a.eps, save_mean,
@@ -214,20 +216,20 @@ cdef int forward_t(const cbn_desc* d, const cbn_forward_args* a,
                               <const floating*>a.running_var, a.eps,
                               <floating*>a.save_invstd, scale, shift, C)
             memcpy(save_mean, a.running_mean, C * sizeof(floating))
-        out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)), &a.act, x,
+        out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(storage)), &a.act, x,
                           a.residual, a.y, save_mean, scale, shift)
-        apply(&out, M, C, K, <floating*>(mem + pbytes), nt)
+        apply(&out, M, C, K, <floating*>(mem + pbytes), nt, x)
     give(d, mem)
     return CBN_OK
 
 
-cdef int normalize_t(const cbn_desc* d, const cbn_normalize_args* a,
-                     const floating* x) noexcept nogil:
+cdef int normalize_t(const cbn_desc* d, const cbn_normalize_args* a, const storage* x,
+                     const floating* tag) noexcept nogil:
     """y = act((x - mean) * scale + shift + residual)."""
     cdef Py_ssize_t M = d.M, C = d.C, K = d.K
     cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, sizeof(floating))
     cdef char* lanes = NULL     # (planes need none; rows need their lane parameters)
-    cdef Pass out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(floating)),
+    cdef Pass out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(storage)),
                                 &a.act, x, a.residual, a.y, a.mean, a.scale, a.shift)
     if check_act(d, &a.act):
         return CBN_ERR_ARG
@@ -235,7 +237,7 @@ cdef int normalize_t(const cbn_desc* d, const cbn_normalize_args* a,
         lanes = take(d, abytes)
         if lanes == NULL:
             return CBN_ERR_NOMEM
-    apply(&out, M, C, K, <floating*>lanes, d.nthreads)
+    apply(&out, M, C, K, <floating*>lanes, d.nthreads, x)
     if lanes != NULL:
         give(d, lanes)
     return CBN_OK
@@ -249,15 +251,15 @@ cdef int eval_params_t(const cbn_desc* d, const cbn_eval_params_args* a,
     return CBN_OK
 
 
-cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a,
-                    const floating* x) noexcept nogil:
+cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a, const storage* x,
+                    const floating* tag) noexcept nogil:
     """Training backward: reduce, then the element pass; eval: one pass that reduces and
     writes dx = dy * scale. One allocation: the per-channel sums and parameters, then the
     reduction's scratch."""
     cdef Py_ssize_t M = d.M, C = d.C, K = d.K
     cdef int nt = d.nthreads
     cdef Py_ssize_t pbytes = (C * (sizeof(Sums) + 3 * sizeof(floating)) + 63) // 64 * 64
-    cdef Py_ssize_t gsize = (block_channels(M, C, K, sizeof(floating),
+    cdef Py_ssize_t gsize = (block_channels(M, C, K, sizeof(storage),
                                             3 if a.output != NULL else 2, nt)
                              if a.training else 0)
     cdef Py_ssize_t rbytes = (C * (sizeof(Sums) + sizeof(Py_ssize_t)) if gsize > 0 else
@@ -269,7 +271,7 @@ cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a,
     cdef floating* scale
     cdef floating* k1
     cdef floating* k2
-    cdef const floating* g = <const floating*>a.grad_output
+    cdef const storage* g = <const storage*>a.grad_output
     cdef Dact da = make_dact(&a.act, a.output, a.residual, a.bias)
     cdef Pass dx
     if check_act(d, &a.act):
@@ -287,24 +289,24 @@ cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a,
         blocked_backward(x, d, a, gsize, scale, sums, <Sums*>(mem + pbytes),
                          <Py_ssize_t*>(mem + pbytes + C * sizeof(Sums)), k1, k2)
     else:
-        stage_backward_reduce(g, x, &da, <floating*>a.grad_residual,
-                              NULL if a.training else <floating*>a.grad_input,
+        stage_backward_reduce(g, x, &da, <storage*>a.grad_residual,
+                              NULL if a.training else <storage*>a.grad_input,
                               <const floating*>a.save_mean, scale, M, C, K, sums, nt,
                               mem + pbytes)
         stage_backward_finish(sums, <const floating*>a.save_invstd, <double>M * K,
                               <floating*>a.grad_weight, <floating*>a.grad_bias,
                               k1 if a.training else NULL, k2, C)
         if a.training:
-            dx = bwd_pass(OP_BWD_TRAIN | stream_flag(M * C * K * sizeof(floating)), &a.act,
+            dx = bwd_pass(OP_BWD_TRAIN | stream_flag(M * C * K * sizeof(storage)), &a.act,
                           x, g, a.output, a.residual, a.grad_input, a.save_mean, scale,
                           a.bias, k1, k2)
-            apply(&dx, M, C, K, <floating*>(mem + pbytes + rbytes), nt)
+            apply(&dx, M, C, K, <floating*>(mem + pbytes + rbytes), nt, x)
     give(d, mem)
     return CBN_OK
 
 
-cdef int moments_t(const cbn_desc* d, const cbn_moments_args* a,
-                   const floating* x) noexcept nogil:
+cdef int moments_t(const cbn_desc* d, const cbn_moments_args* a, const storage* x,
+                   const floating* tag) noexcept nogil:
     """mean and m2 per channel (zeros for an empty input)."""
     cdef Py_ssize_t C = d.C, c
     cdef Py_ssize_t mbytes = moments_scratch_bytes(d.M, C, d.K, sizeof(floating),
@@ -321,7 +323,7 @@ cdef int moments_t(const cbn_desc* d, const cbn_moments_args* a,
     if mem == NULL:
         return CBN_ERR_NOMEM
     mom = <Moments*>mem
-    channel_moments(x, d.M, C, d.K, mem + pbytes, mom, d.nthreads)
+    channel_moments(x, d.M, C, d.K, mem + pbytes, mom, d.nthreads, tag)
     for c in range(C):
         a.mean[c] = mom[c].mean
         a.m2[c] = mom[c].m2
@@ -348,8 +350,8 @@ cdef int finish_t(const cbn_desc* d, const cbn_finish_args* a,
     return CBN_OK
 
 
-cdef int reduce_t(const cbn_desc* d, const cbn_reduce_args* a,
-                  const floating* g) noexcept nogil:
+cdef int reduce_t(const cbn_desc* d, const cbn_reduce_args* a, const storage* g,
+                  const floating* tag) noexcept nogil:
     """sum_dy, sum_dy_xmu per channel (zeros for an empty input)."""
     cdef Py_ssize_t C = d.C, c
     cdef Py_ssize_t pbytes = (C * (sizeof(Sums) + sizeof(floating)) + 63) // 64 * 64
@@ -371,7 +373,7 @@ cdef int reduce_t(const cbn_desc* d, const cbn_reduce_args* a,
     zeros = <floating*>(sums + C)       # the scale of an eval dx, which is not written
     for c in range(C):
         zeros[c] = 0
-    stage_backward_reduce(g, <const floating*>a.x, &da, NULL, NULL,
+    stage_backward_reduce(g, <const storage*>a.x, &da, <storage*>NULL, <storage*>NULL,
                           <const floating*>a.mean,
                           <const floating*>a.scale if a.scale != NULL else zeros, d.M, C,
                           d.K, sums, d.nthreads, mem + pbytes)
@@ -382,8 +384,8 @@ cdef int reduce_t(const cbn_desc* d, const cbn_reduce_args* a,
     return CBN_OK
 
 
-cdef int elements_t(const cbn_desc* d, const cbn_elements_args* a,
-                    const floating* g) noexcept nogil:
+cdef int elements_t(const cbn_desc* d, const cbn_elements_args* a, const storage* g,
+                    const floating* tag) noexcept nogil:
     """The training backward's element pass with global sums."""
     cdef Py_ssize_t C = d.C, c
     cdef Py_ssize_t pbytes = (C * (sizeof(Sums) + 3 * sizeof(floating)) + 63) // 64 * 64
@@ -409,9 +411,9 @@ cdef int elements_t(const cbn_desc* d, const cbn_elements_args* a,
         sums[c].g = a.sum_dy[c]
         sums[c].gx = a.sum_dy_xmu[c]
     stage_backward_finish(sums, <const floating*>a.invstd, a.count, NULL, NULL, k1, k2, C)
-    dx = bwd_pass(OP_BWD_TRAIN | stream_flag(d.M * C * d.K * sizeof(floating)), &a.act,
+    dx = bwd_pass(OP_BWD_TRAIN | stream_flag(d.M * C * d.K * sizeof(storage)), &a.act,
                   a.x, g, a.output, a.residual, a.grad_input, a.mean, scale, a.bias, k1, k2)
-    apply(&dx, d.M, C, d.K, <floating*>(mem + pbytes), d.nthreads)
+    apply(&dx, d.M, C, d.K, <floating*>(mem + pbytes), d.nthreads, g)
     give(d, mem)
     return CBN_OK
 
@@ -429,33 +431,34 @@ cdef enum:
     CORE_ELEMENTS = 7
 
 
-cdef int run_t(int op, const cbn_desc* d, const void* a,
+cdef int run_t(int op, const cbn_desc* d, const void* a, const storage* stag,
                const floating* tag) noexcept nogil:
-    """The operation op on one dtype (tag: NULL, its type)."""
+    """The operation op on one (storage, compute) dtype pair (stag, tag: NULL, of those
+    types)."""
     if op == CORE_FORWARD:
         return forward_t(d, <const cbn_forward_args*>a,
-                         <const floating*>(<const cbn_forward_args*>a).x)
+                         <const storage*>(<const cbn_forward_args*>a).x, tag)
     if op == CORE_NORMALIZE:
         return normalize_t(d, <const cbn_normalize_args*>a,
-                           <const floating*>(<const cbn_normalize_args*>a).x)
+                           <const storage*>(<const cbn_normalize_args*>a).x, tag)
     if op == CORE_BACKWARD:
         return backward_t(d, <const cbn_backward_args*>a,
-                          <const floating*>(<const cbn_backward_args*>a).x)
+                          <const storage*>(<const cbn_backward_args*>a).x, tag)
     if op == CORE_EVAL_PARAMS:
         return eval_params_t(d, <const cbn_eval_params_args*>a,
                              <const floating*>(<const cbn_eval_params_args*>a).weight)
     if op == CORE_MOMENTS:
         return moments_t(d, <const cbn_moments_args*>a,
-                         <const floating*>(<const cbn_moments_args*>a).x)
+                         <const storage*>(<const cbn_moments_args*>a).x, tag)
     if op == CORE_FINISH:
         return finish_t(d, <const cbn_finish_args*>a,
                         <const floating*>(<const cbn_finish_args*>a).weight)
     if op == CORE_REDUCE:
         return reduce_t(d, <const cbn_reduce_args*>a,
-                        <const floating*>(<const cbn_reduce_args*>a).grad_output)
+                        <const storage*>(<const cbn_reduce_args*>a).grad_output, tag)
     if op == CORE_ELEMENTS:
         return elements_t(d, <const cbn_elements_args*>a,
-                          <const floating*>(<const cbn_elements_args*>a).grad_output)
+                          <const storage*>(<const cbn_elements_args*>a).grad_output, tag)
     return fail(d, CBN_ERR_ARG, "cbn: unknown operation")
 
 
@@ -465,7 +468,9 @@ cdef int run(int op, const cbn_desc* d, const void* a) noexcept nogil:
     cdef cbn_desc k = d[0]
     if d.version != CBN_DESC_VERSION:
         return fail(d, CBN_ERR_ARG, "cbn: unknown descriptor version")
-    if d.storage != d.compute or (d.compute != CBN_FLOAT32 and d.compute != CBN_FLOAT64):
+    if not (d.storage == d.compute == CBN_FLOAT32 or d.storage == d.compute == CBN_FLOAT64
+            or (d.compute == CBN_FLOAT32
+                and (d.storage == CBN_FLOAT16 or d.storage == CBN_BFLOAT16))):
         return fail(d, CBN_ERR_DTYPE, "cbn: no loops for this storage and compute dtype")
     if (d.M < 0 or d.C < 0 or d.K < 0 or d.stride_k != 1 or d.stride_c != d.K
             or d.stride_m != d.C * d.K):
@@ -473,9 +478,13 @@ cdef int run(int op, const cbn_desc* d, const void* a) noexcept nogil:
     if d.nthreads < 1:
         return fail(d, CBN_ERR_ARG, "cbn: nthreads must be at least 1")
     k.nthreads = cbn_team_size(d.nthreads)
-    if d.compute == CBN_FLOAT32:
-        return run_t(op, &k, a, <const float*>NULL)
-    return run_t(op, &k, a, <const double*>NULL)
+    if d.storage == CBN_FLOAT32:
+        return run_t(op, &k, a, <const float*>NULL, <const float*>NULL)
+    if d.storage == CBN_FLOAT64:
+        return run_t(op, &k, a, <const double*>NULL, <const double*>NULL)
+    if d.storage == CBN_FLOAT16:
+        return run_t(op, &k, a, <const cbn_f16*>NULL, <const float*>NULL)
+    return run_t(op, &k, a, <const cbn_bf16*>NULL, <const float*>NULL)
 
 
 # ------------------------------------------------------------------------ the entries

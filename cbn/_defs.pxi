@@ -12,12 +12,27 @@ cdef inline const void* data(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef int bfloat16_typenum = -2     # ml_dtypes' bfloat16, once cbn._checks has seen it
+
+
+def set_bfloat16_typenum(int typenum):
+    """Make arrays of NumPy type number `typenum` (ml_dtypes' bfloat16, a type registered
+    at run time) bfloat16 storage for the kernels (cbn._checks calls it)."""
+    global bfloat16_typenum
+    bfloat16_typenum = typenum
+
+
 cdef inline int dtype_code(int typenum) noexcept:
-    """The core's cbn_dtype of a NumPy type number (float32 or float64; -1 otherwise)."""
+    """The core's cbn_dtype of a NumPy type number (float32, float64, float16 or
+    ml_dtypes' bfloat16; -1 otherwise)."""
     if typenum == cnp.NPY_FLOAT32:
         return CBN_FLOAT32
     if typenum == cnp.NPY_FLOAT64:
         return CBN_FLOAT64
+    if typenum == cnp.NPY_FLOAT16:
+        return CBN_FLOAT16
+    if typenum == bfloat16_typenum:
+        return CBN_BFLOAT16
     return -1
 
 
@@ -33,10 +48,13 @@ cdef inline void set_view(cbn_desc* d, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K)
 
 cdef inline void init_desc(cbn_desc* d, cnp.ndarray a, int nthreads, char* msg) noexcept:
     """A descriptor for arrays of a's dtype (a 3D: its (M, C, K) view; 1D: C values),
-    every other field 0 or NULL; msg: a MSG_SIZE buffer for the error message."""
+    every other field 0 or NULL; msg: a MSG_SIZE buffer for the error message. Half
+    storage (float16, bfloat16) is computed in float32: its per-channel vectors are."""
     memset(d, 0, sizeof(cbn_desc))
     d.version = CBN_DESC_VERSION
     d.storage = d.compute = dtype_code(cnp.PyArray_TYPE(a))
+    if d.storage == CBN_FLOAT16 or d.storage == CBN_BFLOAT16:
+        d.compute = CBN_FLOAT32
     d.nthreads = nthreads
     if cnp.PyArray_NDIM(a) == 3:
         set_view(d, cnp.PyArray_DIM(a, 0), cnp.PyArray_DIM(a, 1), cnp.PyArray_DIM(a, 2))

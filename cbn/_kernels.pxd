@@ -77,6 +77,13 @@ cdef extern from "cbn_kernels.h" nogil:
 
     const cbn_ops* cbn_ops_f() noexcept
     const cbn_ops* cbn_ops_d() noexcept
+    const cbn_ops* cbn_ops_h() noexcept
+    const cbn_ops* cbn_ops_b() noexcept
+    # half-precision storage (computed in float): 16 bits, no arithmetic on them
+    ctypedef struct cbn_f16:
+        unsigned short bits
+    ctypedef struct cbn_bf16:
+        unsigned short bits
     const char* cbn_target_name() noexcept
     int cbn_target_count() noexcept
     const char* cbn_target_at(int i) noexcept

@@ -109,12 +109,61 @@ from libc.string cimport memcpy, memset
 cnp.import_array()
 
 
-cdef inline const cbn_ops* ops(const floating* tag) noexcept nogil:
-    """The active CPU target's table of C loops for floating's dtype (see cbn/src)."""
-    if floating is float:
+# The element type of the (M, C, K) data arrays: float and double are computed in their
+# own type; float16 and bfloat16 storage (cbn_f16, cbn_bf16: 16 bits, no arithmetic) is
+# converted in registers by the C loops and computed in float. Per-channel vectors, lane
+# parameters and scratch are of the compute type, `floating`. A function specialized on
+# both gets the four combinations run() calls, (float, float), (double, double),
+# (cbn_f16, float), (cbn_bf16, float), and others that are never called.
+ctypedef fused storage:
+    float
+    double
+    cbn_f16
+    cbn_bf16
+
+
+cdef inline const cbn_ops* ops(const storage* tag) noexcept nogil:
+    """The active CPU target's table of C loops for the storage dtype (see cbn/src)."""
+    if storage is float:
         return cbn_ops_f()
-    else:
+    elif storage is double:
         return cbn_ops_d()
+    elif storage is cbn_f16:
+        return cbn_ops_h()
+    else:
+        return cbn_ops_b()
+
+
+cdef inline double load1(const storage* p) noexcept nogil:
+    """The value at p, widened to double (exact)."""
+    cdef unsigned int h, e, m
+    cdef float f
+    cdef unsigned int u
+    if storage is float or storage is double:
+        return p[0]
+    elif storage is cbn_bf16:
+        u = (<unsigned int>p[0].bits) << 16
+        memcpy(&f, &u, 4)
+        return f
+    else:
+        h = p[0].bits
+        e = (h >> 10) & 0x1f
+        m = h & 0x3ff
+        if e == 0:
+            f = <float>(m * 5.9604644775390625e-08)         # m * 2**-24, exact
+        elif e == 31:
+            u = 0x7f800000 | (m << 13)
+            memcpy(&f, &u, 4)
+        else:
+            u = ((e + 112) << 23) | (m << 13)
+            memcpy(&f, &u, 4)
+        return -f if h & 0x8000 else f
+
+
+cdef inline size_t compute_size(const storage* tag) noexcept nogil:
+    """Bytes of one value of the compute dtype (partitions depend on it, not on the
+    storage: a half array is reduced in exactly the float32 array's order)."""
+    return sizeof(double) if storage is double else sizeof(float)
 
 
 cdef enum:

@@ -23,7 +23,7 @@ cdef inline void planes_item_span(Planes P, Py_ssize_t item, Py_ssize_t* c0,
         nc[0] = P.C
 
 
-cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
+cdef void planes_item_moments(const storage* x, Planes P, Py_ssize_t item,
                               Moments* acc) noexcept nogil:
     """Merge the moments of one item's units into its slots of acc[0:C], per channel."""
     cdef Py_ssize_t u0 = item * P.units // P.items, u1 = (item + 1) * P.units // P.items
@@ -39,7 +39,7 @@ cdef void planes_item_moments(const floating* x, Planes P, Py_ssize_t item,
         merge(&acc[c], m)
 
 
-cdef void planes_moments(const floating* x, Planes P, Moments* part, Moments* out,
+cdef void planes_moments(const storage* x, Planes P, Moments* part, Moments* out,
                          int nthreads) noexcept nogil:
     """part: items*C slots (each item writes those of its channels only)."""
     cdef Team T
@@ -112,7 +112,7 @@ cdef inline void zero(double* v, Py_ssize_t n) noexcept nogil:
         v[i] = 0.0
 
 
-cdef void rows_channel_dev(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
+cdef void rows_channel_dev(const storage* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
                            Py_ssize_t K, Py_ssize_t c, floating m, double* s1,
                            double* s2) noexcept nogil:
     """s1, s2: sums of d = x - m and d*d over channel c's values in R rows of w values.
@@ -128,14 +128,14 @@ cdef void rows_channel_dev(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_ssi
             a = 0
             b = 0
             for r in range(R):
-                d = p[r * w + t] - m
+                d = <floating>load1(p + r * w + t) - m
                 a += d
                 b += d * d
             s1[0] += a
             s2[0] += b
 
 
-cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
+cdef double rows_block_moments(const storage* p, Py_ssize_t R, Py_ssize_t w, Py_ssize_t C,
                                Py_ssize_t K, const double* hint, floating* acc,
                                floating* acc2, floating* lane, double* bmean,
                                double* bm2) noexcept nogil:
@@ -154,6 +154,7 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
     within a factor 2 of a two-pass's rounding error.
     """
     cdef Py_ssize_t c, nflag = 0, reps = w // (C * K)
+    cdef floating* lane0 = lane
     cdef double cnt = <double>R * reps * K, inv = 1.0 / cnt, s, v
     cdef Py_ssize_t r0 = R // 8
     if r0 < SHIFT_ROWS_MIN:
@@ -165,11 +166,18 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
     if hint != NULL:
         expand_lanes_d(hint, lane, w, C, K)
     else:                       # mean of the first rows, around the first row
-        ops(p).cols_shifted_sums(p, r0, w, p, acc, acc2)
+        if storage is cbn_f16 or storage is cbn_bf16:
+            for c in range(w):  # the first row in the compute dtype (lane: free here)
+                lane[c] = <floating>load1(p + c)
+            ops(p).cols_shifted_sums(p, r0, w, lane, acc, acc2)
+        else:
+            ops(p).cols_shifted_sums(p, r0, w, p, acc, acc2)
+            lane = <floating*><const void*>p
         zero(bmean, C)
         zero(bm2, C)
         fold_lanes(acc, bmean, reps, C, K)
-        fold_lanes(p, bm2, reps, C, K)
+        fold_lanes(lane, bm2, reps, C, K)
+        lane = lane0
         for c in range(C):
             bmean[c] = (bmean[c] + bm2[c] * r0) / (<double>r0 * reps * K)
         expand_lanes_d(bmean, lane, w, C, K)
@@ -214,7 +222,7 @@ cdef double rows_block_moments(const floating* p, Py_ssize_t R, Py_ssize_t w, Py
     return cnt
 
 
-cdef void rows_item_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
+cdef void rows_item_moments(const storage* x, Py_ssize_t C, Py_ssize_t K, Rows P,
                             Py_ssize_t it, double* acc, floating* sc,
                             double* ds) noexcept nogil:
     """(count, C means, C m2s) of one item's blocks into acc; scratch sc: 3*W, ds: 2*C."""
@@ -232,7 +240,7 @@ cdef void rows_item_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows 
         merge_channels(acc, acc + 1, acc + 1 + C, cnt, ds, ds + C, C)
 
 
-cdef void rows_moments(const floating* x, Py_ssize_t C, Py_ssize_t K, Rows P,
+cdef void rows_moments(const storage* x, Py_ssize_t C, Py_ssize_t K, Rows P,
                        double* part, floating* scratch, double* dscratch, Moments* out,
                        int nthreads) noexcept nogil:
     """Per-channel moments over the rows partition. part: items*(2C+1) doubles (count,

@@ -39,8 +39,16 @@ cdef struct Dact:
     const void* shift       # C values: the bias (silu, hardswish), or NULL (zeros)
 
 
-cdef inline const floating* shifted(const floating* p, Py_ssize_t off) noexcept nogil:
+cdef inline const storage* shifted(const storage* p, Py_ssize_t off) noexcept nogil:
     return p + off if p != NULL else NULL
+
+
+cdef inline double cparam(const void* v, Py_ssize_t c, const storage* tag) noexcept nogil:
+    """Value c of a per-channel vector of the compute dtype of storage's arrays."""
+    if storage is double:
+        return (<const double*>v)[c]
+    else:
+        return (<const float*>v)[c]
 
 
 cdef inline Pass affine_pass(int op, const cbn_act* act, const void* x, const void* res,
@@ -96,31 +104,32 @@ cdef inline Dact make_dact(const cbn_act* act, const void* ym, const void* res,
 
 
 cdef inline void run_pass(const Pass* p, Py_ssize_t off, Py_ssize_t n, Py_ssize_t c,
-                          const floating* tag) noexcept nogil:
-    """The pass over n values of channel c from offset off (planes; tag: the dtype)."""
-    cdef const floating* x = <const floating*>p.x + off
-    cdef floating* y = <floating*>p.y + off
-    cdef const floating* res = shifted(<const floating*>p.res, off)
-    cdef double mean = (<const floating*>p.mean)[c], scale = (<const floating*>p.scale)[c]
-    cdef double shift = (<const floating*>p.shift)[c] if p.shift != NULL else 0.0
+                          const storage* tag) noexcept nogil:
+    """The pass over n values of channel c from offset off (planes; tag: the storage
+    dtype)."""
+    cdef const storage* x = <const storage*>p.x + off
+    cdef storage* y = <storage*>p.y + off
+    cdef const storage* res = shifted(<const storage*>p.res, off)
+    cdef double mean = cparam(p.mean, c, x), scale = cparam(p.scale, c, x)
+    cdef double shift = cparam(p.shift, c, x) if p.shift != NULL else 0.0
     if p.op == OP_AFFINE:
         ops(x).run_affine(x, res, y, n, mean, scale, shift, p.act, p.slope)
     elif p.op == OP_AFFINE | OP_STREAM:
         ops(x).run_affine_stream(x, res, y, n, mean, scale, shift, p.act, p.slope)
     elif p.op == OP_BWD_TRAIN:
-        ops(x).run_bwd(x, <const floating*>p.g + off, shifted(<const floating*>p.ym, off),
-                       res, y, n, mean, scale, shift, (<const floating*>p.gmean)[c],
-                       (<const floating*>p.xcoef)[c], p.act, p.slope)
+        ops(x).run_bwd(x, <const storage*>p.g + off, shifted(<const storage*>p.ym, off),
+                       res, y, n, mean, scale, shift, cparam(p.gmean, c, x),
+                       cparam(p.xcoef, c, x), p.act, p.slope)
     else:
-        ops(x).run_bwd_stream(x, <const floating*>p.g + off,
-                              shifted(<const floating*>p.ym, off), res, y, n, mean, scale,
-                              shift, (<const floating*>p.gmean)[c],
-                              (<const floating*>p.xcoef)[c], p.act, p.slope)
+        ops(x).run_bwd_stream(x, <const storage*>p.g + off,
+                              shifted(<const storage*>p.ym, off), res, y, n, mean, scale,
+                              shift, cparam(p.gmean, c, x), cparam(p.xcoef, c, x), p.act,
+                              p.slope)
 
 
 cdef void planes_apply_units(const Pass* p, Py_ssize_t C, Py_ssize_t K, Py_ssize_t nch,
                              Py_ssize_t clen, Py_ssize_t u0, Py_ssize_t u1,
-                             const floating* tag) noexcept nogil:
+                             const storage* tag) noexcept nogil:
     """Units u0..u1 of planes_apply: unit u is chunk u % nch of plane u // nch."""
     cdef Py_ssize_t u, plane, start, n
     for u in range(u0, u1):
@@ -133,7 +142,7 @@ cdef void planes_apply_units(const Pass* p, Py_ssize_t C, Py_ssize_t K, Py_ssize
 
 
 cdef void planes_apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                       int nthreads, const floating* tag) noexcept nogil:
+                       int nthreads, const storage* tag) noexcept nogil:
     """Element-wise pass with per-channel parameters. Units are planes, or chunks of long
     planes; items are runs of units holding about CHUNK values."""
     cdef Team T
@@ -169,12 +178,13 @@ cdef enum:
 
 
 cdef inline void row_pass(const Pass* p, int op, Py_ssize_t off, Py_ssize_t R, Py_ssize_t w,
-                          const floating* lanes, Py_ssize_t W) noexcept nogil:
+                          const floating* lanes, Py_ssize_t W,
+                          const storage* tag) noexcept nogil:
     """The pass over R rows of w values from offset off (rows; lanes: the LANE_ARRAYS lane
-    parameters, W apart; op: p.op, or without OP_STREAM)."""
-    cdef const floating* x = <const floating*>p.x + off
-    cdef floating* y = <floating*>p.y + off
-    cdef const floating* res = shifted(<const floating*>p.res, off)
+    parameters, W apart; op: p.op, or without OP_STREAM; tag: the storage dtype)."""
+    cdef const storage* x = <const storage*>p.x + off
+    cdef storage* y = <storage*>p.y + off
+    cdef const storage* res = shifted(<const storage*>p.res, off)
     if op == OP_AFFINE:
         ops(x).cols_affine(x, res, y, R, w, lanes, lanes + W, lanes + 2 * W, p.act,
                            p.slope)
@@ -182,18 +192,18 @@ cdef inline void row_pass(const Pass* p, int op, Py_ssize_t off, Py_ssize_t R, P
         ops(x).rows_affine_stream(x, res, y, R, w, lanes, lanes + W, lanes + 2 * W, p.act,
                                   p.slope)
     elif op == OP_BWD_TRAIN:
-        ops(x).cols_bwd(x, <const floating*>p.g + off, shifted(<const floating*>p.ym, off),
+        ops(x).cols_bwd(x, <const storage*>p.g + off, shifted(<const storage*>p.ym, off),
                         res, y, R, w, lanes, lanes + W, lanes + 2 * W, lanes + 3 * W,
                         lanes + 4 * W, p.act, p.slope)
     else:
-        ops(x).rows_bwd_stream(x, <const floating*>p.g + off,
-                               shifted(<const floating*>p.ym, off), res, y, R, w, lanes,
+        ops(x).rows_bwd_stream(x, <const storage*>p.g + off,
+                               shifted(<const storage*>p.ym, off), res, y, R, w, lanes,
                                lanes + W, lanes + 2 * W, lanes + 3 * W, lanes + 4 * W,
                                p.act, p.slope)
 
 
 cdef void rows_apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
-                     const floating* lanes, int nthreads) noexcept nogil:
+                     const floating* lanes, int nthreads, const storage* tag) noexcept nogil:
     """Element-wise pass over the rows partition; lanes holds the lane parameters expanded
     to W lanes each, back to back (see expand_pass_lanes)."""
     cdef Team T
@@ -201,7 +211,7 @@ cdef void rows_apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     cdef Rows P = rows_partition(M, C, K, CHUNK, M, sizeof(floating))
     cdef Py_ssize_t W = P.W, blk, r0, nr
     if nthreads == 1:
-        row_pass(p, p.op, 0, P.nrows, W, lanes, W)
+        row_pass(p, p.op, 0, P.nrows, W, lanes, W, tag)
     else:
         team_begin(&T, nthreads)
         for blk in prange(P.nblocks, num_threads=nthreads, schedule="dynamic"):
@@ -210,25 +220,25 @@ cdef void rows_apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
             nr = P.nrows - r0
             if nr > P.R:
                 nr = P.R
-            row_pass(p, p.op, r0 * W, nr, W, lanes, W)
+            row_pass(p, p.op, r0 * W, nr, W, lanes, W, tag)
             team_add(&T, threadid(), t_item)
         team_end(&T)
     if P.tail:
-        row_pass(p, p.op, P.nrows * W, 1, P.tail, lanes, W)
+        row_pass(p, p.op, P.nrows * W, 1, P.tail, lanes, W, tag)
 
 
-cdef inline Py_ssize_t line_head(const floating* y, Py_ssize_t W) noexcept nogil:
+cdef inline Py_ssize_t line_head(const storage* y, Py_ssize_t W) noexcept nogil:
     """Values of y before its first cache line where a rows pass over rows of W values
     can store whole lines non-temporally from there (rows_apply_stream), or -1: y not
     aligned to its element size, or rows that are not whole lines."""
-    if <size_t>y % sizeof(floating) != 0 or (W * sizeof(floating)) % 64 != 0:
+    if <size_t>y % sizeof(storage) != 0 or (W * sizeof(storage)) % 64 != 0:
         return -1
-    return ((64 - <Py_ssize_t>(<size_t>y % 64)) % 64) // sizeof(floating)
+    return ((64 - <Py_ssize_t>(<size_t>y % 64)) % 64) // sizeof(storage)
 
 
 cdef void rows_apply_stream(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
                             Py_ssize_t W, Py_ssize_t h, const floating* lanes,
-                            int nthreads) noexcept nogil:
+                            int nthreads, const storage* tag) noexcept nogil:
     """rows_apply with non-temporal stores (outputs larger than the cache): the h values
     before y's first line with ordinary stores, then rows of W values from there (lanes:
     expanded from h on, see expand_lanes), whole lines streamed, then the rest with
@@ -242,14 +252,14 @@ cdef void rows_apply_stream(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_
         h = total
     if h > 0:
         expand_pass_lanes(p, hl, 16, h, C, K, 0, lanes)
-        row_pass(p, op, 0, 1, h, hl, 16)
+        row_pass(p, op, 0, 1, h, hl, 16, tag)
     n = total - h
     nrows = n // W
     tail = n % W
     R = CHUNK // W if CHUNK // W > ROW_MIN_ROWS else ROW_MIN_ROWS
     nblocks = (nrows + R - 1) // R
     if nthreads == 1:
-        row_pass(p, op | OP_STREAM, h, nrows, W, lanes, W)
+        row_pass(p, op | OP_STREAM, h, nrows, W, lanes, W, tag)
     else:
         team_begin(&T, nthreads)
         for blk in prange(nblocks, num_threads=nthreads, schedule="dynamic"):
@@ -258,12 +268,12 @@ cdef void rows_apply_stream(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_
             nr = nrows - r0
             if nr > R:
                 nr = R
-            row_pass(p, op | OP_STREAM, h + r0 * W, nr, W, lanes, W)
+            row_pass(p, op | OP_STREAM, h + r0 * W, nr, W, lanes, W, tag)
             cbn_sfence()        # each thread orders its own non-temporal stores
             team_add(&T, threadid(), t_item)
         team_end(&T)
     if tail:
-        row_pass(p, op, h + nrows * W, 1, tail, lanes, W)
+        row_pass(p, op, h + nrows * W, 1, tail, lanes, W, tag)
     cbn_sfence()
 
 
@@ -294,21 +304,21 @@ cdef void expand_pass_lanes(const Pass* p, floating* lanes, Py_ssize_t stride,
 
 
 cdef void apply(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_t K, floating* lanes,
-                int nthreads) noexcept nogil:
+                int nthreads, const storage* tag) noexcept nogil:
     """Run an element-wise pass on the planes or rows kernel (OP_STREAM: stored
     non-temporally where the rows allow it, see line_head); lanes: apply_scratch_bytes of
     scratch (rows)."""
     cdef Py_ssize_t W, h
     if K >= PLANE_MIN_K:
-        planes_apply(p, M, C, K, nthreads, lanes)
+        planes_apply(p, M, C, K, nthreads, tag)
         return
     W = rows_partition(M, C, K, CHUNK, M, sizeof(floating)).W
-    h = line_head(<floating*>p.y, W) if p.op & OP_STREAM else -1   # -1: ordinary stores
+    h = line_head(<storage*>p.y, W) if p.op & OP_STREAM else -1    # -1: ordinary stores
     expand_pass_lanes(p, lanes, W, W, C, K, h if h > 0 else 0, lanes)
     if h >= 0:
-        rows_apply_stream(p, M, C, K, W, h, lanes, nthreads)
+        rows_apply_stream(p, M, C, K, W, h, lanes, nthreads, tag)
     else:
-        rows_apply(p, M, C, K, lanes, nthreads)
+        rows_apply(p, M, C, K, lanes, nthreads, tag)
 
 
 # ----------------------------------------------------------------- backward reductions
@@ -325,8 +335,8 @@ cdef inline void zero_sums(Sums* s, Py_ssize_t n) noexcept nogil:
         s[i].gx = 0.0
 
 
-cdef void planes_item_sums(const floating* g, const floating* x, const Dact* da,
-                           floating* dx, floating* gr, Planes P, Py_ssize_t item,
+cdef void planes_item_sums(const storage* g, const storage* x, const Dact* da,
+                           storage* dx, storage* gr, Planes P, Py_ssize_t item,
                            const floating* mean, const floating* scale,
                            Sums* acc) noexcept nogil:
     """Per-channel sums of one item's units into its slots of acc[0:C] (see
@@ -339,17 +349,17 @@ cdef void planes_item_sums(const floating* g, const floating* x, const Dact* da,
         zero_sums(&acc[(c0 + j) % P.C], 1)
     for u in range(u0, u1):
         off = planes_unit(P, u, &c, &nruns, &n)
-        ops(g).runs_sums(g + off, x + off, shifted(<const floating*>da.ym, off),
-                         shifted(<const floating*>da.res, off), <floating*>shifted(dx, off),
-                         <floating*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
+        ops(g).runs_sums(g + off, x + off, shifted(<const storage*>da.ym, off),
+                         shifted(<const storage*>da.res, off), <storage*>shifted(dx, off),
+                         <storage*>shifted(gr, off), nruns, n, P.C * P.K, mean[c],
                          scale[c], (<const floating*>da.shift)[c] if da.shift != NULL else 0,
                          da.act, da.slope, &sg, &sgx, P.pf)
         acc[c].g += sg
         acc[c].gx += sgx
 
 
-cdef void planes_sums(const floating* g, const floating* x, const Dact* da, floating* dx,
-                      floating* gr, Planes P, const floating* mean, const floating* scale,
+cdef void planes_sums(const storage* g, const storage* x, const Dact* da, storage* dx,
+                      storage* gr, Planes P, const floating* mean, const floating* scale,
                       Sums* part, Sums* out, int nthreads) noexcept nogil:
     """part: items*C slots (each item writes those of its channels only)."""
     cdef Team T
@@ -374,17 +384,17 @@ cdef void planes_sums(const floating* g, const floating* x, const Dact* da, floa
             out[c].gx += part[it * P.C + c].gx
 
 
-cdef void rows_block_sums(const floating* g, const floating* x, const Dact* da,
-                          Py_ssize_t off, floating* dx, floating* gr, Py_ssize_t R,
+cdef void rows_block_sums(const storage* g, const storage* x, const Dact* da,
+                          Py_ssize_t off, storage* dx, storage* gr, Py_ssize_t R,
                           Py_ssize_t w, Py_ssize_t C, Py_ssize_t K, const floating* lmean,
                           const floating* lscale, const floating* lshift, floating* ag,
                           floating* agx, Sums* out) noexcept nogil:
     """Add the per-channel sums of R rows of w values from offset off to out[0:C] (see
     cbn_cols_sums)."""
     cdef Py_ssize_t t, c, q, kk, reps = w // (C * K)
-    ops(g).cols_sums(g + off, x + off, shifted(<const floating*>da.ym, off),
-                     shifted(<const floating*>da.res, off), <floating*>shifted(dx, off),
-                     <floating*>shifted(gr, off), R, w, lmean, lscale, lshift, da.act,
+    ops(g).cols_sums(g + off, x + off, shifted(<const storage*>da.ym, off),
+                     shifted(<const storage*>da.res, off), <storage*>shifted(dx, off),
+                     <storage*>shifted(gr, off), R, w, lmean, lscale, lshift, da.act,
                      da.slope, ag, agx)
     t = 0
     for q in range(reps):
@@ -395,8 +405,8 @@ cdef void rows_block_sums(const floating* g, const floating* x, const Dact* da,
                 t += 1
 
 
-cdef void rows_item_sums(const floating* g, const floating* x, const Dact* da, floating* dx,
-                         floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P, Py_ssize_t it,
+cdef void rows_item_sums(const storage* g, const storage* x, const Dact* da, storage* dx,
+                         storage* gr, Py_ssize_t C, Py_ssize_t K, Rows P, Py_ssize_t it,
                          const floating* lanes, Sums* acc, floating* sc) noexcept nogil:
     """Sums of one item's blocks into acc[0:C]; lanes: mean, scale, shift (W each);
     scratch sc: 2*W."""
@@ -411,8 +421,8 @@ cdef void rows_item_sums(const floating* g, const floating* x, const Dact* da, f
                         lanes + 2 * P.W, sc, sc + P.W, acc)
 
 
-cdef void rows_sums(const floating* g, const floating* x, const Dact* da, floating* dx,
-                    floating* gr, Py_ssize_t C, Py_ssize_t K, Rows P, const floating* lanes,
+cdef void rows_sums(const storage* g, const storage* x, const Dact* da, storage* dx,
+                    storage* gr, Py_ssize_t C, Py_ssize_t K, Rows P, const floating* lanes,
                     Sums* part, floating* scratch, Sums* out, int nthreads) noexcept nogil:
     """part: items*C slots; lanes: mean, scale, shift (W each); scratch: 2*W floating per
     thread."""

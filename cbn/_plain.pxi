@@ -1,10 +1,10 @@
 # ------------------------------------------------------------------- plain-call fast path
 #
 # Small inputs spend most of a call in Python: checking arguments, building views,
-# allocating. The common call (a C-contiguous float32/float64 ndarray in native byte order,
-# per-channel vectors that are already C-contiguous (C,) arrays of its dtype; out, a
-# residual or a ReLU output of the same kind) is recognised here with a few C tests and
-# run directly.
+# allocating. The common call (a C-contiguous float32/float64/float16/bfloat16 ndarray in
+# native byte order, per-channel vectors that are already C-contiguous (C,) arrays of its
+# compute dtype (float32 for half inputs, torch's mixed mode); out, a residual or a ReLU
+# output of the input's kind) is recognised here with a few C tests and run directly.
 # Recognising is not validating: anything else, invalid calls included, returns None and
 # cbn.functional takes its general path, which validates and raises its usual errors.
 
@@ -42,7 +42,7 @@ cdef int plain_dims(object x, object axis, Py_ssize_t* M, Py_ssize_t* C,
     if not cnp.PyArray_CheckExact(x) or type(axis) is not int:
         return -1
     typ = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if typ != cnp.NPY_FLOAT32 and typ != cnp.NPY_FLOAT64:
+    if dtype_code(typ) < 0:
         return -1
     if not plain_array(x, typ) or cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
         return -1
@@ -61,6 +61,11 @@ cdef int plain_dims(object x, object axis, Py_ssize_t* M, Py_ssize_t* C,
     for i in range(ax + 1, nd):
         K[0] *= shape[i]
     return typ
+
+
+cdef inline int vec_type(int typ) noexcept:
+    """The type number of a plain call's per-channel vectors: the compute dtype's."""
+    return cnp.NPY_FLOAT32 if typ != cnp.NPY_FLOAT64 and typ != cnp.NPY_FLOAT32 else typ
 
 
 cdef object plain_out(object out, object x, int typ):
@@ -135,24 +140,25 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     cdef double e, mom = 0.0
     if typ < 0 or type(eps) is not float:
         return None
+    cdef int vt = vec_type(typ)
     e = eps
     if not (0.0 <= e < float("inf")):
         return None
-    if not plain_vec(weight, C, typ, False) or not plain_vec(bias, C, typ, False):
+    if not plain_vec(weight, C, vt, False) or not plain_vec(bias, C, vt, False):
         return None
     if not plain_like(residual, x, typ):
         return None
     if training is True:
         if type(momentum) is not float or M * K == 1:
             return None
-        if (not plain_vec(running_mean, C, typ, True)
-                or not plain_vec(running_var, C, typ, True)):
+        if (not plain_vec(running_mean, C, vt, True)
+                or not plain_vec(running_var, C, vt, True)):
             return None
         mom = momentum
     elif training is False:
         if (running_mean is None or running_var is None
-                or not plain_vec(running_mean, C, typ, False)
-                or not plain_vec(running_var, C, typ, False)):
+                or not plain_vec(running_mean, C, vt, False)
+                or not plain_vec(running_var, C, vt, False)):
             return None
     else:
         return None
@@ -161,8 +167,8 @@ def plain_forward(x, weight, bias, running_mean, running_var, training, momentum
     if y is None:
         return None
     cdef cnp.npy_intp nc = C
-    cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, typ, 0)
-    cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef cnp.ndarray sm = cnp.PyArray_EMPTY(1, &nc, vt, 0)
+    cdef cnp.ndarray si = cnp.PyArray_EMPTY(1, &nc, vt, 0)
     cdef char msg[MSG_SIZE]
     cdef cbn_desc d
     cdef cbn_forward_args a
@@ -218,6 +224,7 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or (training is not True and training is not False):
         return None
+    cdef int vt = vec_type(typ)
     if activation < 0:
         activation = CBN_ACT_NONE if output is None else CBN_ACT_RELU
     if (activation == CBN_ACT_NONE) != (output is None) or cbn_act_needs_z(activation):
@@ -226,9 +233,9 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
         return None
     if not plain_like(output, x, typ):
         return None
-    if (save_mean is None or save_invstd is None or not plain_vec(weight, C, typ, False)
-            or not plain_vec(save_mean, C, typ, False)
-            or not plain_vec(save_invstd, C, typ, False)):
+    if (save_mean is None or save_invstd is None or not plain_vec(weight, C, vt, False)
+            or not plain_vec(save_mean, C, vt, False)
+            or not plain_vec(save_invstd, C, vt, False)):
         return None
     if out is not None:
         if not (plain_like(out, x, typ) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
@@ -244,8 +251,8 @@ def plain_backward(grad_output, x, weight, save_mean, save_invstd, training, axi
     cdef cnp.ndarray gx = (<cnp.ndarray>out if out is not None else
                            pool_empty(cnp.PyArray_NDIM(<cnp.ndarray>x),
                                       cnp.PyArray_DIMS(<cnp.ndarray>x), typ))
-    cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &nc, typ, 0)
-    cdef cnp.ndarray gb = cnp.PyArray_EMPTY(1, &nc, typ, 0)
+    cdef cnp.ndarray gw = cnp.PyArray_EMPTY(1, &nc, vt, 0)
+    cdef cnp.ndarray gb = cnp.PyArray_EMPTY(1, &nc, vt, 0)
     cdef object gr = None
     if residual:
         gr = pool_empty(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
@@ -282,8 +289,9 @@ def plain_affine(x, mean, scale, shift, axis, n_threads, Py_ssize_t min_parallel
     cdef int typ = plain_dims(x, axis, &M, &C, &K), nt
     if typ < 0 or mean is None or scale is None or shift is None:
         return None
-    if (not plain_vec(mean, C, typ, False) or not plain_vec(scale, C, typ, False)
-            or not plain_vec(shift, C, typ, False)):
+    cdef int vt = vec_type(typ)
+    if (not plain_vec(mean, C, vt, False) or not plain_vec(scale, C, vt, False)
+            or not plain_vec(shift, C, vt, False)):
         return None
     if not plain_like(residual, x, typ):
         return None

@@ -49,12 +49,16 @@ def compute_dtype(dtype) -> np.dtype:
     return COMPUTE[np.dtype(dtype)]
 
 
-def _view(x, axis: int):
-    """(x3, view, compute dtype) for an input in the public layout."""
+def _view(x, axis: int, *companions):
+    """(x3, view, x) for an input in the public layout: x3 of x's dtype, which the loops
+    read (half precision too, converted in registers), unless x is half and one of the
+    companion arrays (grad_output, output; None: absent) is not of its dtype: then x3 is
+    of the compute dtype (float32), and so must the companions be."""
     x = _arrays.as_input(x, "input")
     ax = _arrays.channel_axis(axis, x.ndim)
     dt = compute_dtype(x.dtype)
-    if x.dtype != dt:
+    if x.dtype != dt and not all(c is None or getattr(c, "dtype", None) == x.dtype
+                                 for c in companions):
         x = x.astype(dt)
     view = _arrays.View(x, ax)
     return view.read(x), view, x
@@ -106,8 +110,8 @@ def _backward_views(grad_output, x, axis: int, activation, output):
     gradient and (for relu, relu6, leaky_relu) the forward's output, in the compute dtype,
     and the activation's code. The stages read the derivative off the output only (silu
     and hardswish, which recompute the pre-activation, are fused calls only)."""
-    x3, view, xc = _view(x, axis)
-    dt = x3.dtype
+    x3, view, xc = _view(x, axis, grad_output, output)
+    dt = x3.dtype                       # the arrays' dtype (vectors: compute_dtype(dt))
     g3 = view.read(_arrays.same_shape(grad_output, "grad_output", xc, dt))
     ym3 = None
     kind = _activations.activation_kind(activation)
@@ -127,7 +131,7 @@ def backward_reduce(grad_output, x, save_mean, *, axis: int = 1,
     """(sum_dy, sum_dy_xmu): float64 (C,) sums of dy and dy * (x - mean), with dy masked
     by ReLU's backward where ``activation="relu"`` and ``output`` (the forward's output)."""
     x3, view, g3, ym3, kind = _backward_views(grad_output, x, axis, activation, output)
-    mean = _arrays.per_channel(save_mean, "save_mean", view.C, x3.dtype)
+    mean = _arrays.per_channel(save_mean, "save_mean", view.C, compute_dtype(x3.dtype))
     nt = resolve_num_threads(n_threads, x3.size)
     return _kernels.backward_reduce(g3, x3, mean, nt, ym3, kind,
                                     _activations.check_negative_slope(negative_slope))
@@ -142,12 +146,12 @@ def backward_elements(grad_output, x, weight, save_mean, save_invstd, sum_dy, su
     weight * invstd``."""
     x_in = x if isinstance(x, np.ndarray) else np.asarray(x)
     x3, view, g3, ym3, kind = _backward_views(grad_output, x_in, axis, activation, output)
-    dt = x3.dtype
+    dt = compute_dtype(x3.dtype)
     C = view.C
     w = _arrays.per_channel(weight, "weight", C, dt)
     mean = _arrays.per_channel(save_mean, "save_mean", C, dt)
     inv = _arrays.per_channel(save_invstd, "save_invstd", C, dt)
-    dx, dx3 = view.new(dt)
+    dx, dx3 = view.new(x3.dtype)
     nt = resolve_num_threads(n_threads, x3.size)
     _kernels.backward_elements(g3, x3, w, mean, inv, sum_dy, sum_dy_xmu, int(count), dx3,
                                nt, ym3, kind,

@@ -261,11 +261,28 @@ def _finish(y, copy_into):
     return copy_into
 
 
+def _native(x: np.ndarray, *arrays: Optional[np.ndarray]) -> bool:
+    """Whether the kernels read x and the arrays that accompany it (None: absent) in
+    their own dtype: float32 and float64 always, half precision (float16, ml_dtypes'
+    bfloat16) when every array is of x's dtype (the loops convert in registers). Half
+    inputs with arrays of another dtype are converted to float32 first."""
+    return not _is_half(x.dtype) or all(a is None or a.dtype == x.dtype for a in arrays)
+
+
+def _companion(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
+    """An array that accompanies the input (residual, output): of x's dtype where x is
+    half and it is too (read as it is), else of the compute dtype."""
+    if _is_half(x.dtype) and getattr(a, "dtype", None) == x.dtype:
+        return _same_shape(a, name, x, x.dtype)
+    return _same_shape(a, name, x, dtype)
+
+
 def _prepare(x: np.ndarray, axis: int, r: Optional[np.ndarray], out: Optional[np.ndarray]):
     """The kernel's views for one forward: ``(x3, r3, y3, finish)``, where ``finish()``
-    returns the result (``out`` when given). Half-precision inputs are computed in float32
-    and the result is stored back in their dtype."""
-    half = _is_half(x.dtype)
+    returns the result (``out`` when given). Half-precision inputs are read in their own
+    dtype (see _native), else computed in float32 and the result stored back in their
+    dtype: the same values either way."""
+    half = not _native(x, r)
     x_in, out_in = x, out
     if half:
         x, out = x.astype(np.float32), None
@@ -421,7 +438,7 @@ def batch_norm_forward(input: ArrayLike, weight: Optional[ArrayLike], bias: Opti
     b = _param(bias, "bias", C, dtype)
     rm = _running(running_mean, "running_mean", C, dtype, update=training)
     rv = _running(running_var, "running_var", C, dtype, update=training)
-    r = None if residual is None else _same_shape(residual, "residual", x, dtype)
+    r = None if residual is None else _companion(residual, "residual", x, dtype)
     out = _check_out(outs[0], x, names[0])
     outs[1] = _check_vector_out(outs[1], names[1], C, dtype)
     outs[2] = _check_vector_out(outs[2], names[2], C, dtype)
@@ -589,7 +606,7 @@ def normalize(input: ArrayLike, mean: ArrayLike, scale: ArrayLike, shift: ArrayL
     mean = _param(mean, "mean", C, dtype)
     scale = _param(scale, "scale", C, dtype)
     shift = _param(shift, "shift", C, dtype)
-    r = None if residual is None else _same_shape(residual, "residual", x, dtype)
+    r = None if residual is None else _companion(residual, "residual", x, dtype)
     out = _check_out(out, x, name)
     if x.size == 0:
         return np.empty_like(x) if out is None else out
@@ -943,11 +960,11 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     elif output is not None:
         raise ValueError("output= is only used with activation='relu', 'relu6' or "
                          f"'leaky_relu', got activation={activation!r}")
-    ym = None if output is None else _same_shape(output, "output", x, dtype)
+    ym = None if output is None else _companion(output, "output", x, dtype)
     if np.ndim(residual) == 0:          # True/False (or any truth value): no array
         res = None
     else:
-        res = _same_shape(residual, "residual", x, dtype)
+        res = _companion(residual, "residual", x, dtype)
     b = _param(bias, "bias", C, dtype)
     training = bool(training)
     residual = res is not None or bool(residual)
@@ -960,10 +977,16 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     if residual:
         outs[3] = _check_out(outs[3], x, names[3])
     nt = resolve_num_threads(n_threads, x.size)
-    if dy.dtype != dtype:
-        dy = dy.astype(dtype)
-    if half:
+    stored = dtype                      # the dtype of the arrays the loops read
+    if half and _native(x, dy, ym, res):
+        half = False                    # the loops read the half arrays as they are
+        stored = x.dtype
+    elif half:
         x = x.astype(np.float32)
+        ym = None if ym is None else ym.astype(np.float32)
+        res = None if res is None else res.astype(np.float32)
+    if dy.dtype != stored:
+        dy = dy.astype(stored)
 
     grad_weight = np.empty(C, dtype=dtype)
     grad_bias = np.empty(C, dtype=dtype)
@@ -978,7 +1001,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
     dy3 = view.read(dy)
     ym3 = None if ym is None else view.read(ym)
     res3 = None if res is None or _from_output(kind) else view.read(res)
-    dx, dx3, copy_into = _grad_output_target(view, out, half, dtype, x3, dy3, ym3, res3)
+    dx, dx3, copy_into = _grad_output_target(view, out, half, stored, x3, dy3, ym3, res3)
     gr, gr3 = (_grad_residual_target(view, outs[3], half, x3, dy3, ym3, dx3, res3)
                if residual else (None, None))
     _kernels.backward(dy3, x3, dx3, w, mean, invstd, grad_weight, grad_bias, training, nt,

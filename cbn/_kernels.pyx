@@ -87,6 +87,15 @@ Output passes larger than the cache store non-temporally, whole lines
 (run_affine_stream, run_bwd_stream), and reductions larger than half of it prefetch the
 next unit's runs. None of this changes a bit of any result.
 
+Half precision: float16 and bfloat16 arrays are storage only. The C loops are instantiated
+for them too (tables ops_h, ops_b): each load converts in registers (F16C/AVX-512
+vcvtph2ps; bfloat16 by a shift), the arithmetic is the float32 loops', lane for lane, and
+each store rounds once to nearest even (vcvtps2ph; bfloat16 by exact integer rounding).
+Above the C, a data pointer is typed by its storage (the fused type `storage`) and the
+per-channel vectors, lanes and partitions by the compute dtype (`floating`, float32), so a
+half array is reduced in exactly the float32 array's order: its results are those of
+converting it to float32, running the float32 loops and rounding the outputs.
+
 The loops over contiguous data are written with GCC/Clang vector-extension lanes:
 lane-wise IEEE arithmetic in a fixed order, no -ffast-math, no FMA contraction, so results
 do not depend on the instruction set either. That is what lets cbn/src/cbn_kernels.h

@@ -47,7 +47,7 @@ def _register() -> None:
 def _forward_call(x, w, b, rm, rv, *, training, momentum, eps, axis, act, slope,
                   has_running, nthreads):
     C = x.shape[axis]
-    vec = jax.ShapeDtypeStruct((C,), x.dtype)
+    vec = jax.ShapeDtypeStruct((C,), w.dtype)      # the compute dtype (float32 for half x)
     call = jax.ffi.ffi_call("cbn_forward",
                             (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec, vec, vec),
                             vmap_method="sequential")
@@ -59,7 +59,7 @@ def _forward_call(x, w, b, rm, rv, *, training, momentum, eps, axis, act, slope,
 
 def _backward_call(g, x, w, b, sm, si, y, *, training, axis, act, slope, nthreads):
     C = x.shape[axis]
-    vec = jax.ShapeDtypeStruct((C,), x.dtype)
+    vec = jax.ShapeDtypeStruct((C,), w.dtype)
     call = jax.ffi.ffi_call("cbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), vec, vec),
                             vmap_method="sequential")
     return call(g, x, w, b, sm, si, y, training=np.int64(training), axis=np.int64(axis),
@@ -104,8 +104,9 @@ def batch_norm(x: Any, running_mean: Optional[Any], running_var: Optional[Any],
 
     Parameters
     ----------
-    x : jax.Array, 2D to 5D, float32 or float64 (float16 and bfloat16 are computed in
-        float32 and rounded once)
+    x : jax.Array, 2D to 5D, float32 or float64, or float16 and bfloat16, which the
+        kernels read as they are and compute in float32 (weight, bias and the running
+        statistics are then float32), rounding each output once
     running_mean, running_var : jax.Array of C values, or None
         Required in eval. In training, the new values are returned (``(1 - momentum) *
         old + momentum * batch``, unbiased variance); None skips the update.
@@ -148,9 +149,7 @@ def batch_norm(x: Any, running_mean: Optional[Any], running_var: Optional[Any],
     rv = jnp.asarray(running_var, compute) if has_running else jnp.ones(C, compute)
     op = _op(bool(training), float(momentum), float(eps), ax, _ACTS[activation],
              float(negative_slope), has_running, int(get_num_threads()))
-    y, nrm, nrv = op(x.astype(compute), w, b, rm, rv)
-    if y.dtype != dtype:
-        y = y.astype(dtype)
+    y, nrm, nrv = op(x, w, b, rm, rv)
     if not has_running:
         return y, None, None
     return y, nrm.astype(jnp.asarray(running_mean).dtype), nrv.astype(

@@ -79,6 +79,37 @@ def test_the_table():
     assert os.path.isfile(os.path.join(cbn.get_include(), "cbn_core.h"))
 
 
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape,axis", CASES, ids=IDS)
+def test_half_storage_through_the_abi(shape, axis, half):
+    """float16 / bfloat16 storage computed in float32 (per-channel vectors float32): the
+    half loops, as the Python API runs them."""
+    dt = np.dtype(pytest.importorskip("ml_dtypes").bfloat16) if half == "bfloat16" \
+        else np.dtype(half)
+    x, g, w, b, rm, rv = _data(shape, axis, np.float32)
+    x, g = x.astype(dt), g.astype(dt)
+    C = shape[axis]
+    x3, g3 = _view3(x, axis), _view3(g, axis)
+    rm1, rv1, rm2, rv2 = rm.copy(), rv.copy(), rm.copy(), rv.copy()
+    y, sm, si = cbn.batch_norm_forward(x, w, b, rm1, rv1, True, 0.1, 1e-5, axis=axis)
+    y2, sm2, si2 = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
+    d = abi.desc(x3, 2)
+    assert d.storage == (abi.BF16 if half == "bfloat16" else abi.F16) and d.compute == abi.F32
+    r = _call("forward", d, training=1, act=abi.act(), momentum=0.1, eps=1e-5, x=x3, y=y2,
+              weight=w, bias=b, running_mean=rm2, running_var=rv2, save_mean=sm2,
+              save_invstd=si2)
+    assert r == abi.OK, abi.message(d)
+    for a, e in [(y2, y), (sm2, sm), (si2, si), (rm2, rm1), (rv2, rv1)]:
+        _same(a, e)
+    gx, gw, gb = cbn.batch_norm_backward(g, x, w, sm, si, axis=axis)
+    gx2, gw2, gb2 = np.empty_like(x), np.empty(C, np.float32), np.empty(C, np.float32)
+    r = _call("backward", d, training=1, act=abi.act(), grad_output=g3, x=x3, weight=w,
+              save_mean=sm, save_invstd=si, grad_input=gx2, grad_weight=gw2, grad_bias=gb2)
+    assert r == abi.OK, abi.message(d)
+    for a, e in [(gx2, gx), (gw2, gw), (gb2, gb)]:
+        _same(a, e)
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm")
 def test_no_symbol_but_the_module_init_is_exported():
     so = cbn._kernels.__file__

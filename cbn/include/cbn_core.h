@@ -23,8 +23,9 @@
 #define CBN_DESC_VERSION 1
 
 /* X(NAME, code, name string, bytes): storage and compute dtypes. The loops exist for
-   storage == compute in {FLOAT32, FLOAT64}; half storage (computed in FLOAT32) is a row
-   whose loops the half-precision issue adds. */
+   storage == compute in {FLOAT32, FLOAT64}, and for FLOAT16 and BFLOAT16 storage
+   computed in FLOAT32 (converted in registers: exactly the FLOAT32 loops' arithmetic on
+   the exactly converted values, each output rounded once, to nearest even). */
 #define CBN_DTYPES(X)                                                                   \
     X(FLOAT32, 0, "float32", 4)                                                         \
     X(FLOAT64, 1, "float64", 8)                                                         \

@@ -183,11 +183,14 @@ static const char* cbn_xla_desc(cbn_desc* d, const cbn_xla_buffer* b, int64_t ax
     int64_t i, M = 1, K = 1;
     memset(d, 0, sizeof(*d));
     d->version = CBN_DESC_VERSION;
+    /* XLA FFI data types: F16 10, F32 11, F64 12, BF16 16; half storage is computed in
+       float32 (its per-channel buffers are float32) */
     if (b->dtype == 11) d->storage = CBN_FLOAT32;
     else if (b->dtype == 12) d->storage = CBN_FLOAT64;
-    else return "cbn.jax: x must be float32 or float64 (half types are computed in float32 "
-                "by cbn.jax.batch_norm)";
-    d->compute = d->storage;
+    else if (b->dtype == 10) d->storage = CBN_FLOAT16;
+    else if (b->dtype == 16) d->storage = CBN_BFLOAT16;
+    else return "cbn.jax: x must be float32, float64, float16 or bfloat16";
+    d->compute = d->storage == CBN_FLOAT64 ? CBN_FLOAT64 : CBN_FLOAT32;
     if (axis < 0) axis += b->rank;
     if (b->rank < 1 || axis < 0 || axis >= b->rank) return "cbn.jax: axis out of range";
     for (i = 0; i < axis; i++) M *= b->dims[i];
@@ -230,7 +233,7 @@ static cbn_xla_error* cbn_xla_forward(cbn_xla_frame* f) {
         return cbn_xla_fail(f, "cbn_forward: missing attributes");
     bad = cbn_xla_desc(&d, x, (int64_t)axis, (int64_t)nthreads, msg);
     if (bad) return cbn_xla_fail(f, bad);
-    isz = d.storage == CBN_FLOAT64 ? 8 : 4;
+    isz = d.compute == CBN_FLOAT64 ? 8 : 4;
     /* the running statistics come in read-only: the update goes to their copies */
     memcpy(nrm->data, rm->data, (size_t)d.C * isz);
     memcpy(nrv->data, rv->data, (size_t)d.C * isz);

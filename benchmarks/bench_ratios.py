@@ -16,7 +16,10 @@ neither side allocates and the figure is the kernels' alone (the backward, which
 ``out=`` in every commit, allocates its grad_input). Noise from other tenants' memory
 traffic hits both sides alike, so this is the steadiest figure of the suite.
 
-cbn runs on one thread (``common.THREADS``).
+cbn runs on one thread (``common.THREADS``). The copy ratios have half-precision rows
+(float16; bfloat16 where ml_dtypes is installed): the copy is then of the half array, so
+the figure is the half loops' cost in copies of their own input (issue 19's targets: eval
+1.2, training forward 1.8, backward 3.0 on inputs of 10 MB or more).
 """
 
 import numpy as np
@@ -66,6 +69,22 @@ class CbnOverNumpy:
                                    _backward(self.d, "numpy"))
 
 
+#: the copy ratios' dtypes: the float ones and the half ones (bfloat16 needs ml_dtypes)
+COPY_DTYPES = DTYPES + ["float16", "bfloat16"]
+
+
+def _dtype(name):
+    """The dtype of a parameter value; NotImplementedError (asv: skipped) for bfloat16
+    without ml_dtypes."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise NotImplementedError("bfloat16 needs ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 class _CopyBaseline:
     """setup for the ratios over a copy: the case, a preallocated output, and the copy
     (``np.copyto`` of the input into an array of its size). No benchmarks of its own."""
@@ -73,14 +92,14 @@ class _CopyBaseline:
     unit = "copies"
 
     def setup(self, shape, dtype, layout):
-        self.d = common.case(shape, dtype, layout)
+        self.d = common.case(shape, _dtype(dtype), layout)
         buf = np.empty_like(self.d.x)
         self.out = np.empty_like(self.d.x)
         self.copy = lambda: np.copyto(buf, self.d.x)
 
 
 class CbnOverCopy(_CopyBaseline):
-    params = [SHAPES, DTYPES, LAYOUTS]
+    params = [SHAPES, COPY_DTYPES, LAYOUTS]
     timeout = 120
 
     def track_cbn_over_copy_training_forward(self, shape, dtype, layout):
@@ -103,7 +122,7 @@ class MemoryFloor(_CopyBaseline):
     out=, in copies of the same array (lower is better; the issue's targets: channels-first
     training 1.10 and backward 1.6, channels-last training 1.6, backward 2.7 and eval 1.15;
     see docs/performance.md)."""
-    params = [FLOOR_SHAPES, ["float32", "float64"], LAYOUTS]
+    params = [FLOOR_SHAPES, ["float32", "float64", "float16", "bfloat16"], LAYOUTS]
     timeout = 300
 
     def track_floor_training_forward(self, shape, dtype, layout):

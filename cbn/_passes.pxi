@@ -245,14 +245,15 @@ cdef void rows_apply_stream(const Pass* p, Py_ssize_t M, Py_ssize_t C, Py_ssize_
     ordinary stores. The same values as rows_apply."""
     cdef Team T
     cdef int64_t t_item
-    cdef floating hl[5 * 16]        # the head's lanes: LANE_ARRAYS x at most 16 values
+    cdef floating hl[5 * 32]        # the head's lanes: LANE_ARRAYS x at most 32 values
+                                    # (a line of float16 values)
     cdef Py_ssize_t total = M * C * K, n, nrows, tail, R, nblocks, blk, r0, nr
     cdef int op = p.op & ~OP_STREAM
     if h > total:
         h = total
     if h > 0:
-        expand_pass_lanes(p, hl, 16, h, C, K, 0, lanes)
-        row_pass(p, op, 0, 1, h, hl, 16, tag)
+        expand_pass_lanes(p, hl, 32, h, C, K, 0, lanes)
+        row_pass(p, op, 0, 1, h, hl, 32, tag)
     n = total - h
     nrows = n // W
     tail = n % W

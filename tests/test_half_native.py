@@ -107,21 +107,25 @@ def test_native_forward_and_backward_equal_the_conversion_path(name, shape, axis
 
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("mode", ["off", "force"])
-def test_blocked_and_two_pass_half_agree_with_the_conversion_path(name, mode):
+@pytest.mark.parametrize("shape,axis", [((4, 12, 40, 41), 1), ((4, 9, 9, 64), -1),
+                                        ((4, 9, 9, 48), -1)])
+def test_blocked_and_two_pass_half_agree_with_the_conversion_path(name, mode, shape, axis):
+    """Forced: channel-blocked planes, and non-temporal stores everywhere (rows too,
+    whose line of half values holds 32 of them)."""
     dt = _half(name)
-    x, r, g, w, b = _data((4, 12, 40, 41), 1, dt, seed=3)
+    x, r, g, w, b = _data(shape, axis, dt, seed=3)
     old = _kernels._blocking(mode, 4096 * 4)
     try:
         for nt in (1, 2):
             y, m, s = cbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5,
-                                             n_threads=nt)
+                                             n_threads=nt, axis=axis)
             y2, m2, s2 = cbn.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5,
-                                                n_threads=nt,
+                                                n_threads=nt, axis=axis,
                                                 residual=np.zeros(x.shape, np.float32))
             _same(y, y2, f"forward, {mode}, {nt} threads")
-            gx = cbn.batch_norm_backward(g, x, w, m, s, n_threads=nt)[0]
+            gx = cbn.batch_norm_backward(g, x, w, m, s, n_threads=nt, axis=axis)[0]
             gx2 = cbn.batch_norm_backward(g.astype(np.float32), x, w, m, s,
-                                          n_threads=nt)[0]
+                                          n_threads=nt, axis=axis)[0]
             _same(gx, gx2, f"backward, {mode}, {nt} threads")
     finally:
         _kernels._blocking(*old)
@@ -208,3 +212,26 @@ def test_half_calls_allocate_no_float32_copy(name, shape, axis):
         # the output (if fresh) and per-channel scratch; a float32 copy of the input
         # alone would be 2n
         assert peak < (1.25 if fresh else 0.25) * n, (what, peak, n)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_mixed_mode_is_a_plain_call(name):
+    """Half input, float32 vectors (torch's mixed mode): the plain fast path takes it, with
+    the general path's results."""
+    from cbn._threads import MIN_PARALLEL_SIZE
+    dt = _half(name)
+    x, r, g, w, b = _data((8, 6, 5, 5), 1, dt)
+    rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    got = _kernels.plain_forward(x, w, b, rm.copy(), rv.copy(), True, 0.1, 1e-5, 1, 1,
+                                 MIN_PARALLEL_SIZE)
+    assert got is not None
+    want = cbn.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), True, 0.1, 1e-5,
+                                  residual=np.zeros(x.shape, np.float32))
+    _same(got[0], want[0], "plain forward")
+    assert got[1].dtype == np.float32 and np.array_equal(got[1], want[1])
+    assert np.array_equal(got[2], want[2])
+    bwd = _kernels.plain_backward(g, x, w, got[1], got[2], True, 1, 1, MIN_PARALLEL_SIZE)
+    assert bwd is not None
+    want = cbn.batch_norm_backward(g.astype(np.float32), x, w, got[1], got[2])
+    _same(bwd[0], want[0], "plain backward")
+    assert bwd[1].dtype == np.float32 and np.array_equal(bwd[1], want[1])

@@ -129,6 +129,8 @@ typedef struct cbn_target_entry {
     const cbn_ops* ops_f;
     const cbn_ops* ops_d;
     int (*supported)(void);
+    const cbn_ops* ops_h;   /* float16 data, computed in float */
+    const cbn_ops* ops_b;   /* bfloat16 data, computed in float */
 } cbn_target_entry;
 
 static int cbn_always(void) { return 1; }
@@ -149,10 +151,12 @@ static int cbn_has_avx512(void) {
 /* Best first. */
 static const cbn_target_entry cbn_targets[] = {
 #if defined(CBN_MULTI_TARGET)
-    {"avx512", &cbn_ops_f_avx512, &cbn_ops_d_avx512, cbn_has_avx512},
-    {"avx2", &cbn_ops_f_avx2, &cbn_ops_d_avx2, cbn_has_avx2},
+    {"avx512", &cbn_ops_f_avx512, &cbn_ops_d_avx512, cbn_has_avx512,
+     &cbn_ops_h_avx512, &cbn_ops_b_avx512},
+    {"avx2", &cbn_ops_f_avx2, &cbn_ops_d_avx2, cbn_has_avx2,
+     &cbn_ops_h_avx2, &cbn_ops_b_avx2},
 #endif
-    {"base", &cbn_ops_f_base, &cbn_ops_d_base, cbn_always},
+    {"base", &cbn_ops_f_base, &cbn_ops_d_base, cbn_always, &cbn_ops_h_base, &cbn_ops_b_base},
 };
 enum { CBN_NTARGETS = sizeof(cbn_targets) / sizeof(cbn_targets[0]) };
 
@@ -161,6 +165,11 @@ static const cbn_target_entry* cbn_active = &cbn_targets[CBN_NTARGETS - 1];
 
 static inline const cbn_ops* cbn_ops_f(void) { return cbn_active->ops_f; }
 static inline const cbn_ops* cbn_ops_d(void) { return cbn_active->ops_d; }
+/* float16 and bfloat16 data (storage), computed in float: the same entries as the float
+   table's, with data pointers to 2-byte values (offsets, strides, w in values) and
+   lane parameter and accumulator arrays of float. */
+static inline const cbn_ops* cbn_ops_h(void) { return cbn_active->ops_h; }
+static inline const cbn_ops* cbn_ops_b(void) { return cbn_active->ops_b; }
 static const char* cbn_target_name(void) { return cbn_active->name; }
 static int cbn_target_count(void) { return CBN_NTARGETS; }
 static const char* cbn_target_at(int i) { return cbn_targets[i].name; }

@@ -41,6 +41,7 @@
 #undef CBN_PUT
 #undef CBN_PART
 #undef CBN_SLINE
+#undef CBN_HX
 
 #define CBN_SPTR(p) CBN_PTR_OF(CBN_S, p)
 #define CBN_SWPTR(p) CBN_WPTR_OF(CBN_S, p)
@@ -127,8 +128,18 @@ typedef CBN_VEC(uint32_t, 16) CBN_FN(u16);
    GCC warns that the base target's ABI for them differs, although they are always
    inlined.) */
 
+/* Without F16C the float16 conversions are out of line (CBN_HX: noinline): inlined in
+   every copy of every loop they made the base target's float16 code four times the
+   size of its float code, and the build much slower; a call per 8 values costs little
+   next to the conversion itself. */
+#if CBN_STORE == 1 && !defined(__F16C__)
+#define CBN_HX CBN_NOINLINE
+#else
+#define CBN_HX CBN_INLINE
+#endif
+
 /* Stored bits -> float, 8 lanes. */
-static CBN_INLINE void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
+static CBN_HX void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
 #if CBN_STORE == 1 && defined(__F16C__)
     *o = (CBN_FN(v))_mm256_cvtph_ps((__m128i)h);
 #elif CBN_STORE == 1
@@ -152,7 +163,7 @@ static CBN_INLINE void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
 }
 
 /* float -> stored bits, 8 lanes, round to nearest even. */
-static CBN_INLINE CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
+static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
 #if CBN_STORE == 1 && defined(__F16C__)
     return (CBN_FN(h8))_mm256_cvtps_ph((__m256)*v, _MM_FROUND_TO_NEAREST_INT);
 #elif CBN_STORE == 1

@@ -191,7 +191,14 @@ static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
     const I nan = (I)((u & 0x7fffffffu) > 0x7f800000u);
     U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = (U)(((I)((u >> 16) | 0x40u) & nan) | ((I)r & ~nan));
+#if defined(__AVX512VL__)
+    return (CBN_FN(h8))_mm256_cvtepi32_epi16((__m256i)r);          /* vpmovdw */
+#elif defined(__AVX2__)
+    return (CBN_FN(h8))_mm_packus_epi32(_mm256_castsi256_si128((__m256i)r),
+                                        _mm256_extracti128_si256((__m256i)r, 1));
+#else
     return __builtin_convertvector(r, CBN_FN(h8));
+#endif
 #endif
 }
 

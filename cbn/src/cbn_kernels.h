@@ -2,8 +2,9 @@
  *
  * Included by the Cython module (after Python.h, which defines Py_ssize_t). For every
  * target the loop templates (cbn_planes.h, cbn_rows.h) are instantiated for float and
- * double and gathered in an operation table (cbn_ops.h); cbn_select_target() points the
- * active tables at one target's. Targets on x86-64 with GCC:
+ * double, and for float16 and bfloat16 storage computed in float (cbn_store.h), and
+ * gathered in an operation table each (cbn_ops.h); cbn_select_target() points the active
+ * tables at one target's. Targets on x86-64 with GCC:
  *
  *   base     whatever the translation unit is compiled for (x86-64 by default)
  *   avx2     AVX2 (x86-64-v3 class CPUs)
@@ -23,8 +24,9 @@
 /* The forward's output pass carried along by a planes reduction (runs_moments), over a
    unit of the reduced unit's shape (x, y and residual at its first run, the same stride),
    done in the reduction's loop: y = act((x - mean) * scale + shift (+ residual)). The
-   scalars are values of the element type; y, aligned to the element size, is stored
-   non-temporally (whole lines). */
+   scalars are values of the compute type; x, residual and y are of the storage type;
+   y, aligned to the element size, is stored non-temporally (whole lines; half storage
+   off its alignment is stored with ordinary stores). */
 typedef struct cbn_carry {
     const void* x;
     const void* residual;   /* or NULL */
@@ -34,8 +36,10 @@ typedef struct cbn_carry {
     double slope;           /* negative_slope */
 } cbn_carry;
 
-/* One (dtype, CPU target)'s loops. Data pointers untyped, scalars values of the element
-   type widened to double. Each operation has its own entry with named parameters:
+/* One (dtype, CPU target)'s loops. Data pointers untyped (to the storage type: float,
+   double, or 2-byte float16 / bfloat16 values; offsets, strides and widths count
+   values), lane parameter and accumulator arrays of the compute type (float for the
+   float16 and bfloat16 tables), scalars values of the compute type widened to double. Each operation has its own entry with named parameters:
    act is a cbn_act_kind and slope its negative_slope; in the backward loops the
    activation's derivative is taken at ym (the forward's output) or at the pre-activation
    z = (x - mean) * scale + shift (+ res) (see cbn_act.h), scale being weight * invstd. */
@@ -129,6 +133,8 @@ typedef struct cbn_target_entry {
     const cbn_ops* ops_f;
     const cbn_ops* ops_d;
     int (*supported)(void);
+    const cbn_ops* ops_h;   /* float16 data, computed in float */
+    const cbn_ops* ops_b;   /* bfloat16 data, computed in float */
 } cbn_target_entry;
 
 static int cbn_always(void) { return 1; }
@@ -149,10 +155,12 @@ static int cbn_has_avx512(void) {
 /* Best first. */
 static const cbn_target_entry cbn_targets[] = {
 #if defined(CBN_MULTI_TARGET)
-    {"avx512", &cbn_ops_f_avx512, &cbn_ops_d_avx512, cbn_has_avx512},
-    {"avx2", &cbn_ops_f_avx2, &cbn_ops_d_avx2, cbn_has_avx2},
+    {"avx512", &cbn_ops_f_avx512, &cbn_ops_d_avx512, cbn_has_avx512,
+     &cbn_ops_h_avx512, &cbn_ops_b_avx512},
+    {"avx2", &cbn_ops_f_avx2, &cbn_ops_d_avx2, cbn_has_avx2,
+     &cbn_ops_h_avx2, &cbn_ops_b_avx2},
 #endif
-    {"base", &cbn_ops_f_base, &cbn_ops_d_base, cbn_always},
+    {"base", &cbn_ops_f_base, &cbn_ops_d_base, cbn_always, &cbn_ops_h_base, &cbn_ops_b_base},
 };
 enum { CBN_NTARGETS = sizeof(cbn_targets) / sizeof(cbn_targets[0]) };
 
@@ -161,6 +169,11 @@ static const cbn_target_entry* cbn_active = &cbn_targets[CBN_NTARGETS - 1];
 
 static inline const cbn_ops* cbn_ops_f(void) { return cbn_active->ops_f; }
 static inline const cbn_ops* cbn_ops_d(void) { return cbn_active->ops_d; }
+/* float16 and bfloat16 data (storage), computed in float: the same entries as the float
+   table's, with data pointers to 2-byte values (offsets, strides, w in values) and
+   lane parameter and accumulator arrays of float. */
+static inline const cbn_ops* cbn_ops_h(void) { return cbn_active->ops_h; }
+static inline const cbn_ops* cbn_ops_b(void) { return cbn_active->ops_b; }
 static const char* cbn_target_name(void) { return cbn_active->name; }
 static int cbn_target_count(void) { return CBN_NTARGETS; }
 static const char* cbn_target_at(int i) { return cbn_targets[i].name; }

@@ -1,10 +1,16 @@
 /* cbn_planes.h: loops over contiguous runs of one channel (the "planes" kernels).
  *
  * A template, included by cbn_kernels.h once per (dtype, CPU target), with:
- *   CBN_T       the element type (float or double)
- *   CBN_IT      the integer type of the same width (for lane masks)
+ *   CBN_T       the compute type (float or double)
+ *   CBN_S       the storage type of the data arrays (CBN_T, or float16 / bfloat16 with
+ *               CBN_T float: see cbn_store.h, whose macros every data access goes through)
+ *   CBN_IT      the integer type of CBN_T's width (for lane masks)
  *   CBN_L       lanes per 32-byte vector (8 for float, 4 for double)
- *   CBN_SUF     f or d, and CBN_TARGET (base, avx2, avx512): the name suffixes (CBN_FN)
+ *   CBN_SUF     f, d, h or b, and CBN_TARGET (base, avx2, avx512): the name suffixes
+ *               (CBN_FN)
+ *
+ * Offsets and strides of the data are in stored values; the scalar parameters are of
+ * the compute type.
  *
  * A run is n contiguous values of one channel; a unit is nruns such runs, stride values
  * apart (the same channel in consecutive batch entries). The loops keep four independent
@@ -24,27 +30,8 @@
  *                 the cache: no read of the output's lines, no eviction of the input's)
  */
 
-typedef CBN_VEC(CBN_T, CBN_L) CBN_FN(v);
-typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
-
-/* v = the first cnt (< CBN_L) values at p, the other lanes those of fill: the same
-   vector either way. AVX-512VL targets use a masked load; elsewhere the vector is
-   assembled in buf (a store-to-load forwarding stall, which cost a quarter of the
-   statistics pass on short planes such as K = 196). */
-#if defined(__AVX512VL__) && CBN_L == 8
-#define CBN_PART(dst, fill, p, cnt, buf) ((void)(buf),                                  \
-        (dst) = (CBN_FN(v))_mm256_mask_loadu_ps((__m256)(fill),                          \
-                                              (__mmask8)((1u << (cnt)) - 1), (p)))
-#elif defined(__AVX512VL__) && CBN_L == 4
-#define CBN_PART(dst, fill, p, cnt, buf) ((void)(buf),                                  \
-        (dst) = (CBN_FN(v))_mm256_mask_loadu_pd((__m256d)(fill),                         \
-                                              (__mmask8)((1u << (cnt)) - 1), (p)))
-#else
-#define CBN_PART(dst, fill, p, cnt, buf) do {                                          \
-        CBN_VSTORE(buf, fill); memcpy(buf, (p), (cnt) * sizeof((buf)[0]));             \
-        CBN_VLOAD(dst, buf);                                                             \
-    } while (0)
-#endif
+/* (The vector types CBN_FN(v), CBN_FN(m) and the data's loads and stores, CBN_SLOAD,
+   CBN_SSTORE, CBN_GET, CBN_PUT, CBN_PART, CBN_VSTREAM: cbn_store.h.) */
 
 /* A unit of several short runs (planes of one channel, C*K apart) ends where the next
    channel's unit of the same batch entries begins, run by run: while a run is reduced,
@@ -63,9 +50,9 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
             V s_;                                                                       \
             if (cbn_act_needs_z(ACT)) {                                                 \
                 s_ = (x_ - vm) * vk + vsh;                                              \
-                if (res) { V r_; CBN_VLOAD(r_, res + (i)); s_ += r_; }                  \
+                if (res) { V r_; CBN_SLOAD(r_, res + (i)); s_ += r_; }                  \
             } else {                                                                    \
-                CBN_VLOAD(s_, ym + (i));                                                \
+                CBN_SLOAD(s_, ym + (i));                                                \
             }                                                                           \
             CBN_DACT_V(ACT, IV, V, g_, s_, slope);                                      \
         }                                                                               \
@@ -76,49 +63,22 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
     (ACT == CBN_ACT_NONE ? (gv)                                                         \
      : CBN_DACT_S(ACT, CBN_T, gv,                                                       \
                   (cbn_act_needs_z(ACT)                                                 \
-                   ? (res ? (x[i] - mean) * scale + shift + res[i]                      \
-                      : (x[i] - mean) * scale + shift)                                  \
-                   : ym[i]), slope))
+                   ? (res ? (CBN_GET(x, i) - mean) * scale + shift + CBN_GET(res, i)    \
+                      : (CBN_GET(x, i) - mean) * scale + shift)                         \
+                   : CBN_GET(ym, i)), slope))
 
 /* One vector of the backward sums at offset i: g times the activation's derivative
    (CBN_DACT_STEP), stored in gr (if gr); sum(g) accumulated in A and sum(g * (x - mean))
    in B, and dx = g * scale written (if dx). */
 #define CBN_SUMS_STEP(i, A, B) do {                                                     \
         V g_, x_;                                                                       \
-        CBN_VLOAD(g_, g + (i)); CBN_VLOAD(x_, x + (i));                                 \
+        CBN_SLOAD(g_, g + (i)); CBN_SLOAD(x_, x + (i));                                 \
         CBN_DACT_STEP(i, g_, x_);                                                       \
-        if (gr) CBN_VSTORE(gr + (i), g_);                                               \
+        if (gr) CBN_SSTORE(gr + (i), g_);                                               \
         A += g_; B += g_ * (x_ - vm);                                                   \
-        if (dx) { x_ = g_ * vk; CBN_VSTORE(dx + (i), x_); }                             \
+        if (dx) { x_ = g_ * vk; CBN_SSTORE(dx + (i), x_); }                             \
     } while (0)
 
-
-/* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
-   the line goes to memory without being read first and without taking a place in the
-   cache. The stored value is the same as CBN_VSTORE's. Such stores are weakly ordered:
-   a pass that uses them ends with cbn_sfence() (cbn_kernels.h) before its results are
-   read elsewhere. (cbn_rows.h uses it too, and undefines it.) */
-#if defined(__AVX__)
-#if CBN_L == 8
-#define CBN_VSTREAM(p, v) _mm256_stream_ps((float*)(p), (__m256)(v))
-#else
-#define CBN_VSTREAM(p, v) _mm256_stream_pd((double*)(p), (__m256d)(v))
-#endif
-#elif defined(__SSE2__)
-#if CBN_L == 8
-#define CBN_VSTREAM(p, v) do {                                                          \
-        __m128 h_[2]; memcpy(h_, &(v), sizeof(h_));                                     \
-        _mm_stream_ps((float*)(p), h_[0]); _mm_stream_ps((float*)(p) + 4, h_[1]);      \
-    } while (0)
-#else
-#define CBN_VSTREAM(p, v) do {                                                          \
-        __m128d h_[2]; memcpy(h_, &(v), sizeof(h_));                                    \
-        _mm_stream_pd((double*)(p), h_[0]); _mm_stream_pd((double*)(p) + 2, h_[1]);    \
-    } while (0)
-#endif
-#else
-#define CBN_VSTREAM(p, v) CBN_VSTORE(p, v)
-#endif
 
 /* How many values before p + i reaches the start of a cache line (64 bytes). The
    streaming loops store those with ordinary stores, then whole lines non-temporally
@@ -127,12 +87,12 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
    store has brought into the cache, or the reverse, costs a partial write-combining
    flush (measured: with outputs 16 bytes off a line, the carried output pass of the
    blocked forward lost most of its gain). The values are the same either way. */
-#define CBN_TO_ALIGN(p) ((Py_ssize_t)(((64 - ((uintptr_t)(p) & 63)) & 63) / sizeof(CBN_T)))
+#define CBN_TO_ALIGN(p) ((Py_ssize_t)(((64 - ((uintptr_t)(p) & 63)) & 63) / sizeof(CBN_S)))
 
 /* run_affine_body without streaming, out of line (the few values of a carried run
    before its first line boundary and after its last whole lines). */
-static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* residual,
-                                                 CBN_T* y, Py_ssize_t n, CBN_T mean,
+static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_S* x, const CBN_S* residual,
+                                                 CBN_S* y, Py_ssize_t n, CBN_T mean,
                                                  CBN_T scale, CBN_T shift, int act,
                                                  CBN_T slope);
 
@@ -140,8 +100,8 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* re
    arithmetic as run_affine_body's. */
 #define CBN_CARRY_STEP(o) do {                                                          \
         V c_, r_;                                                                       \
-        CBN_VLOAD(c_, cx + (o)); c_ = (c_ - cmean) * cscale + cshift;                   \
-        if (res) { CBN_VLOAD(r_, cres + (o)); c_ += r_; }                               \
+        CBN_SLOAD(c_, cx + (o)); c_ = (c_ - cmean) * cscale + cshift;                   \
+        if (res) { CBN_SLOAD(r_, cres + (o)); c_ += r_; }                               \
         CBN_ACT_V(ACT, IV, V, c_, cslope);                                              \
         CBN_VSTREAM(cy + (o), c_);                                                      \
     } while (0)
@@ -160,7 +120,7 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* re
    forward reduces one group while writing the previous group's output, so that one core
    reads memory while it writes (cbn/_blocked.pxi). The carried output is
    run_affine_body's, value for value; the sums do not change. */
-static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nruns,
+static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_S* p, Py_ssize_t nruns,
                                                  Py_ssize_t n, Py_ssize_t stride,
                                                  CBN_T shift, double* s1, double* s2,
                                                  int pf, const cbn_carry* carry,
@@ -174,15 +134,15 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
     Py_ssize_t i, j, k, head = 0, cend = 0;
     double s = 0.0, ss = 0.0;
     CBN_T pad[CBN_L];
-    const CBN_T* q;
-    const CBN_T *cx = NULL, *cres = NULL;
-    CBN_T* cy = NULL;
+    const CBN_S* q;
+    const CBN_S *cx = NULL, *cres = NULL;
+    CBN_S* cy = NULL;
     CBN_T cm = 0, cs = 0, ch = 0, cslope = 0;
     V cmean = {0}, cscale = {0}, cshift = {0};
     if (carry) {
-        cx = (const CBN_T*)carry->x;
-        cres = res ? (const CBN_T*)carry->residual : NULL;
-        cy = (CBN_T*)carry->y;
+        cx = (const CBN_S*)carry->x;
+        cres = res ? (const CBN_S*)carry->residual : NULL;
+        cy = (CBN_S*)carry->y;
         cm = (CBN_T)carry->mean; cs = (CBN_T)carry->scale; ch = (CBN_T)carry->shift;
         cslope = (CBN_T)carry->slope;
         cmean = CBN_SPLAT(V, cm); cscale = CBN_SPLAT(V, cs); cshift = CBN_SPLAT(V, ch);
@@ -190,18 +150,20 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
     for (k = 0, q = p; k < nruns; k++, q += stride) {
         if (carry) {
             /* the carried run's non-temporal stores start at its first line boundary
-               (head values before it) and end at cend, whole lines (B values are two
-               lines at least); the values outside, ordinary stores (run_affine_edge) */
+               (head values before it) and end at cend, whole lines (B values are one
+               line (half storage) or two at least); the values outside, ordinary stores (run_affine_edge) */
             head = CBN_TO_ALIGN(cy);
             if (head > n) head = n;
+            if (sizeof(CBN_S) < sizeof(CBN_T) && (uintptr_t)cy % sizeof(CBN_S) != 0)
+                head = n;                   /* half storage off its alignment: no stream */
             cend = head + (n - head) / B * B;
             if (head > 0)
                 CBN_FN(run_affine_edge)(cx, cres, cy, head, cm, cs, ch, ACT, cslope);
         }
         for (i = 0; i < nv; i += B) {
             if (pf) CBN_PREFETCH_NEXT(q + n + i);
-            CBN_VLOAD(x0, q + i); CBN_VLOAD(x1, q + i + CBN_L);
-            CBN_VLOAD(x2, q + i + 2 * CBN_L); CBN_VLOAD(x3, q + i + 3 * CBN_L);
+            CBN_SLOAD(x0, q + i); CBN_SLOAD(x1, q + i + CBN_L);
+            CBN_SLOAD(x2, q + i + 2 * CBN_L); CBN_SLOAD(x3, q + i + 3 * CBN_L);
             x0 -= vm; x1 -= vm; x2 -= vm; x3 -= vm;
             a0 += x0; a1 += x1; a2 += x2; a3 += x3;
             b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;
@@ -211,7 +173,7 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
             }
         }
         for (; i < n1; i += CBN_L) {
-            CBN_VLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;
+            CBN_SLOAD(x0, q + i); x0 -= vm; a0 += x0; b0 += x0 * x0;
         }
         if (i < n) {            /* the last values, padded with the shift */
             CBN_PART(x1, vm, q + i, n - i, pad);
@@ -233,7 +195,7 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_T* p, Py_ssize_t nrun
 }
 
 /* runs_shifted_sums with a carry, one copy of the loop per (pf, residual, activation). */
-static CBN_NOINLINE void CBN_FN(runs_shifted_sums_carry)(const CBN_T* p, Py_ssize_t nruns,
+static CBN_NOINLINE void CBN_FN(runs_shifted_sums_carry)(const CBN_S* p, Py_ssize_t nruns,
                                                          Py_ssize_t n, Py_ssize_t stride,
                                                          CBN_T shift, double* s1,
                                                          double* s2, int pf,
@@ -262,7 +224,7 @@ static CBN_NOINLINE void CBN_FN(runs_shifted_sums_carry)(const CBN_T* p, Py_ssiz
    the corrected two-pass formula, gives the result. pf: prefetch the next unit's runs
    during the first pass (inputs larger than the cache). carry: an output pass done
    during the first pass (see runs_shifted_sums), or NULL. */
-static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssize_t n,
+static inline void CBN_FN(runs_moments)(const CBN_S* p, Py_ssize_t nruns, Py_ssize_t n,
                                         Py_ssize_t stride, double* mean, double* m2,
                                         int pf, const cbn_carry* carry) {
     const Py_ssize_t np = n < CBN_L ? n : CBN_L;
@@ -270,8 +232,8 @@ static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssi
     double s = 0.0, ss;
     Py_ssize_t i;
     CBN_T m;
-    for (i = 1; i < np; i++) s += p[i] - p[0];
-    m = (CBN_T)(p[0] + s / np);      /* p[0] exactly on a constant channel */
+    for (i = 1; i < np; i++) s += CBN_GET(p, i) - CBN_GET(p, 0);
+    m = (CBN_T)(CBN_GET(p, 0) + s / np);      /* p[0] exactly on a constant channel */
     if (carry) {
         CBN_FN(runs_shifted_sums_carry)(p, nruns, n, stride, m, &s, &ss, pf && nruns > 1,
                                         carry);
@@ -293,9 +255,9 @@ static inline void CBN_FN(runs_moments)(const CBN_T* p, Py_ssize_t nruns, Py_ssi
    j*stride), g first multiplied by the activation's derivative (ACT: at ym, or at
    z = (x - mean) * scale + shift (+ res)). If gr: that g is written there; if dx:
    dx = g * scale. All in one pass. pf: prefetch the next unit's runs of g and x. */
-static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_T* g, const CBN_T* x,
-                                              const CBN_T* ym, const CBN_T* res, CBN_T* dx,
-                                              CBN_T* gr, Py_ssize_t nruns, Py_ssize_t n,
+static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_S* g, const CBN_S* x,
+                                              const CBN_S* ym, const CBN_S* res, CBN_S* dx,
+                                              CBN_S* gr, Py_ssize_t nruns, Py_ssize_t n,
                                               Py_ssize_t stride, CBN_T mean, CBN_T scale,
                                               CBN_T shift, CBN_T slope, double* sg,
                                               double* sgx, int pf) {
@@ -320,9 +282,9 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_T* g, con
         if (i < n) {            /* the last values, padded with g = 0 */
             if (ACT != CBN_ACT_NONE || gr || dx) {
                 for (j = i; j < n; j++) {
-                    gv = CBN_DACT_ONE(o + j, g[o + j]);
-                    if (gr) gr[o + j] = gv;
-                    if (dx) dx[o + j] = gv * scale;
+                    gv = CBN_DACT_ONE(o + j, CBN_GET(g, o + j));
+                    if (gr) CBN_PUT(gr, o + j, gv);
+                    if (dx) CBN_PUT(dx, o + j, gv * scale);
                     pg[j - i] = gv;
                 }
                 for (j = n - i; j < CBN_L; j++) pg[j] = 0;
@@ -341,8 +303,8 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_T* g, con
 
 /* One copy of the loop per activation, per combination of the optional outputs (gr, dx)
    and per pf: no tests inside the loop. */
-static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
-                                           const CBN_T* res, CBN_T* dx, CBN_T* gr,
+static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_S* g, const CBN_S* x, const CBN_S* ym,
+                                           const CBN_S* res, CBN_S* dx, CBN_S* gr,
                                            Py_ssize_t nruns, Py_ssize_t n,
                                            Py_ssize_t stride, CBN_T mean, CBN_T scale,
                                            CBN_T shift, int act, CBN_T slope, double* sg,
@@ -369,8 +331,8 @@ static CBN_NOINLINE void CBN_FN(runs_sums)(const CBN_T* g, const CBN_T* x, const
    constant in each caller): whole cache lines are stored non-temporally, from the first
    line boundary (if y is aligned to its element size; else as without stream), the values
    before and after with ordinary stores (see CBN_TO_ALIGN). */
-static CBN_INLINE void CBN_FN(run_affine_body)(const int ACT, const CBN_T* x,
-                                               const CBN_T* residual, CBN_T* y, Py_ssize_t n,
+static CBN_INLINE void CBN_FN(run_affine_body)(const int ACT, const CBN_S* x,
+                                               const CBN_S* residual, CBN_S* y, Py_ssize_t n,
                                                CBN_T mean, CBN_T scale, CBN_T shift,
                                                CBN_T slope, int stream) {
     typedef CBN_FN(v) V;
@@ -380,46 +342,46 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const int ACT, const CBN_T* x,
     V x0, x1, r0, r1;
     Py_ssize_t i = 0, nv, head = 0;
     CBN_T v;
-    if (stream && ((uintptr_t)y % sizeof(CBN_T)) != 0) stream = 0;   /* cannot align */
+    if (stream && ((uintptr_t)y % sizeof(CBN_S)) != 0) stream = 0;   /* cannot align */
     if (stream) {
         head = CBN_TO_ALIGN(y);
         if (head > n) head = n;
         for (; i < head; i++) {
-            v = (x[i] - mean) * scale + shift;
-            if (residual) v += residual[i];
-            y[i] = CBN_ACT_S(ACT, CBN_T, v, slope);
+            v = (CBN_GET(x, i) - mean) * scale + shift;
+            if (residual) v += CBN_GET(residual, i);
+            CBN_PUT(y, i, CBN_ACT_S(ACT, CBN_T, v, slope));
         }
     }
-    nv = n - (n - head) % (2 * CBN_L);
+    nv = n - (n - head) % CBN_SLINE;     /* if stream: whole lines before nv */
     for (; i < nv; i += 2 * CBN_L) {
-        CBN_VLOAD(x0, x + i); CBN_VLOAD(x1, x + i + CBN_L);
+        CBN_SLOAD(x0, x + i); CBN_SLOAD(x1, x + i + CBN_L);
         x0 = (x0 - vmean) * vscale + vshift; x1 = (x1 - vmean) * vscale + vshift;
         if (residual) {
-            CBN_VLOAD(r0, residual + i); CBN_VLOAD(r1, residual + i + CBN_L);
+            CBN_SLOAD(r0, residual + i); CBN_SLOAD(r1, residual + i + CBN_L);
             x0 += r0; x1 += r1;
         }
         CBN_ACT_V(ACT, IV, V, x0, slope); CBN_ACT_V(ACT, IV, V, x1, slope);
         if (stream) {
             CBN_VSTREAM(y + i, x0); CBN_VSTREAM(y + i + CBN_L, x1);
         } else {
-            CBN_VSTORE(y + i, x0); CBN_VSTORE(y + i + CBN_L, x1);
+            CBN_SSTORE(y + i, x0); CBN_SSTORE(y + i + CBN_L, x1);
         }
     }
     for (; i < n - (n - head) % CBN_L; i += CBN_L) {
-        CBN_VLOAD(x0, x + i); x0 = (x0 - vmean) * vscale + vshift;
-        if (residual) { CBN_VLOAD(r0, residual + i); x0 += r0; }
+        CBN_SLOAD(x0, x + i); x0 = (x0 - vmean) * vscale + vshift;
+        if (residual) { CBN_SLOAD(r0, residual + i); x0 += r0; }
         CBN_ACT_V(ACT, IV, V, x0, slope);
-        CBN_VSTORE(y + i, x0);
+        CBN_SSTORE(y + i, x0);
     }
     for (; i < n; i++) {
-        v = (x[i] - mean) * scale + shift;
-        if (residual) v += residual[i];
-        y[i] = CBN_ACT_S(ACT, CBN_T, v, slope);
+        v = (CBN_GET(x, i) - mean) * scale + shift;
+        if (residual) v += CBN_GET(residual, i);
+        CBN_PUT(y, i, CBN_ACT_S(ACT, CBN_T, v, slope));
     }
 }
 
-static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* residual,
-                                                 CBN_T* y, Py_ssize_t n, CBN_T mean,
+static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_S* x, const CBN_S* residual,
+                                                 CBN_S* y, Py_ssize_t n, CBN_T mean,
                                                  CBN_T scale, CBN_T shift, int act,
                                                  CBN_T slope) {
 #define CBN_ACT_STMT_ CBN_FN(run_affine_body)(ACT, x, residual, y, n, mean, scale, shift, \
@@ -428,7 +390,7 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_T* x, const CBN_T* re
 #undef CBN_ACT_STMT_
 }
 
-static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
+static inline void CBN_FN(run_affine)(const CBN_S* x, const CBN_S* residual, CBN_S* y,
                                       Py_ssize_t n, CBN_T mean, CBN_T scale, CBN_T shift,
                                       int act, CBN_T slope) {
 #define CBN_ACT_STMT_ CBN_FN(run_affine_body)(ACT, x, residual, y, n, mean, scale, shift, \
@@ -437,7 +399,7 @@ static inline void CBN_FN(run_affine)(const CBN_T* x, const CBN_T* residual, CBN
 #undef CBN_ACT_STMT_
 }
 
-static inline void CBN_FN(run_affine_stream)(const CBN_T* x, const CBN_T* residual, CBN_T* y,
+static inline void CBN_FN(run_affine_stream)(const CBN_S* x, const CBN_S* residual, CBN_S* y,
                                              Py_ssize_t n, CBN_T mean, CBN_T scale,
                                              CBN_T shift, int act, CBN_T slope) {
 #define CBN_ACT_STMT_ CBN_FN(run_affine_body)(ACT, x, residual, y, n, mean, scale, shift, \
@@ -449,8 +411,8 @@ static inline void CBN_FN(run_affine_stream)(const CBN_T* x, const CBN_T* residu
 /* y = (g - gmean - (x - mean) * xcoef) * scale: the training backward's dx; g first
    multiplied by the activation's derivative (at ym, or at z = (x - mean) * scale +
    shift (+ res)). stream: as in run_affine_body. */
-static CBN_INLINE void CBN_FN(run_bwd_body)(const int ACT, const CBN_T* x, const CBN_T* g,
-                                            const CBN_T* ym, const CBN_T* res, CBN_T* y,
+static CBN_INLINE void CBN_FN(run_bwd_body)(const int ACT, const CBN_S* x, const CBN_S* g,
+                                            const CBN_S* ym, const CBN_S* res, CBN_S* y,
                                             Py_ssize_t n, CBN_T mean, CBN_T scale,
                                             CBN_T shift, CBN_T gmean, CBN_T xcoef,
                                             CBN_T slope, int stream) {
@@ -463,31 +425,31 @@ static CBN_INLINE void CBN_FN(run_bwd_body)(const int ACT, const CBN_T* x, const
     Py_ssize_t i = 0, nv, head = 0;
     CBN_T gv;
     (void)vsh;
-    if (stream && ((uintptr_t)y % sizeof(CBN_T)) != 0) stream = 0;   /* cannot align */
+    if (stream && ((uintptr_t)y % sizeof(CBN_S)) != 0) stream = 0;   /* cannot align */
     if (stream) {
         head = CBN_TO_ALIGN(y);
         if (head > n) head = n;
         for (; i < head; i++) {
-            gv = CBN_DACT_ONE(i, g[i]);
-            y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
+            gv = CBN_DACT_ONE(i, CBN_GET(g, i));
+            CBN_PUT(y, i, (gv - gmean - (CBN_GET(x, i) - mean) * xcoef) * scale);
         }
     }
-    nv = n - (n - head) % (2 * CBN_L);     /* if stream: whole lines before nv */
+    nv = n - (n - head) % CBN_SLINE;     /* if stream: whole lines before nv */
     for (; i < n - (n - head) % CBN_L; i += CBN_L) {
-        CBN_VLOAD(x0, x + i); CBN_VLOAD(g0, g + i);
+        CBN_SLOAD(x0, x + i); CBN_SLOAD(g0, g + i);
         CBN_DACT_STEP(i, g0, x0);
         x0 = (g0 - vgmean - (x0 - vm) * vxcoef) * vk;
         if (stream && i < nv) CBN_VSTREAM(y + i, x0);
-        else CBN_VSTORE(y + i, x0);
+        else CBN_SSTORE(y + i, x0);
     }
     for (; i < n; i++) {
-        gv = CBN_DACT_ONE(i, g[i]);
-        y[i] = (gv - gmean - (x[i] - mean) * xcoef) * scale;
+        gv = CBN_DACT_ONE(i, CBN_GET(g, i));
+        CBN_PUT(y, i, (gv - gmean - (CBN_GET(x, i) - mean) * xcoef) * scale);
     }
 }
 
-static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                   const CBN_T* res, CBN_T* y, Py_ssize_t n, CBN_T mean,
+static inline void CBN_FN(run_bwd)(const CBN_S* x, const CBN_S* g, const CBN_S* ym,
+                                   const CBN_S* res, CBN_S* y, Py_ssize_t n, CBN_T mean,
                                    CBN_T scale, CBN_T shift, CBN_T gmean, CBN_T xcoef,
                                    int act, CBN_T slope) {
 #define CBN_ACT_STMT_ CBN_FN(run_bwd_body)(ACT, x, g, ym, res, y, n, mean, scale, shift, \
@@ -496,8 +458,8 @@ static inline void CBN_FN(run_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* 
 #undef CBN_ACT_STMT_
 }
 
-static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                          const CBN_T* res, CBN_T* y, Py_ssize_t n,
+static inline void CBN_FN(run_bwd_stream)(const CBN_S* x, const CBN_S* g, const CBN_S* ym,
+                                          const CBN_S* res, CBN_S* y, Py_ssize_t n,
                                           CBN_T mean, CBN_T scale, CBN_T shift,
                                           CBN_T gmean, CBN_T xcoef, int act, CBN_T slope) {
 #define CBN_ACT_STMT_ CBN_FN(run_bwd_body)(ACT, x, g, ym, res, y, n, mean, scale, shift, \
@@ -506,7 +468,6 @@ static inline void CBN_FN(run_bwd_stream)(const CBN_T* x, const CBN_T* g, const 
 #undef CBN_ACT_STMT_
 }
 
-#undef CBN_PART
 #undef CBN_PREFETCH_NEXT
 #undef CBN_TO_ALIGN
 #undef CBN_CARRY_STEP

@@ -36,9 +36,9 @@
             if (cbn_act_needs_z(ACT)) {                                                 \
                 CBN_VLOAD(h_, sh + (t));                                                \
                 s_ = (vx - vmn) * vsc + h_;                                             \
-                if (res) { V r_; CBN_VLOAD(r_, res + (o)); s_ += r_; }                  \
+                if (res) { V r_; CBN_SLOAD(r_, res + (o)); s_ += r_; }                  \
             } else {                                                                    \
-                CBN_VLOAD(s_, ym + (o));                                                \
+                CBN_SLOAD(s_, ym + (o));                                                \
             }                                                                           \
             CBN_DACT_V(ACT, IV, V, g_, s_, slope);                                      \
         }                                                                               \
@@ -49,9 +49,9 @@
     (ACT == CBN_ACT_NONE ? (gv)                                                         \
      : CBN_DACT_S(ACT, CBN_T, gv,                                                       \
                   (cbn_act_needs_z(ACT)                                                 \
-                   ? (res ? (x[o] - mn[t]) * sc[t] + sh[t] + res[o]                     \
-                      : (x[o] - mn[t]) * sc[t] + sh[t])                                 \
-                   : ym[o]), slope))
+                   ? (res ? (CBN_GET(x, o) - mn[t]) * sc[t] + sh[t] + CBN_GET(res, o)   \
+                      : (CBN_GET(x, o) - mn[t]) * sc[t] + sh[t])                        \
+                   : CBN_GET(ym, o)), slope))
 
 #if defined(__AVX512F__)
 #define CBN_FX 1          /* 32 vector registers: fixed-width row loops pay off */
@@ -60,8 +60,7 @@
 #endif
 #define CBN_WL ((int)(64 / sizeof(CBN_T)))   /* lanes of a 64-byte vector */
 
-typedef CBN_VEC(CBN_T, 64 / sizeof(CBN_T)) CBN_FN(w);
-typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
+/* (The wide vector types CBN_FN(w), CBN_FN(wm): cbn_store.h.) */
 
 /* One function per width NV (a constant inside it) and, for the element passes, per
    activation (and residual): separate functions keep every pointer in a register. */
@@ -74,25 +73,25 @@ typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
                       slope);                                                            \
     break;
 #define CBN_FX_INSTANCES(NV)                                                             \
-static CBN_NOINLINE void CBN_FN(fx_affine##NV)(const CBN_T* x,                           \
-        const CBN_T* q, CBN_T* y, Py_ssize_t R, const CBN_T* mn,                         \
+static CBN_NOINLINE void CBN_FN(fx_affine##NV)(const CBN_S* x,                           \
+        const CBN_S* q, CBN_S* y, Py_ssize_t R, const CBN_T* mn,                         \
         const CBN_T* sc, const CBN_T* sh, int act, CBN_T slope) {                        \
     enum { NV_ = NV };                                                                   \
     switch (act) { CBN_ACTIVATIONS(CBN_X_FXA_) default: break; }                         \
 }                                                                                        \
-static CBN_NOINLINE void CBN_FN(fx_bwd##NV)(const CBN_T* x,                              \
-        const CBN_T* g, const CBN_T* ym, const CBN_T* res, CBN_T* y, Py_ssize_t R,       \
+static CBN_NOINLINE void CBN_FN(fx_bwd##NV)(const CBN_S* x,                              \
+        const CBN_S* g, const CBN_S* ym, const CBN_S* res, CBN_S* y, Py_ssize_t R,       \
         const CBN_T* mn, const CBN_T* sc, const CBN_T* sh, const CBN_T* gm,              \
         const CBN_T* xc, int act, CBN_T slope) {                                         \
     enum { NV_ = NV };                                                                   \
     switch (act) { CBN_ACTIVATIONS(CBN_X_FXB_) default: break; }                         \
 }                                                                                        \
-static CBN_NOINLINE void CBN_FN(fx_shifted_sums##NV)(const CBN_T* p,                     \
+static CBN_NOINLINE void CBN_FN(fx_shifted_sums##NV)(const CBN_S* p,                     \
         Py_ssize_t R, const CBN_T* sh, CBN_T* s1, CBN_T* s2) {                           \
     CBN_FN(fx_shifted_sums_nv)(NV, p, R, sh, s1, s2);                                    \
 }                                                                                        \
-static CBN_NOINLINE void CBN_FN(fx_sums##NV)(const CBN_T* g,                             \
-        const CBN_T* x, Py_ssize_t R, const CBN_T* m, CBN_T* sg,                         \
+static CBN_NOINLINE void CBN_FN(fx_sums##NV)(const CBN_S* g,                             \
+        const CBN_S* x, Py_ssize_t R, const CBN_T* m, CBN_T* sg,                         \
         CBN_T* sgx) {                                                                    \
     CBN_FN(fx_sums_nv)(NV, g, x, R, m, sg, sgx);                                         \
 }
@@ -106,8 +105,8 @@ static CBN_NOINLINE void CBN_FN(fx_sums##NV)(const CBN_T* g,                    
 
 
 /* y = act((x - mean) * scale + shift (+ q)), rows of NV wide vectors */
-static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, const int ACT, const CBN_T* x,
-                                          const CBN_T* residual, CBN_T* y, Py_ssize_t R,
+static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, const int ACT, const CBN_S* x,
+                                          const CBN_S* residual, CBN_S* y, Py_ssize_t R,
                                           const CBN_T* mean, const CBN_T* scale,
                                           const CBN_T* shift, CBN_T slope) {
     typedef CBN_FN(w) V;
@@ -122,19 +121,19 @@ static CBN_INLINE void CBN_FN(fx_affine_nv)(int NV, int HASQ, const int ACT, con
     }
     for (i = 0; i < R; i++, x += NV * L, y += NV * L, residual += HASQ ? NV * L : 0) {
         CBN_UNROLL for (j = 0; j < NV; j++) {
-            CBN_VLOAD(v, x + j * L);
+            CBN_SLOAD(v, x + j * L);
             v = (v - vmean[j]) * vscale[j] + vshift[j];
-            if (HASQ) { CBN_VLOAD(r0, residual + j * L); v += r0; }
+            if (HASQ) { CBN_SLOAD(r0, residual + j * L); v += r0; }
             CBN_ACT_V(ACT, IV, V, v, slope);
-            CBN_VSTORE(y + j * L, v);
+            CBN_SSTORE(y + j * L, v);
         }
     }
 }
 
 /* The same over rows wider than 8 vectors, in memory order, the lane parameters
    loaded from L1 with each vector */
-static CBN_INLINE void CBN_FN(fx_affine_wide_body)(const int ACT, const CBN_T* x,
-                                                   const CBN_T* residual, CBN_T* y,
+static CBN_INLINE void CBN_FN(fx_affine_wide_body)(const int ACT, const CBN_S* x,
+                                                   const CBN_S* residual, CBN_S* y,
                                                    Py_ssize_t n, const CBN_T* mean,
                                                    const CBN_T* scale, const CBN_T* shift,
                                                    CBN_T slope, Py_ssize_t w) {
@@ -145,17 +144,17 @@ static CBN_INLINE void CBN_FN(fx_affine_wide_body)(const int ACT, const CBN_T* x
     Py_ssize_t i, t;
     for (i = 0; i < n; i += w) {
         for (t = 0; t < w; t += L) {
-            CBN_VLOAD(v, x + i + t); CBN_VLOAD(vmean, mean + t); CBN_VLOAD(vscale, scale + t);
+            CBN_SLOAD(v, x + i + t); CBN_VLOAD(vmean, mean + t); CBN_VLOAD(vscale, scale + t);
             CBN_VLOAD(vshift, shift + t);
             v = (v - vmean) * vscale + vshift;
-            if (residual) { CBN_VLOAD(r0, residual + i + t); v += r0; }
+            if (residual) { CBN_SLOAD(r0, residual + i + t); v += r0; }
             CBN_ACT_V(ACT, IV, V, v, slope);
-            CBN_VSTORE(y + i + t, v);
+            CBN_SSTORE(y + i + t, v);
         }
     }
 }
-static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* residual,
-                                                CBN_T* y, Py_ssize_t n, const CBN_T* mean,
+static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_S* x, const CBN_S* residual,
+                                                CBN_S* y, Py_ssize_t n, const CBN_T* mean,
                                                 const CBN_T* scale, const CBN_T* shift,
                                                 int act, CBN_T slope, Py_ssize_t w) {
 #define CBN_ACT_STMT_ CBN_FN(fx_affine_wide_body)(ACT, x, residual, y, n, mean, scale,     \
@@ -166,9 +165,9 @@ static CBN_NOINLINE void CBN_FN(fx_affine_wide)(const CBN_T* x, const CBN_T* res
 
 /* y = (g - gmean - (x - mean) * xcoef) * scale over rows wider than 8 vectors, in memory
    order, g times the activation's derivative first */
-static CBN_INLINE void CBN_FN(fx_bwd_wide_body)(const int ACT, const CBN_T* x,
-                                                const CBN_T* g, const CBN_T* ym,
-                                                const CBN_T* res, CBN_T* y, Py_ssize_t n,
+static CBN_INLINE void CBN_FN(fx_bwd_wide_body)(const int ACT, const CBN_S* x,
+                                                const CBN_S* g, const CBN_S* ym,
+                                                const CBN_S* res, CBN_S* y, Py_ssize_t n,
                                                 const CBN_T* mean, const CBN_T* scale,
                                                 const CBN_T* sh, const CBN_T* gmean,
                                                 const CBN_T* xcoef, CBN_T slope,
@@ -180,18 +179,18 @@ static CBN_INLINE void CBN_FN(fx_bwd_wide_body)(const int ACT, const CBN_T* x,
     Py_ssize_t i, t;
     for (i = 0; i < n; i += w) {
         for (t = 0; t < w; t += L) {
-            CBN_VLOAD(v, x + i + t); CBN_VLOAD(u, g + i + t);
+            CBN_SLOAD(v, x + i + t); CBN_SLOAD(u, g + i + t);
             CBN_VLOAD(vmean, mean + t); CBN_VLOAD(vscale, scale + t);
             CBN_ROWS_DACT(u, v, vmean, vscale, i + t, t);
             CBN_VLOAD(vgmean, gmean + t);
             CBN_VLOAD(vxcoef, xcoef + t);
             v = (u - vgmean - (v - vmean) * vxcoef) * vscale;
-            CBN_VSTORE(y + i + t, v);
+            CBN_SSTORE(y + i + t, v);
         }
     }
 }
-static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                             const CBN_T* res, CBN_T* y, Py_ssize_t n,
+static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_S* x, const CBN_S* g, const CBN_S* ym,
+                                             const CBN_S* res, CBN_S* y, Py_ssize_t n,
                                              const CBN_T* mean, const CBN_T* scale,
                                              const CBN_T* sh, const CBN_T* gmean,
                                              const CBN_T* xcoef, int act, CBN_T slope,
@@ -205,7 +204,7 @@ static CBN_NOINLINE void CBN_FN(fx_bwd_wide)(const CBN_T* x, const CBN_T* g, con
 /* Sums over rows wider than 8 vectors, in memory order, the accumulators in L1:
    s1 = sum of d = x - sh, s2 = sum of d*d; or (SUMS) s1 = sum of g = p, s2 = sum
    of g * (x - sh). Each lane is summed in row order, as in the loops below. */
-static CBN_INLINE void CBN_FN(fx_wide_red)(int SUMS, const CBN_T* p, const CBN_T* x,
+static CBN_INLINE void CBN_FN(fx_wide_red)(int SUMS, const CBN_S* p, const CBN_S* x,
                                              Py_ssize_t R, Py_ssize_t w,
                                              const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
     typedef CBN_FN(w) V;
@@ -215,20 +214,20 @@ static CBN_INLINE void CBN_FN(fx_wide_red)(int SUMS, const CBN_T* p, const CBN_T
     for (t = 0; t < w; t++) { s1[t] = 0; s2[t] = 0; }
     for (r = 0, o = 0; r < R; r++, o += w) {
         for (t = 0; t < w; t += L) {
-            CBN_VLOAD(v, p + o + t); CBN_VLOAD(vs, sh + t);
+            CBN_SLOAD(v, p + o + t); CBN_VLOAD(vs, sh + t);
             CBN_VLOAD(va, s1 + t); CBN_VLOAD(vb, s2 + t);
-            if (SUMS) { CBN_VLOAD(u, x + o + t); va += v; vb += v * (u - vs); }
+            if (SUMS) { CBN_SLOAD(u, x + o + t); va += v; vb += v * (u - vs); }
             else { v -= vs; va += v; vb += v * v; }
             CBN_VSTORE(s1 + t, va); CBN_VSTORE(s2 + t, vb);
         }
     }
 }
-static CBN_NOINLINE void CBN_FN(fx_shifted_sums_wide)(const CBN_T* p, Py_ssize_t R,
+static CBN_NOINLINE void CBN_FN(fx_shifted_sums_wide)(const CBN_S* p, Py_ssize_t R,
                                                         Py_ssize_t w, const CBN_T* sh,
                                                         CBN_T* s1, CBN_T* s2) {
     CBN_FN(fx_wide_red)(0, p, NULL, R, w, sh, s1, s2);
 }
-static CBN_NOINLINE void CBN_FN(fx_sums_wide)(const CBN_T* g, const CBN_T* x, Py_ssize_t R,
+static CBN_NOINLINE void CBN_FN(fx_sums_wide)(const CBN_S* g, const CBN_S* x, Py_ssize_t R,
                                                 Py_ssize_t w, const CBN_T* m, CBN_T* sg,
                                                 CBN_T* sgx) {
     CBN_FN(fx_wide_red)(1, g, x, R, w, m, sg, sgx);
@@ -236,9 +235,9 @@ static CBN_NOINLINE void CBN_FN(fx_sums_wide)(const CBN_T* g, const CBN_T* x, Py
 
 /* y = (g - gmean - (x - mean) * xcoef) * scale, g times the activation's derivative
    first, rows of NV wide vectors */
-static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, const int ACT, const CBN_T* x,
-                                         const CBN_T* g, const CBN_T* ym, const CBN_T* res,
-                                         CBN_T* y, Py_ssize_t R, const CBN_T* mean,
+static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, const int ACT, const CBN_S* x,
+                                         const CBN_S* g, const CBN_S* ym, const CBN_S* res,
+                                         CBN_S* y, Py_ssize_t R, const CBN_T* mean,
                                          const CBN_T* scale, const CBN_T* sh,
                                          const CBN_T* gmean, const CBN_T* xcoef,
                                          CBN_T slope) {
@@ -257,16 +256,16 @@ static CBN_INLINE void CBN_FN(fx_bwd_nv)(int NV, const int ACT, const CBN_T* x,
     for (i = 0; i < R; i++, x += NV * L, g += NV * L, y += NV * L,
                            ym += OUT ? NV * L : 0, res += (Z && res) ? NV * L : 0) {
         CBN_UNROLL for (j = 0; j < NV; j++) {
-            CBN_VLOAD(v, x + j * L); CBN_VLOAD(u, g + j * L);
+            CBN_SLOAD(v, x + j * L); CBN_SLOAD(u, g + j * L);
             CBN_ROWS_DACT(u, v, vmean[j], vscale[j], j * L, j * L);
             v = (u - vgmean[j] - (v - vmean[j]) * vxcoef[j]) * vscale[j];
-            CBN_VSTORE(y + j * L, v);
+            CBN_SSTORE(y + j * L, v);
         }
     }
 }
 
 /* s1 = sum over rows of d = x - sh, s2 = sum of d*d (lane-wise, in row order) */
-static CBN_INLINE void CBN_FN(fx_shifted_sums_nv)(int NV, const CBN_T* p, Py_ssize_t R,
+static CBN_INLINE void CBN_FN(fx_shifted_sums_nv)(int NV, const CBN_S* p, Py_ssize_t R,
                                                 const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
     typedef CBN_FN(w) V;
     const int L = CBN_WL;
@@ -278,7 +277,7 @@ static CBN_INLINE void CBN_FN(fx_shifted_sums_nv)(int NV, const CBN_T* p, Py_ssi
     }
     for (i = 0; i < R; i++, p += NV * L) {
         CBN_UNROLL for (j = 0; j < NV; j++) {
-            CBN_VLOAD(v, p + j * L); v -= vs[j]; va[j] += v; vb[j] += v * v;
+            CBN_SLOAD(v, p + j * L); v -= vs[j]; va[j] += v; vb[j] += v * v;
         }
     }
     CBN_UNROLL for (j = 0; j < NV; j++) {
@@ -287,7 +286,7 @@ static CBN_INLINE void CBN_FN(fx_shifted_sums_nv)(int NV, const CBN_T* p, Py_ssi
 }
 
 /* sg = sum over rows of g, sgx = sum of g * (x - m) (lane-wise, in row order) */
-static CBN_INLINE void CBN_FN(fx_sums_nv)(int NV, const CBN_T* g, const CBN_T* x, Py_ssize_t R,
+static CBN_INLINE void CBN_FN(fx_sums_nv)(int NV, const CBN_S* g, const CBN_S* x, Py_ssize_t R,
                                         const CBN_T* m, CBN_T* sg, CBN_T* sgx) {
     typedef CBN_FN(w) V;
     const int L = CBN_WL;
@@ -299,7 +298,7 @@ static CBN_INLINE void CBN_FN(fx_sums_nv)(int NV, const CBN_T* g, const CBN_T* x
     }
     for (i = 0; i < R; i++, g += NV * L, x += NV * L) {
         CBN_UNROLL for (j = 0; j < NV; j++) {
-            CBN_VLOAD(v, g + j * L); CBN_VLOAD(w, x + j * L);
+            CBN_SLOAD(v, g + j * L); CBN_SLOAD(w, x + j * L);
             va[j] += v; vb[j] += v * (w - vm[j]);
         }
     }
@@ -319,7 +318,7 @@ static inline int CBN_FN(fx_nv)(Py_ssize_t w) {
 static inline int CBN_FN(fx_wide)(Py_ssize_t w) {
     return CBN_FX && w % CBN_WL == 0 && w > 8 * CBN_WL;
 }
-static int CBN_FN(fx_affine)(const CBN_T* x, const CBN_T* q, CBN_T* y, Py_ssize_t R,
+static int CBN_FN(fx_affine)(const CBN_S* x, const CBN_S* q, CBN_S* y, Py_ssize_t R,
                              Py_ssize_t w, const CBN_T* mn, const CBN_T* sc, const CBN_T* sh,
                              int act, CBN_T slope) {
     if (CBN_FN(fx_wide)(w)) {
@@ -332,8 +331,8 @@ static int CBN_FN(fx_affine)(const CBN_T* x, const CBN_T* q, CBN_T* y, Py_ssize_
     }
     return 1;
 }
-static int CBN_FN(fx_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym, const CBN_T* res,
-                          CBN_T* y, Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
+static int CBN_FN(fx_bwd)(const CBN_S* x, const CBN_S* g, const CBN_S* ym, const CBN_S* res,
+                          CBN_S* y, Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
                           const CBN_T* sc, const CBN_T* sh, const CBN_T* gm, const CBN_T* xc,
                           int act, CBN_T slope) {
     if (CBN_FN(fx_wide)(w)) {
@@ -346,7 +345,7 @@ static int CBN_FN(fx_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym, const
     }
     return 1;
 }
-static int CBN_FN(fx_shifted_sums)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
+static int CBN_FN(fx_shifted_sums)(const CBN_S* p, Py_ssize_t R, Py_ssize_t w,
                                      const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
     if (CBN_FN(fx_wide)(w)) {
         CBN_FN(fx_shifted_sums_wide)(p, R, w, sh, s1, s2);
@@ -358,7 +357,7 @@ static int CBN_FN(fx_shifted_sums)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
     }
     return 1;
 }
-static int CBN_FN(fx_sums)(const CBN_T* g, const CBN_T* x, Py_ssize_t R, Py_ssize_t w,
+static int CBN_FN(fx_sums)(const CBN_S* g, const CBN_S* x, Py_ssize_t R, Py_ssize_t w,
                              const CBN_T* m, CBN_T* sg, CBN_T* sgx) {
     if (CBN_FN(fx_wide)(w)) {
         CBN_FN(fx_sums_wide)(g, x, R, w, m, sg, sgx);
@@ -377,7 +376,7 @@ static int CBN_FN(fx_sums)(const CBN_T* g, const CBN_T* x, Py_ssize_t R, Py_ssiz
 
 /* d = p[r*w + t] - sh[t]: s1[t] = sum_r d, s2[t] = sum_r d*d, row by row (streams
    from memory; the accumulators stay in L1). */
-static inline void CBN_FN(cols_shifted_sums)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
+static inline void CBN_FN(cols_shifted_sums)(const CBN_S* p, Py_ssize_t R, Py_ssize_t w,
                                                const CBN_T* sh, CBN_T* s1, CBN_T* s2) {
     typedef CBN_FN(v) V;
     Py_ssize_t t, r, ws = w - w % CBN_L;
@@ -388,8 +387,8 @@ static inline void CBN_FN(cols_shifted_sums)(const CBN_T* p, Py_ssize_t R, Py_ss
     for (r = 0; r + 4 <= R; r += 4, p += 4 * w) {   /* 4 rows per accumulator trip */
         for (t = 0; t < ws; t += CBN_L) {
             V x1, x2, x3;
-            CBN_VLOAD(x, p + t); CBN_VLOAD(x1, p + w + t);
-            CBN_VLOAD(x2, p + 2 * w + t); CBN_VLOAD(x3, p + 3 * w + t);
+            CBN_SLOAD(x, p + t); CBN_SLOAD(x1, p + w + t);
+            CBN_SLOAD(x2, p + 2 * w + t); CBN_SLOAD(x3, p + 3 * w + t);
             CBN_VLOAD(s, sh + t); CBN_VLOAD(a, s1 + t); CBN_VLOAD(b, s2 + t);
             x -= s; x1 -= s; x2 -= s; x3 -= s;
             a += x; b += x * x; a += x1; b += x1 * x1;
@@ -397,25 +396,25 @@ static inline void CBN_FN(cols_shifted_sums)(const CBN_T* p, Py_ssize_t R, Py_ss
             CBN_VSTORE(s1 + t, a); CBN_VSTORE(s2 + t, b);
         }
         for (; t < w; t++) {
-            d = p[t] - sh[t]; s1[t] += d; s2[t] += d * d;
-            d = p[w + t] - sh[t]; s1[t] += d; s2[t] += d * d;
-            d = p[2 * w + t] - sh[t]; s1[t] += d; s2[t] += d * d;
-            d = p[3 * w + t] - sh[t]; s1[t] += d; s2[t] += d * d;
+            d = CBN_GET(p, t) - sh[t]; s1[t] += d; s2[t] += d * d;
+            d = CBN_GET(p, w + t) - sh[t]; s1[t] += d; s2[t] += d * d;
+            d = CBN_GET(p, 2 * w + t) - sh[t]; s1[t] += d; s2[t] += d * d;
+            d = CBN_GET(p, 3 * w + t) - sh[t]; s1[t] += d; s2[t] += d * d;
         }
     }
     for (; r < R; r++, p += w) {
         for (t = 0; t < ws; t += CBN_L) {
-            CBN_VLOAD(x, p + t); CBN_VLOAD(s, sh + t);
+            CBN_SLOAD(x, p + t); CBN_VLOAD(s, sh + t);
             CBN_VLOAD(a, s1 + t); CBN_VLOAD(b, s2 + t);
             x -= s; a += x; b += x * x;
             CBN_VSTORE(s1 + t, a); CBN_VSTORE(s2 + t, b);
         }
-        for (; t < w; t++) { d = p[t] - sh[t]; s1[t] += d; s2[t] += d * d; }
+        for (; t < w; t++) { d = CBN_GET(p, t) - sh[t]; s1[t] += d; s2[t] += d * d; }
     }
 }
 
 /* d = p[r*w + t] - m[t]: s1[t] = sum_r d, s2[t] = sum_r d*d */
-static inline void CBN_FN(cols_dev)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
+static inline void CBN_FN(cols_dev)(const CBN_S* p, Py_ssize_t R, Py_ssize_t w,
                                       const CBN_T* m, CBN_T* s1, CBN_T* s2) {
     typedef CBN_FN(v) V;
     Py_ssize_t t = 0, r, ws = w - w % (4 * CBN_L);
@@ -425,9 +424,9 @@ static inline void CBN_FN(cols_dev)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
         CBN_VLOAD(m0, m + t); CBN_VLOAD(m1, m + t + CBN_L);
         CBN_VLOAD(m2, m + t + 2 * CBN_L); CBN_VLOAD(m3, m + t + 3 * CBN_L);
         for (r = 0; r < R; r++) {
-            const CBN_T* q = p + r * w + t;
-            CBN_VLOAD(x0, q); CBN_VLOAD(x1, q + CBN_L);
-            CBN_VLOAD(x2, q + 2 * CBN_L); CBN_VLOAD(x3, q + 3 * CBN_L);
+            const CBN_S* q = p + r * w + t;
+            CBN_SLOAD(x0, q); CBN_SLOAD(x1, q + CBN_L);
+            CBN_SLOAD(x2, q + 2 * CBN_L); CBN_SLOAD(x3, q + 3 * CBN_L);
             x0 -= m0; x1 -= m1; x2 -= m2; x3 -= m3;
             a0 += x0; a1 += x1; a2 += x2; a3 += x3;
             b0 += x0 * x0; b1 += x1 * x1; b2 += x2 * x2; b3 += x3 * x3;
@@ -439,7 +438,7 @@ static inline void CBN_FN(cols_dev)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
     }
     for (; t < w; t++) {
         CBN_T a = 0, b = 0, d;
-        for (r = 0; r < R; r++) { d = p[r * w + t] - m[t]; a += d; b += d * d; }
+        for (r = 0; r < R; r++) { d = CBN_GET(p, r * w + t) - m[t]; a += d; b += d * d; }
         s1[t] = a; s2[t] = b;
     }
 }
@@ -448,9 +447,9 @@ static inline void CBN_FN(cols_dev)(const CBN_T* p, Py_ssize_t R, Py_ssize_t w,
    activation's derivative (ACT: at ym, or at z = (x - mn[t]) * sc[t] + sh[t] (+ res));
    if gr: gr = that g; if dx: dx = g * sc[t]. Row by row (streams from memory; the
    accumulators stay in L1). */
-static CBN_INLINE void CBN_FN(cols_sums_body)(const int ACT, const CBN_T* g, const CBN_T* x,
-                                              const CBN_T* ym, const CBN_T* res, CBN_T* dx,
-                                              CBN_T* gr, Py_ssize_t R, Py_ssize_t w,
+static CBN_INLINE void CBN_FN(cols_sums_body)(const int ACT, const CBN_S* g, const CBN_S* x,
+                                              const CBN_S* ym, const CBN_S* res, CBN_S* dx,
+                                              CBN_S* gr, Py_ssize_t R, Py_ssize_t w,
                                               const CBN_T* mn, const CBN_T* sc,
                                               const CBN_T* sh, CBN_T slope, CBN_T* sg,
                                               CBN_T* sgx) {
@@ -468,44 +467,44 @@ static CBN_INLINE void CBN_FN(cols_sums_body)(const int ACT, const CBN_T* g, con
             for (t = 0; t < ws; t += CBN_L) {
                 V g1, x1;
                 CBN_VLOAD(vm, mn + t); CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
-                CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);
-                CBN_VLOAD(g1, g + o + w + t); CBN_VLOAD(x1, x + o + w + t);
+                CBN_SLOAD(vg, g + o + t); CBN_SLOAD(vx, x + o + t);
+                CBN_SLOAD(g1, g + o + w + t); CBN_SLOAD(x1, x + o + w + t);
                 a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);
-                CBN_VLOAD(vg, g + o + 2 * w + t); CBN_VLOAD(vx, x + o + 2 * w + t);
-                CBN_VLOAD(g1, g + o + 3 * w + t); CBN_VLOAD(x1, x + o + 3 * w + t);
+                CBN_SLOAD(vg, g + o + 2 * w + t); CBN_SLOAD(vx, x + o + 2 * w + t);
+                CBN_SLOAD(g1, g + o + 3 * w + t); CBN_SLOAD(x1, x + o + 3 * w + t);
                 a += vg; b += vg * (vx - vm); a += g1; b += g1 * (x1 - vm);
                 CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);
             }
             for (; t < w; t++) {
                 for (i = o + t; i < o + t + 4 * w; i += w) {
-                    sg[t] += g[i]; sgx[t] += g[i] * (x[i] - mn[t]);
+                    sg[t] += CBN_GET(g, i); sgx[t] += CBN_GET(g, i) * (CBN_GET(x, i) - mn[t]);
                 }
             }
         }
     }
     for (; r < R; r++, o += w) {
         for (t = 0; t < ws; t += CBN_L) {
-            CBN_VLOAD(vg, g + o + t); CBN_VLOAD(vx, x + o + t);
+            CBN_SLOAD(vg, g + o + t); CBN_SLOAD(vx, x + o + t);
             CBN_VLOAD(vm, mn + t);
             if (ACT != CBN_ACT_NONE) { CBN_VLOAD(vk, sc + t); }
             CBN_ROWS_DACT(vg, vx, vm, vk, o + t, t);
-            if (gr) CBN_VSTORE(gr + o + t, vg);
+            if (gr) CBN_SSTORE(gr + o + t, vg);
             CBN_VLOAD(a, sg + t); CBN_VLOAD(b, sgx + t);
             a += vg; b += vg * (vx - vm);
             CBN_VSTORE(sg + t, a); CBN_VSTORE(sgx + t, b);
-            if (dx) { CBN_VLOAD(vk, sc + t); vx = vg * vk; CBN_VSTORE(dx + o + t, vx); }
+            if (dx) { CBN_VLOAD(vk, sc + t); vx = vg * vk; CBN_SSTORE(dx + o + t, vx); }
         }
         for (; t < w; t++) {
-            gv = CBN_ROWS_DACT_ONE(g[o + t], o + t, t);
-            if (gr) gr[o + t] = gv;
-            sg[t] += gv; sgx[t] += gv * (x[o + t] - mn[t]);
-            if (dx) dx[o + t] = gv * sc[t];
+            gv = CBN_ROWS_DACT_ONE(CBN_GET(g, o + t), o + t, t);
+            if (gr) CBN_PUT(gr, o + t, gv);
+            sg[t] += gv; sgx[t] += gv * (CBN_GET(x, o + t) - mn[t]);
+            if (dx) CBN_PUT(dx, o + t, gv * sc[t]);
         }
     }
 }
 
-static CBN_NOINLINE void CBN_FN(cols_sums)(const CBN_T* g, const CBN_T* x, const CBN_T* ym,
-                                           const CBN_T* res, CBN_T* dx, CBN_T* gr,
+static CBN_NOINLINE void CBN_FN(cols_sums)(const CBN_S* g, const CBN_S* x, const CBN_S* ym,
+                                           const CBN_S* res, CBN_S* dx, CBN_S* gr,
                                            Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
                                            const CBN_T* sc, const CBN_T* sh, int act,
                                            CBN_T slope, CBN_T* sg, CBN_T* sgx) {
@@ -517,8 +516,8 @@ static CBN_NOINLINE void CBN_FN(cols_sums)(const CBN_T* g, const CBN_T* x, const
 
 /* The output pass over R rows with lane parameters, row by row (a streaming pass):
    y = act((x - mn) * sc + sh (+ q, the residual)); y may be x. */
-static CBN_INLINE void CBN_FN(cols_affine_body)(const int ACT, const CBN_T* x,
-                                                const CBN_T* q, CBN_T* y, Py_ssize_t R,
+static CBN_INLINE void CBN_FN(cols_affine_body)(const int ACT, const CBN_S* x,
+                                                const CBN_S* q, CBN_S* y, Py_ssize_t R,
                                                 Py_ssize_t w, const CBN_T* mn,
                                                 const CBN_T* sc, const CBN_T* sh,
                                                 CBN_T slope) {
@@ -533,18 +532,18 @@ static CBN_INLINE void CBN_FN(cols_affine_body)(const int ACT, const CBN_T* x,
         for (t = 0; t < ws; t += CBN_L) {
             CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, sh + t);
             for (i = o + t; i < o + t + n * w; i += w) {
-                CBN_VLOAD(vx, x + i);
+                CBN_SLOAD(vx, x + i);
                 vx = (vx - va) * vb + vc;
-                if (q) { CBN_VLOAD(vq, q + i); vx += vq; }
+                if (q) { CBN_SLOAD(vq, q + i); vx += vq; }
                 CBN_ACT_V(ACT, IV, V, vx, slope);
-                CBN_VSTORE(y + i, vx);
+                CBN_SSTORE(y + i, vx);
             }
         }
         for (; t < w; t++) {
             for (i = o + t; i < o + t + n * w; i += w) {
-                v = (x[i] - mn[t]) * sc[t] + sh[t];
-                if (q) v += q[i];
-                y[i] = CBN_ACT_S(ACT, CBN_T, v, slope);
+                v = (CBN_GET(x, i) - mn[t]) * sc[t] + sh[t];
+                if (q) v += CBN_GET(q, i);
+                CBN_PUT(y, i, CBN_ACT_S(ACT, CBN_T, v, slope));
             }
         }
     }
@@ -552,8 +551,8 @@ static CBN_INLINE void CBN_FN(cols_affine_body)(const int ACT, const CBN_T* x,
 
 /* The training backward's element pass over R rows with lane parameters, row by row:
    y = (g - gm - (x - mn) * xc) * sc, g times the activation's derivative first. */
-static CBN_INLINE void CBN_FN(cols_bwd_body)(const int ACT, const CBN_T* x, const CBN_T* g,
-                                             const CBN_T* ym, const CBN_T* res, CBN_T* y,
+static CBN_INLINE void CBN_FN(cols_bwd_body)(const int ACT, const CBN_S* x, const CBN_S* g,
+                                             const CBN_S* ym, const CBN_S* res, CBN_S* y,
                                              Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
                                              const CBN_T* sc, const CBN_T* sh,
                                              const CBN_T* gm, const CBN_T* xc,
@@ -570,17 +569,17 @@ static CBN_INLINE void CBN_FN(cols_bwd_body)(const int ACT, const CBN_T* x, cons
             CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, gm + t);
             CBN_VLOAD(vd, xc + t);
             for (i = o + t; i < o + t + n * w; i += w) {
-                CBN_VLOAD(vx, x + i);
-                CBN_VLOAD(vg, g + i);
+                CBN_SLOAD(vx, x + i);
+                CBN_SLOAD(vg, g + i);
                 CBN_ROWS_DACT(vg, vx, va, vb, i, t);
                 vx = (vg - vc - (vx - va) * vd) * vb;
-                CBN_VSTORE(y + i, vx);
+                CBN_SSTORE(y + i, vx);
             }
         }
         for (; t < w; t++) {
             for (i = o + t; i < o + t + n * w; i += w) {
-                v = CBN_ROWS_DACT_ONE(g[i], i, t);
-                y[i] = (v - gm[t] - (x[i] - mn[t]) * xc[t]) * sc[t];
+                v = CBN_ROWS_DACT_ONE(CBN_GET(g, i), i, t);
+                CBN_PUT(y, i, (v - gm[t] - (CBN_GET(x, i) - mn[t]) * xc[t]) * sc[t]);
             }
         }
     }
@@ -588,7 +587,7 @@ static CBN_INLINE void CBN_FN(cols_bwd_body)(const int ACT, const CBN_T* x, cons
 
 /* cols_affine_body with the activation and whether q is given made constants, one copy
    per case: a separate function whose loop keeps every pointer in a register. */
-static CBN_NOINLINE void CBN_FN(cols_affine)(const CBN_T* x, const CBN_T* q, CBN_T* y,
+static CBN_NOINLINE void CBN_FN(cols_affine)(const CBN_S* x, const CBN_S* q, CBN_S* y,
                                              Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
                                              const CBN_T* sc, const CBN_T* sh, int act,
                                              CBN_T slope) {
@@ -601,8 +600,8 @@ static CBN_NOINLINE void CBN_FN(cols_affine)(const CBN_T* x, const CBN_T* q, CBN
 }
 
 /* cols_bwd_body, one copy per activation. */
-static CBN_NOINLINE void CBN_FN(cols_bwd)(const CBN_T* x, const CBN_T* g, const CBN_T* ym,
-                                          const CBN_T* res, CBN_T* y, Py_ssize_t R,
+static CBN_NOINLINE void CBN_FN(cols_bwd)(const CBN_S* x, const CBN_S* g, const CBN_S* ym,
+                                          const CBN_S* res, CBN_S* y, Py_ssize_t R,
                                           Py_ssize_t w, const CBN_T* mn, const CBN_T* sc,
                                           const CBN_T* sh, const CBN_T* gm, const CBN_T* xc,
                                           int act, CBN_T slope) {
@@ -617,8 +616,8 @@ static CBN_NOINLINE void CBN_FN(cols_bwd)(const CBN_T* x, const CBN_T* g, const 
    than the cache: no read of y's lines first, and they do not evict the input): R rows
    of w values, w a multiple of a line's values (2 * CBN_L), y on a line; the lane
    parameters loaded with each vector (from L1). The same values as cols_affine. */
-static CBN_INLINE void CBN_FN(rows_affine_stream_body)(const int ACT, const CBN_T* x,
-                                                       const CBN_T* q, CBN_T* y,
+static CBN_INLINE void CBN_FN(rows_affine_stream_body)(const int ACT, const CBN_S* x,
+                                                       const CBN_S* q, CBN_S* y,
                                                        Py_ssize_t R, Py_ssize_t w,
                                                        const CBN_T* mn, const CBN_T* sc,
                                                        const CBN_T* sh, CBN_T slope) {
@@ -628,10 +627,10 @@ static CBN_INLINE void CBN_FN(rows_affine_stream_body)(const int ACT, const CBN_
     V va, vb, vc, vx, vq;
     for (r = 0, o = 0; r < R; r++, o += w) {
         for (t = 0; t < w; t += CBN_L) {
-            CBN_VLOAD(vx, x + o + t);
+            CBN_SLOAD(vx, x + o + t);
             CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, sh + t);
             vx = (vx - va) * vb + vc;
-            if (q) { CBN_VLOAD(vq, q + o + t); vx += vq; }
+            if (q) { CBN_SLOAD(vq, q + o + t); vx += vq; }
             CBN_ACT_V(ACT, IV, V, vx, slope);
             CBN_VSTREAM(y + o + t, vx);
         }
@@ -639,9 +638,9 @@ static CBN_INLINE void CBN_FN(rows_affine_stream_body)(const int ACT, const CBN_
 }
 
 /* The training backward's element pass the same way. The same values as cols_bwd. */
-static CBN_INLINE void CBN_FN(rows_bwd_stream_body)(const int ACT, const CBN_T* x,
-                                                    const CBN_T* g, const CBN_T* ym,
-                                                    const CBN_T* res, CBN_T* y,
+static CBN_INLINE void CBN_FN(rows_bwd_stream_body)(const int ACT, const CBN_S* x,
+                                                    const CBN_S* g, const CBN_S* ym,
+                                                    const CBN_S* res, CBN_S* y,
                                                     Py_ssize_t R, Py_ssize_t w,
                                                     const CBN_T* mn, const CBN_T* sc,
                                                     const CBN_T* sh, const CBN_T* gm,
@@ -652,9 +651,9 @@ static CBN_INLINE void CBN_FN(rows_bwd_stream_body)(const int ACT, const CBN_T* 
     V va, vb, vc, vd, vx, vg;
     for (r = 0, o = 0; r < R; r++, o += w) {
         for (t = 0; t < w; t += CBN_L) {
-            CBN_VLOAD(vx, x + o + t);
+            CBN_SLOAD(vx, x + o + t);
             CBN_VLOAD(va, mn + t); CBN_VLOAD(vb, sc + t); CBN_VLOAD(vc, gm + t);
-            CBN_VLOAD(vd, xc + t); CBN_VLOAD(vg, g + o + t);
+            CBN_VLOAD(vd, xc + t); CBN_SLOAD(vg, g + o + t);
             CBN_ROWS_DACT(vg, vx, va, vb, o + t, t);
             vx = (vg - vc - (vx - va) * vd) * vb;
             CBN_VSTREAM(y + o + t, vx);
@@ -662,10 +661,21 @@ static CBN_INLINE void CBN_FN(rows_bwd_stream_body)(const int ACT, const CBN_T* 
     }
 }
 
-static CBN_NOINLINE void CBN_FN(rows_affine_stream)(const CBN_T* x, const CBN_T* q, CBN_T* y,
+/* Half storage: 1 where the streams could not be aligned (y off 16 bytes, or w not a
+   multiple of 8 values), and the stream loops hand over to the column loops (the same
+   values). The float and double loops rely on their callers (always 0). */
+static inline int CBN_FN(rows_stream_off)(const CBN_S* y, Py_ssize_t w) {
+    return sizeof(CBN_S) < sizeof(CBN_T) && ((uintptr_t)y % 16 != 0 || w % CBN_L != 0);
+}
+
+static CBN_NOINLINE void CBN_FN(rows_affine_stream)(const CBN_S* x, const CBN_S* q, CBN_S* y,
                                                     Py_ssize_t R, Py_ssize_t w,
                                                     const CBN_T* mn, const CBN_T* sc,
                                                     const CBN_T* sh, int act, CBN_T slope) {
+    if (CBN_FN(rows_stream_off)(y, w)) {
+        CBN_FN(cols_affine)(x, q, y, R, w, mn, sc, sh, act, slope);
+        return;
+    }
 #define CBN_ACT_STMT_                                                                   \
     if (q) CBN_FN(rows_affine_stream_body)(ACT, x, q, y, R, w, mn, sc, sh, slope);      \
     else CBN_FN(rows_affine_stream_body)(ACT, x, NULL, y, R, w, mn, sc, sh, slope)
@@ -673,12 +683,16 @@ static CBN_NOINLINE void CBN_FN(rows_affine_stream)(const CBN_T* x, const CBN_T*
 #undef CBN_ACT_STMT_
 }
 
-static CBN_NOINLINE void CBN_FN(rows_bwd_stream)(const CBN_T* x, const CBN_T* g,
-                                                 const CBN_T* ym, const CBN_T* res, CBN_T* y,
+static CBN_NOINLINE void CBN_FN(rows_bwd_stream)(const CBN_S* x, const CBN_S* g,
+                                                 const CBN_S* ym, const CBN_S* res, CBN_S* y,
                                                  Py_ssize_t R, Py_ssize_t w, const CBN_T* mn,
                                                  const CBN_T* sc, const CBN_T* sh,
                                                  const CBN_T* gm, const CBN_T* xc, int act,
                                                  CBN_T slope) {
+    if (CBN_FN(rows_stream_off)(y, w)) {
+        CBN_FN(cols_bwd)(x, g, ym, res, y, R, w, mn, sc, sh, gm, xc, act, slope);
+        return;
+    }
 #define CBN_ACT_STMT_ CBN_FN(rows_bwd_stream_body)(ACT, x, g, ym, res, y, R, w, mn, sc, sh, \
                                                    gm, xc, slope)
     CBN_ACT_SWITCH(act)

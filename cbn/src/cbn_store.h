@@ -1,0 +1,285 @@
+/* cbn_store.h: loads and stores of the data arrays, for one (storage, compute, target).
+ *
+ * A template, included by cbn_target.h before cbn_planes.h and cbn_rows.h, with their
+ * parameters and:
+ *   CBN_S       the storage type of the data arrays (x, y, residual, g, ym, dx, gr):
+ *               CBN_T itself (f, d), cbn_f16 (h) or cbn_bf16 (b); the h and b
+ *               instantiations compute in float (CBN_T float, CBN_L 8), so their loops
+ *               are the f loops with converting loads and stores, nothing more
+ *   CBN_STORE   0 (CBN_S is CBN_T), 1 (float16) or 2 (bfloat16)
+ *
+ * The per-lane parameter arrays and accumulators (mean, scale, s1, ...) are always of the
+ * compute type CBN_T and use CBN_VLOAD / CBN_VSTORE; the data arrays use these:
+ *
+ *   CBN_SLOAD(v, p)      v = the vector at p (v of the 32-byte type CBN_FN(v) or of the
+ *                        64-byte "wide" type CBN_FN(w) of cbn_rows.h: CBN_L or 2*CBN_L
+ *                        values of CBN_T, read from as many stored values)
+ *   CBN_SSTORE(p, v)     the converse
+ *   CBN_VSTREAM(p, v)    CBN_SSTORE of a 32-byte vector with non-temporal stores, p
+ *                        aligned to the stored vector's size (32 bytes, or 16 for half)
+ *   CBN_GET(p, i)        the value p[i], as a CBN_T
+ *   CBN_PUT(p, i, v)     p[i] = v (v a CBN_T)
+ *   CBN_PART(dst, fill, p, cnt, buf)
+ *                        dst = the first cnt (< CBN_L) values at p, other lanes from fill
+ *                        (buf: a CBN_T[CBN_L] scratch array)
+ *   CBN_SLINE            stored values per 64-byte cache line
+ *
+ * Each checks that p points to CBN_S (a compile error otherwise), so that no data array
+ * can be read as if it were of the compute type, or the reverse. Conversions: float16
+ * with F16C (AVX2 and AVX-512 targets) or exact integer code elsewhere; float -> float16
+ * rounds to nearest even (the F16C immediate, not MXCSR), float -> bfloat16 too, by
+ * integer arithmetic (no flushing of subnormals). With CBN_S = CBN_T every macro is the
+ * memcpy or the array access it replaces: the f and d loops are unchanged.
+ */
+
+#undef CBN_SPTR
+#undef CBN_SWPTR
+#undef CBN_SLOAD
+#undef CBN_SSTORE
+#undef CBN_VSTREAM
+#undef CBN_GET
+#undef CBN_PUT
+#undef CBN_PART
+#undef CBN_SLINE
+#undef CBN_HX
+
+#define CBN_SPTR(p) CBN_PTR_OF(CBN_S, p)
+#define CBN_SWPTR(p) CBN_WPTR_OF(CBN_S, p)
+#define CBN_SLINE ((Py_ssize_t)(64 / sizeof(CBN_S)))
+
+typedef CBN_VEC(CBN_T, CBN_L) CBN_FN(v);
+typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
+typedef CBN_VEC(CBN_T, 64 / sizeof(CBN_T)) CBN_FN(w);
+typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
+
+#if CBN_STORE == 0
+
+#define CBN_SLOAD(v, p) memcpy(&(v), CBN_SPTR(p), sizeof(v))
+#define CBN_SSTORE(p, v) memcpy(CBN_SWPTR(p), &(v), sizeof(v))
+#define CBN_GET(p, i) (CBN_SPTR(p)[i])
+#define CBN_PUT(p, i, v) (CBN_SWPTR(p)[i] = (v))
+
+/* v = the first cnt (< CBN_L) values at p, the other lanes those of fill: the same
+   vector either way. AVX-512VL targets use a masked load; elsewhere the vector is
+   assembled in buf (a store-to-load forwarding stall, which cost a quarter of the
+   statistics pass on short planes such as K = 196). */
+#if defined(__AVX512VL__) && CBN_L == 8
+#define CBN_PART(dst, fill, p, cnt, buf) ((void)(buf),                                  \
+        (dst) = (CBN_FN(v))_mm256_mask_loadu_ps((__m256)(fill),                          \
+                                              (__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
+#elif defined(__AVX512VL__) && CBN_L == 4
+#define CBN_PART(dst, fill, p, cnt, buf) ((void)(buf),                                  \
+        (dst) = (CBN_FN(v))_mm256_mask_loadu_pd((__m256d)(fill),                         \
+                                              (__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
+#else
+#define CBN_PART(dst, fill, p, cnt, buf) do {                                          \
+        CBN_VSTORE(buf, fill); memcpy(buf, CBN_SPTR(p), (cnt) * sizeof((buf)[0]));     \
+        CBN_VLOAD(dst, buf);                                                             \
+    } while (0)
+#endif
+
+/* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
+   the line goes to memory without being read first and without taking a place in the
+   cache. The stored value is the same as CBN_SSTORE's. Such stores are weakly ordered:
+   a pass that uses them ends with cbn_sfence() (cbn_kernels.h) before its results are
+   read elsewhere. */
+#if defined(__AVX__)
+#if CBN_L == 8
+#define CBN_VSTREAM(p, v) _mm256_stream_ps(CBN_SWPTR(p), (__m256)(v))
+#else
+#define CBN_VSTREAM(p, v) _mm256_stream_pd(CBN_SWPTR(p), (__m256d)(v))
+#endif
+#elif defined(__SSE2__)
+#if CBN_L == 8
+#define CBN_VSTREAM(p, v) do {                                                          \
+        __m128 h_[2]; memcpy(h_, &(v), sizeof(h_));                                     \
+        _mm_stream_ps(CBN_SWPTR(p), h_[0]); _mm_stream_ps(CBN_SWPTR(p) + 4, h_[1]);     \
+    } while (0)
+#else
+#define CBN_VSTREAM(p, v) do {                                                          \
+        __m128d h_[2]; memcpy(h_, &(v), sizeof(h_));                                    \
+        _mm_stream_pd(CBN_SWPTR(p), h_[0]); _mm_stream_pd(CBN_SWPTR(p) + 2, h_[1]);     \
+    } while (0)
+#endif
+#else
+#define CBN_VSTREAM(p, v) CBN_SSTORE(p, v)
+#endif
+
+#else /* half storage: CBN_T float, CBN_L 8 */
+
+#if CBN_L != 8
+#error "half storage computes in float (CBN_L 8)"
+#endif
+
+typedef CBN_VEC(uint16_t, 8) CBN_FN(h8);      /* 8 stored values (16 bytes) */
+typedef CBN_VEC(uint16_t, 16) CBN_FN(h16);    /* 16 (32 bytes) */
+typedef CBN_VEC(uint32_t, 8) CBN_FN(u8);
+typedef CBN_VEC(uint32_t, 16) CBN_FN(u16);
+
+#if CBN_STORE == 1
+#define CBN_GET(p, i) cbn_f16_to_f32(CBN_SPTR(p)[i].bits)
+#define CBN_PUT(p, i, v) (CBN_SWPTR(p)[i].bits = cbn_f32_to_f16(v))
+#else
+#define CBN_GET(p, i) cbn_bf16_to_f32(CBN_SPTR(p)[i].bits)
+#define CBN_PUT(p, i, v) (CBN_SWPTR(p)[i].bits = cbn_f32_to_bf16(v))
+#endif
+
+/* (The conversions take and give 32- and 64-byte vectors through pointers: by value,
+   GCC warns that the base target's ABI for them differs, although they are always
+   inlined.) */
+
+/* Without F16C the float16 conversions are out of line (CBN_HX: noinline): inlined in
+   every copy of every loop they made the base target's float16 code four times the
+   size of its float code, and the build much slower; a call per 8 values costs little
+   next to the conversion itself. */
+#if CBN_STORE == 1 && !defined(__F16C__)
+#define CBN_HX CBN_NOINLINE
+#else
+#define CBN_HX CBN_INLINE
+#endif
+
+/* Stored bits -> float, 8 lanes. */
+static CBN_HX void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
+#if CBN_STORE == 1 && defined(__F16C__)
+    *o = (CBN_FN(v))_mm256_cvtph_ps((__m128i)h);
+#elif CBN_STORE == 1
+    /* exact: the exponent rebiased; inf and NaN moved to the top exponent; zero and
+       subnormals (exponent 0) as (2^-14 + m 2^-24) - 2^-14, all three normal floats */
+    typedef CBN_FN(u8) U;
+    typedef CBN_FN(m) I;
+    const U u = __builtin_convertvector(h, U);
+    U r = (u & 0x7fffu) << 13;
+    const U e = r & 0x0f800000u;
+    const I inf = (I)(e == 0x0f800000u), sub = (I)(e == 0);
+    CBN_FN(v) d;
+    r += 112u << 23;
+    r += (U)(inf & (int32_t)(112u << 23));
+    d = (CBN_FN(v))(r + (1u << 23)) - (CBN_FN(v))CBN_SPLAT(U, 113u << 23);
+    r = (U)(((I)d & sub) | ((I)r & ~sub));
+    *o = (CBN_FN(v))(r | ((u & 0x8000u) << 16));
+#else
+    *o = (CBN_FN(v))(__builtin_convertvector(h, CBN_FN(u8)) << 16);
+#endif
+}
+
+/* float -> stored bits, 8 lanes, round to nearest even. */
+static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
+#if CBN_STORE == 1 && defined(__F16C__)
+    return (CBN_FN(h8))_mm256_cvtps_ph((__m256)*v, _MM_FROUND_TO_NEAREST_INT);
+#elif CBN_STORE == 1
+    /* as cbn_f32_to_f16, with the subnormal results from a float addition of 0.5 (whose
+       ulp is 2^-24: the sum is rounded to nearest even there, and stays normal) */
+    typedef CBN_FN(u8) U;
+    typedef CBN_FN(m) I;
+    U u = (U)*v;
+    const U sign = u & 0x80000000u;
+    U nrm, sub, big;
+    I isbig, issub;
+    u ^= sign;
+    nrm = (u - (112u << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+    sub = (U)((CBN_FN(v))u + 0.5f) - 0x3f000000u;
+    big = 0x7c00u | (U)((I)(u > 0x7f800000u) & 0x200);
+    isbig = (I)(u >= 0x47800000u);
+    issub = (I)(u < 0x38800000u);
+    nrm = (U)(((I)sub & issub) | ((I)nrm & ~issub));
+    nrm = (U)(((I)big & isbig) | ((I)nrm & ~isbig));
+    return __builtin_convertvector(nrm | (sign >> 16), CBN_FN(h8));
+#else
+    typedef CBN_FN(u8) U;
+    typedef CBN_FN(m) I;
+    const U u = (U)*v;
+    const I nan = (I)((u & 0x7fffffffu) > 0x7f800000u);
+    U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = (U)(((I)((u >> 16) | 0x40u) & nan) | ((I)r & ~nan));
+#if defined(__AVX512VL__)
+    return (CBN_FN(h8))_mm256_cvtepi32_epi16((__m256i)r);          /* vpmovdw */
+#elif defined(__AVX2__)
+    return (CBN_FN(h8))_mm_packus_epi32(_mm256_castsi256_si128((__m256i)r),
+                                        _mm256_extracti128_si256((__m256i)r, 1));
+#else
+    return __builtin_convertvector(r, CBN_FN(h8));
+#endif
+#endif
+}
+
+/* The same, 16 lanes (the wide vectors of cbn_rows.h). */
+static CBN_INLINE void CBN_FN(cvt16)(CBN_FN(w)* o, const CBN_FN(h16)* h) {
+#if CBN_STORE == 1 && defined(__AVX512F__)
+    *o = (CBN_FN(w))_mm512_cvtph_ps((__m256i)*h);
+#elif CBN_STORE == 2 && defined(__AVX512F__)
+    *o = (CBN_FN(w))(__builtin_convertvector(*h, CBN_FN(u16)) << 16);
+#else
+    CBN_FN(h8) a, b;
+    CBN_FN(v) ca, cb;
+    memcpy(&a, h, 16); memcpy(&b, (const char*)h + 16, 16);
+    CBN_FN(cvt8)(&ca, a); CBN_FN(cvt8)(&cb, b);
+    memcpy(o, &ca, 32); memcpy((char*)o + 32, &cb, 32);
+#endif
+}
+static CBN_INLINE void CBN_FN(pack16)(CBN_FN(h16)* o, const CBN_FN(w)* v) {
+#if CBN_STORE == 1 && defined(__AVX512F__)
+    *o = (CBN_FN(h16))_mm512_cvtps_ph((__m512)*v, _MM_FROUND_TO_NEAREST_INT);
+#else
+    CBN_FN(v) a, b;
+    CBN_FN(h8) pa, pb;
+    memcpy(&a, v, 32); memcpy(&b, (const char*)v + 32, 32);
+    pa = CBN_FN(pack8)(&a); pb = CBN_FN(pack8)(&b);
+    memcpy(o, &pa, 16); memcpy((char*)o + 16, &pb, 16);
+#endif
+}
+
+static CBN_INLINE void CBN_FN(sld8)(CBN_FN(v)* o, const CBN_S* p) {
+    CBN_FN(h8) h;
+    memcpy(&h, p, sizeof(h));
+    CBN_FN(cvt8)(o, h);
+}
+static CBN_INLINE void CBN_FN(sld16)(CBN_FN(w)* o, const CBN_S* p) {
+    CBN_FN(h16) h;
+    memcpy(&h, p, sizeof(h));
+    CBN_FN(cvt16)(o, &h);
+}
+static CBN_INLINE void CBN_FN(sst8)(CBN_S* p, const CBN_FN(v)* v) {
+    const CBN_FN(h8) h = CBN_FN(pack8)(v);
+    memcpy(p, &h, sizeof(h));
+}
+static CBN_INLINE void CBN_FN(sst16)(CBN_S* p, const CBN_FN(w)* v) {
+    CBN_FN(h16) h;
+    CBN_FN(pack16)(&h, v);
+    memcpy(p, &h, sizeof(h));
+}
+
+/* vec: a variable of either vector type (_Generic picks the width). */
+#define CBN_SLOAD(vec, ptr)                                                             \
+    _Generic((vec), CBN_FN(v): CBN_FN(sld8), CBN_FN(w): CBN_FN(sld16))(&(vec),           \
+                                                                       CBN_SPTR(ptr))
+#define CBN_SSTORE(ptr, vec)                                                            \
+    _Generic((vec), CBN_FN(v): CBN_FN(sst8), CBN_FN(w): CBN_FN(sst16))(CBN_SWPTR(ptr),   \
+                                                                       &(vec))
+
+#if defined(__AVX512VL__) && defined(__AVX512BW__)
+#define CBN_PART(dst, fill, p, cnt, buf) do {                                          \
+        const __mmask8 k_ = (__mmask8)((1u << (cnt)) - 1);                              \
+        CBN_FN(v) c_;                                                                    \
+        CBN_FN(cvt8)(&c_, (CBN_FN(h8))_mm_maskz_loadu_epi16(k_, CBN_SPTR(p)));           \
+        (void)(buf);                                                                     \
+        (dst) = (CBN_FN(v))_mm256_mask_mov_ps((__m256)(fill), k_, (__m256)c_);          \
+    } while (0)
+#else
+#define CBN_PART(dst, fill, p, cnt, buf) do {                                          \
+        Py_ssize_t k_;                                                                   \
+        CBN_VSTORE(buf, fill);                                                           \
+        for (k_ = 0; k_ < (Py_ssize_t)(cnt); k_++) (buf)[k_] = CBN_GET(p, k_);          \
+        CBN_VLOAD(dst, buf);                                                             \
+    } while (0)
+#endif
+
+/* 8 values (16 bytes, p aligned to 16) stored non-temporally: the same bits as
+   CBN_SSTORE. */
+#if defined(__SSE2__)
+#define CBN_VSTREAM(p, v)                                                               \
+    _mm_stream_si128((__m128i*)CBN_SWPTR(p), (__m128i)CBN_FN(pack8)(&(v)))
+#else
+#define CBN_VSTREAM(p, v) CBN_SSTORE(p, v)
+#endif
+
+#endif /* CBN_STORE */

@@ -157,6 +157,9 @@ static CBN_HX void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
     d = (CBN_FN(v))(r + (1u << 23)) - (CBN_FN(v))CBN_SPLAT(U, 113u << 23);
     r = (U)(((I)d & sub) | ((I)r & ~sub));
     *o = (CBN_FN(v))(r | ((u & 0x8000u) << 16));
+#elif defined(__AVX2__)
+    /* (GCC lowers the generic widening to four 4-lane vpmovzxwd and two inserts) */
+    *o = (CBN_FN(v))_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)h), 16);
 #else
     *o = (CBN_FN(v))(__builtin_convertvector(h, CBN_FN(u8)) << 16);
 #endif
@@ -184,6 +187,15 @@ static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
     nrm = (U)(((I)sub & issub) | ((I)nrm & ~issub));
     nrm = (U)(((I)big & isbig) | ((I)nrm & ~isbig));
     return __builtin_convertvector(nrm | (sign >> 16), CBN_FN(h8));
+#elif defined(__AVX512VL__)
+    /* the same integer rounding; NaN lanes (an unordered compare, into a mask) keep
+       their top bits, made quiet: (u >> 16) | 0x40 */
+    const __m256i u = (__m256i)*v, hi = _mm256_srli_epi32(u, 16);
+    const __mmask8 nan = _mm256_cmp_ps_mask((__m256)*v, (__m256)*v, _CMP_UNORD_Q);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                 _mm256_and_si256(hi, _mm256_set1_epi32(1)));
+    r = _mm256_mask_or_epi32(_mm256_srli_epi32(r, 16), nan, hi, _mm256_set1_epi32(0x40));
+    return (CBN_FN(h8))_mm256_cvtepi32_epi16(r);                   /* vpmovdw */
 #else
     typedef CBN_FN(u8) U;
     typedef CBN_FN(m) I;
@@ -191,9 +203,7 @@ static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
     const I nan = (I)((u & 0x7fffffffu) > 0x7f800000u);
     U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = (U)(((I)((u >> 16) | 0x40u) & nan) | ((I)r & ~nan));
-#if defined(__AVX512VL__)
-    return (CBN_FN(h8))_mm256_cvtepi32_epi16((__m256i)r);          /* vpmovdw */
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
     return (CBN_FN(h8))_mm_packus_epi32(_mm256_castsi256_si128((__m256i)r),
                                         _mm256_extracti128_si256((__m256i)r, 1));
 #else
@@ -207,7 +217,7 @@ static CBN_INLINE void CBN_FN(cvt16)(CBN_FN(w)* o, const CBN_FN(h16)* h) {
 #if CBN_STORE == 1 && defined(__AVX512F__)
     *o = (CBN_FN(w))_mm512_cvtph_ps((__m256i)*h);
 #elif CBN_STORE == 2 && defined(__AVX512F__)
-    *o = (CBN_FN(w))(__builtin_convertvector(*h, CBN_FN(u16)) << 16);
+    *o = (CBN_FN(w))_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)*h), 16);
 #else
     CBN_FN(h8) a, b;
     CBN_FN(v) ca, cb;
@@ -219,6 +229,14 @@ static CBN_INLINE void CBN_FN(cvt16)(CBN_FN(w)* o, const CBN_FN(h16)* h) {
 static CBN_INLINE void CBN_FN(pack16)(CBN_FN(h16)* o, const CBN_FN(w)* v) {
 #if CBN_STORE == 1 && defined(__AVX512F__)
     *o = (CBN_FN(h16))_mm512_cvtps_ph((__m512)*v, _MM_FROUND_TO_NEAREST_INT);
+#elif CBN_STORE == 2 && defined(__AVX512F__)
+    /* pack8's AVX-512 rounding, 16 lanes */
+    const __m512i u = (__m512i)*v, hi = _mm512_srli_epi32(u, 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask((__m512)*v, (__m512)*v, _CMP_UNORD_Q);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+    r = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, hi, _mm512_set1_epi32(0x40));
+    *o = (CBN_FN(h16))_mm512_cvtepi32_epi16(r);                   /* vpmovdw */
 #else
     CBN_FN(v) a, b;
     CBN_FN(h8) pa, pb;

@@ -85,7 +85,7 @@ CASE_SETS: Dict[str, Dict[tuple, int]] = {
 
 DTYPES = ("float32", "float64")
 #: Accepted by --dtype besides DTYPES: stored in 16 bits, computed in float32 (bfloat16
-#: needs ml_dtypes). Today's cbn converts them through NumPy around the float32 kernels.
+#: needs ml_dtypes), by cbn's half loops (conversion in registers).
 HALF_DTYPES = ("float16", "bfloat16")
 OPS = ("train", "eval", "backward", "train_fused", "eval_fused")
 IMPLS = ("copy", "cbn", "cbn_out", "torch", "ort", "numpy")
@@ -591,8 +591,7 @@ def run(cases=None, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), ops=OPS, imp
     halves = [d for d in dtypes if np.dtype(d).itemsize == 2]
     if halves:
         emit(f"{', '.join(np.dtype(d).name for d in halves)}: weights and statistics in "
-             "float32, computed in float32 (cbn converts the input to float32 and the "
-             "output back with NumPy around its float32 kernels)")
+             "float32, computed in float32 (cbn's half loops convert in registers)")
     emit("")
     before = list(emit.lines)
     table = ComparisonTable(used, cases, ops, file=out, wide=wide, dtypes=dtypes)

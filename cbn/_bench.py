@@ -26,7 +26,10 @@ The NumPy reference and the copy are single-threaded whatever the row's thread c
 ``--processes N`` switches to the contention mode (:func:`contention`): cbn alone, on one
 thread, in a quiet phase first; then N processes, each calling cbn at its default thread
 count on the same shapes at the same time, round after round; with ``--busy-thread`` each
-of them also runs a thread that keeps one core busy outside OpenMP.
+of them also runs a thread that keeps one core busy outside OpenMP. The same N processes
+then run forced to one thread, and (where torch imports) calling PyTorch instead, so each
+row holds cbn under contention against both and says whether it meets the contention
+target.
 
 Timing and tables come from :mod:`cbn._timing`, the harness the asv suite uses too; the data
 (and the layout names ``channels_first`` / ``channels_last``) from :mod:`cbn._benchdata`,
@@ -817,22 +820,38 @@ def start_busy_thread() -> threading.Event:
     return stop
 
 
-def _contention_call(shape, layout, dtype, op, threads):
-    """cbn's callable for one contention row (``threads=None``: cbn's default)."""
-    fns, _ = _setup_row(shape, dtype, layout, threads, op, ("cbn",), None, None)
-    return fns["cbn"]
+#: The contention target (issue 21): with N processes at once, each row's worst round
+#: within CONTENTION_QUIET_BOUND of cbn alone on one thread, or within
+#: CONTENTION_ONE_THREAD_BOUND of the same N processes forced to one thread; and within
+#: CONTENTION_TORCH_BOUND of PyTorch in the same setup (where torch is installed).
+CONTENTION_QUIET_BOUND = 3.0
+CONTENTION_ONE_THREAD_BOUND = 1.3
+CONTENTION_TORCH_BOUND = 1.5
+
+
+def _contention_call(shape, layout, dtype, op, threads, impl="cbn"):
+    """The callable of ``impl`` ("cbn" or "torch") for one contention row
+    (``threads=None``: the library's default thread count)."""
+    torch = None
+    if impl == "torch":
+        torch = _import_torch()
+        if threads is not None:
+            torch.set_num_threads(threads)
+    fns, _ = _setup_row(shape, dtype, layout, threads, op, (impl,), torch, None)
+    return fns[impl]
 
 
 def _contention_worker(index, rows, dtype, threads, rounds, min_time, min_repeat, busy,
-                       barrier, queue):
-    """One process of the contention phase: for each row, ``rounds`` timed rounds, each
-    started together with the other processes at ``barrier``. Puts ``(index, result)``
-    on ``queue``; ``result`` is a dict, or a string saying what failed."""
+                       barrier, queue, impl="cbn"):
+    """One process of the contention phase: for each row, ``rounds`` timed rounds of
+    ``impl``, each started together with the other processes at ``barrier``. Puts
+    ``(index, result)`` on ``queue``; ``result`` is a dict, or a string saying what
+    failed."""
     stop = start_busy_thread() if busy else None
     try:
         out = []
         for shape, layout, op in rows:
-            fn = _contention_call(shape, layout, dtype, op, threads)
+            fn = _contention_call(shape, layout, dtype, op, threads, impl)
             _, _, number = _calibrate_together(fn, barrier)
             medians, times = [], []
             for _ in range(rounds):
@@ -843,8 +862,13 @@ def _contention_worker(index, rows, dtype, threads, rounds, min_time, min_repeat
                 times.extend(res["times"])
             out.append({"median": statistics.median(times), "rounds": medians,
                         "samples": len(times), "number": number})
-        queue.put((index, {"rows": out, "threads": cbn.get_num_threads()
-                           if threads is None else threads, "pid": os.getpid()}))
+        if threads is not None:
+            used = threads
+        elif impl == "torch":
+            used = _import_torch().get_num_threads()
+        else:
+            used = cbn.get_num_threads()
+        queue.put((index, {"rows": out, "threads": used, "pid": os.getpid()}))
     except BaseException as e:  # report, and free the others waiting at the barrier
         barrier.abort()
         queue.put((index, f"{type(e).__name__}: {e}"))
@@ -860,15 +884,16 @@ def _calibrate_together(fn, barrier):
 
 
 def _contention_phase(processes, rows, dtype, threads, rounds, min_time, min_repeat,
-                      busy_thread, emit) -> Dict[int, dict]:
-    """Start ``processes`` spawned workers (:func:`_contention_worker`) at ``threads`` and
-    collect their results (raises RuntimeError naming the processes that failed)."""
+                      busy_thread, emit, impl="cbn") -> Dict[int, dict]:
+    """Start ``processes`` spawned workers (:func:`_contention_worker`) timing ``impl`` at
+    ``threads`` and collect their results (raises RuntimeError naming the processes that
+    failed)."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes)
     queue = ctx.Queue()
     procs = [ctx.Process(target=_contention_worker,
                          args=(i, rows, dtype, threads, rounds, min_time, min_repeat,
-                               busy_thread, barrier, queue), daemon=True)
+                               busy_thread, barrier, queue, impl), daemon=True)
              for i in range(processes)]
     for p in procs:
         p.start()
@@ -901,8 +926,10 @@ def _contention_phase(processes, rows, dtype, threads, rounds, min_time, min_rep
 
 def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTION_OPS,
                threads=None, rounds: int = 3, min_time: float = 0.05, min_repeat: int = 3,
-               busy_thread: bool = False, file=None) -> dict:
-    """cbn in ``processes`` processes at once, against cbn alone on one thread.
+               busy_thread: bool = False, torch: Optional[bool] = None,
+               file=None) -> dict:
+    """cbn in ``processes`` processes at once, against cbn alone on one thread and against
+    PyTorch in the same setup.
 
     Quiet phase first: this process times each row alone with ``n_threads=1`` (nothing
     else of this script runs). Then ``processes`` processes are started (``spawn``), each
@@ -913,14 +940,23 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
     median, each process's median per call over its rounds, the worst round (the largest
     round median of any process), and both as ratios to the quiet median; then the worst
     round again with every process forced to one thread ("1t worst"; the same phase when
-    the processes ran on one thread already) and the worst round's ratio to it. ``cases``
-    is a list of (NCHW shape, layout) with layout "channels_first" or "channels_last" (default
+    the processes ran on one thread already) and the worst round's ratio to it; then, with
+    ``torch`` (None: if it imports), the same phase with every process calling
+    ``torch.ops.aten.native_batch_norm`` (``_backward``) at ``threads`` (None: torch's
+    default), its worst round ("torch worst") and cbn's worst against it. The last column
+    says whether the row meets the contention target (CONTENTION_QUIET_BOUND,
+    CONTENTION_ONE_THREAD_BOUND, CONTENTION_TORCH_BOUND). ``cases`` is a list of (NCHW
+    shape, layout) with layout "channels_first" or "channels_last" (default
     CONTENTION_CASES). Returns the JSON document.
     """
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if torch is None:
+        torch = _import_torch() is not None
+    elif torch and _import_torch() is None:
+        raise ValueError("torch=True, but torch does not import")
     cases = list(CONTENTION_CASES if cases is None else cases)
     rows = [(tuple(shape), layout, op) for shape, layout in cases for op in ops]
     out = file or sys.stdout
@@ -936,7 +972,12 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
          + f"; {rounds} round(s) started together; {dtype}; times per call")
     emit("quiet = this process alone, n_threads=1, measured first; p<i> = median of "
          "process i over its rounds; worst = largest round median of any process; "
-         "1t worst = the same with every process forced to n_threads=1")
+         "1t worst = the same with every process forced to n_threads=1"
+         + ("; torch worst = the same with every process calling torch at n_threads="
+            + ("its default" if threads is None else str(threads)) if torch else "")
+         + f"; target: (worst/quiet <= {CONTENTION_QUIET_BOUND:g} or worst/1t <= "
+         f"{CONTENTION_ONE_THREAD_BOUND:g})"
+         + (f" and worst/torch <= {CONTENTION_TORCH_BOUND:g}" if torch else ""))
     emit("")
 
     quiet = []
@@ -953,12 +994,19 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
     one = (results if worker_threads == [1] else
            _contention_phase(processes, rows, dtype, 1, rounds, min_time, min_repeat,
                              busy_thread, emit))
+    theirs = (_contention_phase(processes, rows, dtype, threads, rounds, min_time,
+                                min_repeat, busy_thread, emit, impl="torch")
+              if torch else None)
 
     titles = (["case", "layout", "MB", "op", "quiet"] + [f"p{i}" for i in range(processes)]
-              + ["worst", "1t worst", "p/quiet", "worst/quiet", "worst/1t"])
-    table = Table(titles, align=["<", "<", ">", "<"] + [">"] * (processes + 6),
+              + ["worst", "1t worst"] + (["torch worst"] if torch else [])
+              + ["p/quiet", "worst/quiet", "worst/1t"] + (["worst/torch"] if torch else [])
+              + ["target"])
+    ntimes = len(titles) - 4        # quiet and after
+    table = Table(titles, align=["<", "<", ">", "<"] + [">"] * ntimes,
                   widths=[max(len(case_name(s)) for s, _, _ in rows), 6, 5,
-                          max(len(op) for op in ops)] + [_TIME_WIDTH] * (processes + 6),
+                          max(len(op) for op in ops)]
+                  + [_TIME_WIDTH] * (ntimes - 1) + [6],
                   file=out)
     before = list(emit.lines)
     table.header()
@@ -968,19 +1016,30 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
         medians = [p["median"] for p in per]
         worst = max(max(p["rounds"]) for p in per)
         worst1 = max(max(one[i]["rows"][k]["rounds"]) for i in range(processes))
+        worst_t = (max(max(theirs[i]["rows"][k]["rounds"]) for i in range(processes))
+                   if theirs is not None else None)
         ratio, worst_ratio = max(medians) / quiet[k], worst / quiet[k]
+        met = ((worst_ratio <= CONTENTION_QUIET_BOUND
+                or worst / worst1 <= CONTENTION_ONE_THREAD_BOUND)
+               and (worst_t is None or worst / worst_t <= CONTENTION_TORCH_BOUND))
         mb = math.prod(shape) * itemsize / 1e6
         table.row([case_name(shape), SHORT.get(layout, layout), f"{mb:.1f}", op,
                    fmt_time(quiet[k])]
                   + [fmt_time(m) for m in medians]
-                  + [fmt_time(worst), fmt_time(worst1), fmt_ratio(ratio),
-                     fmt_ratio(worst_ratio), fmt_ratio(worst / worst1)])
+                  + [fmt_time(worst), fmt_time(worst1)]
+                  + ([fmt_time(worst_t)] if torch else [])
+                  + [fmt_ratio(ratio), fmt_ratio(worst_ratio), fmt_ratio(worst / worst1)]
+                  + ([fmt_ratio(worst / worst_t)] if torch else [])
+                  + ["ok" if met else "miss"])
         doc_rows.append({"case": case_name(shape), "shape": list(shape), "layout": layout,
                          "op": op, "dtype": dtype, "megabytes": mb, "quiet_s": quiet[k],
                          "median_s": medians, "rounds_s": [p["rounds"] for p in per],
                          "samples": [p["samples"] for p in per], "worst_s": worst,
                          "ratio": ratio, "worst_ratio": worst_ratio,
-                         "one_thread_worst_s": worst1, "worst_vs_one_thread": worst / worst1})
+                         "one_thread_worst_s": worst1, "worst_vs_one_thread": worst / worst1,
+                         "torch_worst_s": worst_t,
+                         "worst_vs_torch": None if worst_t is None else worst / worst_t,
+                         "target_met": met})
     emit.lines = []
     emit("")
     top = max(doc_rows, key=lambda r: r["ratio"])
@@ -989,6 +1048,10 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
          f"{top['op']}); largest worst/quiet: {fmt_ratio(top_worst['worst_ratio'])} "
          f"({top_worst['case']} {SHORT[top_worst['layout']]} {top_worst['op']}); "
          f"process thread count(s): {', '.join(map(str, worker_threads))}")
+    missed = [r for r in doc_rows if not r["target_met"]]
+    emit(f"contention target met on {len(doc_rows) - len(missed)} of {len(doc_rows)} rows"
+         + (": missed on " + ", ".join(f"{r['case']} {SHORT[r['layout']]} {r['op']}"
+                                       for r in missed) if missed else ""))
     return {
         "meta": {
             "versions": v, "openmp": cbn.openmp_enabled(), "cpu": _cpu_model(),
@@ -996,6 +1059,10 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": {"processes": processes, "threads": threads,
                          "worker_threads": worker_threads, "busy_thread": busy_thread,
+                         "torch": bool(torch),
+                         "torch_threads": (sorted({theirs[i]["threads"]
+                                                   for i in range(processes)})
+                                           if theirs is not None else None),
                          "rounds": rounds, "min_time": min_time, "min_repeat": min_repeat,
                          "dtype": dtype},
             "notes": {"quiet_s": "one process alone, n_threads=1, measured first",
@@ -1005,7 +1072,12 @@ def contention(processes: int = 2, *, cases=None, dtype="float32", ops=CONTENTIO
                       "worst_ratio": "worst / quiet",
                       "one_thread_worst_s": "worst, with every process forced to one "
                                             "thread (n_threads=1)",
-                      "worst_vs_one_thread": "worst / one_thread_worst_s"},
+                      "worst_vs_one_thread": "worst / one_thread_worst_s",
+                      "torch_worst_s": "worst, with every process calling torch instead "
+                                       "(null without torch)",
+                      "worst_vs_torch": "worst / torch_worst_s",
+                      "target_met": "(worst_ratio <= 3 or worst_vs_one_thread <= 1.3) "
+                                    "and worst_vs_torch <= 1.5"},
         },
         "rows": doc_rows,
         "table": "\n".join(before + table.render() + emit.lines),
@@ -1057,7 +1129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "residual)); default: all five; with --processes: train, eval, "
                         "backward")
     p.add_argument("--impl", action="append", metavar="NAME",
-                   help="subset of " + ",".join(IMPLS) + " (default: all that import)")
+                   help="subset of " + ",".join(IMPLS) + " (default: all that import); "
+                        "with --processes: cbn,torch (default: torch too if it imports)")
     p.add_argument("--repeat", type=int, default=None,
                    help="minimum number of samples per implementation (default 7; with "
                         "--quick: 3; with --processes: 3 per round)")
@@ -1133,7 +1206,7 @@ def _sync_main(ranks: str, cases, repeat: Optional[int]) -> int:
     return 0
 
 
-def _contention_main(args, cases, dtypes, layouts, threads, ops) -> int:
+def _contention_main(args, cases, dtypes, layouts, threads, ops, impls) -> int:
     if args.processes < 1:
         print("--processes must be >= 1", file=sys.stderr)
         return 2
@@ -1155,12 +1228,21 @@ def _contention_main(args, cases, dtypes, layouts, threads, ops) -> int:
         pairs = [(c, "channels_first") if len(c) == 2 else (c, lay)
                  for c in cases for lay in (layouts or LAYOUTS)]
         pairs = list(dict.fromkeys(pairs))
+    bad = [i for i in impls if i not in ("cbn", "torch")]
+    if args.impl and (bad or "cbn" not in impls):
+        print("with --processes, --impl takes cbn (always timed) and torch", file=sys.stderr)
+        return 2
+    # torch: timed if it imports, unless --impl leaves it out; named and missing: an error.
+    torch = None if not args.impl else "torch" in impls
+    if torch and _import_torch() is None:
+        print("--impl torch: torch does not import", file=sys.stderr)
+        return 2
     min_repeat = args.repeat if args.repeat is not None else 3
     min_time = args.min_time if args.min_time is not None else 0.05
     doc = contention(args.processes, cases=pairs, dtype=(dtypes or ["float32"])[0],
                      ops=ops or CONTENTION_OPS, threads=threads[0] if threads else None,
                      rounds=args.rounds, min_time=min_time, min_repeat=max(1, min_repeat),
-                     busy_thread=args.busy_thread)
+                     busy_thread=args.busy_thread, torch=torch)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
@@ -1247,7 +1329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _sync_main(args.sync_ranks, given_cases, args.repeat)
     if args.processes is not None:
         return _contention_main(args, given_cases or None, given_dtypes,
-                                given_layouts or None, given_threads, given_ops)
+                                given_layouts or None, given_threads, given_ops,
+                                _split(args.impl))
     cases = given_cases or (QUICK_CASES if q else CASES)
     dtypes = given_dtypes or (["float32"] if q else list(DTYPES))
     layouts = given_layouts or list(LAYOUTS)

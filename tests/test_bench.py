@@ -213,7 +213,8 @@ def test_contention_mode_runs_processes_and_reports_ratios(tmp_path, capsys):
     path = tmp_path / "contention.json"
     assert _bench.main(["--processes", "2", "--case", "8x16,2x8x4x4", "--layout", "nhwc",
                         "--op", "eval,backward", "--rounds", "2", "--min-time", "0.001",
-                        "--repeat", "1", "--threads", "1", "--json", str(path)]) == 0
+                        "--repeat", "1", "--threads", "1", "--impl", "cbn",
+                        "--json", str(path)]) == 0
     doc = json.loads(path.read_text())
     assert doc["meta"]["settings"]["processes"] == 2
     assert doc["meta"]["settings"]["worker_threads"] == [1]
@@ -226,8 +227,37 @@ def test_contention_mode_runs_processes_and_reports_ratios(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(max(r["median_s"]) / r["quiet_s"])
         assert r["worst_ratio"] == pytest.approx(r["worst_s"] / r["quiet_s"])
         assert r["worst_vs_one_thread"] == 1.0          # the processes ran on one thread
+        assert r["torch_worst_s"] is None and r["worst_vs_torch"] is None  # --impl cbn
+        assert r["target_met"] == (r["worst_ratio"] <= 3 or r["worst_vs_one_thread"] <= 1.3)
+    assert doc["meta"]["settings"]["torch"] is False
     out = capsys.readouterr().out
     assert "p0" in out and "p1" in out and "worst/quiet" in out
+    assert "torch worst" not in out and "target met on" in out
+
+
+def test_contention_mode_times_torch_in_the_same_setup(tmp_path, capsys):
+    pytest.importorskip("torch")
+    path = tmp_path / "contention.json"
+    assert _bench.main(["--processes", "2", "--case", "2x8x4x4", "--layout", "nchw,nhwc",
+                        "--op", "train,backward", "--rounds", "2", "--min-time", "0.001",
+                        "--repeat", "1", "--threads", "1", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["settings"]["torch"] is True
+    assert doc["meta"]["settings"]["torch_threads"] == [1]
+    assert len(doc["rows"]) == 4
+    for r in doc["rows"]:
+        assert r["torch_worst_s"] > 0
+        assert r["worst_vs_torch"] == pytest.approx(r["worst_s"] / r["torch_worst_s"])
+        assert r["target_met"] == ((r["worst_ratio"] <= 3 or r["worst_vs_one_thread"] <= 1.3)
+                                   and r["worst_vs_torch"] <= 1.5)
+    out = capsys.readouterr().out
+    assert "torch worst" in out and "worst/torch" in out and "target" in out
+
+
+def test_contention_mode_impl_takes_cbn_and_torch_only(capsys):
+    assert _bench.main(["--processes", "2", "--impl", "copy"]) == 2
+    assert "--impl takes cbn" in capsys.readouterr().err
+    assert _bench.main(["--processes", "2", "--impl", "torch"]) == 2   # cbn is always timed
 
 
 def test_contention_mode_adds_the_forced_one_thread_phase(tmp_path, capsys):

@@ -244,6 +244,18 @@ def check_activation(activation) -> bool:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     return activation == "relu"
+
+
+def read_in_place(x: np.ndarray, *companions: Any) -> bool:
+    """Whether the kernels read ``x`` and the arrays that accompany it (residual,
+    grad_output, output; None: absent) in x's own dtype: float32 and float64 always,
+    half precision (float16, ml_dtypes' bfloat16) when every companion is of x's dtype
+    (the loops convert in registers). Otherwise a half input and its companions are
+    converted to float32 first: the same values, one more pass."""
+    return not is_half(x.dtype) or all(c is None or getattr(c, "dtype", None) == x.dtype
+                                       for c in companions)
+
+
 def same_shape(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
     """An array that accompanies the input (residual, output): same shape, float."""
     v = a if isinstance(a, np.ndarray) else np.asarray(a)

@@ -84,6 +84,9 @@ cdef extern from "cbn_kernels.h" nogil:
         unsigned short bits
     ctypedef struct cbn_bf16:
         unsigned short bits
+    # their exact widening to float (cbn/src/cbn_simd.h), for the scalar reads of the core
+    float cbn_f16_to_f32(unsigned short bits) noexcept
+    float cbn_bf16_to_f32(unsigned short bits) noexcept
     const char* cbn_target_name() noexcept
     int cbn_target_count() noexcept
     const char* cbn_target_at(int i) noexcept

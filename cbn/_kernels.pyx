@@ -145,28 +145,12 @@ cdef inline const cbn_ops* ops(const storage* tag) noexcept nogil:
 
 cdef inline double load1(const storage* p) noexcept nogil:
     """The value at p, widened to double (exact)."""
-    cdef unsigned int h, e, m
-    cdef float f
-    cdef unsigned int u
     if storage is float or storage is double:
         return p[0]
-    elif storage is cbn_bf16:
-        u = (<unsigned int>p[0].bits) << 16
-        memcpy(&f, &u, 4)
-        return f
+    elif storage is cbn_f16:
+        return cbn_f16_to_f32(p[0].bits)
     else:
-        h = p[0].bits
-        e = (h >> 10) & 0x1f
-        m = h & 0x3ff
-        if e == 0:
-            f = <float>(m * 5.9604644775390625e-08)         # m * 2**-24, exact
-        elif e == 31:
-            u = 0x7f800000 | (m << 13)
-            memcpy(&f, &u, 4)
-        else:
-            u = ((e + 112) << 23) | (m << 13)
-            memcpy(&f, &u, 4)
-        return -f if h & 0x8000 else f
+        return cbn_bf16_to_f32(p[0].bits)
 
 
 cdef inline size_t compute_size(const storage* tag) noexcept nogil:

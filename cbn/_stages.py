@@ -56,10 +56,8 @@ def _view(x, axis: int, *companions):
     of the compute dtype (float32), and so must the companions be."""
     x = _arrays.as_input(x, "input")
     ax = _arrays.channel_axis(axis, x.ndim)
-    dt = compute_dtype(x.dtype)
-    if x.dtype != dt and not all(c is None or getattr(c, "dtype", None) == x.dtype
-                                 for c in companions):
-        x = x.astype(dt)
+    if not _arrays.read_in_place(x, *companions):
+        x = x.astype(compute_dtype(x.dtype))
     view = _arrays.View(x, ax)
     return view.read(x), view, x
 

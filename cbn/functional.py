@@ -261,18 +261,10 @@ def _finish(y, copy_into):
     return copy_into
 
 
-def _native(x: np.ndarray, *arrays: Optional[np.ndarray]) -> bool:
-    """Whether the kernels read x and the arrays that accompany it (None: absent) in
-    their own dtype: float32 and float64 always, half precision (float16, ml_dtypes'
-    bfloat16) when every array is of x's dtype (the loops convert in registers). Half
-    inputs with arrays of another dtype are converted to float32 first."""
-    return not _is_half(x.dtype) or all(a is None or a.dtype == x.dtype for a in arrays)
-
-
 def _companion(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
     """An array that accompanies the input (residual, output): of x's dtype where x is
     half and it is too (read as it is), else of the compute dtype."""
-    if _is_half(x.dtype) and getattr(a, "dtype", None) == x.dtype:
+    if _is_half(x.dtype) and _arrays.read_in_place(x, a):
         return _same_shape(a, name, x, x.dtype)
     return _same_shape(a, name, x, dtype)
 
@@ -280,9 +272,9 @@ def _companion(a, name: str, x: np.ndarray, dtype) -> np.ndarray:
 def _prepare(x: np.ndarray, axis: int, r: Optional[np.ndarray], out: Optional[np.ndarray]):
     """The kernel's views for one forward: ``(x3, r3, y3, finish)``, where ``finish()``
     returns the result (``out`` when given). Half-precision inputs are read in their own
-    dtype (see _native), else computed in float32 and the result stored back in their
-    dtype: the same values either way."""
-    half = not _native(x, r)
+    dtype (see _arrays.read_in_place), else computed in float32 and the result stored
+    back in their dtype: the same values either way."""
+    half = not _arrays.read_in_place(x, r)
     x_in, out_in = x, out
     if half:
         x, out = x.astype(np.float32), None
@@ -978,7 +970,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: Option
         outs[3] = _check_out(outs[3], x, names[3])
     nt = resolve_num_threads(n_threads, x.size)
     stored = dtype                      # the dtype of the arrays the loops read
-    if half and _native(x, dy, ym, res):
+    if half and _arrays.read_in_place(x, dy, ym, res):
         half = False                    # the loops read the half arrays as they are
         stored = x.dtype
     elif half:

@@ -613,9 +613,7 @@ class BatchNorm(StateMixin):
         return fold(weight, bias, self, transpose=transpose)
 
 
-class BatchNorm1d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs, like ``torch.nn.BatchNorm1d``.
-
+_SUBCLASS_PARAMETERS = """
     Parameters
     ----------
     num_features : int
@@ -634,7 +632,7 @@ class BatchNorm1d(BatchNorm):
         dtype of the parameters and buffers; inputs must have this dtype (a float32 module
         also takes float16 and bfloat16 inputs, computed in float32).
     axis : int, keyword-only, default 1
-        The channel axis: 1 for ``(N, C)`` and ``(N, C, L)``, -1 for channels-last.
+        The channel axis: {axes}.
     activation : None or str, keyword-only, default None
         Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
         :meth:`~BatchNorm.backward` takes it into account.
@@ -650,7 +648,20 @@ class BatchNorm1d(BatchNorm):
     Attributes, methods and the state dict are those of :class:`BatchNorm`.
 
     Examples
-    --------
+    --------"""
+
+
+def _subclass_doc(summary: str, axes: str, examples: str) -> str:
+    """The docstring of BatchNorm1d/2d/3d: ``summary``, the parameters they share (the
+    channel axes described by ``axes``), and ``examples`` (indented as in a class body)."""
+    return summary + "\n" + _SUBCLASS_PARAMETERS.format(axes=axes) + examples
+
+
+class BatchNorm1d(BatchNorm):
+    __doc__ = _subclass_doc(
+        ":class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs, like "
+        "``torch.nn.BatchNorm1d``.",
+        "1 for ``(N, C)`` and ``(N, C, L)``, -1 for channels-last", """
     >>> import numpy as np
     >>> import cbn
     >>> bn = cbn.BatchNorm1d(3)
@@ -660,50 +671,16 @@ class BatchNorm1d(BatchNorm):
     True
     >>> bn(x[:, :, 0]).shape                   # (N, C) works too
     (20, 3)
-    """
+    """)
 
     _ndims = frozenset((2, 3))
     _ndims_text = "2D or 3D"
 
 
 class BatchNorm2d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C, H, W)`` inputs, like ``torch.nn.BatchNorm2d``.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels (the size of the input along ``axis``).
-    eps : float, default 1e-5
-        Added to the variance (0 allowed).
-    momentum : float or None, default 0.1
-        Weight of a new batch in the running statistics; None gives the cumulative moving
-        average (simple mean over ``num_batches_tracked`` batches).
-    affine : bool, default True
-        Learnable ``weight`` (ones) and ``bias`` (zeros); without them both are None.
-    track_running_stats : bool, default True
-        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``;
-        without them all three are None and eval mode also uses batch statistics.
-    dtype : float32 or float64, keyword-only, default float32
-        dtype of the parameters and buffers; inputs must have this dtype (a float32 module
-        also takes float16 and bfloat16 inputs, computed in float32).
-    axis : int, keyword-only, default 1
-        The channel axis: 1 for ``(N, C, H, W)``, -1 for channels-last ``(N, H, W, C)``.
-    activation : None or str, keyword-only, default None
-        Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
-        :meth:`~BatchNorm.backward` takes it into account.
-    negative_slope : float, keyword-only, default 0.01
-        leaky_relu's slope below 0 (see :class:`BatchNorm`).
-    bias : bool, keyword-only, default True
-        With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
-        bias, as in PyTorch).
-    unbiased : bool, keyword-only, default True
-        The running-variance convention: True (PyTorch's) updates it with the unbiased
-        batch variance, False (Keras', ONNX's) with the biased one. The output is the same.
-
-    Attributes, methods and the state dict are those of :class:`BatchNorm`.
-
-    Examples
-    --------
+    __doc__ = _subclass_doc(
+        ":class:`BatchNorm` for ``(N, C, H, W)`` inputs, like ``torch.nn.BatchNorm2d``.",
+        "1 for ``(N, C, H, W)``, -1 for channels-last ``(N, H, W, C)``", """
     >>> import numpy as np
     >>> import cbn
     >>> bn = cbn.BatchNorm2d(3)
@@ -715,57 +692,24 @@ class BatchNorm2d(BatchNorm):
     Traceback (most recent call last):
         ...
     ValueError: expected 4D input (got 3D input)
-    """
+    """)
 
     _ndims = frozenset((4,))
     _ndims_text = "4D"
 
 
 class BatchNorm3d(BatchNorm):
-    """:class:`BatchNorm` for ``(N, C, D, H, W)`` inputs, like ``torch.nn.BatchNorm3d``.
-
-    Parameters
-    ----------
-    num_features : int
-        C, the number of channels (the size of the input along ``axis``).
-    eps : float, default 1e-5
-        Added to the variance (0 allowed).
-    momentum : float or None, default 0.1
-        Weight of a new batch in the running statistics; None gives the cumulative moving
-        average (simple mean over ``num_batches_tracked`` batches).
-    affine : bool, default True
-        Learnable ``weight`` (ones) and ``bias`` (zeros); without them both are None.
-    track_running_stats : bool, default True
-        Keep ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked``;
-        without them all three are None and eval mode also uses batch statistics.
-    dtype : float32 or float64, keyword-only, default float32
-        dtype of the parameters and buffers; inputs must have this dtype (a float32 module
-        also takes float16 and bfloat16 inputs, computed in float32).
-    axis : int, keyword-only, default 1
-        The channel axis: 1 for ``(N, C, D, H, W)``, -1 for channels-last ``(N, D, H, W, C)``.
-    activation : None or str, keyword-only, default None
-        Applied to the output in the same pass (``act(bn(x))``, see :class:`BatchNorm`);
-        :meth:`~BatchNorm.backward` takes it into account.
-    negative_slope : float, keyword-only, default 0.01
-        leaky_relu's slope below 0 (see :class:`BatchNorm`).
-    bias : bool, keyword-only, default True
-        With ``affine``, whether there is a ``bias`` (``bias=False``: a weight without a
-        bias, as in PyTorch).
-    unbiased : bool, keyword-only, default True
-        The running-variance convention: True (PyTorch's) updates it with the unbiased
-        batch variance, False (Keras', ONNX's) with the biased one. The output is the same.
-
-    Attributes, methods and the state dict are those of :class:`BatchNorm`.
-
-    Examples
-    --------
+    __doc__ = _subclass_doc(
+        ":class:`BatchNorm` for ``(N, C, D, H, W)`` inputs, like "
+        "``torch.nn.BatchNorm3d``.",
+        "1 for ``(N, C, D, H, W)``, -1 for channels-last ``(N, D, H, W, C)``", """
     >>> import numpy as np
     >>> import cbn
     >>> bn = cbn.BatchNorm3d(2, dtype=np.float64).eval()
     >>> x = np.random.default_rng(0).standard_normal((2, 2, 3, 4, 5))
     >>> np.allclose(bn(x), x / np.sqrt(1 + bn.eps))   # fresh running stats: 0 and 1
     True
-    """
+    """)
 
     _ndims = frozenset((5,))
     _ndims_text = "5D"

@@ -41,7 +41,16 @@ only what the ones before it define:
   cbn/src/cbn_planes.h    C loops along runs of one channel (dtype/target template)
   cbn/src/cbn_rows.h      C loops over blocks of rows with per-lane parameters (template)
   cbn/src/cbn_ops.h       one (dtype, target)'s loops as a table, cbn_ops
+  cbn/src/cbn_loops.h     what every target's loops need: cbn_simd.h, cbn_act.h, the
+                          table's type (cbn_ops), the targets' ISA strings
+  cbn/src/cbn_target.h    one target's instances (cbn_instance.h: store, planes, rows,
+                          ops), for float, double, float16, bfloat16
   cbn/src/cbn_kernels.h   the tables for each CPU target, and the choice among them
+  cbn/src/cbn_region.h    the avx2 and avx512 targets (and avx512bf16's bfloat16 loops,
+                          the rest of it being avx512's), each in a translation unit of its
+                          own that setup.py writes and compiles in parallel with this
+                          module's (CBN_TARGETS_APART; cbn_kernels.h then declares their
+                          tables), or all in this module's unit
   cbn/src/cbn_team.h      the adaptive thread count (contended cores)
   cbn/src/cbn_cache.h     the last-level cache's size, read at import
   _partitions.pxi         Moments and Chan's merge; the planes and rows partitions and the
@@ -196,7 +205,7 @@ def build_flags():
 
 
 def cpu_target():
-    """The name of the CPU target whose C loops run now ("avx512", "avx2" or "base")."""
+    """The name of the CPU target whose C loops run now ("avx512bf16", "avx512", "avx2" or "base")."""
     return cbn_target_name().decode()
 
 

@@ -54,3 +54,10 @@ def test_half_loops_against_float(half_loops):
     r = subprocess.run([half_loops, "3000"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok"), r.stdout
+    # every target the installed module has and this CPU runs was checked (the harness
+    # compiles the same target list as the module, unless the compiler lacks the pragmas)
+    if "-DCBN_MULTI_TARGET" in _flags():
+        from cbn import _kernels
+        for name, supported in _kernels.cpu_targets():
+            if supported:
+                assert f"target {name}: checked" in r.stdout, (name, r.stdout)

@@ -209,7 +209,9 @@ def test_sdist_holds_what_building_and_testing_need(sdist_names):
     names = set(sdist_names)
     for required in ("LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in",
                      "tests/conftest.py", "cbn/_kernels.pyx", "cbn/__main__.py",
-                     "cbn/_demo.py", "asv.conf.json"):
+                     "cbn/_demo.py", "asv.conf.json",
+                     # the CPU targets' regions, compiled apart or not
+                     "cbn/src/cbn_region.h"):
         assert required in names, required
     # Every file git tracks in these folders, whatever it is called (in a git checkout).
     git = shutil.which("git")

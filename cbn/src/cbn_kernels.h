@@ -18,98 +18,29 @@
 #ifndef CBN_KERNELS_H
 #define CBN_KERNELS_H
 
-#include "cbn_simd.h"
-#include "cbn_act.h"
+#include "cbn_loops.h"
 
-/* The forward's output pass carried along by a planes reduction (runs_moments), over a
-   unit of the reduced unit's shape (x, y and residual at its first run, the same stride),
-   done in the reduction's loop: y = act((x - mean) * scale + shift (+ residual)). The
-   scalars are values of the compute type; x, residual and y are of the storage type;
-   y, aligned to the element size, is stored non-temporally (whole lines; half storage
-   off its alignment is stored with ordinary stores). */
-typedef struct cbn_carry {
-    const void* x;
-    const void* residual;   /* or NULL */
-    void* y;
-    double mean, scale, shift;
-    int act;                /* cbn_act_kind */
-    double slope;           /* negative_slope */
-} cbn_carry;
-
-/* One (dtype, CPU target)'s loops. Data pointers untyped (to the storage type: float,
-   double, or 2-byte float16 / bfloat16 values; offsets, strides and widths count
-   values), lane parameter and accumulator arrays of the compute type (float for the
-   float16 and bfloat16 tables), scalars values of the compute type widened to double. Each operation has its own entry with named parameters:
-   act is a cbn_act_kind and slope its negative_slope; in the backward loops the
-   activation's derivative is taken at ym (the forward's output) or at the pre-activation
-   z = (x - mean) * scale + shift (+ res) (see cbn_act.h), scale being weight * invstd. */
-typedef struct cbn_ops {
-    /* planes: runs of one channel */
-    /* pf: prefetch the next unit's runs (inputs larger than the cache); carry: NULL, or
-       the forward's output pass done in the same loop (runs_moments) */
-    void (*runs_moments)(const void* p, Py_ssize_t nruns, Py_ssize_t n, Py_ssize_t stride,
-                         double* mean, double* m2, int pf, const cbn_carry* carry);
-    void (*runs_sums)(const void* g, const void* x, const void* ym, const void* res,
-                      void* dx, void* gr, Py_ssize_t nruns, Py_ssize_t n,
-                      Py_ssize_t stride, double mean, double scale, double shift, int act,
-                      double slope, double* sg, double* sgx, int pf);
-    void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
-                       double mean, double scale, double shift, int act, double slope);
-    void (*run_bwd)(const void* x, const void* g, const void* ym, const void* res,
-                    void* dx, Py_ssize_t n, double mean, double scale, double shift,
-                    double gmean, double xcoef, int act, double slope);
-    /* rows: blocks of R rows of w values with per-lane parameters */
-    void (*cols_shifted_sums)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* shift,
-                              void* s1, void* s2);
-    void (*cols_dev)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* mean,
-                     void* s1, void* s2);
-    void (*cols_sums)(const void* g, const void* x, const void* ym, const void* res,
-                      void* dx, void* gr, Py_ssize_t R, Py_ssize_t w, const void* mean,
-                      const void* scale, const void* shift, int act, double slope,
-                      void* sg, void* sgx);
-    void (*cols_affine)(const void* x, const void* residual, void* y, Py_ssize_t R,
-                        Py_ssize_t w, const void* mean, const void* scale,
-                        const void* shift, int act, double slope);
-    void (*cols_bwd)(const void* x, const void* g, const void* ym, const void* res,
-                     void* dx, Py_ssize_t R, Py_ssize_t w, const void* mean,
-                     const void* scale, const void* shift, const void* gmean,
-                     const void* xcoef, int act, double slope);
-    /* planes, non-temporal stores (outputs larger than the cache) */
-    void (*run_affine_stream)(const void* x, const void* residual, void* y, Py_ssize_t n,
-                              double mean, double scale, double shift, int act,
-                              double slope);
-    void (*run_bwd_stream)(const void* x, const void* g, const void* ym, const void* res,
-                           void* dx, Py_ssize_t n, double mean, double scale, double shift,
-                           double gmean, double xcoef, int act, double slope);
-    /* rows, non-temporal stores: w a multiple of a line's values, y on a line */
-    void (*rows_affine_stream)(const void* x, const void* residual, void* y, Py_ssize_t R,
-                               Py_ssize_t w, const void* mean, const void* scale,
-                               const void* shift, int act, double slope);
-    void (*rows_bwd_stream)(const void* x, const void* g, const void* ym, const void* res,
-                            void* dx, Py_ssize_t R, Py_ssize_t w, const void* mean,
-                            const void* scale, const void* shift, const void* gmean,
-                            const void* xcoef, int act, double slope);
-} cbn_ops;
-
-/* The targets. CBN_MULTI_TARGET is defined by the build on x86-64 with GCC (setup.py). */
+/* The targets. CBN_MULTI_TARGET is defined by the build on x86-64 with GCC (setup.py);
+   with it, CBN_TARGETS_APART: avx2, avx512 and avx512bf16 are compiled as translation
+   units of their own (setup.py writes them, in parallel with this one), which define
+   their tables; without it (a single translation unit: tests/capi/half_loops.c, a build
+   by hand) they are compiled here. The same code either way (cbn_region.h). */
 #define CBN_TARGET base
 #include "cbn_target.h"
 #undef CBN_TARGET
 
-#if defined(CBN_MULTI_TARGET)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2,f16c,lzcnt,movbe,popcnt,sse4.2")
-#define CBN_TARGET avx2
-#include "cbn_target.h"
-#undef CBN_TARGET
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,bmi,bmi2,f16c,lzcnt,movbe,popcnt,sse4.2")
-#define CBN_TARGET avx512
-#include "cbn_target.h"
-#undef CBN_TARGET
-#pragma GCC pop_options
+#if defined(CBN_MULTI_TARGET) && defined(CBN_TARGETS_APART)
+extern CBN_HIDDEN const cbn_ops cbn_ops_f_avx2, cbn_ops_d_avx2, cbn_ops_h_avx2, cbn_ops_b_avx2;
+extern CBN_HIDDEN const cbn_ops cbn_ops_f_avx512, cbn_ops_d_avx512, cbn_ops_h_avx512,
+    cbn_ops_b_avx512;
+extern CBN_HIDDEN const cbn_ops cbn_ops_b_avx512bf16;
+#elif defined(CBN_MULTI_TARGET)
+#define CBN_REGION 1
+#include "cbn_region.h"
+#define CBN_REGION 2
+#include "cbn_region.h"
+#define CBN_REGION 3
+#include "cbn_region.h"
 #endif
 
 /* Orders the non-temporal stores of the *_stream loops before whatever follows (one
@@ -150,11 +81,18 @@ static int cbn_has_avx512(void) {
            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")
            && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd");
 }
+static int cbn_has_avx512bf16(void) {
+    __builtin_cpu_init();
+    return cbn_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 #endif
 
-/* Best first. */
+/* Best first. avx512bf16 differs from avx512 in its bfloat16 stores only (the same bits,
+   in fewer instructions: cbn_store.h). */
 static const cbn_target_entry cbn_targets[] = {
 #if defined(CBN_MULTI_TARGET)
+    {"avx512bf16", &cbn_ops_f_avx512, &cbn_ops_d_avx512, cbn_has_avx512bf16,
+     &cbn_ops_h_avx512, &cbn_ops_b_avx512bf16},
     {"avx512", &cbn_ops_f_avx512, &cbn_ops_d_avx512, cbn_has_avx512,
      &cbn_ops_h_avx512, &cbn_ops_b_avx512},
     {"avx2", &cbn_ops_f_avx2, &cbn_ops_d_avx2, cbn_has_avx2,

@@ -1,5 +1,5 @@
 /* cbn_ops.h: the operation table of one (dtype, CPU target), a template included by
- * cbn_kernels.h after cbn_planes.h and cbn_rows.h with the same parameters.
+ * cbn_instance.h after cbn_planes.h and cbn_rows.h with the same parameters.
  *
  * The table's entries take untyped data pointers and double scalars so that the float,
  * double, float16 and bfloat16 tables share one type (cbn_ops) and _kernels.pyx calls
@@ -119,7 +119,14 @@ static void CBN_FN(op_rows_bwd_stream)(const void* x, const void* g, const void*
 #undef PS_
 #undef WS_
 
-static const cbn_ops CBN_FN(ops) = {
+/* The table: static by default (the module's translation unit); a translation unit that
+   compiles one target apart (cbn_region.h) defines CBN_OPS_LINKAGE as
+   CBN_HIDDEN, giving its tables external linkage, hidden (the module exports nothing more),
+   for cbn_kernels.h's extern declarations. */
+#ifndef CBN_OPS_LINKAGE
+#define CBN_OPS_LINKAGE static
+#endif
+CBN_OPS_LINKAGE const cbn_ops CBN_FN(ops) = {
     CBN_FN(op_runs_moments), CBN_FN(op_runs_sums), CBN_FN(op_run_affine),
     CBN_FN(op_run_bwd), CBN_FN(op_cols_shifted_sums), CBN_FN(op_cols_dev),
     CBN_FN(op_cols_sums), CBN_FN(op_cols_affine), CBN_FN(op_cols_bwd),

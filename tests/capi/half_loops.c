@@ -194,14 +194,18 @@ CBN_VTEST_FNS(h, base)
 CBN_VTEST_FNS(b, base)
 #if defined(CBN_MULTI_TARGET)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2,f16c,lzcnt,movbe,popcnt,sse4.2")
+CBN_PRAGMA_TARGET(CBN_ISA_AVX2)
 CBN_VTEST_FNS(h, avx2)
 CBN_VTEST_FNS(b, avx2)
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512cd,avx2,fma,bmi,bmi2,f16c,lzcnt,movbe,popcnt,sse4.2")
+CBN_PRAGMA_TARGET(CBN_ISA_AVX512)
 CBN_VTEST_FNS(h, avx512)
 CBN_VTEST_FNS(b, avx512)
+#pragma GCC pop_options
+#pragma GCC push_options
+CBN_PRAGMA_TARGET(CBN_ISA_AVX512BF16)
+CBN_VTEST_FNS(b, avx512bf16)       /* (its float16 loops are avx512's) */
 #pragma GCC pop_options
 #endif
 
@@ -496,6 +500,9 @@ int main(int argc, char** argv) {
         } else if (strcmp(e->name, "avx512") == 0) {
             conv[0] = vconv_h_avx512; conv[1] = vconv_b_avx512;
             pack[0] = vpack_h_avx512; pack[1] = vpack_b_avx512;
+        } else if (strcmp(e->name, "avx512bf16") == 0) {
+            conv[0] = vconv_h_avx512; conv[1] = vconv_b_avx512bf16;
+            pack[0] = vpack_h_avx512; pack[1] = vpack_b_avx512bf16;
         }
 #endif
         for (BF = 0; BF < 2; BF++) {

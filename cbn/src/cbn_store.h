@@ -22,6 +22,9 @@
  *   CBN_PART(dst, fill, p, cnt, buf)
  *                        dst = the first cnt (< CBN_L) values at p, other lanes from fill
  *                        (buf: a CBN_T[CBN_L] scratch array)
+ *   CBN_SLOAD_N(v, p, cnt), CBN_SSTORE_N(p, v, cnt)
+ *                        the first cnt (< CBN_L) lanes of a 32-byte vector, the others
+ *                        zero / untouched: only where CBN_SPART_IO is 1 (AVX-512 masks)
  *   CBN_SLINE            stored values per 64-byte cache line
  *
  * Each checks that p points to CBN_S (a compile error otherwise), so that no data array
@@ -40,8 +43,12 @@
 #undef CBN_GET
 #undef CBN_PUT
 #undef CBN_PART
+#undef CBN_SPART_IO
+#undef CBN_SLOAD_N
+#undef CBN_SSTORE_N
 #undef CBN_SLINE
 #undef CBN_HX
+#undef CBN_NEBF16
 
 #define CBN_SPTR(p) CBN_PTR_OF(CBN_S, p)
 #define CBN_SWPTR(p) CBN_WPTR_OF(CBN_S, p)
@@ -76,6 +83,25 @@ typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
         CBN_VSTORE(buf, fill); memcpy(buf, CBN_SPTR(p), (cnt) * sizeof((buf)[0]));     \
         CBN_VLOAD(dst, buf);                                                             \
     } while (0)
+#endif
+
+/* The first cnt (0 < cnt < CBN_L) lanes: loaded (the others zero) and stored (the memory
+   after them untouched), on targets with masked moves (CBN_SPART_IO 1); masked-off lanes
+   never fault, so a run's last partial vector is done as the vectors before it. */
+#if defined(__AVX512VL__) && CBN_L == 8
+#define CBN_SPART_IO 1
+#define CBN_SLOAD_N(vec, p, cnt)                                                          \
+    ((vec) = (CBN_FN(v))_mm256_maskz_loadu_ps((__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
+#define CBN_SSTORE_N(p, vec, cnt)                                                         \
+    _mm256_mask_storeu_ps(CBN_SWPTR(p), (__mmask8)((1u << (cnt)) - 1), (__m256)(vec))
+#elif defined(__AVX512VL__) && CBN_L == 4
+#define CBN_SPART_IO 1
+#define CBN_SLOAD_N(vec, p, cnt)                                                          \
+    ((vec) = (CBN_FN(v))_mm256_maskz_loadu_pd((__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
+#define CBN_SSTORE_N(p, vec, cnt)                                                         \
+    _mm256_mask_storeu_pd(CBN_SWPTR(p), (__mmask8)((1u << (cnt)) - 1), (__m256d)(vec))
+#else
+#define CBN_SPART_IO 0
 #endif
 
 /* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
@@ -116,7 +142,13 @@ typedef CBN_VEC(uint16_t, 16) CBN_FN(h16);    /* 16 (32 bytes) */
 typedef CBN_VEC(uint32_t, 8) CBN_FN(u8);
 typedef CBN_VEC(uint32_t, 16) CBN_FN(u16);
 
-#if CBN_STORE == 1
+#if CBN_STORE == 1 && defined(__F16C__)
+/* one vcvtph2ps / vcvtps2ph (round to nearest even by the immediate): the same bits as
+   the integer code below, in a tenth of the instructions */
+#define CBN_GET(p, i) _cvtsh_ss(CBN_SPTR(p)[i].bits)
+#define CBN_PUT(p, i, v) (CBN_SWPTR(p)[i].bits = (uint16_t)_cvtss_sh((float)(v),        \
+                                                       _MM_FROUND_TO_NEAREST_INT))
+#elif CBN_STORE == 1
 #define CBN_GET(p, i) cbn_f16_to_f32(CBN_SPTR(p)[i].bits)
 #define CBN_PUT(p, i, v) (CBN_SWPTR(p)[i].bits = cbn_f32_to_f16(v))
 #else
@@ -165,6 +197,40 @@ static CBN_HX void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
 #endif
 }
 
+#if CBN_STORE == 2 && defined(__AVX512VL__) && defined(__AVX512BW__)
+/* float -> bfloat16 by the integer rounding, with AVX-512: round to nearest even; NaN
+   lanes (an unordered compare, into a mask) keep their top bits, made quiet:
+   (u >> 16) | 0x40. 8 and 16 lanes. */
+static CBN_INLINE CBN_FN(h8) CBN_FN(bf8)(const CBN_FN(v)* v) {
+    const __m256i u = (__m256i)*v, hi = _mm256_srli_epi32(u, 16);
+    const __mmask8 nan = _mm256_cmp_ps_mask((__m256)*v, (__m256)*v, _CMP_UNORD_Q);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                 _mm256_and_si256(hi, _mm256_set1_epi32(1)));
+    r = _mm256_mask_or_epi32(_mm256_srli_epi32(r, 16), nan, hi, _mm256_set1_epi32(0x40));
+    return (CBN_FN(h8))_mm256_cvtepi32_epi16(r);                   /* vpmovdw */
+}
+static CBN_INLINE CBN_FN(h16) CBN_FN(bf16)(const CBN_FN(w)* v) {
+    const __m512i u = (__m512i)*v, hi = _mm512_srli_epi32(u, 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask((__m512)*v, (__m512)*v, _CMP_UNORD_Q);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+    r = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, hi, _mm512_set1_epi32(0x40));
+    return (CBN_FN(h16))_mm512_cvtepi32_epi16(r);                  /* vpmovdw */
+}
+#endif
+
+/* With AVX512-BF16, vcvtneps2bf16 rounds to nearest even and quiets NaN exactly as the
+   integer rounding does (the same bits), except that it reads a subnormal float as
+   zero; a vector holding one (vfpclassps, class 0x20: rare, and predicted not taken)
+   takes the integer rounding. Normal floats never round to a subnormal bfloat16 (the
+   two share float's exponent range), so that is the only difference. */
+#if CBN_STORE == 2 && defined(__AVX512BF16__) && defined(__AVX512VL__) \
+    && defined(__AVX512DQ__) && defined(__AVX512BW__)
+#define CBN_NEBF16 1
+#else
+#define CBN_NEBF16 0
+#endif
+
 /* float -> stored bits, 8 lanes, round to nearest even. */
 static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
 #if CBN_STORE == 1 && defined(__F16C__)
@@ -187,15 +253,12 @@ static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
     nrm = (U)(((I)sub & issub) | ((I)nrm & ~issub));
     nrm = (U)(((I)big & isbig) | ((I)nrm & ~isbig));
     return __builtin_convertvector(nrm | (sign >> 16), CBN_FN(h8));
-#elif defined(__AVX512VL__)
-    /* the same integer rounding; NaN lanes (an unordered compare, into a mask) keep
-       their top bits, made quiet: (u >> 16) | 0x40 */
-    const __m256i u = (__m256i)*v, hi = _mm256_srli_epi32(u, 16);
-    const __mmask8 nan = _mm256_cmp_ps_mask((__m256)*v, (__m256)*v, _CMP_UNORD_Q);
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                 _mm256_and_si256(hi, _mm256_set1_epi32(1)));
-    r = _mm256_mask_or_epi32(_mm256_srli_epi32(r, 16), nan, hi, _mm256_set1_epi32(0x40));
-    return (CBN_FN(h8))_mm256_cvtepi32_epi16(r);                   /* vpmovdw */
+#elif CBN_NEBF16
+    if (__builtin_expect(_mm256_fpclass_ps_mask((__m256)*v, 0x20) == 0, 1))
+        return (CBN_FN(h8))_mm256_cvtneps_pbh((__m256)*v);
+    return CBN_FN(bf8)(v);
+#elif defined(__AVX512VL__) && defined(__AVX512BW__)
+    return CBN_FN(bf8)(v);
 #else
     typedef CBN_FN(u8) U;
     typedef CBN_FN(m) I;
@@ -229,14 +292,13 @@ static CBN_INLINE void CBN_FN(cvt16)(CBN_FN(w)* o, const CBN_FN(h16)* h) {
 static CBN_INLINE void CBN_FN(pack16)(CBN_FN(h16)* o, const CBN_FN(w)* v) {
 #if CBN_STORE == 1 && defined(__AVX512F__)
     *o = (CBN_FN(h16))_mm512_cvtps_ph((__m512)*v, _MM_FROUND_TO_NEAREST_INT);
-#elif CBN_STORE == 2 && defined(__AVX512F__)
-    /* pack8's AVX-512 rounding, 16 lanes */
-    const __m512i u = (__m512i)*v, hi = _mm512_srli_epi32(u, 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask((__m512)*v, (__m512)*v, _CMP_UNORD_Q);
-    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
-                                 _mm512_and_si512(hi, _mm512_set1_epi32(1)));
-    r = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, hi, _mm512_set1_epi32(0x40));
-    *o = (CBN_FN(h16))_mm512_cvtepi32_epi16(r);                   /* vpmovdw */
+#elif CBN_NEBF16
+    if (__builtin_expect(_mm512_fpclass_ps_mask((__m512)*v, 0x20) == 0, 1))
+        *o = (CBN_FN(h16))_mm512_cvtneps_pbh((__m512)*v);
+    else
+        *o = CBN_FN(bf16)(v);
+#elif CBN_STORE == 2 && defined(__AVX512VL__) && defined(__AVX512BW__)
+    *o = CBN_FN(bf16)(v);
 #else
     CBN_FN(v) a, b;
     CBN_FN(h8) pa, pb;
@@ -289,6 +351,18 @@ static CBN_INLINE void CBN_FN(sst16)(CBN_S* p, const CBN_FN(w)* v) {
         for (k_ = 0; k_ < (Py_ssize_t)(cnt); k_++) (buf)[k_] = CBN_GET(p, k_);          \
         CBN_VLOAD(dst, buf);                                                             \
     } while (0)
+#endif
+
+#if defined(__AVX512VL__) && defined(__AVX512BW__)
+#define CBN_SPART_IO 1
+#define CBN_SLOAD_N(vec, p, cnt)                                                          \
+    CBN_FN(cvt8)(&(vec), (CBN_FN(h8))_mm_maskz_loadu_epi16((__mmask8)((1u << (cnt)) - 1),  \
+                                                         CBN_SPTR(p)))
+#define CBN_SSTORE_N(p, vec, cnt)                                                         \
+    _mm_mask_storeu_epi16(CBN_SWPTR(p), (__mmask8)((1u << (cnt)) - 1),                   \
+                          (__m128i)CBN_FN(pack8)(&(vec)))
+#else
+#define CBN_SPART_IO 0
 #endif
 
 /* 8 values (16 bytes, p aligned to 16) stored non-temporally: the same bits as

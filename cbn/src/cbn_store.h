@@ -24,7 +24,8 @@
  *                        (buf: a CBN_T[CBN_L] scratch array)
  *   CBN_SLOAD_N(v, p, cnt), CBN_SSTORE_N(p, v, cnt)
  *                        the first cnt (< CBN_L) lanes of a 32-byte vector, the others
- *                        zero / untouched: only where CBN_SPART_IO is 1 (AVX-512 masks)
+ *                        zero / untouched: only where CBN_SPART_IO is 1 (AVX-512 masks);
+ *                        CBN_KMASK(cnt) is their mask
  *   CBN_SLINE            stored values per 64-byte cache line
  *
  * Each checks that p points to CBN_S (a compile error otherwise), so that no data array
@@ -46,6 +47,7 @@
 #undef CBN_SPART_IO
 #undef CBN_SLOAD_N
 #undef CBN_SSTORE_N
+#undef CBN_KMASK
 #undef CBN_SLINE
 #undef CBN_HX
 #undef CBN_NEBF16
@@ -59,6 +61,9 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
 typedef CBN_VEC(CBN_T, 64 / sizeof(CBN_T)) CBN_FN(w);
 typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
 
+/* the mask of a vector's first cnt lanes (AVX-512) */
+#define CBN_KMASK(cnt) ((__mmask8)((1u << (cnt)) - 1))
+
 #if CBN_STORE == 0
 
 #define CBN_SLOAD(v, p) memcpy(&(v), CBN_SPTR(p), sizeof(v))
@@ -66,42 +71,37 @@ typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
 #define CBN_GET(p, i) (CBN_SPTR(p)[i])
 #define CBN_PUT(p, i, v) (CBN_SWPTR(p)[i] = (v))
 
-/* v = the first cnt (< CBN_L) values at p, the other lanes those of fill: the same
-   vector either way. AVX-512VL targets use a masked load; elsewhere the vector is
-   assembled in buf (a store-to-load forwarding stall, which cost a quarter of the
-   statistics pass on short planes such as K = 196). */
+/* The first cnt (0 < cnt < CBN_L) values at p. On targets with masked moves
+   (AVX-512VL: CBN_SPART_IO 1) masked-off lanes never fault, so a run's last partial
+   vector is done as the vectors before it:
+     CBN_SLOAD_N(v, p, cnt)   loads them (the other lanes zero),
+     CBN_SSTORE_N(p, v, cnt)  stores v's first cnt lanes (the memory after them untouched).
+   CBN_PART(dst, fill, p, cnt, buf), on every target: dst = those values, the other lanes
+   those of fill, the same vector either way; without masks it is assembled in buf (a
+   store-to-load forwarding stall, which cost a quarter of the statistics pass on short
+   planes such as K = 196). */
 #if defined(__AVX512VL__) && CBN_L == 8
+#define CBN_SPART_IO 1
+#define CBN_SLOAD_N(vec, p, cnt)                                                        \
+    ((vec) = (CBN_FN(v))_mm256_maskz_loadu_ps(CBN_KMASK(cnt), CBN_SPTR(p)))
+#define CBN_SSTORE_N(p, vec, cnt)                                                       \
+    _mm256_mask_storeu_ps(CBN_SWPTR(p), CBN_KMASK(cnt), (__m256)(vec))
 #define CBN_PART(dst, fill, p, cnt, buf) ((void)(buf),                                  \
-        (dst) = (CBN_FN(v))_mm256_mask_loadu_ps((__m256)(fill),                          \
-                                              (__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
+    (dst) = (CBN_FN(v))_mm256_mask_loadu_ps((__m256)(fill), CBN_KMASK(cnt), CBN_SPTR(p)))
 #elif defined(__AVX512VL__) && CBN_L == 4
+#define CBN_SPART_IO 1
+#define CBN_SLOAD_N(vec, p, cnt)                                                        \
+    ((vec) = (CBN_FN(v))_mm256_maskz_loadu_pd(CBN_KMASK(cnt), CBN_SPTR(p)))
+#define CBN_SSTORE_N(p, vec, cnt)                                                       \
+    _mm256_mask_storeu_pd(CBN_SWPTR(p), CBN_KMASK(cnt), (__m256d)(vec))
 #define CBN_PART(dst, fill, p, cnt, buf) ((void)(buf),                                  \
-        (dst) = (CBN_FN(v))_mm256_mask_loadu_pd((__m256d)(fill),                         \
-                                              (__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
+    (dst) = (CBN_FN(v))_mm256_mask_loadu_pd((__m256d)(fill), CBN_KMASK(cnt), CBN_SPTR(p)))
 #else
+#define CBN_SPART_IO 0
 #define CBN_PART(dst, fill, p, cnt, buf) do {                                          \
         CBN_VSTORE(buf, fill); memcpy(buf, CBN_SPTR(p), (cnt) * sizeof((buf)[0]));     \
         CBN_VLOAD(dst, buf);                                                             \
     } while (0)
-#endif
-
-/* The first cnt (0 < cnt < CBN_L) lanes: loaded (the others zero) and stored (the memory
-   after them untouched), on targets with masked moves (CBN_SPART_IO 1); masked-off lanes
-   never fault, so a run's last partial vector is done as the vectors before it. */
-#if defined(__AVX512VL__) && CBN_L == 8
-#define CBN_SPART_IO 1
-#define CBN_SLOAD_N(vec, p, cnt)                                                          \
-    ((vec) = (CBN_FN(v))_mm256_maskz_loadu_ps((__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
-#define CBN_SSTORE_N(p, vec, cnt)                                                         \
-    _mm256_mask_storeu_ps(CBN_SWPTR(p), (__mmask8)((1u << (cnt)) - 1), (__m256)(vec))
-#elif defined(__AVX512VL__) && CBN_L == 4
-#define CBN_SPART_IO 1
-#define CBN_SLOAD_N(vec, p, cnt)                                                          \
-    ((vec) = (CBN_FN(v))_mm256_maskz_loadu_pd((__mmask8)((1u << (cnt)) - 1), CBN_SPTR(p)))
-#define CBN_SSTORE_N(p, vec, cnt)                                                         \
-    _mm256_mask_storeu_pd(CBN_SWPTR(p), (__mmask8)((1u << (cnt)) - 1), (__m256d)(vec))
-#else
-#define CBN_SPART_IO 0
 #endif
 
 /* A whole vector stored at p (aligned to the vector's size) with a non-temporal store:
@@ -336,33 +336,29 @@ static CBN_INLINE void CBN_FN(sst16)(CBN_S* p, const CBN_FN(w)* v) {
     _Generic((vec), CBN_FN(v): CBN_FN(sst8), CBN_FN(w): CBN_FN(sst16))(CBN_SWPTR(ptr),   \
                                                                        &(vec))
 
+/* CBN_SLOAD_N, CBN_SSTORE_N, CBN_PART: as for float and double above (the stored values
+   converted) */
 #if defined(__AVX512VL__) && defined(__AVX512BW__)
+#define CBN_SPART_IO 1
+#define CBN_SLOAD_N(vec, p, cnt)                                                        \
+    CBN_FN(cvt8)(&(vec), (CBN_FN(h8))_mm_maskz_loadu_epi16(CBN_KMASK(cnt), CBN_SPTR(p)))
+#define CBN_SSTORE_N(p, vec, cnt)                                                       \
+    _mm_mask_storeu_epi16(CBN_SWPTR(p), CBN_KMASK(cnt), (__m128i)CBN_FN(pack8)(&(vec)))
 #define CBN_PART(dst, fill, p, cnt, buf) do {                                          \
-        const __mmask8 k_ = (__mmask8)((1u << (cnt)) - 1);                              \
         CBN_FN(v) c_;                                                                    \
-        CBN_FN(cvt8)(&c_, (CBN_FN(h8))_mm_maskz_loadu_epi16(k_, CBN_SPTR(p)));           \
+        CBN_SLOAD_N(c_, p, cnt);                                                         \
         (void)(buf);                                                                     \
-        (dst) = (CBN_FN(v))_mm256_mask_mov_ps((__m256)(fill), k_, (__m256)c_);          \
+        (dst) = (CBN_FN(v))_mm256_mask_mov_ps((__m256)(fill), CBN_KMASK(cnt),            \
+                                              (__m256)c_);                               \
     } while (0)
 #else
+#define CBN_SPART_IO 0
 #define CBN_PART(dst, fill, p, cnt, buf) do {                                          \
         Py_ssize_t k_;                                                                   \
         CBN_VSTORE(buf, fill);                                                           \
         for (k_ = 0; k_ < (Py_ssize_t)(cnt); k_++) (buf)[k_] = CBN_GET(p, k_);          \
         CBN_VLOAD(dst, buf);                                                             \
     } while (0)
-#endif
-
-#if defined(__AVX512VL__) && defined(__AVX512BW__)
-#define CBN_SPART_IO 1
-#define CBN_SLOAD_N(vec, p, cnt)                                                          \
-    CBN_FN(cvt8)(&(vec), (CBN_FN(h8))_mm_maskz_loadu_epi16((__mmask8)((1u << (cnt)) - 1),  \
-                                                         CBN_SPTR(p)))
-#define CBN_SSTORE_N(p, vec, cnt)                                                         \
-    _mm_mask_storeu_epi16(CBN_SWPTR(p), (__mmask8)((1u << (cnt)) - 1),                   \
-                          (__m128i)CBN_FN(pack8)(&(vec)))
-#else
-#define CBN_SPART_IO 0
 #endif
 
 /* 8 values (16 bytes, p aligned to 16) stored non-temporally: the same bits as

@@ -38,9 +38,17 @@ cdef extern from "cbn_kernels.h" nogil:
         void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
                            double mean, double scale, double shift, int act,
                            double slope) noexcept nogil
+        void (*runs_affine)(const void* x, const void* residual, void* y,
+                            Py_ssize_t nruns, Py_ssize_t n, const void* mean,
+                            const void* scale, const void* shift, int act,
+                            double slope) noexcept nogil
         void (*run_bwd)(const void* x, const void* g, const void* ym, const void* res,
                         void* dx, Py_ssize_t n, double mean, double scale, double shift,
                         double gmean, double xcoef, int act, double slope) noexcept nogil
+        void (*runs_bwd)(const void* x, const void* g, const void* ym, const void* res,
+                         void* dx, Py_ssize_t nruns, Py_ssize_t n, const void* mean,
+                         const void* scale, const void* shift, const void* gmean,
+                         const void* xcoef, int act, double slope) noexcept nogil
         void (*cols_shifted_sums)(const void* p, Py_ssize_t R, Py_ssize_t w,
                                   const void* shift, void* s1, void* s2) noexcept nogil
         void (*cols_dev)(const void* p, Py_ssize_t R, Py_ssize_t w, const void* mean,

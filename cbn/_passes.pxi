@@ -130,8 +130,36 @@ cdef inline void run_pass(const Pass* p, Py_ssize_t off, Py_ssize_t n, Py_ssize_
 cdef void planes_apply_units(const Pass* p, Py_ssize_t C, Py_ssize_t K, Py_ssize_t nch,
                              Py_ssize_t clen, Py_ssize_t u0, Py_ssize_t u1,
                              const storage* tag) noexcept nogil:
-    """Units u0..u1 of planes_apply: unit u is chunk u % nch of plane u // nch."""
-    cdef Py_ssize_t u, plane, start, n
+    """Units u0..u1 of planes_apply: unit u is chunk u % nch of plane u // nch. Whole
+    planes of the passes without streaming go to runs_affine and runs_bwd, a batch
+    entry's consecutive channels at a time (one call, not one a plane)."""
+    cdef Py_ssize_t u, plane, start, n, c
+    cdef size_t sz = compute_size(tag)
+    cdef const storage* x
+    cdef const void* shift
+    if nch == 1 and (p.op == OP_AFFINE or p.op == OP_BWD_TRAIN):
+        u = u0
+        while u < u1:
+            c = u % C
+            n = C - c                   # the planes up to the batch entry's last channel
+            if n > u1 - u:
+                n = u1 - u
+            x = <const storage*>p.x + u * K
+            shift = <const char*>p.shift + c * sz if p.shift != NULL else NULL
+            if p.op == OP_AFFINE:
+                ops(x).runs_affine(x, shifted(<const storage*>p.res, u * K),
+                                   <storage*>p.y + u * K, n, K, <const char*>p.mean + c * sz,
+                                   <const char*>p.scale + c * sz, shift, p.act, p.slope)
+            else:
+                ops(x).runs_bwd(x, <const storage*>p.g + u * K,
+                                shifted(<const storage*>p.ym, u * K),
+                                shifted(<const storage*>p.res, u * K), <storage*>p.y + u * K,
+                                n, K, <const char*>p.mean + c * sz,
+                                <const char*>p.scale + c * sz, shift,
+                                <const char*>p.gmean + c * sz, <const char*>p.xcoef + c * sz,
+                                p.act, p.slope)
+            u += n
+        return
     for u in range(u0, u1):
         plane = u // nch
         start = (u % nch) * clen

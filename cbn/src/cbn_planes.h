@@ -21,7 +21,9 @@
  *   runs_moments  count, mean and M2 (sum of squared deviations) of a unit
  *   runs_sums     sum(g) and sum(g * (x - mean)) of a unit (the backward reduction)
  *   run_affine    y = act((x - mean) * scale + shift (+ residual)): the output pass
+ *   runs_affine   run_affine over consecutive runs, each with its own parameters
  *   run_bwd       dx = (g - gmean - (x - mean) * xcoef) * scale: the training backward
+ *   runs_bwd      run_bwd over consecutive runs, each with its own parameters
  * The activation (cbn_act.h) is a constant ACT in each copy of a loop; in the backward
  * g is first multiplied by its derivative, at ym (the forward's output) or at the
  * pre-activation z = (x - mean) * scale + shift (+ res), recomputed in the same pass.
@@ -427,6 +429,23 @@ static inline void CBN_FN(run_affine)(const CBN_S* x, const CBN_S* residual, CBN
 #undef CBN_ACT_STMT_
 }
 
+/* run_affine over nruns consecutive runs of n values (run r from x + r * n, as a batch
+   entry's planes of consecutive channels are), run r with mean[r], scale[r] and
+   shift[r] (shift NULL: zeros): each run's values are run_affine's, without a call and
+   a dispatch per run, which short planes are bound by (16x2048x7x7: 49 values a run). */
+static void CBN_FN(runs_affine)(const CBN_S* x, const CBN_S* residual, CBN_S* y,
+                                Py_ssize_t nruns, Py_ssize_t n, const CBN_T* mean,
+                                const CBN_T* scale, const CBN_T* shift, int act,
+                                CBN_T slope) {
+    Py_ssize_t r, o;
+#define CBN_ACT_STMT_                                                                   \
+    for (r = 0, o = 0; r < nruns; r++, o += n)                                          \
+        CBN_FN(run_affine_body)(ACT, x + o, residual ? residual + o : NULL, y + o, n,   \
+                                mean[r], scale[r], shift ? shift[r] : 0, slope, 0);
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
+
 static inline void CBN_FN(run_affine_stream)(const CBN_S* x, const CBN_S* residual, CBN_S* y,
                                              Py_ssize_t n, CBN_T mean, CBN_T scale,
                                              CBN_T shift, int act, CBN_T slope) {
@@ -502,6 +521,23 @@ static inline void CBN_FN(run_bwd)(const CBN_S* x, const CBN_S* g, const CBN_S* 
                                    int act, CBN_T slope) {
 #define CBN_ACT_STMT_ CBN_FN(run_bwd_body)(ACT, x, g, ym, res, y, n, mean, scale, shift, \
                                            gmean, xcoef, slope, 0)
+    CBN_ACT_SWITCH(act)
+#undef CBN_ACT_STMT_
+}
+
+/* run_bwd over nruns consecutive runs of n values (as runs_affine), run r with mean[r],
+   scale[r], shift[r] (shift NULL: zeros), gmean[r] and xcoef[r]. */
+static void CBN_FN(runs_bwd)(const CBN_S* x, const CBN_S* g, const CBN_S* ym,
+                             const CBN_S* res, CBN_S* y, Py_ssize_t nruns, Py_ssize_t n,
+                             const CBN_T* mean, const CBN_T* scale, const CBN_T* shift,
+                             const CBN_T* gmean, const CBN_T* xcoef, int act,
+                             CBN_T slope) {
+    Py_ssize_t r, o;
+#define CBN_ACT_STMT_                                                                   \
+    for (r = 0, o = 0; r < nruns; r++, o += n)                                          \
+        CBN_FN(run_bwd_body)(ACT, x + o, g + o, ym ? ym + o : NULL, res ? res + o : NULL, \
+                             y + o, n, mean[r], scale[r], shift ? shift[r] : 0, gmean[r], \
+                             xcoef[r], slope, 0);
     CBN_ACT_SWITCH(act)
 #undef CBN_ACT_STMT_
 }

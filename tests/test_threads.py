@@ -30,8 +30,10 @@ PARALLEL_CASES = [
     ((3, 101, 67, 5), -1),
     ((16411, 5), 1),            # 2D, odd number of rows
     ((2, 3, 9, 41, 61), 1),     # 5D
+    ((16, 97, 7, 7), 1),        # short planes, many per call; the threads' shares start
+                                # inside a batch entry (97 channels, an odd number)
 ]
-PARALLEL_IDS = ["nchw", "nhwc", "nchw_odd", "nhwc_odd", "2d_odd", "5d"]
+PARALLEL_IDS = ["nchw", "nhwc", "nchw_odd", "nhwc_odd", "2d_odd", "5d", "short_planes"]
 
 
 def _all_outputs(x, dy, axis, n_threads):

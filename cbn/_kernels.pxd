@@ -111,6 +111,7 @@ cdef extern from "cbn_team.h" nogil:
     int64_t cbn_team_serial_until
     int64_t cbn_team_backoff
     int64_t cbn_team_stalls
+    int cbn_team_started
     int64_t cbn_now_ns() noexcept
     int cbn_team_size(int requested) noexcept
     void cbn_team_report(int64_t wall, int64_t busy, int nthreads) noexcept

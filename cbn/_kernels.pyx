@@ -243,11 +243,13 @@ _select_initial_target()
 
 def team_state():
     """The adaptive team's state (see cbn/src/cbn_team.h): whether it is on, how long calls
-    still run on one thread (s), the current back-off period (s), and how many parallel
-    regions were found stalled since import."""
+    still run on one thread (s), the current back-off period (s), how many parallel
+    regions were found stalled since import, and the largest team a region has had
+    (its first region, which starts the threads, is not judged)."""
     cdef int64_t left = cbn_team_serial_until - cbn_now_ns()
     return {"adaptive": bool(cbn_team_adaptive), "serial_for": max(left, 0) * 1e-9,
-            "backoff": cbn_team_backoff * 1e-9, "stalls": cbn_team_stalls}
+            "backoff": cbn_team_backoff * 1e-9, "stalls": cbn_team_stalls,
+            "started": cbn_team_started}
 
 
 def _team_report(long long wall_ns, long long busy_ns, int nthreads):
@@ -255,13 +257,17 @@ def _team_report(long long wall_ns, long long busy_ns, int nthreads):
     cbn_team_report(wall_ns, busy_ns, nthreads)
 
 
-def _team_reset(adaptive=None):
-    """Forget any back-off; adaptive: turn the policy on or off (None: keep)."""
-    global cbn_team_serial_until, cbn_team_backoff, cbn_team_adaptive
+def _team_reset(adaptive=None, started=None):
+    """Forget any back-off; adaptive: turn the policy on or off; started: the largest
+    team taken as started (its threads created), so that only a larger team's first
+    region goes unjudged (None: keep either)."""
+    global cbn_team_serial_until, cbn_team_backoff, cbn_team_adaptive, cbn_team_started
     cbn_team_serial_until = 0
     cbn_team_backoff = 10000000
     if adaptive is not None:
         cbn_team_adaptive = 1 if adaptive else 0
+    if started is not None:
+        cbn_team_started = max(1, int(started))
 
 
 def _team_size(int requested):

@@ -18,9 +18,43 @@ from cbn import _kernels
 
 @pytest.fixture(autouse=True)
 def fresh_team():
-    _kernels._team_reset(True)
+    # every team size taken as started, so that the synthetic regions below are judged
+    started = _kernels.team_state()["started"]
+    _kernels._team_reset(True, started=64)
     yield
+    _kernels._team_reset(True, started=started)
+
+
+def test_the_first_region_of_a_team_is_not_judged():
+    # A region of a size not seen before starts its threads (slow once: 300 us and more
+    # for a process's first 2-thread region); that is no contention. The next such
+    # region is judged.
+    _kernels._team_reset(True, started=1)
+    _kernels._team_report(1_000_000, 200_000, 2)
+    st = _kernels.team_state()
+    assert _kernels._team_size(2) == 2 and st["stalls"] == 0 and st["started"] == 2
+    _kernels._team_report(1_000_000, 200_000, 2)
+    assert _kernels._team_size(2) == 1 and _kernels.team_state()["stalls"] == 1
     _kernels._team_reset(True)
+    _kernels._team_report(2_000_000, 300_000, 4)        # a larger team: started anew
+    assert _kernels._team_size(4) == 4 and _kernels.team_state()["started"] == 4
+
+
+def test_a_new_process_keeps_its_team_through_its_first_parallel_call():
+    # In a fresh process the first 2-thread call starts OpenMP's threads; what follows
+    # must keep the team (a 16x2048x7x7 bfloat16-sized float32 eval: about 0.2 ms a call).
+    code = ("import numpy as np, cbn; from cbn import _kernels as k\n"
+            "x = np.random.default_rng(0).standard_normal((16, 256, 7, 7), np.float32)\n"
+            "c = x.shape[1]; w = np.ones(c, np.float32); z = np.zeros(c, np.float32)\n"
+            "cbn.batch_norm(x, z, w, w, z, False, n_threads=2)\n"
+            "print(k.team_state()['started'])")
+    env = {k: v for k, v in os.environ.items() if k != "CBN_ADAPTIVE_THREADS"}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    if not cbn.openmp_enabled() or (os.cpu_count() or 1) < 2:
+        pytest.skip("no second thread to start")
+    assert p.stdout.split() == ["2"]
 
 
 def test_a_stalled_region_sends_the_next_calls_to_one_thread():

@@ -15,7 +15,9 @@
  * join cost a few microseconds, comparable to the work), but it loses far less than that:
  * such a region says nothing, so a quiet process keeps its team (issue 21: 256x1024 never
  * got its second thread, and a probe after a back-off, its threads cold, sent other rows
- * back to one thread). The back-off is 10 ms, growing
+ * back to one thread). Nor does the first region of a team size: it starts the threads
+ * (a process's first 2-thread call sent the next 10 ms of calls to one thread, the median
+ * of 40 short calls with them). The back-off is 10 ms, growing
  * fourfold while the parallel regions that probe the cores after it keep stalling, up to
  * 2 s, and halving after each region that ran well (so a quiet machine gets its threads
  * back at the first probe). Results do not depend on the thread count, so this changes
@@ -41,6 +43,7 @@ static int cbn_team_adaptive = 1;
 static int64_t cbn_team_serial_until = 0;       /* monotonic ns */
 static int64_t cbn_team_backoff = CBN_TEAM_MIN_BACKOFF_NS;
 static int64_t cbn_team_stalls = 0;             /* regions found stalled, ever */
+static int cbn_team_started = 1;                /* the largest team reported so far */
 
 static inline int64_t cbn_now_ns(void) {
     struct timespec t;
@@ -59,7 +62,15 @@ static inline int cbn_team_size(int requested) {
    threads of the time spent in work items. */
 static void cbn_team_report(int64_t wall, int64_t busy, int nthreads) {
     int64_t backoff;
-    if (nthreads <= 1 || wall < CBN_TEAM_MIN_WALL_NS) return;
+    if (nthreads <= 1) return;
+    if (nthreads > __atomic_load_n(&cbn_team_started, __ATOMIC_RELAXED)) {
+        /* the first region of this many threads created them (OpenMP starts a team's
+           threads when a region first asks for them: 300 us and more in the first
+           2-thread region of a process): slow once, and no sign of contention */
+        __atomic_store_n(&cbn_team_started, nthreads, __ATOMIC_RELAXED);
+        return;
+    }
+    if (wall < CBN_TEAM_MIN_WALL_NS) return;
     backoff = __atomic_load_n(&cbn_team_backoff, __ATOMIC_RELAXED);
     if ((double)busy < CBN_TEAM_MIN_SPEEDUP * (double)wall) {
         /* slow, but by less than a scheduling delay: the overhead of a short region */

@@ -37,7 +37,9 @@
 # Also here, for the same large inputs, blocked or not: non-temporal stores in the planes
 # output passes (stream_flag) and prefetching in the planes reductions (prefetch_flag).
 # Measured on the project's 2-core machine (docs/performance.md): on two threads
-# blocking pays on every large case.
+# blocking pays on every large case. "Large" for float32 and float64 means larger than
+# the running threads' level-2 caches, in groups of half an L2 (see group_budget): a large
+# server L3 is read by one core at about the speed of memory.
 
 cdef enum:
     BLOCKING_OFF = 0      # always two passes
@@ -50,41 +52,83 @@ cdef int blocking_stream = OP_STREAM    # non-temporal stores for large outputs 
 cdef int chain_mode = 1                 # forwards over long planes as chains (or 0)
 
 
-cdef long long group_budget(int nthreads) noexcept nogil:
+# float32 and float64 data (itemsize >= 4) count the caches as a core reads them fast (see
+# cbn/src/cbn_cache.h): the last level as LLC_CAP bytes at most, and groups at most half
+# the level-2 cache. Half storage keeps the last level as read: its two passes measured as
+# fast as L2-sized groups (float16) or faster (bfloat16: 32x64x56x56 backward, 2 threads,
+# 1.18 against 1.27 ms).
+cdef enum:
+    LLC_CAP = 16 << 20
+
+
+cdef inline long long llc_bytes(Py_ssize_t itemsize, bint blocked) noexcept nogil:
+    """The last-level cache's bytes, as the passes over data of itemsize count them
+    (blocked: a channel-blocked pass; the two-pass path counts the cache as read, its
+    output then left in a large L3 for whatever reads it next: measured, streaming the
+    eval output of 16x1024x14x14 float32 (12.8 MB) cost 12-33%)."""
+    if blocked and itemsize >= 4 and cbn_cache_size > LLC_CAP:
+        return LLC_CAP
+    return cbn_cache_size
+
+
+cdef long long group_budget(int nthreads, Py_ssize_t itemsize) noexcept nogil:
     """Bytes of input a group may hold: half of each running thread's share of the
     last-level cache (the other half holds the output lines written meanwhile and
-    whatever else runs)."""
+    whatever else runs); for float32 and float64, at most half of the level-2 cache."""
     cdef int share = nthreads if nthreads < cbn_cache_sharing else cbn_cache_sharing
+    cdef long long budget
     if blocking_budget > 0:
         return blocking_budget
     if share < 1:
         share = 1
-    return cbn_cache_size // (2 * share)
+    budget = cbn_cache_size // (2 * share)
+    if itemsize >= 4 and cbn_l2_size > 0 and cbn_l2_size // 2 < budget:
+        budget = cbn_l2_size // 2
+    return budget
 
 
-cdef inline int stream_flag(Py_ssize_t nbytes) noexcept nogil:
-    """OP_STREAM for a planes output pass writing nbytes, where non-temporal stores pay:
-    where the output and the input it is computed from (as large) do not fit the
-    last-level cache together, so the output's lines would be evicted before they are
-    read again (the stores then skip reading them first). 0 elsewhere."""
+cdef long long cache_held(int nthreads, Py_ssize_t itemsize) noexcept nogil:
+    """Bytes that a pass's second read finds in cache: the last level; for float32 and
+    float64, the running threads' level-2 caches together where that is less."""
+    cdef long long held = cbn_cache_size
+    if itemsize >= 4 and cbn_l2_size > 0 and nthreads * cbn_l2_size < held:
+        held = nthreads * cbn_l2_size
+    return held
+
+
+cdef inline int stream_flag(Py_ssize_t nvalues, Py_ssize_t itemsize,
+                            bint blocked) noexcept nogil:
+    """OP_STREAM for a planes output pass writing nvalues values of itemsize bytes
+    (blocked: in a channel-blocked pass), where non-temporal stores pay: where the output
+    and the input it is computed from (as large) do not fit the last-level cache together
+    (llc_bytes), so the output's lines would be evicted before they are read again (the
+    stores then skip reading them first). 0 elsewhere."""
     if blocking_stream == 0:
         return 0
-    if blocking_mode == BLOCKING_FORCE or 2 * <long long>nbytes > cbn_cache_size:
+    if (blocking_mode == BLOCKING_FORCE
+            or 2 * <long long>nvalues * itemsize > llc_bytes(itemsize, blocked)):
         return OP_STREAM
     return 0
 
 
-cdef inline int prefetch_flag(long long nbytes) noexcept nogil:
-    """1 where a planes reduction reading nbytes prefetches each unit's successor: more
-    than half the last-level cache read (short planes, such as 64x128x28x28's 784 values,
+cdef inline int prefetch_flag(long long nvalues, Py_ssize_t itemsize,
+                              bint blocked) noexcept nogil:
+    """1 where a planes reduction reading nvalues values of itemsize bytes (blocked: in a
+    channel-blocked pass) prefetches each unit's successor: more than half the last-level
+    cache (llc_bytes) read (short planes, such as 64x128x28x28's 784 values,
     are taken mb at a time, runs C*K apart; each run is over before the hardware
     prefetcher has caught its stream: measured, the statistics pass of that float32 case
     went from 1.1 to 0.55 copies). Not below: in-cache inputs measured up to 16% slower
     with the prefetches."""
-    return 1 if blocking_mode == BLOCKING_FORCE or 2 * nbytes > cbn_cache_size else 0
+    if blocking_mode == BLOCKING_FORCE or 2 * nvalues * itemsize > llc_bytes(itemsize,
+                                                                               blocked):
+        return 1
+    return 0
 
 
 cdef enum:
+    BLOCK_MIN_K = 128       # shorter planes take the two passes (blocked, 16x2048x7x7's
+                            # 49-value planes measured 20-40% slower; 196: 5-10% faster)
     CHAINS_PER_THREAD = 2   # chains per thread of a parallel chained forward (dynamic
                             # schedule: a thread whose core is taken away for a time
                             # slice leaves its second chain to the others)
@@ -116,10 +160,12 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     channel fits the budget but not half of it. On several threads the parallel items
     are then chains of groups, CHAINS_PER_THREAD per thread."""
     cdef long long per_channel = <long long>M * K * itemsize * narrays
-    cdef long long budget = group_budget(nthreads)
+    cdef long long budget = group_budget(nthreads, itemsize)
     cdef bint chain = chained(K, forward)
     cdef Py_ssize_t g, ngroups, rounds, per_round = nthreads
     if blocking_mode == BLOCKING_OFF or K < PLANE_MIN_K or C < 1 or M * K == 0:
+        return 0
+    if blocking_mode == BLOCKING_AUTO and K < BLOCK_MIN_K and itemsize >= 4:
         return 0
     g = <Py_ssize_t>(budget // per_channel) if per_channel > 0 else C
     if g >= 1 and chain:
@@ -130,7 +176,8 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
         if g < 1:
             g = 1
     else:
-        if g < 1 or (per_channel + <long long>M * K * itemsize) * C <= cbn_cache_size:
+        if g < 1 or ((per_channel + <long long>M * K * itemsize) * C
+                     <= cache_held(nthreads, itemsize)):
             return 0
     if g > C:
         g = C
@@ -346,11 +393,11 @@ cdef void blocked_forward(const storage* x, const cbn_desc* d, const cbn_forward
     """The training forward, groups of gsize channels as parallel work items."""
     cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
     cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(storage))
+    cdef int stream = stream_flag(d.M * d.C * d.K, sizeof(storage), True)
     cdef Team T
     cdef int64_t t_item
     cdef int nthreads = d.nthreads
-    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(storage))
+    P.pf = prefetch_flag(d.M * d.C * d.K, sizeof(storage), True)
     cdef bint chain = (chained(d.K, True) and stream != 0
                        and <size_t>k.y % sizeof(storage) == 0)
     cdef Py_ssize_t nch = nthreads * CHAINS_PER_THREAD
@@ -424,12 +471,12 @@ cdef void blocked_backward(const storage* x, const cbn_desc* d, const cbn_backwa
     """The training backward, groups of gsize channels as parallel work items."""
     cdef Planes P = planes_partition(d.M, d.C, d.K, BLOCK)
     cdef Py_ssize_t ngroups = (d.C + gsize - 1) // gsize, grp, c0, c1
-    cdef int stream = stream_flag(d.M * d.C * d.K * sizeof(storage))
+    cdef int stream = stream_flag(d.M * d.C * d.K, sizeof(storage), True)
     cdef Team T
     cdef int64_t t_item
     cdef int nthreads = d.nthreads
-    P.pf = prefetch_flag(d.M * d.C * d.K * sizeof(storage)
-                         * (3 if k.output != NULL else 2))
+    P.pf = prefetch_flag(d.M * d.C * d.K * (3 if k.output != NULL else 2), sizeof(storage),
+                         True)
     if nthreads == 1:
         for grp in range(ngroups):
             c0 = grp * gsize
@@ -451,9 +498,11 @@ cdef void blocked_backward(const storage* x, const cbn_desc* d, const cbn_backwa
 def cache_info():
     """The last-level cache the channel-blocked passes size their groups for (see
     cbn/src/cbn_cache.h): its level (0: unknown), size in bytes, the number of CPUs
-    sharing it, and where that was read ("sysfs", "sysconf" or "default")."""
+    sharing it, where that was read ("sysfs", "sysconf" or "default"), and the level-2
+    cache's size in bytes (0: unknown), which caps a group."""
     return {"level": cbn_cache_level, "size": cbn_cache_size,
-            "sharing": cbn_cache_sharing, "source": cbn_cache_source.decode()}
+            "sharing": cbn_cache_sharing, "source": cbn_cache_source.decode(),
+            "l2_size": cbn_l2_size}
 
 
 def _blocking(mode=None, budget=None, stream=None, chain=None):

@@ -84,7 +84,7 @@ cdef void channel_moments(const storage* x, Py_ssize_t M, Py_ssize_t C, Py_ssize
     cdef Rows PR
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
-        PP.pf = prefetch_flag(M * C * K * sizeof(storage))
+        PP.pf = prefetch_flag(M * C * K, sizeof(storage), False)
         planes_moments(x, PP, <Moments*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
@@ -124,7 +124,8 @@ cdef void stage_backward_reduce(const storage* g, const storage* x, const Dact* 
     cdef Py_ssize_t t
     if K >= PLANE_MIN_K:
         PP = planes_partition(M, C, K, BLOCK)
-        PP.pf = prefetch_flag(M * C * K * sizeof(storage) * (3 if da.ym != NULL else 2))
+        PP.pf = prefetch_flag(M * C * K * (3 if da.ym != NULL else 2), sizeof(storage),
+                              False)
         planes_sums(g, x, da, dx_eval, gr, PP, mean, scale, <Sums*>mem, out, nthreads)
     else:
         PR = rows_partition(M, C, K, ROW_BLOCK, TARGET_ITEMS, sizeof(floating))
@@ -216,8 +217,8 @@ cdef int forward_t(const cbn_desc* d, const cbn_forward_args* a, const storage* 
                               <const floating*>a.running_var, a.eps,
                               <floating*>a.save_invstd, scale, shift, C)
             memcpy(save_mean, a.running_mean, C * sizeof(floating))
-        out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(storage)), &a.act, x,
-                          a.residual, a.y, save_mean, scale, shift)
+        out = affine_pass(OP_AFFINE | stream_flag(M * C * K, sizeof(storage), False),
+                          &a.act, x, a.residual, a.y, save_mean, scale, shift)
         apply(&out, M, C, K, <floating*>(mem + pbytes), nt, x)
     give(d, mem)
     return CBN_OK
@@ -229,7 +230,7 @@ cdef int normalize_t(const cbn_desc* d, const cbn_normalize_args* a, const stora
     cdef Py_ssize_t M = d.M, C = d.C, K = d.K
     cdef Py_ssize_t abytes = apply_scratch_bytes(M, C, K, sizeof(floating))
     cdef char* lanes = NULL     # (planes need none; rows need their lane parameters)
-    cdef Pass out = affine_pass(OP_AFFINE | stream_flag(M * C * K * sizeof(storage)),
+    cdef Pass out = affine_pass(OP_AFFINE | stream_flag(M * C * K, sizeof(storage), False),
                                 &a.act, x, a.residual, a.y, a.mean, a.scale, a.shift)
     if check_act(d, &a.act):
         return CBN_ERR_ARG
@@ -297,9 +298,9 @@ cdef int backward_t(const cbn_desc* d, const cbn_backward_args* a, const storage
                               <floating*>a.grad_weight, <floating*>a.grad_bias,
                               k1 if a.training else NULL, k2, C)
         if a.training:
-            dx = bwd_pass(OP_BWD_TRAIN | stream_flag(M * C * K * sizeof(storage)), &a.act,
-                          x, g, a.output, a.residual, a.grad_input, a.save_mean, scale,
-                          a.bias, k1, k2)
+            dx = bwd_pass(OP_BWD_TRAIN | stream_flag(M * C * K, sizeof(storage), False),
+                          &a.act, x, g, a.output, a.residual, a.grad_input, a.save_mean,
+                          scale, a.bias, k1, k2)
             apply(&dx, M, C, K, <floating*>(mem + pbytes + rbytes), nt, x)
     give(d, mem)
     return CBN_OK
@@ -411,7 +412,7 @@ cdef int elements_t(const cbn_desc* d, const cbn_elements_args* a, const storage
         sums[c].g = a.sum_dy[c]
         sums[c].gx = a.sum_dy_xmu[c]
     stage_backward_finish(sums, <const floating*>a.invstd, a.count, NULL, NULL, k1, k2, C)
-    dx = bwd_pass(OP_BWD_TRAIN | stream_flag(d.M * C * d.K * sizeof(storage)), &a.act,
+    dx = bwd_pass(OP_BWD_TRAIN | stream_flag(d.M * C * d.K, sizeof(storage), False), &a.act,
                   a.x, g, a.output, a.residual, a.grad_input, a.mean, scale, a.bias, k1, k2)
     apply(&dx, d.M, C, d.K, <floating*>(mem + pbytes), d.nthreads, g)
     give(d, mem)

@@ -120,6 +120,7 @@ cdef extern from "cbn_team.h" nogil:
 cdef extern from "cbn_cache.h" nogil:
     # The last-level cache, read once at import (see cbn/src/cbn_cache.h).
     long long cbn_cache_size
+    long long cbn_l2_size
     int cbn_cache_level
     int cbn_cache_sharing
     const char* cbn_cache_source

@@ -255,8 +255,19 @@ def test_cache_info():
     info = _kernels.cache_info()
     assert info["source"] in ("sysfs", "sysconf", "default")
     assert info["size"] > 0 and info["sharing"] >= 1 and info["level"] >= 0
+    assert info["l2_size"] >= 0
     if info["source"] == "default":
         assert info["size"] == 8 << 20
+
+
+def _budget_and_held():
+    """What cbn/_blocked.pxi sizes groups by (one thread): half of the last level, at
+    most half of the level-2 cache; and what a second read finds in cache."""
+    info = _kernels.cache_info()
+    if info["l2_size"]:
+        return (min(info["size"] // 2, info["l2_size"] // 2),
+                min(info["size"], info["l2_size"]))
+    return info["size"] // 2, info["size"]
 
 
 def test_block_channels_decides_by_size():
@@ -267,11 +278,15 @@ def test_block_channels_decides_by_size():
         assert _kernels._block_channels(8, 16, 64, 4, 1, 1) == 0
         # an input several times the cache, channels much smaller than it: blocked, in
         # groups that hold at most the budget and at least one channel
+        budget, held = _budget_and_held()
         C = 64
-        M, K = 8, max(16, int(4 * info["size"] // (C * 4 * 8)))
+        M, K = 8, max(128, int(4 * held // (C * 4 * 8)))
         g = _kernels._block_channels(M, C, K, 4, 1, 1)
         assert 1 <= g <= C
-        assert g * M * K * 4 <= max(info["size"] // 2, M * K * 4)
+        assert g * M * K * 4 <= max(budget, M * K * 4)
+        # short planes (K < 128) take the two passes, however large the input
+        assert _kernels._block_channels(M * K, C, 64, 4, 1, 1) == 0
+        assert _kernels._block_channels(M * K // 49, C, 49, 4, 3, 2) == 0
         for nt in (2, 3, 4):
             g = _kernels._block_channels(M, C, K, 4, 1, nt)
             if g:
@@ -280,10 +295,10 @@ def test_block_channels_decides_by_size():
         assert _kernels._block_channels(2, 2, info["size"], 4, 2, 1) == 0
         # a one-thread forward over long planes is chained: two groups in the cache at
         # once, so half the budget per group, or one channel that fits the budget
-        M, K = 8, max(4096, int(4 * info["size"] // (C * 4 * 8)))
+        M, K = 8, max(4096, int(4 * held // (C * 4 * 8)))
         g = _kernels._block_channels(M, C, K, 4, 1, 1, True)
         assert 1 <= g <= C
-        assert g * M * K * 4 <= max(info["size"] // 4, M * K * 4)
+        assert g * M * K * 4 <= max(budget // 2, M * K * 4)
         assert g <= _kernels._block_channels(M, C, K, 4, 1, 1, False)
 
 

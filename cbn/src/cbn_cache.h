@@ -13,6 +13,15 @@
  *            CPUs sharing it is unknown there, so the size is capped at CBN_CACHE_CAP
  *            (glibc reports the sum over a whole package on some machines)
  *   default  CBN_CACHE_DEFAULT bytes, shared by one CPU
+ * and the level-2 data cache's size (each core's own on x86-64), from the same places.
+ *
+ * For float32 and float64 data a group is sized for the level-2 cache when that is
+ * smaller than its share of the last level, and the blocked passes count the last level
+ * as 16 MB at most (cbn/_blocked.pxi): a core reads its own L2 several times faster than
+ * a large server L3, which one core reads at about the speed of memory. Measured on a
+ * 2-core VM whose L3 reads 480 MB (2026-12-05): groups sized for that L3 never blocked,
+ * and a float32 training backward over 16x64x56x56 took 2.27 ms on one thread against
+ * 1.60-1.67 ms with groups of 0.25-1 MB (4 MB: 2.26).
  */
 #ifndef CBN_CACHE_H
 #define CBN_CACHE_H
@@ -29,6 +38,7 @@ static long long cbn_cache_size = 0;      /* bytes of one instance of the last l
 static int cbn_cache_level = 0;
 static int cbn_cache_sharing = 1;         /* CPUs sharing that instance */
 static const char* cbn_cache_source = "";
+static long long cbn_l2_size = 0;         /* bytes of the level-2 data cache (0: unknown) */
 
 /* The first line of a small text file, or 0 if it cannot be read. */
 static int cbn_read_line(const char* path, char* buf, int n) {
@@ -87,6 +97,7 @@ static void cbn_cache_probe(void) {
         snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
         if (!cbn_read_line(path, buf, sizeof(buf))) continue;
         size = cbn_parse_size(buf);
+        if (size > 0 && level == 2) cbn_l2_size = size;
         if (size <= 0 || level < best) continue;
         best = level;
         best_size = size;
@@ -104,6 +115,9 @@ static void cbn_cache_probe(void) {
     }
     size = 0;
     level = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    if (sysconf(_SC_LEVEL2_CACHE_SIZE) > 0) cbn_l2_size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     size = sysconf(_SC_LEVEL3_CACHE_SIZE);
     level = 3;

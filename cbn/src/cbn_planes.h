@@ -354,10 +354,9 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const int ACT, const CBN_S* x,
             CBN_PUT(y, i, CBN_ACT_S(ACT, CBN_T, v, slope));
         }
     }
-    if (!stream) {
-        /* 2 * CBN_L values a step as one 64-byte vector: a zmm register on AVX-512 (half
-           the instructions of two 32-byte vectors, which in-cache planes are bound by),
-           elsewhere the same operations as two */
+    if (CBN_WIDE && !stream) {
+        /* 2 * CBN_L values a step as one 64-byte vector, a zmm register (half the
+           instructions of two 32-byte vectors, which in-cache planes are bound by) */
         typedef CBN_FN(w) W;
         typedef CBN_FN(wm) IW;
         const W wmean = CBN_SPLAT(W, mean), wscale = CBN_SPLAT(W, scale);
@@ -481,7 +480,7 @@ static CBN_INLINE void CBN_FN(run_bwd_body)(const int ACT, const CBN_S* x, const
             CBN_PUT(y, i, (gv - gmean - (CBN_GET(x, i) - mean) * xcoef) * scale);
         }
     }
-    if (!stream && ACT == CBN_ACT_NONE) {
+    if (CBN_WIDE && !stream && ACT == CBN_ACT_NONE) {
         /* as in run_affine_body: one 64-byte vector a step */
         typedef CBN_FN(w) W;
         const W wm = CBN_SPLAT(W, mean), wk = CBN_SPLAT(W, scale);

@@ -17,6 +17,8 @@
  *   CBN_SSTORE(p, v)     the converse
  *   CBN_VSTREAM(p, v)    CBN_SSTORE of a 32-byte vector with non-temporal stores, p
  *                        aligned to the stored vector's size (32 bytes, or 16 for half)
+ *   CBN_WSTREAM(p, w)    the same for a 64-byte vector (64 bytes, or 32 for half);
+ *                        only where CBN_WIDE is 1
  *   CBN_GET(p, i)        the value p[i], as a CBN_T
  *   CBN_PUT(p, i, v)     p[i] = v (v a CBN_T)
  *   CBN_PART(dst, fill, p, cnt, buf)
@@ -52,6 +54,7 @@
 #undef CBN_HX
 #undef CBN_NEBF16
 #undef CBN_WIDE
+#undef CBN_WSTREAM
 
 #define CBN_SPTR(p) CBN_PTR_OF(CBN_S, p)
 #define CBN_SWPTR(p) CBN_WPTR_OF(CBN_S, p)
@@ -72,6 +75,17 @@ typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
    loops take the 32-byte vectors. */
 #if defined(__AVX512F__)
 #define CBN_WIDE 1
+/* a 64-byte vector's halves, and the converse */
+static CBN_INLINE CBN_FN(v) CBN_FN(wlo)(CBN_FN(w) a) {
+    return (CBN_FN(v))_mm512_castpd512_pd256((__m512d)a);
+}
+static CBN_INLINE CBN_FN(v) CBN_FN(whi)(CBN_FN(w) a) {
+    return (CBN_FN(v))_mm512_extractf64x4_pd((__m512d)a, 1);
+}
+static CBN_INLINE CBN_FN(w) CBN_FN(wjoin)(CBN_FN(v) lo, CBN_FN(v) hi) {
+    return (CBN_FN(w))_mm512_insertf64x4(_mm512_castpd256_pd512((__m256d)lo),
+                                         (__m256d)hi, 1);
+}
 #else
 #define CBN_WIDE 0
 #endif
@@ -144,6 +158,11 @@ typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
 #endif
 #else
 #define CBN_VSTREAM(p, v) CBN_SSTORE(p, v)
+#endif
+#if CBN_WIDE && CBN_L == 8
+#define CBN_WSTREAM(p, w) _mm512_stream_ps(CBN_SWPTR(p), (__m512)(w))
+#elif CBN_WIDE
+#define CBN_WSTREAM(p, w) _mm512_stream_pd(CBN_SWPTR(p), (__m512d)(w))
 #endif
 
 #else /* half storage: CBN_T float, CBN_L 8 */
@@ -383,6 +402,15 @@ static CBN_INLINE void CBN_FN(sst16)(CBN_S* p, const CBN_FN(w)* v) {
     _mm_stream_si128((__m128i*)CBN_SWPTR(p), (__m128i)CBN_FN(pack8)(&(v)))
 #else
 #define CBN_VSTREAM(p, v) CBN_SSTORE(p, v)
+#endif
+/* 16 values (32 bytes, p aligned to 32), one conversion for both halves: with AVX512-BF16
+   the subnormal test and vcvtneps2bf16 are taken once per 16 values, not per 8 */
+#if CBN_WIDE
+#define CBN_WSTREAM(p, w) do {                                                          \
+        CBN_FN(h16) s_;                                                                  \
+        CBN_FN(pack16)(&s_, &(w));                                                       \
+        _mm256_stream_si256((__m256i*)CBN_SWPTR(p), (__m256i)s_);                        \
+    } while (0)
 #endif
 
 #endif /* CBN_STORE */

@@ -37,9 +37,9 @@
 # Also here, for the same large inputs, blocked or not: non-temporal stores in the planes
 # output passes (stream_flag) and prefetching in the planes reductions (prefetch_flag).
 # Measured on the project's 2-core machine (docs/performance.md): on two threads
-# blocking pays on every large case. "Large" for float32 and float64 means larger than
-# the running threads' level-2 caches, in groups of half an L2 (see group_budget): a large
-# server L3 is read by one core at about the speed of memory.
+# blocking pays on every large case. "Large" means larger than the running threads'
+# level-2 caches, in groups of half an L2 (see group_budget): a large server L3 is read
+# by one core at about the speed of memory.
 
 cdef enum:
     BLOCKING_OFF = 0      # always two passes
@@ -52,29 +52,28 @@ cdef int blocking_stream = OP_STREAM    # non-temporal stores for large outputs 
 cdef int chain_mode = 1                 # forwards over long planes as chains (or 0)
 
 
-# float32 and float64 data (itemsize >= 4) count the caches as a core reads them fast (see
-# cbn/src/cbn_cache.h): the last level as LLC_CAP bytes at most, and groups at most half
-# the level-2 cache. Half storage keeps the last level as read: its two passes measured as
-# fast as L2-sized groups (float16) or faster (bfloat16: 32x64x56x56 backward, 2 threads,
-# 1.18 against 1.27 ms).
+# The blocked passes count the caches as a core reads them fast (see cbn/src/cbn_cache.h):
+# the last level as LLC_CAP bytes at most, and groups at most half the level-2 cache.
+# (Half storage, too, since its blocked passes take 64-byte vectors on AVX-512: before,
+# its two passes had measured as fast as L2-sized groups.)
 cdef enum:
     LLC_CAP = 16 << 20
 
 
-cdef inline long long llc_bytes(Py_ssize_t itemsize, bint blocked) noexcept nogil:
-    """The last-level cache's bytes, as the passes over data of itemsize count them
-    (blocked: a channel-blocked pass; the two-pass path counts the cache as read, its
+cdef inline long long llc_bytes(bint blocked) noexcept nogil:
+    """The last-level cache's bytes, as the planes passes count them (blocked: a
+    channel-blocked pass, at most LLC_CAP; the two-pass path counts the cache as read, its
     output then left in a large L3 for whatever reads it next: measured, streaming the
     eval output of 16x1024x14x14 float32 (12.8 MB) cost 12-33%)."""
-    if blocked and itemsize >= 4 and cbn_cache_size > LLC_CAP:
+    if blocked and cbn_cache_size > LLC_CAP:
         return LLC_CAP
     return cbn_cache_size
 
 
-cdef long long group_budget(int nthreads, Py_ssize_t itemsize) noexcept nogil:
+cdef long long group_budget(int nthreads) noexcept nogil:
     """Bytes of input a group may hold: half of each running thread's share of the
     last-level cache (the other half holds the output lines written meanwhile and
-    whatever else runs); for float32 and float64, at most half of the level-2 cache."""
+    whatever else runs), and at most half of the level-2 cache."""
     cdef int share = nthreads if nthreads < cbn_cache_sharing else cbn_cache_sharing
     cdef long long budget
     if blocking_budget > 0:
@@ -82,16 +81,16 @@ cdef long long group_budget(int nthreads, Py_ssize_t itemsize) noexcept nogil:
     if share < 1:
         share = 1
     budget = cbn_cache_size // (2 * share)
-    if itemsize >= 4 and cbn_l2_size > 0 and cbn_l2_size // 2 < budget:
+    if cbn_l2_size > 0 and cbn_l2_size // 2 < budget:
         budget = cbn_l2_size // 2
     return budget
 
 
-cdef long long cache_held(int nthreads, Py_ssize_t itemsize) noexcept nogil:
-    """Bytes that a pass's second read finds in cache: the last level; for float32 and
-    float64, the running threads' level-2 caches together where that is less."""
+cdef long long cache_held(int nthreads) noexcept nogil:
+    """Bytes that a pass's second read finds in cache: the last level, or the running
+    threads' level-2 caches together where that is less."""
     cdef long long held = cbn_cache_size
-    if itemsize >= 4 and cbn_l2_size > 0 and nthreads * cbn_l2_size < held:
+    if cbn_l2_size > 0 and nthreads * cbn_l2_size < held:
         held = nthreads * cbn_l2_size
     return held
 
@@ -106,7 +105,7 @@ cdef inline int stream_flag(Py_ssize_t nvalues, Py_ssize_t itemsize,
     if blocking_stream == 0:
         return 0
     if (blocking_mode == BLOCKING_FORCE
-            or 2 * <long long>nvalues * itemsize > llc_bytes(itemsize, blocked)):
+            or 2 * <long long>nvalues * itemsize > llc_bytes(blocked)):
         return OP_STREAM
     return 0
 
@@ -120,8 +119,7 @@ cdef inline int prefetch_flag(long long nvalues, Py_ssize_t itemsize,
     prefetcher has caught its stream: measured, the statistics pass of that float32 case
     went from 1.1 to 0.55 copies). Not below: in-cache inputs measured up to 16% slower
     with the prefetches."""
-    if blocking_mode == BLOCKING_FORCE or 2 * nvalues * itemsize > llc_bytes(itemsize,
-                                                                               blocked):
+    if blocking_mode == BLOCKING_FORCE or 2 * nvalues * itemsize > llc_bytes(blocked):
         return 1
     return 0
 
@@ -160,12 +158,12 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
     channel fits the budget but not half of it. On several threads the parallel items
     are then chains of groups, CHAINS_PER_THREAD per thread."""
     cdef long long per_channel = <long long>M * K * itemsize * narrays
-    cdef long long budget = group_budget(nthreads, itemsize)
+    cdef long long budget = group_budget(nthreads)
     cdef bint chain = chained(K, forward)
     cdef Py_ssize_t g, ngroups, rounds, per_round = nthreads
     if blocking_mode == BLOCKING_OFF or K < PLANE_MIN_K or C < 1 or M * K == 0:
         return 0
-    if blocking_mode == BLOCKING_AUTO and K < BLOCK_MIN_K and itemsize >= 4:
+    if blocking_mode == BLOCKING_AUTO and K < BLOCK_MIN_K:
         return 0
     g = <Py_ssize_t>(budget // per_channel) if per_channel > 0 else C
     if g >= 1 and chain:
@@ -177,7 +175,7 @@ cdef Py_ssize_t block_channels(Py_ssize_t M, Py_ssize_t C, Py_ssize_t K,
             g = 1
     else:
         if g < 1 or ((per_channel + <long long>M * K * itemsize) * C
-                     <= cache_held(nthreads, itemsize)):
+                     <= cache_held(nthreads)):
             return 0
     if g > C:
         g = C

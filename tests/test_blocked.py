@@ -284,6 +284,8 @@ def test_block_channels_decides_by_size():
         g = _kernels._block_channels(M, C, K, 4, 1, 1)
         assert 1 <= g <= C
         assert g * M * K * 4 <= max(budget, M * K * 4)
+        # half storage by the same rule: the same bytes (twice the values), the same groups
+        assert _kernels._block_channels(M, C, 2 * K, 2, 1, 1) == g
         # short planes (K < 128) take the two passes, however large the input
         assert _kernels._block_channels(M * K, C, 64, 4, 1, 1) == 0
         assert _kernels._block_channels(M * K // 49, C, 49, 4, 3, 2) == 0

@@ -107,11 +107,14 @@ def test_native_forward_and_backward_equal_the_conversion_path(name, shape, axis
 
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("mode", ["off", "force"])
-@pytest.mark.parametrize("shape,axis", [((4, 12, 40, 41), 1), ((4, 9, 9, 64), -1),
+@pytest.mark.parametrize("shape,axis", [((4, 12, 40, 41), 1), ((3, 5, 4196), 1),
+                                        ((2, 4, 3001), 1), ((4, 9, 9, 64), -1),
                                         ((4, 9, 9, 48), -1)])
 def test_blocked_and_two_pass_half_agree_with_the_conversion_path(name, mode, shape, axis):
     """Forced: channel-blocked planes, and non-temporal stores everywhere (rows too,
-    whose line of half values holds 32 of them)."""
+    whose line of half values holds 32 of them). Planes longer than 2048 values run the
+    chained forward (each group's output written in the loop that reduces the next);
+    3001 values start each plane's lines elsewhere."""
     dt = _half(name)
     x, r, g, w, b = _data(shape, axis, dt, seed=3)
     old = _kernels._blocking(mode, 4096 * 4)

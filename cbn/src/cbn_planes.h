@@ -81,6 +81,15 @@
         if (dx) { x_ = g_ * vk; CBN_SSTORE(dx + (i), x_); }                             \
     } while (0)
 
+/* The same for a 64-byte vector (W), without an activation (wm, wk: mean and scale). */
+#define CBN_SUMS_STEP_W(i, A, B) do {                                                   \
+        W g_, x_;                                                                       \
+        CBN_SLOAD(g_, g + (i)); CBN_SLOAD(x_, x + (i));                                 \
+        if (gr) CBN_SSTORE(gr + (i), g_);                                               \
+        A += g_; B += g_ * (x_ - wm);                                                   \
+        if (dx) { x_ = g_ * wk; CBN_SSTORE(dx + (i), x_); }                             \
+    } while (0)
+
 
 /* How many values before p + i reaches the start of a cache line (64 bytes). The
    streaming loops store those with ordinary stores, then whole lines non-temporally
@@ -324,15 +333,45 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_S* g, con
     double s = 0.0, sx = 0.0;
     CBN_T gv, pg[CBN_L], px[CBN_L];
     V tg, tx;
+#if CBN_WIDE
+    /* without an activation, on runs of CBN_WIDE_RUN values or more: 64-byte
+       accumulators, as in runs_shifted_sums (A0 holds a0 and a1, A1 a2 and a3; a tail's
+       vector is added to its half, the other half adding +0) */
+    typedef CBN_FN(w) W;
+    const int wide = ACT == CBN_ACT_NONE && n >= CBN_WIDE_RUN;
+    const W wm = CBN_SPLAT(W, mean), wk = CBN_SPLAT(W, scale);
+    const V zero = {0};
+    W A0 = {0}, A1 = {0}, B0 = {0}, B1 = {0};
+    V ta, tb;
+#endif
     (void)vsh;
     for (k = 0, o = 0; k < nruns; k++, o += stride) {
-        for (i = 0; i < n4; i += 4 * CBN_L) {
-            if (pf) { CBN_PREFETCH_NEXT(g + o + n + i); CBN_PREFETCH_NEXT(x + o + n + i); }
-            CBN_SUMS_STEP(o + i, a0, b0); CBN_SUMS_STEP(o + i + CBN_L, a1, b1);
-            CBN_SUMS_STEP(o + i + 2 * CBN_L, a2, b2);
-            CBN_SUMS_STEP(o + i + 3 * CBN_L, a3, b3);
+#if CBN_WIDE
+        if (wide) {
+            for (i = 0; i < n4; i += 4 * CBN_L) {
+                if (pf) {
+                    CBN_PREFETCH_NEXT(g + o + n + i); CBN_PREFETCH_NEXT(x + o + n + i);
+                }
+                CBN_SUMS_STEP_W(o + i, A0, B0); CBN_SUMS_STEP_W(o + i + 2 * CBN_L, A1, B1);
+            }
+            for (; i < n1; i += CBN_L) {
+                ta = zero; tb = zero;
+                CBN_SUMS_STEP(o + i, ta, tb);
+                A0 += CBN_FN(wjoin)(ta, zero); B0 += CBN_FN(wjoin)(tb, zero);
+            }
+        } else
+#endif
+        {
+            for (i = 0; i < n4; i += 4 * CBN_L) {
+                if (pf) {
+                    CBN_PREFETCH_NEXT(g + o + n + i); CBN_PREFETCH_NEXT(x + o + n + i);
+                }
+                CBN_SUMS_STEP(o + i, a0, b0); CBN_SUMS_STEP(o + i + CBN_L, a1, b1);
+                CBN_SUMS_STEP(o + i + 2 * CBN_L, a2, b2);
+                CBN_SUMS_STEP(o + i + 3 * CBN_L, a3, b3);
+            }
+            for (; i < n1; i += CBN_L) CBN_SUMS_STEP(o + i, a0, b0);
         }
-        for (; i < n1; i += CBN_L) CBN_SUMS_STEP(o + i, a0, b0);
         if (i < n) {            /* the last values, padded with g = 0 */
             if (ACT != CBN_ACT_NONE || gr || dx) {
                 for (j = i; j < n; j++) {
@@ -347,9 +386,21 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_S* g, con
                 CBN_PART(tg, (V){0}, g + o + i, n - i, pg);
             }
             CBN_PART(tx, vm, x + o + i, n - i, px);
-            a1 += tg; b1 += tg * (tx - vm);
+#if CBN_WIDE
+            if (wide) {
+                A0 += CBN_FN(wjoin)(zero, tg); B0 += CBN_FN(wjoin)(zero, tg * (tx - vm));
+            } else
+#endif
+            { a1 += tg; b1 += tg * (tx - vm); }
         }
     }
+#if CBN_WIDE
+    if (wide) {
+        a0 = CBN_FN(wlo)(A0); a1 = CBN_FN(whi)(A0); a2 = CBN_FN(wlo)(A1);
+        a3 = CBN_FN(whi)(A1); b0 = CBN_FN(wlo)(B0); b1 = CBN_FN(whi)(B0);
+        b2 = CBN_FN(wlo)(B1); b3 = CBN_FN(whi)(B1);
+    }
+#endif
     a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);
     for (j = 0; j < CBN_L; j++) { s += a0[j]; sx += b0[j]; }
     *sg = s; *sgx = sx;
@@ -639,6 +690,7 @@ static inline void CBN_FN(run_bwd_stream)(const CBN_S* x, const CBN_S* g, const 
 #undef CBN_PREFETCH_NEXT
 #undef CBN_TO_ALIGN
 #undef CBN_CARRY_STEP
+#undef CBN_SUMS_STEP_W
 #undef CBN_CW
 #undef CBN_WIDE_RUN
 #undef CBN_CV

@@ -35,16 +35,10 @@ cdef extern from "cbn_kernels.h" nogil:
                           Py_ssize_t stride, double mean, double scale, double shift,
                           int act, double slope, double* sg, double* sgx,
                           int pf) noexcept nogil
-        void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
-                           double mean, double scale, double shift, int act,
-                           double slope) noexcept nogil
         void (*runs_affine)(const void* x, const void* residual, void* y,
                             Py_ssize_t nruns, Py_ssize_t n, const void* mean,
                             const void* scale, const void* shift, int act,
                             double slope) noexcept nogil
-        void (*run_bwd)(const void* x, const void* g, const void* ym, const void* res,
-                        void* dx, Py_ssize_t n, double mean, double scale, double shift,
-                        double gmean, double xcoef, int act, double slope) noexcept nogil
         void (*runs_bwd)(const void* x, const void* g, const void* ym, const void* res,
                          void* dx, Py_ssize_t nruns, Py_ssize_t n, const void* mean,
                          const void* scale, const void* shift, const void* gmean,

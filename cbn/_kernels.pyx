@@ -76,8 +76,8 @@ The operation x loop-shape table (ops(x) is the active target's cbn_ops for x's 
   moments              moments             runs_moments          cols_shifted_sums,
                                                                  cols_dev (2nd pass)
   sum dy, sum dy*xmu   backward_reduce     runs_sums             cols_sums
-  output pass          normalize           run_affine            cols_affine
-  training dx          backward_elements   run_bwd               cols_bwd
+  output pass          normalize           runs_affine           cols_affine
+  training dx          backward_elements   runs_bwd              cols_bwd
 
 In cbn_rows.h each rows operation has two loop shapes with the same lane-wise arithmetic
 in the same order (so the same bits): fixed-width (fx_*, AVX-512 targets, the lane

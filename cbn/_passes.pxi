@@ -106,20 +106,29 @@ cdef inline Dact make_dact(const cbn_act* act, const void* ym, const void* res,
 cdef inline void run_pass(const Pass* p, Py_ssize_t off, Py_ssize_t n, Py_ssize_t c,
                           const storage* tag) noexcept nogil:
     """The pass over n values of channel c from offset off (planes; tag: the storage
-    dtype)."""
+    dtype). Without streaming, runs_affine / runs_bwd over one run (the parameters read
+    from the per-channel arrays there)."""
     cdef const storage* x = <const storage*>p.x + off
     cdef storage* y = <storage*>p.y + off
     cdef const storage* res = shifted(<const storage*>p.res, off)
-    cdef double mean = cparam(p.mean, c, x), scale = cparam(p.scale, c, x)
-    cdef double shift = cparam(p.shift, c, x) if p.shift != NULL else 0.0
+    cdef size_t at = c * compute_size(tag)
+    cdef const void* shp = <const char*>p.shift + at if p.shift != NULL else NULL
+    cdef double mean, scale, shift
     if p.op == OP_AFFINE:
-        ops(x).run_affine(x, res, y, n, mean, scale, shift, p.act, p.slope)
-    elif p.op == OP_AFFINE | OP_STREAM:
+        ops(x).runs_affine(x, res, y, 1, n, <const char*>p.mean + at,
+                           <const char*>p.scale + at, shp, p.act, p.slope)
+        return
+    if p.op == OP_BWD_TRAIN:
+        ops(x).runs_bwd(x, <const storage*>p.g + off, shifted(<const storage*>p.ym, off),
+                        res, y, 1, n, <const char*>p.mean + at, <const char*>p.scale + at,
+                        shp, <const char*>p.gmean + at, <const char*>p.xcoef + at, p.act,
+                        p.slope)
+        return
+    mean = cparam(p.mean, c, x)
+    scale = cparam(p.scale, c, x)
+    shift = cparam(p.shift, c, x) if p.shift != NULL else 0.0
+    if p.op == OP_AFFINE | OP_STREAM:
         ops(x).run_affine_stream(x, res, y, n, mean, scale, shift, p.act, p.slope)
-    elif p.op == OP_BWD_TRAIN:
-        ops(x).run_bwd(x, <const storage*>p.g + off, shifted(<const storage*>p.ym, off),
-                       res, y, n, mean, scale, shift, cparam(p.gmean, c, x),
-                       cparam(p.xcoef, c, x), p.act, p.slope)
     else:
         ops(x).run_bwd_stream(x, <const storage*>p.g + off,
                               shifted(<const storage*>p.ym, off), res, y, n, mean, scale,

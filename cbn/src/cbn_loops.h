@@ -42,16 +42,11 @@ typedef struct cbn_ops {
                       void* dx, void* gr, Py_ssize_t nruns, Py_ssize_t n,
                       Py_ssize_t stride, double mean, double scale, double shift, int act,
                       double slope, double* sg, double* sgx, int pf);
-    void (*run_affine)(const void* x, const void* residual, void* y, Py_ssize_t n,
-                       double mean, double scale, double shift, int act, double slope);
-    /* nruns consecutive runs of n values, run r with parameters mean[r], scale[r],
-       shift[r] (arrays of the compute type; shift NULL: zeros) */
+    /* nruns >= 1 consecutive runs of n values, run r with parameters mean[r],
+       scale[r], shift[r] (arrays of the compute type; shift NULL: zeros) */
     void (*runs_affine)(const void* x, const void* residual, void* y, Py_ssize_t nruns,
                         Py_ssize_t n, const void* mean, const void* scale,
                         const void* shift, int act, double slope);
-    void (*run_bwd)(const void* x, const void* g, const void* ym, const void* res,
-                    void* dx, Py_ssize_t n, double mean, double scale, double shift,
-                    double gmean, double xcoef, int act, double slope);
     /* nruns consecutive runs, as runs_affine (gmean and xcoef arrays too) */
     void (*runs_bwd)(const void* x, const void* g, const void* ym, const void* res,
                      void* dx, Py_ssize_t nruns, Py_ssize_t n, const void* mean,

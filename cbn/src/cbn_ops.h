@@ -30,21 +30,6 @@ static void CBN_FN(op_runs_sums)(const void* g, const void* x, const void* ym,
                       pf);
 }
 
-static void CBN_FN(op_run_affine)(const void* x, const void* residual, void* y,
-                                  Py_ssize_t n, double mean, double scale, double shift,
-                                  int act, double slope) {
-    CBN_FN(run_affine)(PS_(x), PS_(residual), WS_(y), n, (CBN_T)mean, (CBN_T)scale,
-                       (CBN_T)shift, act, (CBN_T)slope);
-}
-
-static void CBN_FN(op_run_bwd)(const void* x, const void* g, const void* ym, const void* res,
-                               void* dx, Py_ssize_t n, double mean, double scale,
-                               double shift, double gmean, double xcoef, int act,
-                               double slope) {
-    CBN_FN(run_bwd)(PS_(x), PS_(g), PS_(ym), PS_(res), WS_(dx), n, (CBN_T)mean, (CBN_T)scale,
-                    (CBN_T)shift, (CBN_T)gmean, (CBN_T)xcoef, act, (CBN_T)slope);
-}
-
 static void CBN_FN(op_runs_affine)(const void* x, const void* residual, void* y,
                                    Py_ssize_t nruns, Py_ssize_t n, const void* mean,
                                    const void* scale, const void* shift, int act,
@@ -144,8 +129,8 @@ static void CBN_FN(op_rows_bwd_stream)(const void* x, const void* g, const void*
 #define CBN_OPS_LINKAGE static
 #endif
 CBN_OPS_LINKAGE const cbn_ops CBN_FN(ops) = {
-    CBN_FN(op_runs_moments), CBN_FN(op_runs_sums), CBN_FN(op_run_affine),
-    CBN_FN(op_runs_affine), CBN_FN(op_run_bwd), CBN_FN(op_runs_bwd),
+    CBN_FN(op_runs_moments), CBN_FN(op_runs_sums), CBN_FN(op_runs_affine),
+    CBN_FN(op_runs_bwd),
     CBN_FN(op_cols_shifted_sums), CBN_FN(op_cols_dev), CBN_FN(op_cols_sums), CBN_FN(op_cols_affine), CBN_FN(op_cols_bwd),
     CBN_FN(op_run_affine_stream), CBN_FN(op_run_bwd_stream),
     CBN_FN(op_rows_affine_stream), CBN_FN(op_rows_bwd_stream),

@@ -20,10 +20,10 @@
  * Operations, each named for what it computes:
  *   runs_moments  count, mean and M2 (sum of squared deviations) of a unit
  *   runs_sums     sum(g) and sum(g * (x - mean)) of a unit (the backward reduction)
- *   run_affine    y = act((x - mean) * scale + shift (+ residual)): the output pass
- *   runs_affine   run_affine over consecutive runs, each with its own parameters
- *   run_bwd       dx = (g - gmean - (x - mean) * xcoef) * scale: the training backward
- *   runs_bwd      run_bwd over consecutive runs, each with its own parameters
+ *   runs_affine   y = act((x - mean) * scale + shift (+ residual)): the output pass,
+ *                 over consecutive runs, each with its own parameters
+ *   runs_bwd      dx = (g - gmean - (x - mean) * xcoef) * scale: the training backward,
+ *                 over consecutive runs, each with its own parameters
  * The activation (cbn_act.h) is a constant ACT in each copy of a loop; in the backward
  * g is first multiplied by its derivative, at ym (the forward's output) or at the
  * pre-activation z = (x - mean) * scale + shift (+ res), recomputed in the same pass.
@@ -541,19 +541,11 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_S* x, const CBN_S* re
 #undef CBN_ACT_STMT_
 }
 
-static inline void CBN_FN(run_affine)(const CBN_S* x, const CBN_S* residual, CBN_S* y,
-                                      Py_ssize_t n, CBN_T mean, CBN_T scale, CBN_T shift,
-                                      int act, CBN_T slope) {
-#define CBN_ACT_STMT_ CBN_FN(run_affine_body)(ACT, x, residual, y, n, mean, scale, shift, \
-                                              slope, 0)
-    CBN_ACT_SWITCH(act)
-#undef CBN_ACT_STMT_
-}
-
-/* run_affine over nruns consecutive runs of n values (run r from x + r * n, as a batch
-   entry's planes of consecutive channels are), run r with mean[r], scale[r] and
-   shift[r] (shift NULL: zeros): each run's values are run_affine's, without a call and
-   a dispatch per run, which short planes are bound by (16x2048x7x7: 49 values a run). */
+/* The output pass over nruns >= 1 consecutive runs of n values (run r from x + r * n,
+   as a batch entry's planes of consecutive channels are, or one chunk of a plane), run r
+   with mean[r], scale[r] and shift[r] (shift NULL: zeros): a batch entry's short planes
+   without a call and a dispatch per plane, which they are bound by (16x2048x7x7: 49
+   values a run). */
 static void CBN_FN(runs_affine)(const CBN_S* x, const CBN_S* residual, CBN_S* y,
                                 Py_ssize_t nruns, Py_ssize_t n, const CBN_T* mean,
                                 const CBN_T* scale, const CBN_T* shift, int act,
@@ -650,18 +642,9 @@ static CBN_INLINE void CBN_FN(run_bwd_body)(const int ACT, const CBN_S* x, const
     }
 }
 
-static inline void CBN_FN(run_bwd)(const CBN_S* x, const CBN_S* g, const CBN_S* ym,
-                                   const CBN_S* res, CBN_S* y, Py_ssize_t n, CBN_T mean,
-                                   CBN_T scale, CBN_T shift, CBN_T gmean, CBN_T xcoef,
-                                   int act, CBN_T slope) {
-#define CBN_ACT_STMT_ CBN_FN(run_bwd_body)(ACT, x, g, ym, res, y, n, mean, scale, shift, \
-                                           gmean, xcoef, slope, 0)
-    CBN_ACT_SWITCH(act)
-#undef CBN_ACT_STMT_
-}
-
-/* run_bwd over nruns consecutive runs of n values (as runs_affine), run r with mean[r],
-   scale[r], shift[r] (shift NULL: zeros), gmean[r] and xcoef[r]. */
+/* The training backward's dx over nruns >= 1 consecutive runs of n values (as
+   runs_affine), run r with mean[r], scale[r], shift[r] (shift NULL: zeros), gmean[r] and
+   xcoef[r]. */
 static void CBN_FN(runs_bwd)(const CBN_S* x, const CBN_S* g, const CBN_S* ym,
                              const CBN_S* res, CBN_S* y, Py_ssize_t nruns, Py_ssize_t n,
                              const CBN_T* mean, const CBN_T* scale, const CBN_T* shift,

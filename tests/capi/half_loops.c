@@ -359,7 +359,8 @@ static void run_table(const char* target, const cbn_ops* oh, const cbn_ops* of, 
         fill(&RS, oy + span + R * w + 64, specials, 1, 0);
         clear(&Y, 4 * 4096); clear(&DX, 4 * 4096); clear(&GR, 4 * 4096);
         for (j = 0; j < 6; j++)
-            for (i = 0; i < w; i++) lane[j][i] = rndf(j == 1 ? 1 : 0.5, j == 0 ? loc : 0);
+            for (i = 0; i < (w > 4 ? w : 4); i++)     /* (runs_*: one per run, up to 3) */
+                lane[j][i] = rndf(j == 1 ? 1 : 0.5, j == 0 ? loc : 0);
         switch (op) {
         case 0: {                                   /* runs_moments (with a carry) */
             const int pf = rint_(2), carried = rint_(2);
@@ -386,32 +387,45 @@ static void run_table(const char* target, const cbn_ops* oh, const cbn_ops* of, 
             cmp_out("dx", &DX, oy + span + 64); cmp_out("gr", &GR, og + span + 64);
             break;
         }
-        case 2: case 3: {                           /* run_affine(_stream) */
-            void (*fh)(const void*, const void*, void*, Py_ssize_t, double, double, double,
-                       int, double) = op == 2 ? oh->run_affine : oh->run_affine_stream;
-            void (*ff)(const void*, const void*, void*, Py_ssize_t, double, double, double,
-                       int, double) = op == 2 ? of->run_affine : of->run_affine_stream;
+        case 2: {       /* runs_affine: one long run, or consecutive runs with their
+                           own parameters (lanes 0-2), the shift sometimes NULL */
+            const long rr = rint_(2) ? 1 : nruns, nn = rr == 1 ? span : n;
+            const float* sh = rint_(4) ? lane[2] : NULL;
+            oh->runs_affine(HP(X, ox), hasres ? HP(RS, og) : NULL, HP(Y, oy), rr, nn,
+                            lane[0], lane[1], sh, act, slope);
+            of->runs_affine(FP(X, ox), hasres ? FP(RS, og) : NULL, FP(Y, oy), rr, nn,
+                            lane[0], lane[1], sh, act, slope);
+            cmp_out("y", &Y, oy + rr * nn + 64);
+            break;
+        }
+        case 3: {                                   /* run_affine_stream */
             const long nn = span;
-            fh(HP(X, ox), hasres ? HP(RS, og) : NULL, HP(Y, oy), nn, mean, scale, shift,
-               act, slope);
-            ff(FP(X, ox), hasres ? FP(RS, og) : NULL, FP(Y, oy), nn, mean, scale, shift,
-               act, slope);
+            oh->run_affine_stream(HP(X, ox), hasres ? HP(RS, og) : NULL, HP(Y, oy), nn, mean,
+                                  scale, shift, act, slope);
+            of->run_affine_stream(FP(X, ox), hasres ? FP(RS, og) : NULL, FP(Y, oy), nn, mean,
+                                  scale, shift, act, slope);
             cbn_sfence();
             cmp_out("y", &Y, oy + nn + 64);
             break;
         }
-        case 4: case 5: {                           /* run_bwd(_stream) */
-            void (*fh)(const void*, const void*, const void*, const void*, void*,
-                       Py_ssize_t, double, double, double, double, double, int, double)
-                = op == 4 ? oh->run_bwd : oh->run_bwd_stream;
-            void (*ff)(const void*, const void*, const void*, const void*, void*,
-                       Py_ssize_t, double, double, double, double, double, int, double)
-                = op == 4 ? of->run_bwd : of->run_bwd_stream;
+        case 4: {       /* runs_bwd, as runs_affine (gmean and xcoef: lanes 3 and 4) */
+            const long rr = rint_(2) ? 1 : nruns, nn = rr == 1 ? span : n;
+            const float* sh = rint_(4) ? lane[2] : NULL;
+            oh->runs_bwd(HP(X, ox), HP(G, og), HP(YM, og), hasres ? HP(RS, oy) : NULL,
+                         HP(DX, oy), rr, nn, lane[0], lane[1], sh, lane[3], lane[4], act,
+                         slope);
+            of->runs_bwd(FP(X, ox), FP(G, og), FP(YM, og), hasres ? FP(RS, oy) : NULL,
+                         FP(DX, oy), rr, nn, lane[0], lane[1], sh, lane[3], lane[4], act,
+                         slope);
+            cmp_out("dx", &DX, oy + rr * nn + 64);
+            break;
+        }
+        case 5: {                                   /* run_bwd_stream */
             const long nn = span;
-            fh(HP(X, ox), HP(G, og), HP(YM, og), hasres ? HP(RS, oy) : NULL, HP(DX, oy), nn,
-               mean, scale, shift, gmean, xcoef, act, slope);
-            ff(FP(X, ox), FP(G, og), FP(YM, og), hasres ? FP(RS, oy) : NULL, FP(DX, oy), nn,
-               mean, scale, shift, gmean, xcoef, act, slope);
+            oh->run_bwd_stream(HP(X, ox), HP(G, og), HP(YM, og), hasres ? HP(RS, oy) : NULL,
+                               HP(DX, oy), nn, mean, scale, shift, gmean, xcoef, act, slope);
+            of->run_bwd_stream(FP(X, ox), FP(G, og), FP(YM, og), hasres ? FP(RS, oy) : NULL,
+                               FP(DX, oy), nn, mean, scale, shift, gmean, xcoef, act, slope);
             cbn_sfence();
             cmp_out("dx", &DX, oy + nn + 64);
             break;

@@ -457,39 +457,27 @@ static CBN_INLINE void CBN_FN(run_affine_body)(const int ACT, const CBN_S* x,
             CBN_PUT(y, i, CBN_ACT_S(ACT, CBN_T, v, slope));
         }
     }
-    if (CBN_WIDE && !stream) {
-        /* 2 * CBN_L values a step as one 64-byte vector, a zmm register (half the
-           instructions of two 32-byte vectors, which in-cache planes are bound by) */
-        typedef CBN_FN(w) W;
-        typedef CBN_FN(wm) IW;
-        const W wmean = CBN_SPLAT(W, mean), wscale = CBN_SPLAT(W, scale);
-        const W wshift = CBN_SPLAT(W, shift);
-        W z, q;
-        for (; i + 2 * CBN_L <= n; i += 2 * CBN_L) {
-            CBN_SLOAD(z, x + i);
-            z = (z - wmean) * wscale + wshift;
-            if (residual) { CBN_SLOAD(q, residual + i); z += q; }
-            CBN_ACT_V(ACT, IW, W, z, slope);
-            CBN_SSTORE(y + i, z);
-        }
-    }
     nv = n - (n - head) % CBN_SLINE;     /* if stream: whole lines before nv */
 #if CBN_WIDE
-    if (stream && sizeof(CBN_S) < sizeof(CBN_T)) {
-        /* half storage: a 64-byte vector a step (one conversion per 16 values; i starts
-           on a line). (float and double: two 32-byte stores a line measured faster than
-           one 64-byte store) */
+    if (!stream || sizeof(CBN_S) < sizeof(CBN_T)) {
+        /* 2 * CBN_L values a step as one 64-byte vector, a zmm register (half the
+           instructions of two 32-byte vectors, which in-cache planes are bound by).
+           Streamed (whole lines: i starts on one) only for half storage, whose 16 values
+           then take one conversion; for float and double two 32-byte stores a line
+           measured faster than one 64-byte store. */
         typedef CBN_FN(w) W;
         typedef CBN_FN(wm) IW;
         const W wmean = CBN_SPLAT(W, mean), wscale = CBN_SPLAT(W, scale);
         const W wshift = CBN_SPLAT(W, shift);
+        const Py_ssize_t wend = stream ? nv : n - (2 * CBN_L - 1);
         W z, q;
-        for (; i < nv; i += 2 * CBN_L) {
+        for (; i < wend; i += 2 * CBN_L) {
             CBN_SLOAD(z, x + i);
             z = (z - wmean) * wscale + wshift;
             if (residual) { CBN_SLOAD(q, residual + i); z += q; }
             CBN_ACT_V(ACT, IW, W, z, slope);
-            CBN_WSTREAM(y + i, z);
+            if (stream) CBN_WSTREAM(y + i, z);
+            else CBN_SSTORE(y + i, z);
         }
     }
 #endif
@@ -594,30 +582,21 @@ static CBN_INLINE void CBN_FN(run_bwd_body)(const int ACT, const CBN_S* x, const
             CBN_PUT(y, i, (gv - gmean - (CBN_GET(x, i) - mean) * xcoef) * scale);
         }
     }
-    if (CBN_WIDE && !stream && ACT == CBN_ACT_NONE) {
-        /* as in run_affine_body: one 64-byte vector a step */
-        typedef CBN_FN(w) W;
-        const W wm = CBN_SPLAT(W, mean), wk = CBN_SPLAT(W, scale);
-        const W wgmean = CBN_SPLAT(W, gmean), wxcoef = CBN_SPLAT(W, xcoef);
-        W z, h;
-        for (; i + 2 * CBN_L <= n; i += 2 * CBN_L) {
-            CBN_SLOAD(z, x + i); CBN_SLOAD(h, g + i);
-            z = (h - wgmean - (z - wm) * wxcoef) * wk;
-            CBN_SSTORE(y + i, z);
-        }
-    }
     nv = n - (n - head) % CBN_SLINE;     /* if stream: whole lines before nv */
 #if CBN_WIDE
-    if (stream && ACT == CBN_ACT_NONE && sizeof(CBN_S) < sizeof(CBN_T)) {
-        /* as in run_affine_body */
+    if (ACT == CBN_ACT_NONE && (!stream || sizeof(CBN_S) < sizeof(CBN_T))) {
+        /* one 64-byte vector a step, streamed for half storage only: as in
+           run_affine_body */
         typedef CBN_FN(w) W;
         const W wm = CBN_SPLAT(W, mean), wk = CBN_SPLAT(W, scale);
         const W wgmean = CBN_SPLAT(W, gmean), wxcoef = CBN_SPLAT(W, xcoef);
+        const Py_ssize_t wend = stream ? nv : n - (2 * CBN_L - 1);
         W z, h;
-        for (; i < nv; i += 2 * CBN_L) {
+        for (; i < wend; i += 2 * CBN_L) {
             CBN_SLOAD(z, x + i); CBN_SLOAD(h, g + i);
             z = (h - wgmean - (z - wm) * wxcoef) * wk;
-            CBN_WSTREAM(y + i, z);
+            if (stream) CBN_WSTREAM(y + i, z);
+            else CBN_SSTORE(y + i, z);
         }
     }
 #endif

@@ -107,10 +107,20 @@ static CBN_NOINLINE void CBN_FN(run_affine_edge)(const CBN_S* x, const CBN_S* re
                                                  CBN_T scale, CBN_T shift, int act,
                                                  CBN_T slope);
 
+#define CBN_WIDE_RUN 128        /* see runs_shifted_sums */
+#if CBN_WIDE
+/* The 32-byte accumulators v0..v3 of a reduction from the two 64-byte ones of its wide
+   loop (a holds v0 and v1, b holds v2 and v3: see runs_shifted_sums). */
+static CBN_INLINE void CBN_FN(wsplit)(CBN_FN(w) a, CBN_FN(w) b, CBN_FN(v)* v0,
+                                      CBN_FN(v)* v1, CBN_FN(v)* v2, CBN_FN(v)* v3) {
+    *v0 = CBN_FN(wlo)(a); *v1 = CBN_FN(whi)(a);
+    *v2 = CBN_FN(wlo)(b); *v3 = CBN_FN(whi)(b);
+}
+#endif
+
 /* One vector of a carried output pass (see runs_shifted_sums) at offset o: the same
    arithmetic as run_affine_body's, in vectors of CBN_CW values: 64-byte ones where those
    are registers, else 32-byte ones. */
-#define CBN_WIDE_RUN 128        /* see runs_shifted_sums */
 #if CBN_WIDE
 #define CBN_CW (2 * CBN_L)
 #define CBN_CV CBN_FN(w)
@@ -245,9 +255,8 @@ static CBN_INLINE void CBN_FN(runs_shifted_sums)(const CBN_S* p, Py_ssize_t nrun
     }
 #if CBN_WIDE
     if (wide) {
-        a0 = CBN_FN(wlo)(A0); a1 = CBN_FN(whi)(A0); a2 = CBN_FN(wlo)(A1);
-        a3 = CBN_FN(whi)(A1); b0 = CBN_FN(wlo)(B0); b1 = CBN_FN(whi)(B0);
-        b2 = CBN_FN(wlo)(B1); b3 = CBN_FN(whi)(B1);
+        CBN_FN(wsplit)(A0, A1, &a0, &a1, &a2, &a3);
+        CBN_FN(wsplit)(B0, B1, &b0, &b1, &b2, &b3);
     }
 #endif
     a0 = (a0 + a1) + (a2 + a3);
@@ -396,9 +405,8 @@ static CBN_INLINE void CBN_FN(runs_sums_body)(const int ACT, const CBN_S* g, con
     }
 #if CBN_WIDE
     if (wide) {
-        a0 = CBN_FN(wlo)(A0); a1 = CBN_FN(whi)(A0); a2 = CBN_FN(wlo)(A1);
-        a3 = CBN_FN(whi)(A1); b0 = CBN_FN(wlo)(B0); b1 = CBN_FN(whi)(B0);
-        b2 = CBN_FN(wlo)(B1); b3 = CBN_FN(whi)(B1);
+        CBN_FN(wsplit)(A0, A1, &a0, &a1, &a2, &a3);
+        CBN_FN(wsplit)(B0, B1, &b0, &b1, &b2, &b3);
     }
 #endif
     a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);

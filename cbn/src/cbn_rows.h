@@ -53,14 +53,10 @@
                       : (CBN_GET(x, o) - mn[t]) * sc[t] + sh[t])                        \
                    : CBN_GET(ym, o)), slope))
 
-#if defined(__AVX512F__)
-#define CBN_FX 1          /* 32 vector registers: fixed-width row loops pay off */
-#else
-#define CBN_FX 0
-#endif
 #define CBN_WL ((int)(64 / sizeof(CBN_T)))   /* lanes of a 64-byte vector */
 
-/* (The wide vector types CBN_FN(w), CBN_FN(wm): cbn_store.h.) */
+/* (The wide vector types CBN_FN(w), CBN_FN(wm), and CBN_WIDE, where the fixed-width row
+   loops below are used: cbn_store.h.) */
 
 /* One function per width NV (a constant inside it) and, for the element passes, per
    activation (and residual): separate functions keep every pointer in a register. */
@@ -312,11 +308,11 @@ CBN_FX_INSTANCES(4) CBN_FX_INSTANCES(5) CBN_FX_INSTANCES(6)
 CBN_FX_INSTANCES(7) CBN_FX_INSTANCES(8)
 
 static inline int CBN_FN(fx_nv)(Py_ssize_t w) {
-    return (CBN_FX && w % CBN_WL == 0 && w <= 8 * CBN_WL)
+    return (CBN_WIDE && w % CBN_WL == 0 && w <= 8 * CBN_WL)
            ? (int)(w / CBN_WL) : 0;
 }
 static inline int CBN_FN(fx_wide)(Py_ssize_t w) {
-    return CBN_FX && w % CBN_WL == 0 && w > 8 * CBN_WL;
+    return CBN_WIDE && w % CBN_WL == 0 && w > 8 * CBN_WL;
 }
 static int CBN_FN(fx_affine)(const CBN_S* x, const CBN_S* q, CBN_S* y, Py_ssize_t R,
                              Py_ssize_t w, const CBN_T* mn, const CBN_T* sc, const CBN_T* sh,
@@ -704,7 +700,6 @@ static CBN_NOINLINE void CBN_FN(rows_bwd_stream)(const CBN_S* x, const CBN_S* g,
 #undef CBN_X_FXA_
 #undef CBN_X_FXB_
 #undef CBN_VSTREAM
-#undef CBN_FX
 #undef CBN_WL
 #undef CBN_FX_INSTANCES
 #undef CBN_FX_CASES

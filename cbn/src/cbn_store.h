@@ -65,9 +65,9 @@ typedef CBN_VEC(CBN_IT, CBN_L) CBN_FN(m);
 typedef CBN_VEC(CBN_T, 64 / sizeof(CBN_T)) CBN_FN(w);
 typedef CBN_VEC(CBN_IT, 64 / sizeof(CBN_T)) CBN_FN(wm);
 
-/* 1 where the 64-byte vectors are registers (AVX-512), so that the loops written for them
-   (cbn_planes.h's in-cache element passes, cbn_rows.h's fixed-width rows) halve the
-   instructions of two 32-byte vectors. Elsewhere GCC keeps a 64-byte vector on the
+/* 1 where the 64-byte vectors are registers (AVX-512, 32 of them), so that the loops
+   written for them (cbn_planes.h's in-cache element passes and wide reductions,
+   cbn_rows.h's fixed-width rows) halve the instructions of two 32-byte vectors. Elsewhere GCC keeps a 64-byte vector on the
    stack: its splats stored lane by lane, its halves joined by a load that waits for two
    stores. Measured with the AVX2 target (CBN_CPU_TARGET=avx2), eval, one thread:
    float32 16x256x14x14 352 us with 64-byte vectors against 260 with 32-byte ones,

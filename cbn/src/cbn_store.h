@@ -293,6 +293,21 @@ static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
     return CBN_FN(bf8)(v);
 #elif defined(__AVX512VL__) && defined(__AVX512BW__)
     return CBN_FN(bf8)(v);
+#elif defined(__AVX2__)
+    /* The integer rounding below, written for AVX2: NaN lanes found by an unordered
+       compare and given no rounding increment (their top bits kept, | 0x40 makes them
+       quiet), where GCC had lowered the generic form's unsigned compare and select to
+       five instructions; the same bits, 11 instructions per 8 values for 14 */
+    const __m256 f = (__m256)*v;
+    const __m256i u = (__m256i)f, hi = _mm256_srli_epi32(u, 16);
+    const __m256i nan = (__m256i)_mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+    const __m256i inc = _mm256_andnot_si256(
+        nan, _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)),
+                              _mm256_set1_epi32(0x7fff)));
+    const __m256i r = _mm256_or_si256(_mm256_srli_epi32(_mm256_add_epi32(u, inc), 16),
+                                      _mm256_and_si256(nan, _mm256_set1_epi32(0x40)));
+    return (CBN_FN(h8))_mm_packus_epi32(_mm256_castsi256_si128(r),
+                                        _mm256_extracti128_si256(r, 1));
 #else
     typedef CBN_FN(u8) U;
     typedef CBN_FN(m) I;
@@ -300,12 +315,7 @@ static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
     const I nan = (I)((u & 0x7fffffffu) > 0x7f800000u);
     U r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = (U)(((I)((u >> 16) | 0x40u) & nan) | ((I)r & ~nan));
-#if defined(__AVX2__)
-    return (CBN_FN(h8))_mm_packus_epi32(_mm256_castsi256_si128((__m256i)r),
-                                        _mm256_extracti128_si256((__m256i)r, 1));
-#else
     return __builtin_convertvector(r, CBN_FN(h8));
-#endif
 #endif
 }
 

@@ -51,8 +51,8 @@ typedef struct cbn_bf16 { uint16_t bits; } cbn_bf16;
 static inline float cbn_f16_to_f32(uint16_t h) {
     uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
     float f;
-    if (e == 0x1f) {
-        u = s | 0x7f800000u | (m << 13);
+    if (e == 0x1f) {                /* inf; NaN made quiet, as F16C's vcvtph2ps does */
+        u = s | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0);
     } else if (e != 0) {
         u = s | ((e + 112u) << 23) | (m << 13);
     } else if (m == 0) {
@@ -66,14 +66,14 @@ static inline float cbn_f16_to_f32(uint16_t h) {
     return f;
 }
 /* float -> float16, round to nearest even (whatever the FP environment), overflow to
-   inf, NaN to a quiet NaN. */
+   inf, NaN to a quiet NaN with the top 10 bits of its payload (F16C's vcvtps2ph). */
 static inline uint16_t cbn_f32_to_f16(float f) {
     uint32_t u, sign, o;
     memcpy(&u, &f, 4);
     sign = u & 0x80000000u;
     u ^= sign;
     if (u >= 0x47800000u) {                     /* >= 65536 (rounds to inf), inf, NaN */
-        o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+        o = u > 0x7f800000u ? 0x7e00u | ((u >> 13) & 0x3ffu) : 0x7c00u;
     } else if (u < 0x38800000u) {               /* < 2^-14: subnormal or zero */
         uint32_t e = u >> 23, m = (u & 0x7fffffu) | 0x800000u;
         uint32_t sh = 126 - e;                  /* to units of 2^-24 (e >= 1 here) */

@@ -209,8 +209,9 @@ static CBN_HX void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
 #if CBN_STORE == 1 && defined(__F16C__)
     *o = (CBN_FN(v))_mm256_cvtph_ps((__m128i)h);
 #elif CBN_STORE == 1
-    /* exact: the exponent rebiased; inf and NaN moved to the top exponent; zero and
-       subnormals (exponent 0) as (2^-14 + m 2^-24) - 2^-14, all three normal floats */
+    /* exact: the exponent rebiased; inf and NaN moved to the top exponent (NaN made
+       quiet, as cbn_f16_to_f32); zero and subnormals (exponent 0) as
+       (2^-14 + m 2^-24) - 2^-14, all three normal floats */
     typedef CBN_FN(u8) U;
     typedef CBN_FN(m) I;
     const U u = __builtin_convertvector(h, U);
@@ -222,6 +223,7 @@ static CBN_HX void CBN_FN(cvt8)(CBN_FN(v)* o, CBN_FN(h8) h) {
     r += (U)(inf & (int32_t)(112u << 23));
     d = (CBN_FN(v))(r + (1u << 23)) - (CBN_FN(v))CBN_SPLAT(U, 113u << 23);
     r = (U)(((I)d & sub) | ((I)r & ~sub));
+    r |= (U)((I)((u & 0x7fffu) > 0x7c00u) & 0x400000);
     *o = (CBN_FN(v))(r | ((u & 0x8000u) << 16));
 #elif defined(__AVX2__)
     /* (GCC lowers the generic widening to four 4-lane vpmovzxwd and two inserts) */
@@ -281,7 +283,7 @@ static CBN_HX CBN_FN(h8) CBN_FN(pack8)(const CBN_FN(v)* v) {
     u ^= sign;
     nrm = (u - (112u << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
     sub = (U)((CBN_FN(v))u + 0.5f) - 0x3f000000u;
-    big = 0x7c00u | (U)((I)(u > 0x7f800000u) & 0x200);
+    big = 0x7c00u | (U)((I)(u > 0x7f800000u) & (I)(0x200u | ((u >> 13) & 0x3ffu)));
     isbig = (I)(u >= 0x47800000u);
     issub = (I)(u < 0x38800000u);
     nrm = (U)(((I)sub & issub) | ((I)nrm & ~issub));
